@@ -1,0 +1,75 @@
+"""The Python API behind the CLI commands: each function takes plain arguments and returns a JSON-able dict."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from chita_edge.checkpoint import save_checkpoint
+from chita_edge.data import load_data
+from chita_edge.errors import BadInput
+from chita_edge.evaluate import accuracy
+from chita_edge.io import sha256_file
+from chita_edge.models import LoadedModel, load_model
+from chita_edge.pruning.layers import find_prunable, layer_sparsity
+from chita_edge.pruning.prune import PruneConfig, PruneReport, Progress, prune_weights
+
+
+def check_fits(lm: LoadedModel, x: torch.Tensor, where: str) -> None:
+    """Run one example through the model; a shape mismatch becomes one BadInput line."""
+    try:
+        with torch.no_grad():
+            out = lm.module(x[:1])
+    except Exception as e:
+        raise BadInput(f"{where}: data of shape {tuple(x.shape[1:])} does not fit the model "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if out.dim() != 2:
+        raise BadInput(f"{where}: the model returns shape {tuple(out.shape)}; expected (batch, classes) logits")
+
+
+def sparsity_of(lm: LoadedModel) -> tuple[float, dict[str, float]]:
+    params = find_prunable(lm.module, lm.prunable)
+    ls = layer_sparsity(lm.module, params)
+    total = sum(q.numel for q in params)
+    return sum(ls[q.name] * q.numel for q in params) / total, ls
+
+
+def evaluate_model(model: str | None, weights: str | os.PathLike | None, data: str) -> dict[str, Any]:
+    lm = load_model(None if model == "ckpt" else model, weights)
+    ds = load_data(data)
+    check_fits(lm, ds.x_test, data)
+    s, ls = sparsity_of(lm)
+    return {"model": lm.spec, "weights": lm.weights_path, "data": data, "test_examples": len(ds.x_test),
+            "accuracy": accuracy(lm.module, ds.x_test, ds.y_test), "sparsity": s, "layer_sparsity": ls}
+
+
+def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, cfg: PruneConfig,
+                     out: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:
+    """Load, prune, evaluate and save: what ``chita-edge prune`` does."""
+    cfg.validate()
+    lm = load_model(model, weights)
+    ds = load_data(data)
+    check_fits(lm, ds.x_train, data)
+    dense_acc = accuracy(lm.module, ds.x_test, ds.y_test)
+    params = find_prunable(lm.module, lm.prunable)
+    report: PruneReport = prune_weights(lm.module, params, ds, cfg, progress)
+    acc = accuracy(lm.module, ds.x_test, ds.y_test)
+    meta = {
+        "model": lm.spec,
+        "source_weights": str(weights) if weights else None,
+        "source_sha256": sha256_file(weights) if weights else None,
+        "data": data,
+        "method": cfg.method,
+        "sparsity": report.sparsity,
+        "accuracy": acc,
+        "dense_accuracy": dense_acc,
+        "input_shape": list(lm.input_shape or ds.input_shape),
+        "prunable": [q.name for q in params],
+    }
+    save_checkpoint(out, lm.module.state_dict(), meta)
+    return {**report.to_dict(), "model": lm.spec, "dense_accuracy": dense_acc, "accuracy": acc, "out": str(out)}
+
+
+__all__ = ["PruneConfig", "evaluate_model", "prune_checkpoint"]

@@ -1,0 +1,49 @@
+"""Checkpoints: plain state dicts in, chita-edge checkpoints out, always read with ``weights_only=True``.
+
+A chita-edge checkpoint is a dict ``{"chita_edge": meta, "state_dict": sd}`` where ``meta`` holds only
+strings, numbers, lists and dicts (the model spec, the method, the structural plan, ...), so that it loads
+with ``torch.load(path, weights_only=True)`` and ``model.load_state_dict(ckpt["state_dict"])``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from chita_edge.errors import BadInput
+from chita_edge.io import atomic_path, require_file
+
+FORMAT = "chita-edge/checkpoint-v1"
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Load a state dict (plain, or a chita-edge checkpoint) safely. Returns (state_dict, meta or None)."""
+    p = require_file(path, "weights file")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "pickle" in str(e).lower():
+            raise BadInput(f"{p}: refused: the file contains pickled objects other than tensors "
+                           f"(only plain state dicts are loaded, with weights_only=True)") from None
+        raise BadInput(f"{p}: not a readable PyTorch weights file ({msg[:200]})") from None
+    if isinstance(obj, dict) and "chita_edge" in obj and "state_dict" in obj:
+        meta = obj["chita_edge"]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise BadInput(f"{p}: chita-edge checkpoint of unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+        sd = obj["state_dict"]
+    else:
+        meta, sd = None, obj
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise BadInput(f"{p}: expected a state dict (names -> tensors), got {type(sd).__name__}")
+    return sd, meta
+
+
+def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write a chita-edge checkpoint atomically (temporary file + rename)."""
+    meta = {"format": FORMAT, **meta}
+    sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    with atomic_path(path) as tmp:
+        torch.save({"chita_edge": meta, "state_dict": sd}, tmp)

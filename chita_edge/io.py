@@ -1,0 +1,75 @@
+"""Atomic file output and hashing: outputs are written to a temporary file beside the target and renamed."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from chita_edge.errors import BadInput
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` only if the block succeeds.
+
+    Nothing is left at ``target`` (or beside it) when the block raises.
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.exists():
+        raise BadInput(f"{target}: directory {parent} does not exist")
+    if target.exists() and not overwrite:
+        raise BadInput(f"{target}: exists already; choose another --out or remove it")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=parent)
+    except PermissionError as e:
+        raise BadInput(f"{target}: cannot write in {parent} ({e.strerror}); choose a writable --out") from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        try:
+            os.replace(tmp_path, target)
+        except OSError as e:
+            raise BadInput(f"{target}: cannot write ({e.strerror})") from None
+    except OSError as e:
+        tmp_path.unlink(missing_ok=True)
+        if isinstance(e, PermissionError) or e.errno in (28, 30, 13):  # ENOSPC, EROFS, EACCES
+            raise BadInput(f"{target}: cannot write ({e.strerror}); nothing was written") from None
+        raise
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def require_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """Return ``path`` as a Path if it is a readable file, else raise BadInput naming it."""
+    p = Path(path)
+    if not p.exists():
+        raise BadInput(f"{p}: {what} not found")
+    if not p.is_file():
+        raise BadInput(f"{p}: {what} is not a regular file")
+    if not os.access(p, os.R_OK):
+        raise BadInput(f"{p}: {what} is not readable (permission denied)")
+    return p

@@ -1,0 +1,115 @@
+"""Resolve a MODEL spec into an ``nn.Module``: ``zoo:NAME``, ``path/to/file.py:factory`` or ``program.pt2``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from chita_edge.checkpoint import read_weights
+from chita_edge.errors import BadInput
+from chita_edge.io import require_file
+from chita_edge.zoo import ZOO, default_prunable
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    spec: str
+    prunable: Callable[[nn.Module, str], bool] = default_prunable
+    input_shape: tuple[int, ...] | None = None  # one sample (CHW), when known
+    meta: dict[str, Any] | None = None  # chita-edge checkpoint metadata, when the weights carried it
+    weights_path: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _from_file(spec: str) -> nn.Module:
+    path_s, _, factory = spec.rpartition(":")
+    path = require_file(path_s, "model file")
+    mod_name = f"chita_edge_user_{abs(hash(str(path.resolve())))}"
+    try:
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        mod = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(mod)
+    except Exception as e:
+        raise BadInput(f"{path}: could not import the model file ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, factory, None)
+    if not callable(fn):
+        raise BadInput(f"{path}: has no function '{factory}' (MODEL is path/to/file.py:factory)")
+    try:
+        model = fn()
+    except Exception as e:
+        raise BadInput(f"{path}:{factory}() failed ({type(e).__name__}: {e})") from None
+    if not isinstance(model, nn.Module):
+        raise BadInput(f"{path}:{factory}() returned {type(model).__name__}, expected a torch.nn.Module")
+    return model
+
+
+def _from_pt2(spec: str) -> nn.Module:
+    path = require_file(spec, "exported program")
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as e:
+        raise BadInput(f"{path}: not a loadable torch.export program ({type(e).__name__})") from None
+
+
+def build_model(spec: str) -> LoadedModel:
+    """Build the (untrained) model a spec names."""
+    if spec.startswith("zoo:"):
+        name = spec[4:]
+        if name not in ZOO:
+            raise BadInput(f"model '{spec}': unknown zoo model; available: {', '.join('zoo:' + k for k in ZOO)}")
+        e = ZOO[name]
+        return LoadedModel(e.factory(), spec, e.prunable, e.input_shape)
+    if spec.endswith(".pt2"):
+        return LoadedModel(_from_pt2(spec), spec)
+    if ".py:" in spec:
+        path_s = spec.rpartition(":")[0]
+        return LoadedModel(_from_file(spec), f"{os.path.abspath(path_s)}:{spec.rpartition(':')[2]}")
+    raise BadInput(f"model '{spec}': expected zoo:NAME, path/to/file.py:factory or a .pt2 program")
+
+
+def apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    """``load_state_dict(strict=True)`` with a one-line BadInput on any mismatch."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}")
+        if shapes:
+            parts.append(f"shape mismatch {', '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}")
+        raise BadInput(f"{where}: weights do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_model(spec: str | None, weights: str | os.PathLike | None = None) -> LoadedModel:
+    """Build the model and load weights. ``spec`` may be None when ``weights`` is a chita-edge checkpoint."""
+    sd, meta = (None, None)
+    if weights is not None:
+        sd, meta = read_weights(weights)
+    if spec is None:
+        if meta is None or "model" not in meta:
+            raise BadInput(f"{weights}: not a chita-edge checkpoint; give the MODEL spec as well")
+        spec = meta["model"]
+    lm = build_model(spec)
+    if meta and meta.get("plan"):
+        from chita_edge.pruning.structured import apply_plan
+
+        apply_plan(lm.module, meta["plan"], where=str(weights))
+    if sd is not None:
+        apply_state_dict(lm.module, sd, str(weights))
+    lm.module.eval()
+    lm.meta, lm.weights_path = meta, (str(Path(weights)) if weights is not None else None)
+    return lm

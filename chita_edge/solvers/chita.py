@@ -1,0 +1,280 @@
+"""CHITA: sparse ridge least squares on a low-rank empirical Fisher (Benbaki et al., ICML 2023).
+
+With G (n x p) the mini-batch gradients at the dense weights w_bar and y = G w_bar, pruning is
+
+    minimise  f(w) = 1/2 ||y - G w||^2 + lam ||w - w_bar||^2 + a^T w     subject to ||w||_0 <= k
+
+(the paper's problem (4); lam = l2 * n / 2). Writing d = w - w_bar, y - G w = -G d, so
+f(w) = 1/2 ||G d||^2 + lam ||d||^2 + a^T w and grad f(w) = G^T G d + 2 lam d + a.
+
+Everything here is a pure function over tensors: no modules, no I/O, no printing. ``allowed`` (a bool mask
+over p) restricts the support, which is how earlier pruned weights are kept at zero in CHITA++.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    w: Tensor  # (p,) solution with at most k non-zeros
+    objective: float  # f(w)
+    iterations: int  # IHT iterations over all active-set rounds
+    active_set_rounds: int
+    converged: bool
+
+
+def objective(G: Tensor, w: Tensor, w_bar: Tensor, lam: float, a: Tensor | None = None) -> float:
+    """f(w) = 1/2 ||G (w - w_bar)||^2 + lam ||w - w_bar||^2 + a^T w."""
+    d = w - w_bar
+    Gd = G @ d
+    f = 0.5 * float(Gd @ Gd) + lam * float(d @ d)
+    return f + (float(a @ w) if a is not None else 0.0)
+
+
+def gradient(G: Tensor, w: Tensor, w_bar: Tensor, lam: float, a: Tensor | None = None) -> Tensor:
+    d = w - w_bar
+    g = G.T @ (G @ d) + 2.0 * lam * d
+    return g + a if a is not None else g
+
+
+def hard_threshold(v: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
+    """Keep the k largest |v_i| (among ``allowed``), zero the rest; ``torch.topk``, not a full sort."""
+    score = v.abs()
+    if allowed is not None:
+        score = torch.where(allowed, score, torch.full_like(score, -1.0))
+    keep = torch.topk(score, k, sorted=False).indices
+    out = torch.zeros_like(v)
+    out[keep] = v[keep]
+    return out
+
+
+def top_k_mask(score: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
+    if allowed is not None:
+        score = torch.where(allowed, score, torch.full_like(score, -math.inf))
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[torch.topk(score, k, sorted=False).indices] = True
+    return mask
+
+
+def spectral_norm_sq(G: Tensor, iters: int = 30, seed: int = 0) -> float:
+    """sigma_max(G)^2 by power iteration on G^T G (a slight over-estimate is added by the caller)."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(G.shape[1], generator=gen, dtype=G.dtype)
+    v /= v.norm()
+    s = 0.0
+    for _ in range(iters):
+        u = G.T @ (G @ v)
+        s = float(u.norm())
+        if s == 0.0:
+            return 0.0
+        v = u / s
+    return s
+
+
+def backsolve(G: Tensor, w_bar: Tensor, support: Tensor, lam: float, a: Tensor | None = None) -> Tensor:
+    """Exact minimiser of f on a fixed support S (the BSO step and the final polish).
+
+    Solves (G_S^T G_S + 2 lam I) w_S = G_S^T y + 2 lam w_bar_S - a_S with y = G w_bar. When n < |S| the
+    Woodbury identity turns it into one n x n Cholesky solve:
+        (G_S^T G_S + 2 lam I)^-1 = (I - G_S^T (2 lam I + G_S G_S^T)^-1 G_S) / (2 lam).
+    """
+    idx = support.nonzero().squeeze(1)
+    w = torch.zeros_like(w_bar)
+    if idx.numel() == 0:
+        return w
+    if lam <= 0:
+        raise ValueError("backsolve needs lam > 0")
+    GS = G[:, idx]
+    y = G @ w_bar
+    b = GS.T @ y + 2.0 * lam * w_bar[idx]
+    if a is not None:
+        b = b - a[idx]
+    n, s = GS.shape
+    if n < s:
+        K = GS @ GS.T
+        K.diagonal().add_(2.0 * lam)
+        L = _cholesky(K)
+        t = torch.cholesky_solve((GS @ b).unsqueeze(1), L).squeeze(1)
+        wS = (b - GS.T @ t) / (2.0 * lam)
+    else:
+        H = GS.T @ GS
+        H.diagonal().add_(2.0 * lam)
+        wS = torch.cholesky_solve(b.unsqueeze(1), _cholesky(H)).squeeze(1)
+    w[idx] = wS
+    return w
+
+
+def _cholesky(K: Tensor) -> Tensor:
+    L, info = torch.linalg.cholesky_ex(K)
+    if int(info) != 0:  # ill-conditioned: add a relative jitter, then fail loudly
+        jitter = 1e-10 * float(K.diagonal().abs().max())
+        L, info = torch.linalg.cholesky_ex(K + jitter * torch.eye(K.shape[0], dtype=K.dtype))
+        if int(info) != 0:
+            raise FloatingPointError("backsolve: the system is not positive definite; use a larger l2")
+    return L
+
+
+def _support_change_step(w: Tensor, g: Tensor, support: Tensor, allowed: Tensor | None) -> float:
+    """tau_chg: the smallest step at which an off-support |g_i| overtakes a kept |w_j - tau g_j|."""
+    off = ~support if allowed is None else (~support & allowed)
+    if not bool(off.any()):
+        return math.inf
+    m_off = float(g[off].abs().max())
+    wS, gS = w[support].abs(), g[support]
+    same = torch.sign(w[support]) == torch.sign(gS)
+    gabs = gS.abs()
+    t = torch.full_like(wS, math.inf)
+    t = torch.where(same, wS / (gabs + m_off), t)
+    opp = (~same) & (gabs < m_off)
+    t = torch.where(opp, wS / (m_off - gabs).clamp_min(1e-300), t)
+    return float(t.min()) if t.numel() else math.inf
+
+
+def iht(
+    G: Tensor,
+    w_bar: Tensor,
+    k: int,
+    lam: float,
+    *,
+    a: Tensor | None = None,
+    w0: Tensor | None = None,
+    allowed: Tensor | None = None,
+    L: float | None = None,
+    max_iter: int = 500,
+    tol: float = 1e-7,
+    max_doublings: int = 5,
+) -> tuple[Tensor, float, int, bool]:
+    """IHT with CHITA's step sizes (paper, Algorithm 1 with the line search of Section 3.2).
+
+    Returns (w, f(w), iterations, converged).
+    """
+    # Step 1: a first plain step with 1/L makes w k-sparse.
+    if L is None:
+        L = 1.05 * (spectral_norm_sq(G) + 2.0 * lam)
+    w = w_bar.clone() if w0 is None else w0.clone()
+    w = hard_threshold(w - gradient(G, w, w_bar, lam, a) / L, k, allowed) if w0 is None else hard_threshold(w, k, allowed)
+    f = objective(G, w, w_bar, lam, a)
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        support = w != 0
+        g = gradient(G, w, w_bar, lam, a)
+        # Step 2: the exact minimiser along -g_S, and the step at which the support would change.
+        gS = torch.where(support, g, torch.zeros_like(g))
+        gS2 = float(gS @ gS)
+        if gS2 == 0.0:
+            tau_star = 0.0
+        else:
+            GgS = G @ gS
+            tau_star = gS2 / (float(GgS @ GgS) + 2.0 * lam * gS2)
+        tau_chg = _support_change_step(w, g, support, allowed)
+        if tau_star < tau_chg and tau_star > 0.0:
+            w_new = w - tau_star * gS
+            f_new = objective(G, w_new, w_bar, lam, a)
+        else:
+            # Step 3: just below tau_chg (support still fixed, f decreasing), then doubling while f decreases.
+            tau = 0.999 * tau_chg if math.isfinite(tau_chg) else 1.0 / L
+            w_new = hard_threshold(w - tau * g, k, allowed)
+            f_new = objective(G, w_new, w_bar, lam, a)
+            for _ in range(max_doublings):
+                tau *= 2.0
+                w_try = hard_threshold(w - tau * g, k, allowed)
+                f_try = objective(G, w_try, w_bar, lam, a)
+                if f_try >= f_new:
+                    break
+                w_new, f_new = w_try, f_try
+        if f_new > f:  # never accept an increase
+            converged = True
+            break
+        rel = (f - f_new) / max(abs(f), 1e-30)
+        w, f = w_new, f_new
+        if rel < tol:
+            converged = True
+            break
+    return w, f, it, converged
+
+
+def chita(
+    G: Tensor,
+    w_bar: Tensor,
+    k: int,
+    lam: float,
+    *,
+    a: Tensor | None = None,
+    allowed: Tensor | None = None,
+    active_set: bool = True,
+    active_factor: float = 1.5,
+    max_iter: int = 500,
+    tol: float = 1e-7,
+    max_rounds: int = 20,
+    polish: bool = True,
+) -> SolveResult:
+    """Solve the CHITA problem: IHT with exact and support-change steps on a growing active set, then an
+    exact backsolve on the final support (paper, Algorithm 2 with the active-set strategy of Section 3.3).
+
+    Shapes: G (n, p), w_bar (p,), a (p,) or None, allowed (p,) bool or None; 0 <= k <= p.
+    """
+    p = w_bar.numel()
+    n_allowed = p if allowed is None else int(allowed.sum())
+    k = min(k, n_allowed)
+    if k == 0:
+        w = torch.zeros_like(w_bar)
+        return SolveResult(w, objective(G, w, w_bar, lam, a), 0, 0, True)
+    L_full = 1.05 * (spectral_norm_sq(G) + 2.0 * lam)
+    if not active_set or math.ceil(active_factor * k) >= n_allowed:
+        w, f, its, conv = iht(G, w_bar, k, lam, a=a, allowed=allowed, L=L_full, max_iter=max_iter, tol=tol)
+        rounds = 1
+    else:
+        # Step 4: active set = top ceil(1.5 k) weights by magnitude; solve there, then grow it.
+        A = top_k_mask(w_bar.abs(), math.ceil(active_factor * k), allowed)
+        w = hard_threshold(w_bar, k, A)
+        its, rounds, conv = 0, 0, False
+        f = objective(G, w, w_bar, lam, a)
+        for rounds in range(1, max_rounds + 1):
+            idx = A.nonzero().squeeze(1)
+            GA = G[:, idx]
+            a_A = a[idx] if a is not None else None
+            wA, f, it_r, conv = iht(GA, w_bar[idx], k, lam, a=a_A, w0=w[idx], max_iter=max_iter, tol=tol,
+                                    L=1.05 * (spectral_norm_sq(GA) + 2.0 * lam))
+            its += it_r
+            w = torch.zeros_like(w_bar)
+            w[idx] = wA
+            # f on the full problem differs from the restricted one only by constants outside A.
+            f = objective(G, w, w_bar, lam, a)
+            g = gradient(G, w, w_bar, lam, a)
+            grown = False
+            Lp = L_full
+            for _ in range(10):  # full-dimensional IHT steps, halving L' (i.e. doubling the step)
+                w_try = hard_threshold(w - g / Lp, k, allowed)
+                if objective(G, w_try, w_bar, lam, a) < f:
+                    new = (w_try != 0) & ~A
+                    if bool(new.any()):
+                        A = A | new
+                        w = w_try
+                        grown = True
+                        break
+                Lp /= 2.0
+            if not grown:
+                break
+    # Step 5: exact backsolve on the final support.
+    if polish and lam > 0:
+        w_bs = backsolve(G, w_bar, w != 0, lam, a)
+        f_bs = objective(G, w_bs, w_bar, lam, a)
+        if f_bs <= f:
+            w, f = w_bs, f_bs
+    return SolveResult(w, f, its, rounds, conv)
+
+
+def magnitude_bso(G: Tensor, w_bar: Tensor, k: int, lam: float, *, a: Tensor | None = None,
+                  allowed: Tensor | None = None) -> SolveResult:
+    """CHITA-BSO: the magnitude support, then the exact backsolve on it."""
+    support = top_k_mask(w_bar.abs(), k, allowed)
+    w = backsolve(G, w_bar, support, lam, a)
+    return SolveResult(w, objective(G, w, w_bar, lam, a), 0, 0, True)
