@@ -44,6 +44,8 @@ class PruneConfig:
     start_sparsity: float = 0.1  # s0 of the cubic schedule
     block_size: int = 0  # > 0: block mode (per-block solves on column slices of G)
     max_iter: int = 500
+    backsolve_every: int = 3  # IHT: jump to the exact backsolve once the support is stable this many steps
+    active_set: bool = True
     tol: float = 1e-7
     seed: int = 0
     dtype: str = "float64"  # solver precision (G is collected in float32)
@@ -172,7 +174,8 @@ def prune_weights(
             r = solver.magnitude_bso(G, w_bar, k, lam, a=a, allowed=allowed)
             w, info["objective"] = r.w, r.objective
         else:
-            r = solver.chita(G, w_bar, k, lam, a=a, allowed=allowed, max_iter=cfg.max_iter, tol=cfg.tol)
+            r = solver.chita(G, w_bar, k, lam, a=a, allowed=allowed, max_iter=cfg.max_iter, tol=cfg.tol,
+                             backsolve_every=cfg.backsolve_every, active_set=cfg.active_set)
             w = r.w
             info.update(objective=r.objective, iterations=r.iterations, rounds=r.active_set_rounds, converged=r.converged)
         if not torch.isfinite(w).all():

@@ -78,12 +78,31 @@ def spectral_norm_sq(G: Tensor, iters: int = 30, seed: int = 0) -> float:
     return s
 
 
-def backsolve(G: Tensor, w_bar: Tensor, support: Tensor, lam: float, a: Tensor | None = None) -> Tensor:
+def support_gram(G: Tensor, support: Tensor, ref: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """K = G_S G_S^T (n x n) for the Woodbury backsolve, the cheap way.
+
+    With ``ref = (support_ref, K_ref)`` the Gram matrix of a nearby support is updated by the columns that
+    entered and left (cost n^2 |changes|) instead of recomputed (cost n^2 |S|).
+    """
+    if ref is not None:
+        s_ref, K_ref = ref
+        add, rem = support & ~s_ref, s_ref & ~support
+        n_changes = int(add.sum()) + int(rem.sum())
+        if n_changes < int(support.sum()):
+            Ga, Gr = G[:, add], G[:, rem]
+            return K_ref + Ga @ Ga.T - Gr @ Gr.T
+    GS = G[:, support]
+    return GS @ GS.T
+
+
+def backsolve(G: Tensor, w_bar: Tensor, support: Tensor, lam: float, a: Tensor | None = None,
+              K: Tensor | None = None) -> Tensor:
     """Exact minimiser of f on a fixed support S (the BSO step and the final polish).
 
     Solves (G_S^T G_S + 2 lam I) w_S = G_S^T y + 2 lam w_bar_S - a_S with y = G w_bar. When n < |S| the
     Woodbury identity turns it into one n x n Cholesky solve:
-        (G_S^T G_S + 2 lam I)^-1 = (I - G_S^T (2 lam I + G_S G_S^T)^-1 G_S) / (2 lam).
+        (G_S^T G_S + 2 lam I)^-1 = (I - G_S^T (2 lam I + G_S G_S^T)^-1 G_S) / (2 lam);
+    ``K`` = G_S G_S^T may be passed in (see ``support_gram``).
     """
     idx = support.nonzero().squeeze(1)
     w = torch.zeros_like(w_bar)
@@ -98,7 +117,7 @@ def backsolve(G: Tensor, w_bar: Tensor, support: Tensor, lam: float, a: Tensor |
         b = b - a[idx]
     n, s = GS.shape
     if n < s:
-        K = GS @ GS.T
+        K = (GS @ GS.T) if K is None else K.clone()
         K.diagonal().add_(2.0 * lam)
         L = _cholesky(K)
         t = torch.cholesky_solve((GS @ b).unsqueeze(1), L).squeeze(1)
@@ -150,9 +169,13 @@ def iht(
     max_iter: int = 500,
     tol: float = 1e-7,
     max_doublings: int = 5,
+    backsolve_every: int = 3,
 ) -> tuple[Tensor, float, int, bool]:
     """IHT with CHITA's step sizes (paper, Algorithm 1 with the line search of Section 3.2).
 
+    ``backsolve_every`` > 0: once the support has stayed the same for that many steps, jump to the exact
+    minimiser on it (``backsolve``) instead of taking more gradient steps there; then only support changes
+    can lower f, and the loop stops as soon as none does. This is what makes the solver converge and stop.
     Returns (w, f(w), iterations, converged).
     """
     # Step 1: a first plain step with 1/L makes w k-sparse.
@@ -163,8 +186,20 @@ def iht(
     f = objective(G, w, w_bar, lam, a)
     converged = False
     it = 0
+    unchanged = 0
+    gram_ref: tuple[Tensor, Tensor] | None = None
     for it in range(1, max_iter + 1):
         support = w != 0
+        if backsolve_every > 0 and unchanged >= backsolve_every and lam > 0:
+            K = None
+            if G.shape[0] < int(support.sum()):
+                K = support_gram(G, support, gram_ref)
+                gram_ref = (support, K)
+            w_bs = backsolve(G, w_bar, support, lam, a, K=K)
+            f_bs = objective(G, w_bs, w_bar, lam, a)
+            if f_bs < f:
+                w, f = w_bs, f_bs
+            unchanged = 0
         g = gradient(G, w, w_bar, lam, a)
         # Step 2: the exact minimiser along -g_S, and the step at which the support would change.
         gS = torch.where(support, g, torch.zeros_like(g))
@@ -178,6 +213,7 @@ def iht(
         if tau_star < tau_chg and tau_star > 0.0:
             w_new = w - tau_star * gS
             f_new = objective(G, w_new, w_bar, lam, a)
+            unchanged += 1
         else:
             # Step 3: just below tau_chg (support still fixed, f decreasing), then doubling while f decreases.
             tau = 0.999 * tau_chg if math.isfinite(tau_chg) else 1.0 / L
@@ -190,6 +226,7 @@ def iht(
                 if f_try >= f_new:
                     break
                 w_new, f_new = w_try, f_try
+            unchanged = unchanged + 1 if bool(((w_new != 0) == support).all()) else 0
         if f_new > f:  # never accept an increase
             converged = True
             break
@@ -215,6 +252,9 @@ def chita(
     tol: float = 1e-7,
     max_rounds: int = 20,
     polish: bool = True,
+    backsolve_every: int = 3,
+    refine_rounds: int = 50,
+    refine_steps: int = 12,
 ) -> SolveResult:
     """Solve the CHITA problem: IHT with exact and support-change steps on a growing active set, then an
     exact backsolve on the final support (paper, Algorithm 2 with the active-set strategy of Section 3.3).
@@ -229,7 +269,8 @@ def chita(
         return SolveResult(w, objective(G, w, w_bar, lam, a), 0, 0, True)
     L_full = 1.05 * (spectral_norm_sq(G) + 2.0 * lam)
     if not active_set or math.ceil(active_factor * k) >= n_allowed:
-        w, f, its, conv = iht(G, w_bar, k, lam, a=a, allowed=allowed, L=L_full, max_iter=max_iter, tol=tol)
+        w, f, its, conv = iht(G, w_bar, k, lam, a=a, allowed=allowed, L=L_full, max_iter=max_iter, tol=tol,
+                              backsolve_every=backsolve_every)
         rounds = 1
     else:
         # Step 4: active set = top ceil(1.5 k) weights by magnitude; solve there, then grow it.
@@ -242,6 +283,7 @@ def chita(
             GA = G[:, idx]
             a_A = a[idx] if a is not None else None
             wA, f, it_r, conv = iht(GA, w_bar[idx], k, lam, a=a_A, w0=w[idx], max_iter=max_iter, tol=tol,
+                                    backsolve_every=backsolve_every,
                                     L=1.05 * (spectral_norm_sq(GA) + 2.0 * lam))
             its += it_r
             w = torch.zeros_like(w_bar)
@@ -269,6 +311,32 @@ def chita(
         f_bs = objective(G, w_bs, w_bar, lam, a)
         if f_bs <= f:
             w, f = w_bs, f_bs
+        # Step 6: support refinement. IHT judges a new support by one gradient step; judge it by its exact
+        # refit instead: candidates supp(H_k(w - tau g)) for tau = 2^j / L, each backsolved, the best one
+        # taken while it lowers f (hard-thresholding pursuit with a step search). Stops at a support that no
+        # step size improves: a fixed point of IHT with exact refits.
+        woodbury = G.shape[0] < k
+        for _ in range(refine_rounds):
+            g = gradient(G, w, w_bar, lam, a)
+            support = w != 0
+            ref = (support, support_gram(G, support)) if woodbury else None
+            best_f, best_w, seen = f, None, set()
+            tau = 1.0 / L_full
+            for _j in range(refine_steps):
+                cand = hard_threshold(w - tau * g, k, allowed) != 0
+                tau *= 2.0
+                key = cand.nonzero().squeeze(1)
+                if torch.equal(cand, support) or (h := hash(key.numpy().tobytes())) in seen:
+                    continue
+                seen.add(h)
+                w_c = backsolve(G, w_bar, cand, lam, a, K=support_gram(G, cand, ref) if woodbury else None)
+                f_c = objective(G, w_c, w_bar, lam, a)
+                if f_c < best_f:
+                    best_f, best_w = f_c, w_c
+            if best_w is None or (f - best_f) <= tol * max(abs(f), 1e-30):
+                break
+            w, f = best_w, best_f
+            rounds += 1
     return SolveResult(w, f, its, rounds, conv)
 
 

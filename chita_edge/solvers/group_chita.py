@@ -1,0 +1,426 @@
+"""Structured CHITA: the CHITA problem with groups of weights (channels, neurons, blocks) instead of single weights.
+
+Same quadratic model and the same ``f`` as ``chita.py`` (Benbaki et al., ICML 2023, problem (4)):
+
+    minimise  f(w) = 1/2 ||G (w - w_bar)||^2 + lam ||w - w_bar||^2 + a^T w
+    subject to  w_j = 0 for every coordinate j of a removed group,
+                exactly k_f groups of each family f are kept.
+
+A *group* is a set of coordinates of w (e.g. output channel c of a conv: its output slice, the BatchNorm-free
+depthwise slice and the input slice of every consumer). Groups may overlap (a conv weight w[o, i] belongs to
+output channel o of one channel space and input channel i of another); a coordinate survives only when every
+group containing it is kept. Coordinates in no group are never pruned. A *family* is a set of groups that
+compete for the same budget (the channels of one channel space; all 1x4 blocks of a model), with ``k[f]`` groups
+kept in family ``f``.
+
+Generalisations of the scalar algorithm (paper, Algorithms 1-2 and Section 3.3):
+
+* hard thresholding keeps, per family, the k_f groups of largest ||v_g||^2 (``group_hard_threshold``);
+* the exact step tau* along -g_S on a fixed support is unchanged (S = kept coordinates);
+* tau_chg is the smallest step at which an off group's score tau^2 ||g_g||^2 reaches a kept group's
+  ||w_g - tau g_g||^2 in the same family -- a quadratic in tau per kept group, which reduces to the scalar
+  rule |w_j| / (|g_j| +- m_off) for one-coordinate groups;
+* the active set is a set of groups (top ceil(1.5 k_f) per family by ||w_bar_g||);
+* the final polish is chita.backsolve on the kept coordinates, which re-fits every surviving weight,
+  including the consumers' input slices of the kept channels (the OBS update).
+
+Pure functions over tensors; no modules, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from chita_edge.solvers.chita import backsolve, gradient, objective, spectral_norm_sq
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "GroupSolveResult",
+    "Groups",
+    "coordinate_mask",
+    "group_chita",
+    "group_hard_threshold",
+    "group_iht",
+    "group_removal_cost",
+    "group_sq_norms",
+    "group_support_change_step",
+    "select_groups",
+]
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Coordinate-group incidences: ``idx[i]`` is a coordinate of w that belongs to group ``gid[i]``.
+
+    ``family[g]`` is the family of group g. Build with ``Groups.from_lists``::
+
+        Groups.from_lists(6, [[[0, 1], [2, 3]], [[4], [5]]])   # families 0 and 1, two groups each
+    """
+
+    p: int
+    idx: Tensor  # (nnz,) int64
+    gid: Tensor  # (nnz,) int64
+    family: Tensor  # (num_groups,) int64
+
+    @property
+    def num_groups(self) -> int:
+        return int(self.family.numel())
+
+    @property
+    def num_families(self) -> int:
+        return int(self.family.max()) + 1 if self.family.numel() else 0
+
+    @staticmethod
+    def from_lists(p: int, families: Sequence[Sequence[Sequence[int] | Tensor]]) -> Groups:
+        idx, gid, fam = [], [], []
+        g = 0
+        for f, groups in enumerate(families):
+            for members in groups:
+                t = torch.as_tensor(members, dtype=torch.long).reshape(-1)
+                idx.append(t)
+                gid.append(torch.full_like(t, g))
+                fam.append(f)
+                g += 1
+        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+        out = Groups(p, cat(idx), cat(gid), torch.tensor(fam, dtype=torch.long))
+        if out.idx.numel() and (int(out.idx.min()) < 0 or int(out.idx.max()) >= p):
+            raise ValueError("group coordinates must lie in 0..p-1")
+        return out
+
+    def sizes(self) -> Tensor:
+        """Number of groups per family."""
+        return torch.bincount(self.family, minlength=self.num_families)
+
+
+def group_sq_norms(v: Tensor, groups: Groups) -> Tensor:
+    """||v_g||^2 for every group (over all its coordinates)."""
+    out = torch.zeros(groups.num_groups, dtype=v.dtype)
+    return out.index_add_(0, groups.gid, v[groups.idx] ** 2)
+
+
+def coordinate_mask(keep: Tensor, groups: Groups) -> Tensor:
+    """Coordinates that survive when only the groups in ``keep`` (bool, num_groups) are kept."""
+    removed = torch.zeros(groups.p, dtype=torch.int32)
+    removed.index_add_(0, groups.idx, (~keep).to(torch.int32)[groups.gid])
+    return removed == 0
+
+
+def select_groups(score: Tensor, groups: Groups, k: Tensor, allowed: Tensor | None = None) -> Tensor:
+    """Per family f, the k[f] groups of largest ``score`` among ``allowed`` (bool, num_groups); ``torch.topk``."""
+    keep = torch.zeros(groups.num_groups, dtype=torch.bool)
+    s = score if allowed is None else torch.where(allowed, score, torch.full_like(score, -math.inf))
+    for f in range(groups.num_families):
+        members = (groups.family == f).nonzero().squeeze(1)
+        kf = int(k[f])
+        if kf <= 0 or members.numel() == 0:
+            continue
+        top = torch.topk(s[members], min(kf, members.numel()), sorted=False).indices
+        keep[members[top]] = True
+    if allowed is not None:
+        keep &= allowed
+    return keep
+
+
+def group_hard_threshold(v: Tensor, groups: Groups, k: Tensor, allowed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Keep the k[f] groups of largest ||v_g|| per family, zero every coordinate of the others.
+
+    Returns (w, keep) with keep a bool mask over groups.
+    """
+    keep = select_groups(group_sq_norms(v, groups), groups, k, allowed)
+    return torch.where(coordinate_mask(keep, groups), v, torch.zeros_like(v)), keep
+
+
+def group_support_change_step(w: Tensor, g: Tensor, groups: Groups, keep: Tensor,
+                              allowed: Tensor | None = None) -> float:
+    """tau_chg: the smallest tau > 0 at which, in some family, an off group's ||tau g_g||^2 reaches a kept
+    group's ||w_g - tau g_g||^2.
+
+    For a kept group j with M^2 = max over the family's off (allowed) groups of ||g||^2, the crossing solves
+    A tau^2 - 2 B tau + C = 0 with A = ||g_j||^2 - M^2, B = <w_j, g_j>, C = ||w_j||^2; its roots are
+    C / (B +- sqrt(B^2 - A C)). For one-coordinate groups this is the scalar rule of chita.py.
+    """
+    off = ~keep if allowed is None else (~keep & allowed)
+    if not bool(off.any()):
+        return math.inf
+    gn = group_sq_norms(g, groups)
+    nf = groups.num_families
+    M2 = torch.zeros(nf, dtype=g.dtype).scatter_reduce_(0, groups.family[off], gn[off], "amax", include_self=True)
+    has_off = torch.zeros(nf, dtype=torch.bool)
+    has_off[groups.family[off]] = True
+    sel = keep & has_off[groups.family]
+    if not bool(sel.any()):
+        return math.inf
+    wg = w[groups.idx]
+    B = torch.zeros(groups.num_groups, dtype=w.dtype).index_add_(0, groups.gid, wg * g[groups.idx])[sel]
+    C = torch.zeros(groups.num_groups, dtype=w.dtype).index_add_(0, groups.gid, wg * wg)[sel]
+    A = gn[sel] - M2[groups.family[sel]]
+    D = B * B - A * C
+    ok = D >= 0
+    sq = D.clamp_min(0).sqrt()
+    taus = []
+    for den in (B + sq, B - sq):
+        t = C / torch.where(den != 0, den, torch.full_like(den, math.nan))
+        taus.append(torch.where(ok & (t > 0) & torch.isfinite(t), t, torch.full_like(t, math.inf)))
+    tau = torch.minimum(taus[0], taus[1])
+    return float(tau.min()) if tau.numel() else math.inf
+
+
+def group_iht(
+    G: Tensor,
+    w_bar: Tensor,
+    groups: Groups,
+    k: Tensor,
+    lam: float,
+    *,
+    a: Tensor | None = None,
+    w0: Tensor | None = None,
+    allowed: Tensor | None = None,
+    L: float | None = None,
+    max_iter: int = 200,
+    tol: float = 1e-7,
+    max_doublings: int = 5,
+    backsolve_every: int = 3,
+) -> tuple[Tensor, Tensor, float, int, bool]:
+    """Group IHT with CHITA's step sizes. Returns (w, keep, f(w), iterations, converged).
+
+    ``backsolve_every`` > 0: once the kept groups have stayed the same for that many steps, jump to the exact
+    minimiser on them (``backsolve``); afterwards only a change of groups can lower f.
+
+    Shapes: G (n, p), w_bar (p,), k (num_families,) int, allowed (num_groups,) bool or None.
+    """
+    # Step 1: start from w0 projected (or one plain 1/L step from w_bar), so that the group constraint holds.
+    if L is None:
+        L = 1.05 * (spectral_norm_sq(G) + 2.0 * lam)
+    if w0 is None:
+        w, keep = group_hard_threshold(w_bar - gradient(G, w_bar, w_bar, lam, a) / L, groups, k, allowed)
+    else:
+        w, keep = group_hard_threshold(w0, groups, k, allowed)
+    f = objective(G, w, w_bar, lam, a)
+    converged, it, unchanged = False, 0, 0
+    for it in range(1, max_iter + 1):
+        support = coordinate_mask(keep, groups)
+        if backsolve_every > 0 and unchanged >= backsolve_every and lam > 0:
+            w_bs = backsolve(G, w_bar, support, lam, a)
+            f_bs = objective(G, w_bs, w_bar, lam, a)
+            if f_bs < f:
+                w, f = w_bs, f_bs
+            unchanged = 0
+        g = gradient(G, w, w_bar, lam, a)
+        # Step 2: the exact minimiser along -g_S, and the step at which the kept groups would change.
+        gS = torch.where(support, g, torch.zeros_like(g))
+        gS2 = float(gS @ gS)
+        if gS2 == 0.0:
+            tau_star = 0.0
+        else:
+            GgS = G @ gS
+            tau_star = gS2 / (float(GgS @ GgS) + 2.0 * lam * gS2)
+        tau_chg = group_support_change_step(w, g, groups, keep, allowed)
+        if 0.0 < tau_star < tau_chg:
+            w_new, keep_new = w - tau_star * gS, keep
+            f_new = objective(G, w_new, w_bar, lam, a)
+            unchanged += 1
+        else:
+            # Step 3: just below tau_chg (groups unchanged), then doubling while f decreases.
+            tau = 0.999 * tau_chg if math.isfinite(tau_chg) else 1.0 / L
+            w_new, keep_new = group_hard_threshold(w - tau * g, groups, k, allowed)
+            f_new = objective(G, w_new, w_bar, lam, a)
+            for _ in range(max_doublings):
+                tau *= 2.0
+                w_try, keep_try = group_hard_threshold(w - tau * g, groups, k, allowed)
+                f_try = objective(G, w_try, w_bar, lam, a)
+                if f_try >= f_new:
+                    break
+                w_new, keep_new, f_new = w_try, keep_try, f_try
+            unchanged = unchanged + 1 if bool((keep_new == keep).all()) else 0
+        if f_new > f:  # never accept an increase
+            converged = True
+            break
+        rel = (f - f_new) / max(abs(f), 1e-30)
+        w, keep, f = w_new, keep_new, f_new
+        if rel < tol:
+            converged = True
+            break
+    return w, keep, f, it, converged
+
+
+@dataclass(frozen=True)
+class GroupSolveResult:
+    w: Tensor  # (p,) solution: zero on every coordinate of a removed group
+    keep: Tensor  # (num_groups,) bool: kept groups (k[f] per family)
+    objective: float
+    iterations: int
+    active_set_rounds: int
+    converged: bool
+
+
+def group_chita(
+    G: Tensor,
+    w_bar: Tensor,
+    groups: Groups,
+    k: Tensor,
+    lam: float,
+    *,
+    a: Tensor | None = None,
+    allowed: Tensor | None = None,
+    w0: Tensor | None = None,
+    active_set: bool = True,
+    active_factor: float = 1.5,
+    max_iter: int = 200,
+    tol: float = 1e-7,
+    max_rounds: int = 10,
+    polish: bool = True,
+    backsolve_every: int = 3,
+) -> GroupSolveResult:
+    """Solve the grouped CHITA problem: group IHT on a growing active set of groups, then the exact backsolve
+    on the kept coordinates (paper, Algorithm 2 with Section 3.3, groups instead of coordinates).
+
+    ``w0`` (optional) is a warm start whose kept groups seed the active set (e.g. a greedy selection).
+    ``allowed`` restricts which groups may be kept (earlier-removed channels stay removed).
+    """
+    sizes = groups.sizes() if allowed is None else torch.bincount(groups.family[allowed], minlength=groups.num_families)
+    k = torch.minimum(torch.as_tensor(k, dtype=torch.long), sizes)
+    L_full = 1.05 * (spectral_norm_sq(G) + 2.0 * lam)
+    # Step 4: the active set: per family the top ceil(1.5 k_f) groups by ||w_bar_g|| (plus the warm start).
+    kA = torch.minimum(torch.ceil(active_factor * k.double()).long(), sizes)
+    if not active_set or bool((kA >= sizes).all()):
+        A = allowed
+        w_start = w0
+        rounds_cap = 1
+    else:
+        A = select_groups(group_sq_norms(w_bar, groups), groups, kA, allowed)
+        if w0 is not None:
+            A = A | (group_sq_norms(w0, groups) > 0) & (allowed if allowed is not None else True)
+        w_start = w0 if w0 is not None else group_hard_threshold(w_bar, groups, k, A)[0]
+        rounds_cap = max_rounds
+    its, rounds, conv = 0, 0, False
+    w, keep, f = w_bar, torch.ones(groups.num_groups, dtype=torch.bool), math.inf
+    for rounds in range(1, rounds_cap + 1):
+        w, keep, f, it_r, conv = group_iht(G, w_bar, groups, k, lam, a=a, w0=w_start, allowed=A, L=L_full,
+                                           max_iter=max_iter, tol=tol, backsolve_every=backsolve_every)
+        its += it_r
+        if A is allowed:
+            break
+        # Grow: full-dimensional steps with step 1/L' (halving L'); add the groups of the first that lowers f.
+        g = gradient(G, w, w_bar, lam, a)
+        grown, Lp = False, L_full
+        for _ in range(10):
+            w_try, keep_try = group_hard_threshold(w - g / Lp, groups, k, allowed)
+            if objective(G, w_try, w_bar, lam, a) < f:
+                new = keep_try & ~A
+                if bool(new.any()):
+                    A, w_start, grown = A | new, w_try, True
+                    break
+            Lp /= 2.0
+        if not grown:
+            break
+    # Step 5: exact backsolve on the kept coordinates (re-fits the consumers' input slices too).
+    if polish and lam > 0:
+        support = coordinate_mask(keep, groups)
+        w_bs = backsolve(G, w_bar, support, lam, a)
+        f_bs = objective(G, w_bs, w_bar, lam, a)
+        if f_bs <= f:
+            w, f = w_bs, f_bs
+    return GroupSolveResult(w, keep, f, its, rounds, conv)
+
+
+def group_removal_cost(G: Tensor, w: Tensor, groups: Groups, lam: float, *, chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
+    """What removing each group alone (no re-fit) adds to f at w, the saliency of a greedy search.
+
+    Returns (Z, s): Z (n, num_groups) with Z[:, g] = G_g w_g, and s[g] = 1/2 ||Z[:, g]||^2 + lam ||w_g||^2.
+    Removing a set B of groups of one family (disjoint coordinates) costs 1/2 ||sum_B Z||^2 + lam sum_B ||w_g||^2
+    (when w is the expansion point w_bar, a = 0).
+    """
+    n = G.shape[0]
+    Z = torch.zeros(n, groups.num_groups, dtype=G.dtype)
+    for s0 in range(0, groups.idx.numel(), chunk):
+        sl = slice(s0, s0 + chunk)
+        cols = groups.idx[sl]
+        Z.index_add_(1, groups.gid[sl], G[:, cols] * w[cols].to(G.dtype))
+    s = 0.5 * (Z * Z).sum(0) + lam * group_sq_norms(w.to(G.dtype), groups)
+    return Z, s
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Layer-wise form: the same quadratic with G = a layer's input activations X (one weight row per output)
+#
+# For one Conv/Linear layer with dense weights W_bar (out x q, q = in_channels * kernel elements), inputs X_p
+# (rows: samples x positions, columns: q) in the pruned network and X_d in the dense one, CHITA's f with G = X_p
+# and target y = X_d w_bar for every output row is
+#
+#     f(W) = 1/2 ||X_p W^T - X_d W_bar^T||^2 + lam/2 ||W - W_bar||^2,
+#
+# which only needs H = X_p^T X_p and C = X_p^T X_d (q x q). Removing input channel c removes a block of
+# columns B_c (its kernel elements). With H^-1 the inverse of H + lam I, removing B with the optimal re-fit of
+# the other columns costs tr(W_B [(H^-1)_BB]^-1 W_B^T) (the group OBS saliency) and moves the remaining columns
+# by -W_B [(H^-1)_BB]^-1 (H^-1)_B,: (the OBS update).
+
+
+def layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, keep: Tensor, lam: float) -> Tensor:
+    """Exact minimiser of f(W) above with the columns outside ``keep`` (bool, q) fixed at zero.
+
+    Solves (H_SS + lam I) W_S^T = (C W_bar^T)_S + lam W_bar_S^T. Shapes: H, C (q, q); W_bar (out, q).
+    """
+    S = keep.nonzero().squeeze(1)
+    W = torch.zeros_like(W_bar)
+    if S.numel() == 0:
+        return W
+    HS = H[S][:, S].clone()
+    HS.diagonal().add_(lam)
+    rhs = (C @ W_bar.T)[S] + lam * W_bar.T[S]
+    L, info = torch.linalg.cholesky_ex(HS)
+    if int(info) != 0:
+        sol = torch.linalg.lstsq(HS, rhs).solution
+    else:
+        sol = torch.cholesky_solve(rhs, L)
+    W[:, S] = sol.T
+    return W
+
+
+def obs_removal_order(Hinv: Sequence[Tensor], W: Sequence[Tensor], blocks: Sequence[Tensor], scale: Sequence[float],
+                      alive: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+    """Greedy group-OBS removal of channels shared by several layers (a channel space and its consumers).
+
+    Layer l has inverse Hessian ``Hinv[l]`` (q_l x q_l, damped) and weights ``W[l]`` (out_l x q_l);
+    ``blocks[l]`` (channels x b_l) lists the columns of each channel in layer l. At each step the alive channel
+    whose removal (with the optimal re-fit of the layer's remaining columns) adds the least
+    sum_l scale[l] * tr(W_B [(Hinv_BB)]^-1 W_B^T) is removed, and every Hinv and W is updated (OBS).
+    Returns (order: removed channels, cumulative cost after each removal), at most ``steps`` entries.
+    """
+    Hinv = [h.clone() for h in Hinv]
+    W = [w.clone() for w in W]
+    alive = alive.clone()
+    order, cum, total = [], [], 0.0
+    eye_cache: dict[int, Tensor] = {}
+    for _ in range(min(steps, int(alive.sum()))):
+        cand = alive.nonzero().squeeze(1)
+        cost = torch.zeros(cand.numel(), dtype=torch.float64)
+        for Hl, Wl, Bl, s in zip(Hinv, W, blocks, scale, strict=True):
+            B = Bl[cand]  # (c, b)
+            Hbb = Hl[B.unsqueeze(2), B.unsqueeze(1)]  # (c, b, b)
+            b = B.shape[1]
+            eye = eye_cache.setdefault(b, torch.eye(b, dtype=Hl.dtype))
+            Hbb_inv = torch.linalg.solve(Hbb + 1e-12 * eye, eye.expand_as(Hbb))
+            Wb = Wl[:, B].permute(1, 0, 2)  # (c, out, b)
+            cost += s * torch.einsum("cob,cbe,coe->c", Wb, Hbb_inv, Wb).double()
+        j = int(torch.argmin(cost))
+        c = int(cand[j])
+        total += float(cost[j])
+        order.append(c)
+        cum.append(total)
+        alive[c] = False
+        for i, (Hl, Wl, Bl) in enumerate(zip(Hinv, W, blocks, strict=True)):
+            B = Bl[c]
+            Hbb_inv = torch.linalg.inv(Hl[B][:, B])
+            Wl -= Wl[:, B] @ Hbb_inv @ Hl[B, :]  # OBS update of the remaining columns
+            Wl[:, B] = 0.0
+            Hl -= Hl[:, B] @ Hbb_inv @ Hl[B, :]
+            Hl[B, :] = 0.0
+            Hl[:, B] = 0.0
+            Hl[B, B] = 1.0  # removed columns: decoupled, never chosen again
+            W[i], Hinv[i] = Wl, Hl
+    return torch.tensor(order, dtype=torch.long), torch.tensor(cum, dtype=torch.float64)
