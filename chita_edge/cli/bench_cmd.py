@@ -11,13 +11,14 @@ from chita_edge.cli import ui
 from chita_edge.cli.app import app
 
 JSON = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
-RUNTIME = Annotated[str | None, typer.Option("--runtime", help="onnxruntime or litert (default: from the suffix).")]
+RUNTIME = Annotated[str | None, typer.Option("--runtime", help="onnxruntime or litert (default: from the file).")]
 THREADS = Annotated[int | None, typer.Option("--threads", help="Runtime threads (default: 1 on this host, the "
                                                                "profile's device threads with --remote).")]
 WARMUP = Annotated[int, typer.Option("--warmup", help="Untimed inferences before timing.")]
 RUNS = Annotated[int, typer.Option("--runs", help="Timed inferences.")]
 XNNPACK = Annotated[bool | None, typer.Option("--xnnpack/--no-xnnpack", help="LiteRT: XNNPACK delegate on/off "
-                                                                          "(default: the profile's setting).")]
+                                                                          "(default: off if the file needs it, else "
+                                                                          "the profile's setting).")]
 REMOTE = Annotated[str | None, typer.Option("--remote", help="ssh://user@host[:port]: run on the device "
                                                               "(chita-edge installed there).")]
 REMOTE_PY = Annotated[str, typer.Option("--remote-python", help="Python on the device that has chita-edge.")]

@@ -160,7 +160,9 @@ def prune_weights(
             G = G.to(dtype)
             t_grad += time.perf_counter() - tg
             if cfg.first_order:
-                a = G.mean(0)
+                # f is n times the local loss model (1/2 ||G d||^2 = n/2 d^T F d), so the linear term is
+                # n times the mean gradient: the sum of the rows of G.
+                a = G.sum(0)
         ts = time.perf_counter()
         lam = cfg.l2 * cfg.n_grads / 2.0
         info: dict[str, Any] = {"stage": si, "sparsity": s, "k": k}
@@ -170,14 +172,25 @@ def prune_weights(
             w = _magnitude_uniform(w_bar, params, s, allowed)
         elif cfg.block_size > 0:
             w = _solve_blocks(cfg.method, G, w_bar, k, lam, a, allowed, params, cfg)
-        elif cfg.method == "bso":
-            r = solver.magnitude_bso(G, w_bar, k, lam, a=a, allowed=allowed)
-            w, info["objective"] = r.w, r.objective
         else:
-            r = solver.chita(G, w_bar, k, lam, a=a, allowed=allowed, max_iter=cfg.max_iter, tol=cfg.tol,
-                             backsolve_every=cfg.backsolve_every, active_set=cfg.active_set)
-            w = r.w
-            info.update(objective=r.objective, iterations=r.iterations, rounds=r.active_set_rounds, converged=r.converged)
+            # Weights pruned at an earlier stage stay zero: solve on the allowed columns only (exact, since
+            # w_bar is zero there), which makes late CHITA++ stages cheap.
+            cols = allowed.nonzero().squeeze(1) if allowed is not None else None
+            Gc = G[:, cols] if cols is not None else G
+            wb = w_bar[cols] if cols is not None else w_bar
+            ac = (a[cols] if cols is not None else a) if a is not None else None
+            if cfg.method == "bso":
+                r = solver.magnitude_bso(Gc, wb, k, lam, a=ac)
+            else:
+                r = solver.chita(Gc, wb, k, lam, a=ac, max_iter=cfg.max_iter, tol=cfg.tol,
+                                 backsolve_every=cfg.backsolve_every, active_set=cfg.active_set)
+                info.update(iterations=r.iterations, rounds=r.active_set_rounds, converged=r.converged)
+            info["objective"] = r.objective
+            if cols is not None:
+                w = torch.zeros_like(w_bar)
+                w[cols] = r.w
+            else:
+                w = r.w
         if not torch.isfinite(w).all():
             raise FloatingPointError("solver produced non-finite weights; try a larger --l2")
         t_solve += time.perf_counter() - ts

@@ -63,7 +63,7 @@ def top_k_mask(score: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
     return mask
 
 
-def spectral_norm_sq(G: Tensor, iters: int = 30, seed: int = 0) -> float:
+def spectral_norm_sq(G: Tensor, iters: int = 12, seed: int = 0) -> float:
     """sigma_max(G)^2 by power iteration on G^T G (a slight over-estimate is added by the caller)."""
     gen = torch.Generator().manual_seed(seed)
     v = torch.randn(G.shape[1], generator=gen, dtype=G.dtype)
@@ -120,14 +120,21 @@ def backsolve(G: Tensor, w_bar: Tensor, support: Tensor, lam: float, a: Tensor |
         K = (GS @ GS.T) if K is None else K.clone()
         K.diagonal().add_(2.0 * lam)
         L = _cholesky(K)
-        t = torch.cholesky_solve((GS @ b).unsqueeze(1), L).squeeze(1)
+        t = _chol_solve(L, GS @ b)
         wS = (b - GS.T @ t) / (2.0 * lam)
     else:
         H = GS.T @ GS
         H.diagonal().add_(2.0 * lam)
-        wS = torch.cholesky_solve(b.unsqueeze(1), _cholesky(H)).squeeze(1)
+        wS = _chol_solve(_cholesky(H), b)
     w[idx] = wS
     return w
+
+
+def _chol_solve(L: Tensor, b: Tensor) -> Tensor:
+    """Solve (L L^T) x = b with two triangular solves (``torch.cholesky_solve`` is 100x slower on a busy
+    2-core machine with 2 threads)."""
+    z = torch.linalg.solve_triangular(L, b.unsqueeze(1), upper=False)
+    return torch.linalg.solve_triangular(L.T, z, upper=True).squeeze(1)
 
 
 def _cholesky(K: Tensor) -> Tensor:

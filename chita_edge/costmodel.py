@@ -1,0 +1,820 @@
+"""Per-layer cost model of a model on a device profile, as a function of its channel widths.
+
+Latency: the model's graph (``torch.fx``) is cut into *units* the way ONNX Runtime fuses it on CPU: a Conv or
+Linear with the BatchNorm, activation and residual add that follow it (ONNX Runtime folds BatchNorm into the
+conv and fuses Conv+Add+ReLU in its NCHWc kernels), a depthwise conv with its BatchNorm and activation, and
+every other op on its own. Each unit is rebuilt alone at several widths of the channel spaces it touches
+(``chita_edge.structure`` channel groups), exported to ONNX and timed on this host with ONNX Runtime's own
+profiler (the kernel times of the unit's nodes, not the layout reorders around a lone op), with the thread count
+the benchmark uses on this host. The tables are cached per host, runtime and threads in ``$CHITA_EDGE_CACHE``
+(else ``~/.cache/chita-edge``). A width between the measured ones is interpolated (multilinear), so
+
+    host_ms(widths)   = overhead + sum over units of table_u(widths of its channel spaces)
+    device_ms(widths) = scale * (d + rho * (1 - d)) * host_ms,   d = dense share of the unit time
+
+with ``overhead`` the per-inference cost of a call into the runtime (timed on a trivial model) and
+``scale``/``rho`` the profile's host-to-device fit (``chita_edge.calibration``): exactly the estimate that
+``chita-edge bench`` makes from a measured host latency.
+
+Memory (what ``bench`` measures: the peak resident-set growth of a process that loads and runs the file):
+
+    peak_mb = base + alpha * weight_bytes + beta * activation_peak_bytes
+
+``weight_bytes``: the fp32 weights and (BatchNorm-folded) biases of the units; ``activation_peak_bytes``: the
+largest sum of live unit outputs over the execution order (a tensor lives from its unit to its last consumer),
+channels padded to the runtime's NCHWc block. ``base``, ``alpha`` and ``beta`` are fitted once per host and
+runtime on synthetic models (weights-only and activation-only series) measured by ``bench``'s child process.
+File size: the weight bytes plus a small per-tensor overhead.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import math
+import operator
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from chita_edge.errors import BadInput, RuntimeFailure
+from chita_edge.io import atomic_write_text
+from chita_edge.profiles import Profile
+from chita_edge.structure import ChannelGroupSpec, channel_groups
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+MiB = 1024 * 1024
+TABLE_FORMAT = "chita-edge/layer-latency-v1"
+MEMORY_FORMAT = "chita-edge/memory-model-v1"
+RUNTIME = "onnxruntime"
+DENSE, DEPTHWISE, OTHER = "dense", "depthwise", "other"
+# Grid of widths timed per channel space (fractions of the full width, rounded down to the width multiple).
+GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
+_REORDER_OPS = ("ReorderInput", "ReorderOutput")
+FILE_OVERHEAD_BYTES = 2048  # per weight tensor (names, shapes) + graph, measured ~1-3 KB on ONNX files
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+                nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout)
+_ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.sigmoid, torch.tanh,
+                  F.hardswish, F.hardsigmoid, F.hardtanh, F.dropout}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_"}
+_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+
+
+def cache_dir() -> Path:
+    """$CHITA_EDGE_CACHE, else ~/.cache/chita-edge (shared with the host calibration)."""
+    from chita_edge.calibration import cache_dir as cd
+
+    return cd()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Units
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A group of graph nodes timed together; ``axes`` are the channel spaces whose widths it depends on."""
+
+    name: str
+    kind: str  # dense / depthwise / other
+    nodes: tuple[str, ...]
+    axes: tuple[str, ...]
+    signature: str
+
+
+@dataclass
+class _Graph:
+    gm: fx.GraphModule
+    shapes: dict[str, tuple[int, ...]]
+    fam: dict[str, tuple[str | None, int]]  # node -> (channel space of dim 1, features per channel)
+    sizes: dict[str, int]
+    users: dict[str, list[str]]
+    order: dict[str, int]
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, _CONV) and not getattr(m, "transposed", False)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return _is_conv(m) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _is_act(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        return isinstance(gm.get_submodule(n.target), _ACT_MODULES)
+    if n.op == "call_function":
+        return n.target in _ACT_FUNCTIONS
+    return n.op == "call_method" and n.target in _ACT_METHODS
+
+
+def _is_bn(gm: fx.GraphModule, n: fx.Node) -> bool:
+    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), _BN)
+
+
+def _is_add(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _ADD_FUNCTIONS) or (n.op == "call_method" and n.target in ("add", "add_"))
+
+
+@contextmanager
+def _eval(model: nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _trace(model: nn.Module, example: torch.Tensor, specs: Sequence[ChannelGroupSpec]) -> _Graph:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with _eval(model):
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as e:
+            raise BadInput(f"{type(model).__name__}: the cost model needs a torch.fx-traceable model "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        ShapeProp(gm).propagate(example[:1])
+    shapes: dict[str, tuple[int, ...]] = {}
+    for n in gm.graph.nodes:
+        tm = n.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            shapes[n.name] = tuple(int(s) for s in tm.shape)
+    out_fam, dw_fam = {}, {}
+    for s in specs:
+        for m in s.members:
+            if m.kind == "out":
+                out_fam[m.module] = s.id
+            elif m.kind == "dw":
+                dw_fam[m.module] = s.id
+    fam: dict[str, tuple[str | None, int]] = {}
+    users: dict[str, list[str]] = {}
+    order: dict[str, int] = {}
+    for i, n in enumerate(gm.graph.nodes):
+        order[n.name] = i
+        users[n.name] = [u.name for u in n.users]
+        ins = [a for a in n.all_input_nodes if a.name in shapes]
+        if n.op == "call_module" and _is_conv(gm.get_submodule(n.target)) and not _is_depthwise(gm.get_submodule(n.target)):
+            fam[n.name] = (out_fam.get(n.target), 1)
+        elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear):
+            fam[n.name] = (out_fam.get(n.target), 1)
+        elif n.op == "call_module" and _is_depthwise(gm.get_submodule(n.target)):
+            fam[n.name] = (dw_fam.get(n.target), 1)
+        elif ins and n.name in shapes:
+            src = ins[0]
+            f, r = fam.get(src.name, (None, 1))
+            si, so = shapes[src.name], shapes[n.name]
+            if f is not None and len(si) >= 3 and len(so) == 2:  # flatten: a channel becomes H*W features
+                r = r * math.prod(si[2:])
+            elif f is not None and (len(so) < 2 or (len(si) >= 2 and si[1] * 1 != so[1] and len(so) == len(si))):
+                f, r = None, 1
+            fam[n.name] = (f, r)
+        else:
+            fam[n.name] = (None, 1)
+    return _Graph(gm, shapes, fam, {s.id: s.size for s in specs}, users, order)
+
+
+def _units(g: _Graph) -> list[Unit]:
+    gm = g.gm
+    nodes = list(gm.graph.nodes)
+    byname = {n.name: n for n in nodes}
+    units: list[Unit] = []
+    taken: set[str] = set()
+    for n in nodes:
+        if n.op in ("placeholder", "output", "get_attr") or n.name in taken or n.name not in g.shapes:
+            continue
+        members = [n]
+        kind = OTHER
+        if n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            if _is_depthwise(mod):
+                kind = DEPTHWISE
+            elif _is_conv(mod) or isinstance(mod, nn.Linear):
+                kind = DENSE
+        if kind != OTHER:  # absorb what ONNX Runtime fuses into the kernel
+            tail, added = n, False
+            while len(g.users[tail.name]) == 1:
+                u = byname[g.users[tail.name][0]]
+                if u.name in taken or u.name not in g.shapes:
+                    break
+                first = next(iter(u.all_input_nodes), None)
+                if _is_bn(gm, u) or (_is_act(gm, u) and first is tail):
+                    pass
+                elif _is_add(u) and kind == DENSE and not added and _is_conv(gm.get_submodule(n.target)):
+                    added = True
+                else:
+                    break
+                members.append(u)
+                tail = u
+        for m in members:
+            taken.add(m.name)
+        # non-tensor helpers used only by this unit (size queries) come along
+        axes: list[str] = []
+        ext = _external_inputs(members, g)
+        for a in [*ext, members[-1]]:
+            f = g.fam.get(a.name, (None, 1))[0]
+            if f is not None and f not in axes:
+                axes.append(f)
+        for m in members:
+            if m.op == "call_module":
+                mod = gm.get_submodule(m.target)
+                if (_is_conv(mod) or isinstance(mod, nn.Linear)) and m is members[0]:
+                    f = g.fam.get(m.name, (None, 1))[0]
+                    if f is not None and f not in axes:
+                        axes.append(f)
+        units.append(Unit(n.target if n.op == "call_module" else n.name, kind, tuple(m.name for m in members),
+                          tuple(axes), _signature(members, g)))
+    return units
+
+
+def _external_inputs(members: list[fx.Node], g: _Graph) -> list[fx.Node]:
+    names = {m.name for m in members}
+    out: list[fx.Node] = []
+    for m in members:
+        for a in m.all_input_nodes:
+            if a.name not in names and a not in out and a.op != "get_attr":
+                out.append(a)
+    return out
+
+
+def _describe_module(mod: nn.Module) -> str:
+    if _is_conv(mod):
+        return (f"{type(mod).__name__}(k={tuple(mod.kernel_size)},s={tuple(mod.stride)},p={mod.padding},"
+                f"d={tuple(mod.dilation)},dw={_is_depthwise(mod)},g={1 if _is_depthwise(mod) else mod.groups},"
+                f"b={mod.bias is not None},pm={mod.padding_mode})")
+    if isinstance(mod, nn.Linear):
+        return f"Linear(b={mod.bias is not None})"
+    if isinstance(mod, _BN):
+        return type(mod).__name__
+    return repr(mod).replace("\n", "")
+
+
+def _signature(members: list[fx.Node], g: _Graph) -> str:
+    """What the unit computes, without names: ops, module configs and the fixed parts of its shapes."""
+    parts = []
+    for m in members:
+        if m.op == "call_module":
+            parts.append(_describe_module(g.gm.get_submodule(m.target)))
+        else:
+            parts.append(f"{m.op}:{getattr(m.target, '__name__', str(m.target))}")
+    for a in [*_external_inputs(members, g), members[-1]]:
+        s = g.shapes.get(a.name)
+        f, r = g.fam.get(a.name, (None, 1))
+        if s is not None:
+            dims = list(s[1:])
+            if f is not None and dims:
+                dims[0] = f"{g.sizes[f]}*{r}c"  # scaled dim: full size and features per channel
+            parts.append("x".join(str(d) for d in dims))
+    return ";".join(parts)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building a unit alone at given widths
+
+
+def _resized(mod: nn.Module, cin: int | None, cout: int | None) -> nn.Module:
+    if _is_conv(mod):
+        dw = _is_depthwise(mod)
+        cin = cin or mod.in_channels
+        cout = cin if dw else (cout or mod.out_channels)
+        groups = cin if dw else mod.groups
+        return type(mod)(cin, cout, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
+                         mod.bias is not None, mod.padding_mode)
+    if isinstance(mod, nn.Linear):
+        return nn.Linear(cin or mod.in_features, cout or mod.out_features, mod.bias is not None)
+    if isinstance(mod, _BN):
+        c = cin or mod.num_features
+        bn = type(mod)(c, mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
+        with torch.no_grad():
+            if bn.running_var is not None:
+                bn.running_var.uniform_(0.5, 1.5)
+                bn.running_mean.normal_(0, 0.1)
+        return bn
+    return copy.deepcopy(mod)
+
+
+def _scaled_shape(g: _Graph, name: str, widths: Mapping[str, int]) -> tuple[int, ...]:
+    s = list(g.shapes[name])
+    f, r = g.fam.get(name, (None, 1))
+    if f is not None and len(s) >= 2:
+        s[1] = widths[f] * r
+    s[0] = 1
+    return tuple(s)
+
+
+def _build_unit(g: _Graph, unit: Unit, widths: Mapping[str, int]) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    byname = {n.name: n for n in g.gm.graph.nodes}
+    members = [byname[n] for n in unit.nodes]
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    root: dict[str, Any] = {}
+    inputs: list[torch.Tensor] = []
+    gen = torch.Generator().manual_seed(0)
+    names = set(unit.nodes)
+
+    def bring(a: fx.Node) -> None:
+        if a.name in env or a.name in names:
+            return
+        if a.op == "get_attr":
+            root[a.target] = _attr(g.gm, a.target)
+            env[a.name] = graph.get_attr(a.target)
+        elif a.name in g.shapes and not inputs:
+            env[a.name] = graph.placeholder("in0")
+            inputs.append(torch.rand(_scaled_shape(g, a.name, widths), generator=gen))
+        elif a.name in g.shapes:  # a second operand (a residual add): a constant of the same shape
+            key = f"_const{len(root)}"
+            root[key] = torch.rand(_scaled_shape(g, a.name, widths), generator=gen)
+            env[a.name] = graph.get_attr(key)
+        elif a.op in ("call_function", "call_method"):  # a size query or similar helper: recompute it here
+            for b in a.all_input_nodes:
+                bring(b)
+            env[a.name] = graph.node_copy(a, lambda b: env[b.name])
+        else:
+            raise BadInput(f"cost model: layer {unit.name} depends on '{a.name}', which is not a tensor")
+
+    for m in members:
+        for a in m.all_input_nodes:
+            bring(a)
+        if m.op == "call_module":
+            mod = g.gm.get_submodule(m.target)
+            src = next(iter(m.all_input_nodes))
+            cin = _scaled_shape(g, src.name, widths)[1] if len(g.shapes.get(src.name, ())) >= 2 else None
+            cout = _scaled_shape(g, m.name, widths)[1] if len(g.shapes.get(m.name, ())) >= 2 else None
+            root[m.target] = _resized(mod, cin, cout).eval()
+        env[m.name] = graph.node_copy(m, lambda a: env[a.name])
+    graph.output(env[members[-1].name])
+    return fx.GraphModule(root, graph), inputs
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing on this host
+
+
+def _export(module: nn.Module, inputs: list[torch.Tensor], path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, tuple(inputs), str(path), dynamo=False, opset_version=17,
+                          input_names=[f"in{i}" for i in range(len(inputs))], output_names=["out"],
+                          do_constant_folding=True)
+
+
+def _time_file(path: Path, x: np.ndarray, threads: int, runs: int) -> float:
+    """Median kernel time (ms) of the file's nodes, layout reorders excluded, from ONNX Runtime's profiler."""
+    from chita_edge.runtimes import profile_onnx
+
+    layers, _ = profile_onnx(path, x, threads=threads, runs=runs)
+    return float(sum(lc.ms or 0.0 for lc in layers if lc.op not in _REORDER_OPS))
+
+
+def _time_overhead(threads: int, runs: int = 400) -> tuple[float, str]:
+    """Wall time (p50, ms) of one inference of a trivial model through the benchmark's session class: the
+    fixed cost of a call into the runtime. Returns (ms, runtime version)."""
+    from chita_edge.bench_child import runtime_version
+    from chita_edge.exporters import load_session
+
+    with tempfile.TemporaryDirectory(prefix="chita-edge-cost-") as td:
+        p = Path(td) / "trivial.onnx"
+        _export(nn.ReLU(), [torch.rand(1, 8)], p)
+        sess = load_session(p, threads)
+        x = np.random.default_rng(0).random((1, 8), dtype=np.float32)
+        for _ in range(50):
+            sess.run(x)
+        samples = []
+        for _ in range(runs):
+            t = time.perf_counter_ns()
+            sess.run(x)
+            samples.append((time.perf_counter_ns() - t) / 1e6)
+        del sess
+        return float(np.median(samples)), runtime_version(RUNTIME)
+
+
+def _fingerprint(version: str, threads: int) -> str:
+    from chita_edge.bench_child import host_info
+
+    h = host_info()
+    key = json.dumps([h["machine"], h["cpu"], h["cores"], h["system"], RUNTIME, version, threads])
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _nchwc_block() -> int:
+    """ONNX Runtime's NCHWc channel block on this CPU: 16 with AVX-512, else 8."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return 16 if "avx512f" in line.split() else 8
+    except OSError:
+        pass
+    return 8
+
+
+class _Cache:
+    """One JSON file of timings per host, runtime and threads: ``{"entries": {key: ms}, "overhead_ms": ...}``."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path, self.meta, self.dirty = path, meta, False
+        self.entries: dict[str, float] = {}
+        self.overhead_ms: float | None = None
+        if path.is_file():
+            try:
+                d = json.loads(path.read_text(encoding="utf-8"))
+                if d.get("format") == TABLE_FORMAT:
+                    self.entries = {str(k): float(v) for k, v in d.get("entries", {}).items()}
+                    self.overhead_ms = d.get("overhead_ms")
+            except (OSError, ValueError, TypeError, AttributeError):
+                log.warning("ignoring unreadable latency table cache %s", path)
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps({"format": TABLE_FORMAT, **self.meta, "overhead_ms": self.overhead_ms,
+                                                     "entries": self.entries}, indent=0, sort_keys=True))
+            self.dirty = False
+        except (OSError, BadInput) as e:
+            log.warning("could not cache the latency tables at %s: %s", self.path, e)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory model
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """peak_mb = base_mb + alpha * weight_mb + beta * activation_mb (fitted on this host, see module doc)."""
+
+    base_mb: float
+    alpha: float
+    beta: float
+    block: int  # NCHWc channel block used for activation sizes
+    points: tuple[tuple[float, float, float], ...] = ()  # (weight_mb, activation_mb, measured_mb)
+
+    def predict(self, weight_bytes: int, activation_bytes: int) -> float:
+        return self.base_mb + self.alpha * weight_bytes / MiB + self.beta * activation_bytes / MiB
+
+
+def _memory_series(td: Path) -> list[tuple[Path, float, float]]:
+    """Synthetic models: (file, weight MB, activation MB). Weights-only MLPs and activation-only conv pairs."""
+    out = []
+    for n in (64, 1024, 3072):
+        m = nn.Sequential(nn.Linear(1024, n), nn.ReLU(), nn.Linear(n, 10)).eval()
+        p = td / f"w{n}.onnx"
+        _export(m, [torch.rand(1, 1024)], p)
+        wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
+        out.append((p, wmb, (1024 + n + 10) * 4 / MiB))
+    block = _nchwc_block()
+    for c in (16, 48, 96):
+        m = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        p = td / f"a{c}.onnx"
+        _export(m, [torch.rand(1, 3, 160, 160)], p)
+        cp = math.ceil(c / block) * block
+        wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
+        out.append((p, wmb, (2 * cp * 160 * 160 + 3 * 160 * 160) * 4 / MiB))
+    return out
+
+
+def memory_model(threads: int = 1, *, refresh: bool = False, progress: Progress | None = None) -> MemoryModel:
+    """Fit (cached per host/runtime/threads) the peak-memory model on synthetic models measured like ``bench``."""
+    from chita_edge.bench import run_child
+
+    from chita_edge import bench_child
+    from chita_edge.bench_child import runtime_version
+
+    method = hashlib.sha256(Path(bench_child.__file__).read_bytes()).hexdigest()[:8]
+    path = cache_dir() / f"memory-{RUNTIME}-t{threads}-{_fingerprint(runtime_version(RUNTIME), threads)}-{method}.json"
+    if path.is_file() and not refresh:
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            if d.get("format") == MEMORY_FORMAT:
+                return MemoryModel(d["base_mb"], d["alpha"], d["beta"], d["block"], tuple(map(tuple, d["points"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("ignoring unreadable memory model cache %s", path)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="chita-edge-mem-") as td:
+        series = _memory_series(Path(td))
+        for i, (p, wmb, amb) in enumerate(series):
+            r = run_child(p, runtime=RUNTIME, threads=threads, warmup=2, runs=5, profile_runs=0)
+            rows.append((wmb, amb, float(r["peak_memory_mb"])))
+            if progress:
+                progress("memory model", i + 1, len(series))
+    A = np.array([[1.0, w, a] for w, a, _ in rows])
+    y = np.array([m for _, _, m in rows])
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    base, alpha, beta = (float(max(0.0, c)) for c in coef)
+    mm = MemoryModel(base, alpha, beta, _nchwc_block(), tuple(rows))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"format": MEMORY_FORMAT, "base_mb": base, "alpha": alpha, "beta": beta,
+                                            "block": mm.block, "points": rows}, indent=1))
+    except (OSError, BadInput) as e:
+        log.warning("could not cache the memory model at %s: %s", path, e)
+    return mm
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The cost model
+
+
+@dataclass(frozen=True)
+class Prediction:
+    latency_ms: float  # device estimate (p50) when the profile is calibrated, else the host figure
+    host_ms: float  # predicted host p50 (overhead + units)
+    dense_fraction: float
+    memory_mb: float
+    file_mb: float
+    weight_bytes: int
+    activation_bytes: int
+    provenance: str
+    units: dict[str, float] = field(default_factory=dict)  # host ms per unit
+
+    def to_dict(self, units: bool = False) -> dict[str, Any]:
+        d = {"latency_ms": self.latency_ms, "host_ms": self.host_ms, "dense_fraction": self.dense_fraction,
+             "memory_mb": self.memory_mb, "file_mb": self.file_mb, "weight_bytes": self.weight_bytes,
+             "activation_bytes": self.activation_bytes, "provenance": self.provenance}
+        if units:
+            d["units"] = dict(self.units)
+        return d
+
+
+@dataclass
+class _UnitTable:
+    unit: Unit
+    grid: tuple[tuple[int, ...], ...]  # widths measured per axis
+    ms: np.ndarray  # shape = (len(grid[0]), len(grid[1]), ...)
+
+    def at(self, widths: Mapping[str, int]) -> float:
+        if not self.unit.axes:
+            return float(self.ms.reshape(-1)[0])
+        # multilinear interpolation (extrapolates linearly beyond the grid's ends)
+        weights: list[list[tuple[int, float]]] = []
+        for ax, pts in zip(self.unit.axes, self.grid, strict=True):
+            v = widths[ax]
+            if len(pts) == 1:
+                weights.append([(0, 1.0)])
+                continue
+            j = int(np.searchsorted(pts, v, side="right")) - 1
+            j = min(max(j, 0), len(pts) - 2)
+            t = (v - pts[j]) / (pts[j + 1] - pts[j])
+            weights.append([(j, 1.0 - t), (j + 1, t)])
+        total = 0.0
+        for combo in itertools.product(*weights):
+            idx = tuple(i for i, _ in combo)
+            wgt = math.prod(w for _, w in combo)
+            total += wgt * float(self.ms[idx])
+        return max(total, 0.0)
+
+
+def grid_widths(size: int, multiple: int) -> tuple[int, ...]:
+    """The widths timed for a channel space of ``size``: GRID fractions rounded down to the width multiple."""
+    m = max(1, multiple)
+    pts = set()
+    for q in GRID:
+        w = size if q >= 1.0 else max(m, int(math.floor(size * q / m)) * m)
+        pts.add(min(w, size))
+    return tuple(sorted(pts))
+
+
+class CostModel:
+    """Latency, memory and file size of a model as a function of its channel widths on one profile.
+
+    Build with ``CostModel.build(model, example_input, profile)``; ``predict(widths)`` takes
+    ``{channel space id: width}`` (missing spaces keep their full width).
+    """
+
+    def __init__(self, *, graph: _Graph, tables: list[_UnitTable], overhead_ms: float, fit: Any, memory: MemoryModel,
+                 profile_id: str | None, threads: int, width_multiple: int, runtime_version: str):
+        self._g = graph
+        self.tables = tables
+        self.overhead_ms = overhead_ms
+        self.fit = fit
+        self.memory = memory
+        self.profile_id = profile_id
+        self.threads = threads
+        self.width_multiple = width_multiple
+        self.runtime_version = runtime_version
+        self.sizes = dict(graph.sizes)
+        self._weights = self._weight_terms()
+
+    # -- building
+    @classmethod
+    def build(cls, model: nn.Module, example_input: torch.Tensor, profile: Profile | None, *,
+              specs: Sequence[ChannelGroupSpec] | None = None, threads: int = 1, width_multiple: int | None = None,
+              runs: int = 25, refresh: bool = False, progress: Progress | None = None) -> CostModel:
+        """Trace ``model``, time every unit on its width grid (cached), fit memory, attach the profile's fit."""
+        if threads < 1:
+            raise BadInput(f"threads {threads}: expected >= 1")
+        mult = width_multiple or (profile.width_multiple if profile is not None else 1)
+        if specs is None:
+            specs = channel_groups(model, example_input[:1])
+        g = _trace(model, example_input, specs)
+        units = _units(g)
+        overhead, version = _time_overhead(threads)
+        cache = _Cache(cache_dir() / f"layer-latency-{RUNTIME}-t{threads}-{_fingerprint(version, threads)}.json",
+                       {"runtime": RUNTIME, "runtime_version": version, "threads": threads})
+        if refresh:
+            cache.entries = {}
+        if cache.overhead_ms is None or refresh:
+            cache.overhead_ms, cache.dirty = overhead, True
+        todo = []
+        for u in units:
+            grid = tuple(grid_widths(g.sizes[a], mult) for a in u.axes)
+            for combo in itertools.product(*grid):
+                key = f"{u.signature}|{combo}"
+                if key not in cache.entries:
+                    todo.append((u, combo, key))
+        if todo:
+            log.info("timing %d layer configurations on this host (%s, %d thread(s))", len(todo), RUNTIME, threads)
+        with tempfile.TemporaryDirectory(prefix="chita-edge-cost-") as td:
+            seen: set[str] = set()
+            for i, (u, combo, key) in enumerate(todo):
+                if key in seen:
+                    continue
+                seen.add(key)
+                widths = dict(zip(u.axes, combo, strict=True))
+                mod, inputs = _build_unit(g, u, {**g.sizes, **widths})
+                p = Path(td) / f"u{i}.onnx"
+                try:
+                    _export(mod, inputs, p)
+                except Exception as e:
+                    raise RuntimeFailure(f"cost model: cannot export layer {u.name} alone "
+                                         f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+                cache.entries[key] = _time_file(p, inputs[0].numpy(), threads, runs)
+                cache.dirty = True
+                p.unlink(missing_ok=True)
+                if progress:
+                    progress("timing layers", i + 1, len(todo))
+                if i % 25 == 24:
+                    cache.save()
+        cache.save()
+        tables = []
+        for u in units:
+            grid = tuple(grid_widths(g.sizes[a], mult) for a in u.axes)
+            shape = tuple(len(x) for x in grid) or (1,)
+            ms = np.zeros(shape)
+            for pos, combo in zip(itertools.product(*[range(len(x)) for x in grid]), itertools.product(*grid), strict=True):
+                ms[pos if pos else (0,)] = cache.entries[f"{u.signature}|{combo}"]
+            tables.append(_UnitTable(u, grid, ms))
+        fit = None
+        if profile is not None and profile.calibration is not None:
+            from chita_edge.calibration import fit_profile, host_calibration
+
+            fit = fit_profile(profile, host_calibration(RUNTIME, threads, progress=progress))
+        mem = memory_model(threads, progress=progress)
+        return cls(graph=g, tables=tables, overhead_ms=float(cache.overhead_ms), fit=fit, memory=mem,
+                   profile_id=profile.id if profile is not None else None, threads=threads, width_multiple=mult,
+                   runtime_version=version)
+
+    # -- prediction
+    def _weight_terms(self) -> list[tuple[str | None, int, str | None, int, int, bool]]:
+        """(in space, fixed in, out space, fixed out, kernel elements, bias) per Conv/Linear unit head."""
+        out = []
+        g = self._g
+        byname = {n.name: n for n in g.gm.graph.nodes}
+        for t in self.tables:
+            head = byname[t.unit.nodes[0]]
+            if head.op != "call_module":
+                continue
+            mod = g.gm.get_submodule(head.target)
+            if not (_is_conv(mod) or isinstance(mod, nn.Linear)):
+                continue
+            src = next(iter(head.all_input_nodes))
+            fi, ri = g.fam.get(src.name, (None, 1))
+            fo, _ = g.fam.get(head.name, (None, 1))
+            has_bias = mod.bias is not None or any(_is_bn(g.gm, byname[n]) for n in t.unit.nodes[1:])
+            if isinstance(mod, nn.Linear):
+                out.append((fi, mod.in_features if fi is None else ri, fo, mod.out_features, 1, has_bias))
+            elif _is_depthwise(mod):
+                out.append((None, 1, fi, mod.out_channels, math.prod(mod.kernel_size), has_bias))
+            else:
+                cin_per_group = mod.in_channels // mod.groups
+                out.append((fi, cin_per_group if fi is None else 1, fo, mod.out_channels,
+                            math.prod(mod.kernel_size), has_bias))
+        return out
+
+    def weight_bytes(self, widths: Mapping[str, int]) -> tuple[int, int]:
+        """(bytes, tensors) of the fp32 weights and biases (BatchNorm folded) at ``widths``."""
+        total, tensors = 0, 0
+        for fi, cin, fo, cout, k, bias in self._weights:
+            ci = widths.get(fi, self.sizes[fi]) * cin if fi is not None else cin
+            co = widths.get(fo, self.sizes[fo]) if fo is not None else cout
+            total += ci * co * k + (co if bias else 0)
+            tensors += 2 if bias else 1
+        return total * 4, tensors
+
+    def activation_bytes(self, widths: Mapping[str, int]) -> int:
+        """Peak of the live unit outputs (plus the model input) over the execution order, fp32, NCHWc-padded."""
+        g = self._g
+        w = {**self.sizes, **{k: v for k, v in widths.items() if k in self.sizes}}
+        unit_of = {n: i for i, t in enumerate(self.tables) for n in t.unit.nodes}
+        step = {i: max(g.order[n] for n in t.unit.nodes) for i, t in enumerate(self.tables)}
+        tensors: list[tuple[int, int, int]] = []  # (start, end, bytes)
+        block = self.memory.block
+        for n in g.gm.graph.nodes:
+            if n.name not in g.shapes:
+                continue
+            if n.op == "placeholder":
+                start = -1
+            elif n.name in unit_of and self.tables[unit_of[n.name]].unit.nodes[-1] == n.name:
+                start = step[unit_of[n.name]]
+            else:
+                continue
+            consumers = [unit_of[u] for u in g.users[n.name] if u in unit_of and unit_of[u] != unit_of.get(n.name)]
+            end = max((step[c] for c in consumers), default=start)
+            shape = list(_scaled_shape(g, n.name, w))
+            if len(shape) == 4:
+                shape[1] = math.ceil(shape[1] / block) * block
+            tensors.append((start, end, math.prod(shape) * 4))
+        times = sorted({s for s, _, _ in tensors} | {e for _, e, _ in tensors})
+        peak = 0
+        for t in times:
+            peak = max(peak, sum(b for s, e, b in tensors if s <= t <= e))
+        return peak
+
+    def host_latency(self, widths: Mapping[str, int]) -> tuple[float, float, dict[str, float]]:
+        """(host ms, dense share, per-unit ms)."""
+        w = {**self.sizes, **{k: v for k, v in widths.items() if k in self.sizes}}
+        per = {}
+        dense = other = 0.0
+        for t in self.tables:
+            ms = t.at(w)
+            per[t.unit.name] = per.get(t.unit.name, 0.0) + ms
+            if t.unit.kind == DENSE:
+                dense += ms
+            else:
+                other += ms
+        tot = dense + other
+        return self.overhead_ms + tot, (dense / tot if tot > 0 else 1.0), per
+
+    def latency(self, widths: Mapping[str, int]) -> float:
+        host, d, _ = self.host_latency(widths)
+        return self.fit.predict(host, d) if self.fit is not None else host
+
+    def predict(self, widths: Mapping[str, int] | None = None) -> Prediction:
+        widths = widths or {}
+        for k, v in widths.items():
+            if k in self.sizes and not 1 <= v <= self.sizes[k]:
+                raise BadInput(f"width {v} of channel group '{k}': expected 1..{self.sizes[k]}")
+        host, d, per = self.host_latency(widths)
+        wb, nt = self.weight_bytes(widths)
+        ab = self.activation_bytes(widths)
+        if self.fit is not None:
+            lat, prov = self.fit.predict(host, d), self.fit.provenance.replace("estimated-device", "cost-model estimate")
+        else:
+            lat, prov = host, "cost-model estimate of this host (profile not calibrated)"
+        return Prediction(lat, host, d, self.memory.predict(wb, ab), (wb + FILE_OVERHEAD_BYTES * nt) / MiB, wb, ab,
+                          prov, per)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": RUNTIME, "runtime_version": self.runtime_version, "threads": self.threads,
+                "profile": self.profile_id, "width_multiple": self.width_multiple, "overhead_ms": self.overhead_ms,
+                "units": len(self.tables), "channel_groups": dict(self.sizes),
+                "memory_model": {"base_mb": self.memory.base_mb, "alpha": self.memory.alpha,
+                                 "beta": self.memory.beta, "nchwc_block": self.memory.block},
+                "device_fit": None if self.fit is None else {"scale": self.fit.scale, "rho": self.fit.rho,
+                                                              "provenance": self.fit.provenance}}
+
+
+def widths_of(model: nn.Module, specs: Sequence[ChannelGroupSpec]) -> dict[str, int]:
+    """Current widths of a (compacted) model's channel groups: the output size of each group's first producer."""
+    out = {}
+    mods = dict(model.named_modules())
+    for s in specs:
+        m = mods.get(s.producers[0].module) if s.producers else None
+        if m is None:
+            continue
+        out[s.id] = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+    return out
+
+
+__all__ = ["CostModel", "MemoryModel", "Prediction", "Unit", "cache_dir", "grid_widths", "memory_model", "widths_of"]

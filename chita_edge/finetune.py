@@ -1,0 +1,535 @@
+"""Masked fine-tuning: train a pruned model without reviving what pruning removed.
+
+One verb, ``finetune(model, data, FinetuneConfig) -> FinetuneReport``:
+
+1. The masks are the exact zeros of the prunable weights (or given): ``mask[name]`` is True where a weight may live.
+2. Each step: loss = (1 - alpha) CE(student, y) + alpha T^2 KL(softmax(teacher/T) || softmax(student/T)) when a
+   teacher (the dense model) is given, else CE; gradients of masked entries are zeroed, the optimiser
+   (SGD + momentum or Adam) steps, and the weights are multiplied by their masks, so zeros stay exactly zero.
+3. The learning rate follows a per-step cosine from ``lr`` to ``min_lr`` (or stays constant).
+4. After every epoch the whole training state (model, optimiser, scheduler, RNG, history, masks) is written
+   atomically to ``state_path``; SIGINT/SIGTERM finish the current step, write the state and raise
+   ``Interrupted``. The data order and the augmentation depend on (seed, epoch, step) only, so a run resumed
+   from a state file ends with bit-identical weights to an uninterrupted one.
+5. At the end, BatchNorm running statistics are re-estimated on training batches (cumulative average).
+
+``finetune_checkpoint`` is the same on files: a pruned chita-edge checkpoint in, a checkpoint out that keeps the
+input's metadata (model spec, structural plan, ...) and adds the fine-tuning record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chita_edge.checkpoint import save_checkpoint
+from chita_edge.data import Dataset
+from chita_edge.errors import BadInput, Interrupted
+from chita_edge.evaluate import accuracy
+from chita_edge.io import atomic_path, sha256_file
+from chita_edge.pruning.layers import PrunableParam, find_prunable
+from chita_edge.zoo import default_prunable
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+STATE_FORMAT = "chita-edge/finetune-state-v1"
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig:
+    """Knobs of one masked fine-tuning run."""
+
+    epochs: int = 5
+    lr: float = 0.05
+    min_lr: float = 0.0  # end of the cosine schedule
+    schedule: str = "cosine"  # cosine (per step) or constant
+    batch_size: int = 128
+    optimizer: str = "sgd"  # sgd (momentum) or adam
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 0.0
+    augment: bool | None = None  # random crop (zero padding) + flip; None: on for colour images (default_augment)
+    crop_padding: int = 4
+    flip: bool = True
+    temperature: float = 4.0  # distillation temperature T (used when a teacher is given)
+    distill_weight: float = 0.5  # alpha: share of the distillation term in the loss
+    bn_batches: int = 100  # batches for re-estimating BatchNorm statistics at the end (0: keep them)
+    eval_each_epoch: bool = True  # test accuracy in the per-epoch history
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise BadInput(f"--epochs {self.epochs}: expected >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BadInput(f"--lr {self.lr}: expected a positive number")
+        if not (0 <= self.min_lr <= self.lr):
+            raise BadInput(f"min_lr {self.min_lr}: expected 0 <= min_lr <= lr ({self.lr})")
+        if self.batch_size < 1:
+            raise BadInput(f"--batch-size {self.batch_size}: expected >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise BadInput(f"--optimizer '{self.optimizer}': expected one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise BadInput(f"schedule '{self.schedule}': expected one of {', '.join(SCHEDULES)}")
+        if not (0 <= self.momentum < 1) or self.weight_decay < 0:
+            raise BadInput("momentum must be in [0, 1) and weight decay >= 0")
+        if not self.temperature > 0:
+            raise BadInput(f"--temperature {self.temperature}: expected > 0")
+        if not (0 <= self.distill_weight <= 1):
+            raise BadInput(f"--distill-weight {self.distill_weight}: expected a fraction in [0, 1]")
+        if self.crop_padding < 0 or self.bn_batches < 0:
+            raise BadInput("crop padding and BatchNorm batches must be >= 0")
+
+
+@dataclass
+class FinetuneReport:
+    epochs: int
+    initial_accuracy: float  # test accuracy before fine-tuning
+    accuracy: float  # test accuracy at the end (after BatchNorm re-estimation)
+    sparsity: float  # fraction of masked-out prunable weights
+    masked_weights: int
+    history: list[dict[str, Any]]
+    bn_reestimated: bool
+    resumed_from: dict[str, int] | None
+    timings: dict[str, float]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_augment(input_shape: tuple[int, ...]) -> bool:
+    """Crop + flip suits colour images of natural scenes (3 x H x W, H, W >= 16), not digits or non-images."""
+    return len(input_shape) == 3 and input_shape[0] == 3 and min(input_shape[1:]) >= 16
+
+
+def masks_from_zeros(model: nn.Module, params: list[PrunableParam]) -> dict[str, torch.Tensor]:
+    """``{param name: bool mask}``, True where the weight is non-zero (free to train)."""
+    named = dict(model.named_parameters())
+    return {q.name: named[q.name].detach() != 0 for q in params}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    named = dict(model.named_parameters())
+    for name, m in masks.items():
+        named[name].mul_(m.to(named[name].dtype))
+
+
+def _check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    named = dict(model.named_parameters())
+    for name, m in masks.items():
+        if name not in named:
+            raise BadInput(f"mask for '{name}': the model has no such parameter")
+        if m.shape != named[name].shape or m.dtype != torch.bool:
+            raise BadInput(f"mask for '{name}': expected a bool tensor of shape {tuple(named[name].shape)}, "
+                           f"got {m.dtype} {tuple(m.shape)}")
+
+
+def _generator(*key: int) -> torch.Generator:
+    """A generator whose stream depends on the key only (seed, epoch, step, ...)."""
+    h = 0x9E3779B97F4A7C15
+    for k in key:
+        h = (h * 1_000_003 + int(k) + 0x632BE59BD9B4E019) % (1 << 63)
+    return torch.Generator().manual_seed(h)
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, padding: int, flip: bool) -> torch.Tensor:
+    """Random crop of the zero-padded image (same size) and a random horizontal flip, per sample."""
+    if x.dim() != 4:
+        return x
+    n, _, h, w = x.shape
+    if padding > 0:
+        xp = F.pad(x, (padding, padding, padding, padding))
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=g)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=g)
+        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 2 * padding)
+        xp = torch.gather(xp, 2, rows)
+        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
+        x = torch.gather(xp, 3, cols)
+    if flip:
+        f = torch.rand(n, generator=g) < 0.5
+        x = torch.where(f[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float,
+                      weight: float) -> torch.Tensor:
+    """(1 - weight) CE(student, y) + weight T^2 KL(p_teacher^T || p_student^T) (Hinton et al. 2015).
+
+    Works on logits and on log-probabilities alike (log_softmax is shift-invariant).
+    """
+    ce = F.cross_entropy(student, y)
+    if weight == 0:
+        return ce
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
+                  reduction="batchmean")
+    return (1 - weight) * ce + weight * t * t * kl
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, *, batches: int, batch_size: int, seed: int,
+                         augment: bool = False, crop_padding: int = 4, flip: bool = True) -> bool:
+    """Reset every BatchNorm's running statistics and re-estimate them as a cumulative average over ``batches``
+    random training batches (train-mode forward), augmented as in training when ``augment`` (the weights were
+    trained on augmented batch statistics; clean ones would shift every normalisation). Returns False when
+    there is no BatchNorm."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or batches <= 0:
+        return False
+    was = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    perm = torch.randperm(len(x), generator=_generator(seed, -1))
+    bs = min(batch_size, len(x))
+    try:
+        for b in range(batches):
+            start = (b * bs) % len(x)
+            idx = perm[start:start + bs]
+            if len(idx) < 2 and b > 0:  # BatchNorm needs more than one value per channel
+                break
+            xb = augment_batch(x[idx], _generator(seed, -1, b), crop_padding, flip) if augment else x[idx]
+            model(xb)
+    finally:
+        for m, mom in zip(bns, momenta, strict=True):
+            m.momentum = mom
+        model.train(was)
+    return True
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag (the loop finishes its step, saves and raises); a second SIGINT aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.signum is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.signum = signum
+            log.warning("signal %d: finishing the current step and saving the training state", signum)
+
+        for s in old:
+            signal.signal(s, handler)
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov and cfg.momentum > 0)
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: FinetuneConfig, total_steps: int):
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    return {"torch": torch.get_rng_state()}
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path, cfg: FinetuneConfig, n_train: int) -> dict[str, Any]:
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"{path}: not a readable fine-tuning state file ({type(e).__name__}); "
+                       f"remove it to start over") from None
+    if not isinstance(st, dict) or st.get("format") != STATE_FORMAT:
+        raise BadInput(f"{path}: not a chita-edge fine-tuning state file (format {STATE_FORMAT} expected)")
+    old = st.get("config", {})
+    new = asdict(cfg)
+    diff = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    if diff:
+        raise BadInput(f"{path}: written with other settings ({', '.join(diff[:4])}); resume with the same "
+                       f"options, or remove the state file to start over")
+    if st.get("n_train") != n_train:
+        raise BadInput(f"{path}: written for {st.get('n_train')} training examples, the data has {n_train}")
+    return st
+
+
+def _sparsity(masks: dict[str, torch.Tensor]) -> tuple[float, int]:
+    total = sum(m.numel() for m in masks.values())
+    off = sum(int((~m).sum()) for m in masks.values())
+    return (off / total if total else 0.0), off
+
+
+def finetune(
+    model: nn.Module,
+    data: Dataset,
+    cfg: FinetuneConfig,
+    *,
+    masks: dict[str, torch.Tensor] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] = default_prunable,
+    teacher: nn.Module | None = None,
+    progress: Progress | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    state_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> FinetuneReport:
+    """Fine-tune ``model`` in place on ``data`` keeping ``masks`` (default: the exact zeros of the prunable
+    weights found by ``filter_fn``) at zero.
+
+    ``progress(stage, done, total)``: stage "steps" after every optimiser step, "epochs" after every epoch;
+    ``on_epoch(record)`` receives each epoch's history record (loss, train/test accuracy, lr). ``state_path``:
+    where the training state is written after every epoch and on interruption; ``resume=True`` continues from
+    it. ``should_stop()`` is polled after every step, like SIGINT/SIGTERM: the state is written and
+    ``Interrupted`` raised.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    x, y = data.x_train, data.y_train
+    n = len(x)
+    if n == 0:
+        raise BadInput("the training set is empty; fine-tuning needs at least one example")
+    if masks is None:
+        masks = masks_from_zeros(model, find_prunable(model, filter_fn))
+    masks = {k: v.detach().clone().bool() for k, v in masks.items()}
+    _check_masks(model, masks)
+    state_file = Path(state_path) if state_path is not None else None
+    if resume and (state_file is None or not state_file.exists()):
+        raise BadInput(f"{state_file}: no fine-tuning state to resume from (run without --resume to start)")
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+    augment = cfg.augment if cfg.augment is not None else default_augment(data.input_shape)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    opt = _make_optimizer(model, cfg)
+    sched = _make_scheduler(opt, cfg, total_steps)
+    named = dict(model.named_parameters())
+    masked = [(named[k], m) for k, m in masks.items()]
+
+    history: list[dict[str, Any]] = []
+    epoch, step = 0, 0
+    run = {"loss_sum": 0.0, "correct": 0, "seen": 0}
+    resumed_from = None
+    rng0 = _generator(cfg.seed, -2).get_state()  # the global RNG (dropout, ...) during training, from the seed
+    initial_acc = accuracy(model, data.x_test, data.y_test)
+    if resume:
+        assert state_file is not None
+        st = _load_state(state_file, cfg, n)
+        saved_masks = st["masks"]
+        if set(saved_masks) != set(masks) or any(saved_masks[k].shape != masks[k].shape for k in masks):
+            raise BadInput(f"{state_file}: its masks do not fit this model; remove it to start over")
+        masks = {k: saved_masks[k].clone() for k in masks}
+        masked = [(named[k], m) for k, m in masks.items()]
+        model.load_state_dict(st["model"], strict=True)
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        rng0 = st["rng"]["torch"]
+        epoch, step = int(st["epoch"]), int(st["step"])
+        history, run = list(st["history"]), dict(st["running"])
+        initial_acc = float(st["initial_accuracy"])
+        resumed_from = {"epoch": epoch, "step": step}
+        log.info("resuming from epoch %d step %d (%s)", epoch, step, state_file)
+
+    def snapshot() -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "config": asdict(cfg), "n_train": n, "epoch": epoch, "step": step,
+                "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
+                "masks": masks, "history": history, "running": dict(run), "initial_accuracy": initial_acc}
+
+    stop = _StopFlag()
+    apply_masks(model, masks)
+    with stop.installed(), torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+        torch.set_rng_state(rng0)
+        while epoch < cfg.epochs:
+            t_epoch = time.perf_counter()
+            model.train()
+            perm = torch.randperm(n, generator=_generator(cfg.seed, epoch))
+            while step < steps_per_epoch:
+                idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                xb, yb = x[idx], y[idx]
+                if augment:
+                    xb = augment_batch(xb, _generator(cfg.seed, epoch, step), cfg.crop_padding, cfg.flip)
+                out = model(xb)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t_out = teacher(xb)
+                    loss = distillation_loss(out, t_out, yb, cfg.temperature, cfg.distill_weight)
+                else:
+                    loss = F.cross_entropy(out, yb)
+                if not torch.isfinite(loss):
+                    raise BadInput(f"the loss became {float(loss)} at epoch {epoch + 1} step {step + 1}; "
+                                   f"lower --lr (now {cfg.lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for p, m in masked:
+                    if p.grad is not None:
+                        p.grad.mul_(m)
+                opt.step()
+                sched.step()
+                apply_masks(model, masks)
+                run["loss_sum"] += float(loss.detach()) * len(idx)
+                run["correct"] += int((out.detach().argmax(1) == yb).sum())
+                run["seen"] += len(idx)
+                step += 1
+                if progress:
+                    progress("steps", epoch * steps_per_epoch + step, total_steps)
+                if stop() or (should_stop is not None and should_stop()):
+                    if state_file is not None:
+                        _save_state(state_file, snapshot())
+                    where = f"; state saved to {state_file}, rerun with --resume" if state_file else ""
+                    raise Interrupted(f"fine-tuning interrupted at epoch {epoch + 1} step {step}{where}")
+            rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": run["loss_sum"] / run["seen"],
+                   "train_accuracy": 100.0 * run["correct"] / run["seen"],
+                   "test_accuracy": accuracy(model, data.x_test, data.y_test) if cfg.eval_each_epoch else None,
+                   "seconds": time.perf_counter() - t_epoch}
+            history.append(rec)
+            epoch, step = epoch + 1, 0
+            run = {"loss_sum": 0.0, "correct": 0, "seen": 0}
+            if state_file is not None:
+                _save_state(state_file, snapshot())
+            log.info("epoch %d/%d loss %.4f train %.2f %% test %s", epoch, cfg.epochs, rec["loss"],
+                     rec["train_accuracy"], rec["test_accuracy"])
+            if on_epoch:
+                on_epoch(dict(rec))
+            if progress:
+                progress("epochs", epoch, cfg.epochs)
+
+    t_train = time.perf_counter() - t0
+    bn = reestimate_batchnorm(model, x, batches=cfg.bn_batches, batch_size=cfg.batch_size, seed=cfg.seed,
+                              augment=augment, crop_padding=cfg.crop_padding, flip=cfg.flip)
+    model.eval()
+    acc = accuracy(model, data.x_test, data.y_test)
+    s, off = _sparsity(masks)
+    return FinetuneReport(
+        epochs=cfg.epochs, initial_accuracy=initial_acc, accuracy=acc, sparsity=s, masked_weights=off,
+        history=history, bn_reestimated=bn, resumed_from=resumed_from,
+        timings={"train_s": t_train, "total_s": time.perf_counter() - t0}, config={**asdict(cfg), "augment": augment},
+    )
+
+
+def state_path_for(out: str | os.PathLike) -> Path:
+    """Where ``finetune_checkpoint`` keeps its resumable training state: beside the output."""
+    out = Path(out)
+    return out.with_name(out.name + ".state")
+
+
+def load_teacher(meta: dict[str, Any] | None, teacher_weights: str | os.PathLike | None, where: str) -> nn.Module:
+    """The dense model to distil from: ``teacher_weights`` or the checkpoint's recorded source weights."""
+    from chita_edge.models import load_model
+
+    if not meta or "model" not in meta:
+        raise BadInput(f"{where}: not a chita-edge checkpoint; distillation needs the model spec it records")
+    src = teacher_weights or meta.get("source_weights")
+    if not src:
+        raise BadInput(f"{where}: records no dense source weights; give the dense weights with --teacher")
+    if not Path(src).exists():
+        raise BadInput(f"{src}: dense teacher weights (recorded in {where}) not found; give them with --teacher")
+    if teacher_weights is None and meta.get("source_sha256") and sha256_file(src) != meta["source_sha256"]:
+        raise BadInput(f"{src}: changed since {where} was pruned from it (sha256 differs); give --teacher")
+    return load_model(meta["model"], src).module
+
+
+def finetune_checkpoint(
+    pruned: str | os.PathLike,
+    data: str,
+    cfg: FinetuneConfig,
+    out: str | os.PathLike,
+    *,
+    distill: bool = False,
+    teacher_weights: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """What ``chita-edge finetune`` does: load a pruned checkpoint, fine-tune with its masks, write ``out``.
+
+    The training state lives in ``OUT.state`` while the run is in progress (removed on success); a state file
+    left by an interrupted run must be resumed (``resume=True``) or removed.
+    """
+    from chita_edge.data import load_data
+    from chita_edge.models import load_model
+
+    cfg.validate()
+    src = Path(pruned)
+    out = Path(out)
+    if out.exists() and src.exists() and os.path.samefile(out, src):
+        raise BadInput(f"{out}: --out is the input checkpoint; choose another --out (the input is never overwritten)")
+    if not out.parent.exists():
+        raise BadInput(f"{out}: directory {out.parent} does not exist; choose another --out")
+    lm = load_model(None, src)
+    ds = load_data(data)
+    try:
+        with torch.no_grad():
+            lm.module(ds.x_train[:1])
+    except Exception as e:
+        raise BadInput(f"{data}: data of shape {tuple(ds.x_train.shape[1:])} does not fit the model "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    state = state_path_for(out)
+    if state.exists() and not resume:
+        raise BadInput(f"{state}: an interrupted fine-tuning run left its state here; pass --resume to continue "
+                       f"it or remove the file to start over")
+    teacher = load_teacher(lm.meta, teacher_weights, str(src)) if distill else None
+    if teacher is not None and cfg.distill_weight == 0:
+        raise BadInput("--distill with distill weight 0 would not distil; give a weight in (0, 1]")
+    params = find_prunable(lm.module, lm.prunable)
+    report = finetune(lm.module, ds, cfg, masks=masks_from_zeros(lm.module, params), teacher=teacher,
+                      progress=progress, on_epoch=on_epoch, state_path=state, resume=resume)
+    meta = dict(lm.meta or {})
+    meta.pop("format", None)
+    record = {"source": str(src), "source_sha256": sha256_file(src), "data": data, "distill": distill,
+              "teacher": str(teacher_weights or (lm.meta or {}).get("source_weights")) if distill else None,
+              "initial_accuracy": report.initial_accuracy, "accuracy": report.accuracy,
+              "history": report.history, "config": report.config, "previous": meta.get("finetune")}
+    meta["finetune"] = record
+    meta["accuracy"] = report.accuracy
+    meta["pruned_accuracy"] = report.initial_accuracy
+    save_checkpoint(out, lm.module.state_dict(), meta)
+    state.unlink(missing_ok=True)
+    return {**report.to_dict(), "model": lm.spec, "input": str(src), "out": str(out), "data": data,
+            "distill": distill}
+
+
+__all__ = ["FinetuneConfig", "FinetuneReport", "apply_masks", "default_augment", "finetune", "finetune_checkpoint",
+           "masks_from_zeros", "reestimate_batchnorm", "state_path_for"]

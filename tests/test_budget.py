@@ -1,0 +1,295 @@
+"""chita_edge.budget: the greedy width search, the stages, impossible budgets, checkpoints and the CLI.
+
+The cost model is replaced by an analytic stand-in (MACs-like latency, exact weight bytes) and the benchmark by a
+stand-in measurement, so that these tests check the search and its plumbing, not this machine's timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from chita_edge import budget as B
+from chita_edge.costmodel import Prediction
+from chita_edge.data import Dataset
+from chita_edge.errors import GateFailed
+from chita_edge.models import load_model
+from chita_edge.profiles import load_profile, with_budgets
+from chita_edge.pruning.structured import alive_channels, channel_structure
+from chita_edge.structure import apply_plan
+from chita_edge.zoo import ResNet20
+from conftest import run_cli
+
+torch.set_num_threads(1)
+
+
+class FakeCostModel:
+    """latency = 0.01 + sum over channel groups of cost_g * width_g (ms); memory/file from parameters."""
+
+    def __init__(self, sizes: dict[str, int], costs: dict[str, float] | None = None):
+        self.sizes = dict(sizes)
+        self.costs = costs or {g: 1.0 for g in sizes}
+
+    def latency(self, widths):
+        w = {**self.sizes, **widths}
+        return 0.01 + sum(self.costs[g] * w[g] for g in self.sizes)
+
+    def predict(self, widths=None):
+        widths = widths or {}
+        lat = self.latency(widths)
+        w = {**self.sizes, **widths}
+        wb = 4 * sum(w[g] * 10 for g in self.sizes)
+        return Prediction(lat, lat, 1.0, 1.0 + wb / 2**20, wb / 2**20, wb, 0, "fake")
+
+    def describe(self):
+        return {"fake": True}
+
+
+def tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return ResNet20(widths=(8, 16, 16)).eval()
+
+
+def synthetic_data(n: int = 96) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return Dataset("synthetic", x, y, x[:32], y[:32])
+
+
+# ------------------------------------------------------------------------------------------------- the search
+
+
+def test_greedy_widths_meets_the_target_in_width_multiples():
+    m = tiny_resnet()
+    cs = channel_structure(m, torch.rand(1, 3, 32, 32))
+    cm = FakeCostModel(cs.sizes)
+    dense = cm.latency({})
+    crit = B.NormCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), torch.rand(cs.groups.num_groups))
+    target = {"latency_ms": 0.6 * dense}
+    widths, steps = B.greedy_widths(cm, cs, crit, target, {}, 4)
+    assert cm.latency(widths) <= target["latency_ms"]
+    assert all(w % 4 == 0 or w == cs.sizes[g] for g, w in widths.items())
+    assert steps and steps[-1]["latency_ms"] == pytest.approx(cm.latency(widths))
+    assert cs.widths(crit.alive) == widths
+    # one step less would not have met the target
+    last = steps[-1]
+    undo = {**widths, last["group"]: widths[last["group"]] + 4}
+    assert cm.latency(undo) > target["latency_ms"] or undo[last["group"]] > cs.sizes[last["group"]]
+
+
+def test_greedy_prefers_the_cheapest_objective_per_latency_saved():
+    m = tiny_resnet()
+    cs = channel_structure(m, torch.rand(1, 3, 32, 32))
+    costs = {g: 1.0 for g in cs.sizes}
+    costs["layer3.1.conv1"] = 5.0  # saving 4 channels here saves 20 ms-units: by far the best ratio
+    cm = FakeCostModel(cs.sizes, costs)
+    curves = []
+    for f, s in enumerate(cs.specs):
+        order = torch.arange(s.size - 1) + cs.first[f]
+        curves.append((order, torch.arange(1, s.size, dtype=torch.float64)))  # every channel costs 1
+    crit = B.CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), curves)
+    widths, steps = B.greedy_widths(cm, cs, crit, {"latency_ms": cm.latency({}) - 19.0}, {}, 4)
+    assert steps[0]["group"] == "layer3.1.conv1" and widths["layer3.1.conv1"] == 12
+    assert steps[0]["objective_cost"] == pytest.approx(4.0)
+
+
+def test_uniform_widths_is_the_largest_common_fraction():
+    m = tiny_resnet()
+    cs = channel_structure(m, torch.rand(1, 3, 32, 32))
+    cm = FakeCostModel(cs.sizes)
+    target = {"latency_ms": 0.55 * cm.latency({})}
+    w = B.uniform_widths(cm, cs, target, {}, 4)
+    assert cm.latency(w) <= target["latency_ms"]
+    fr = {g: w[g] / cs.sizes[g] for g in w}
+    assert max(fr.values()) - min(fr.values()) <= 0.25 + 1e-9  # one common fraction, rounded to multiples of 4
+
+
+def test_schedule_is_geometric_and_ends_at_the_target():
+    sched = B._schedule({"latency_ms": 8.0, "memory_mb": 10.0}, {"latency_ms": 2.0, "memory_mb": 20.0}, 2)
+    assert sched[0]["latency_ms"] == pytest.approx(4.0) and sched[1]["latency_ms"] == pytest.approx(2.0)
+    assert sched[0]["memory_mb"] == 20.0
+
+
+# --------------------------------------------------------------------------------------- prune_to_budget
+
+
+@pytest.mark.parametrize("method", ["chita", "l1-uniform", "norm-global"])
+def test_prune_to_budget_meets_the_predicted_budget_and_compacts(method):
+    prof = load_profile("phone-mid-sd670")
+    m = tiny_resnet()
+    data = synthetic_data()
+    x1 = data.x_train[:1]
+    cs = channel_structure(m, x1)
+    cm = FakeCostModel(cs.sizes)
+    budgets = with_budgets(prof, latency_ms=0.5 * cm.latency({}), memory_mb=1000, file_mb=1000)
+    cfg = B.BudgetConfig(method=method, stages=2, verify=False, calib_samples=32, width_multiple=4)
+    res = B.prune_to_budget(m, x1, data, prof, budgets, cfg, cost_model=cm)
+    assert res.passed and res.measured is None
+    assert res.predicted["latency_ms"] <= 0.5 * cm.latency({}) * cfg.margin + 1e-9
+    assert len(res.stages) == (2 if method == "chita" else 1)
+    # the compacted model has exactly the chosen widths and the plan replays on a fresh model
+    for gid, kept in res.plan["keep"].items():
+        assert len(kept) == res.widths[gid]
+    assert all(res.widths[g] == cs.sizes[g] for g in cs.sizes if g not in res.plan["keep"])
+    fresh = tiny_resnet()
+    apply_plan(fresh, res.plan)
+    fresh.load_state_dict(res.model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(fresh(data.x_test[:4]), m(data.x_test[:4]), atol=1e-4)
+    # the zeroed (uncompacted) model's alive channels are the widths
+    assert channel_structure(m, x1).widths(alive_channels(m, cs)) == res.widths
+
+
+def test_impossible_budget_names_the_smallest_reachable():
+    prof = load_profile("phone-mid-sd670")
+    m = tiny_resnet()
+    data = synthetic_data(32)
+    cs = channel_structure(m, data.x_train[:1])
+    cm = FakeCostModel(cs.sizes)
+    floor = cm.latency(B.min_widths(cs.sizes, 4))
+    budgets = with_budgets(prof, latency_ms=0.5 * floor)
+    cfg = B.BudgetConfig(method="l1-uniform", verify=False, width_multiple=4)
+    with pytest.raises(GateFailed, match=r"smallest reachable: latency ([0-9.]+) ms") as e:
+        B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    assert f"{floor:.4g}" in str(e.value)
+    assert "peak memory" in str(e.value) and "file" in str(e.value)
+
+
+def test_verification_tightens_after_a_miss(monkeypatch):
+    prof = load_profile("phone-mid-sd670")
+    m = tiny_resnet()
+    data = synthetic_data(32)
+    cs = channel_structure(m, data.x_train[:1])
+    cm = FakeCostModel(cs.sizes)
+    calls = []
+
+    def fake_measure(model, x, profile, path, **kw):  # the device is 20 % slower than the cost model says
+        from chita_edge.costmodel import widths_of
+
+        lat = 1.2 * cm.latency(widths_of(model, cs.specs))
+        calls.append(lat)
+        return {"latency_ms": lat, "memory_mb": 1.0, "file_mb": 0.1, "file": str(path)}
+
+    monkeypatch.setattr(B, "measure_model", fake_measure)
+    limit = 0.6 * 1.2 * cm.latency({})
+    budgets = with_budgets(prof, latency_ms=limit, memory_mb=100, file_mb=100)
+    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False)
+    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    assert len(calls) >= 2 and calls[-1] <= limit  # the first try missed, the tightened one meets it
+    assert res.passed and res.met["latency_ms"]
+    assert [s["missed"] for s in res.stages if "verify" in s][0] == ["latency_ms"]
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def _write_model_and_data(tmp_path):
+    (tmp_path / "tiny.py").write_text(
+        "from chita_edge.zoo import ResNet20\nimport torch\n\n"
+        "def make():\n    torch.manual_seed(0)\n    return ResNet20(widths=(8, 16, 16))\n")
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=g.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8),
+             y_train=g.integers(0, 10, 64), x_test=g.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
+             y_test=g.integers(0, 10, 16))
+    sd = tiny_resnet().state_dict()
+    torch.save(sd, tmp_path / "w.pt")
+    return f"{tmp_path / 'tiny.py'}:make", f"npz:{tmp_path / 'd.npz'}", tmp_path / "w.pt"
+
+
+def test_cli_budget_mode_writes_a_reloadable_checkpoint(tmp_path, monkeypatch):
+    spec, data, weights = _write_model_and_data(tmp_path)
+    monkeypatch.setattr(B.CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
+                                                          FakeCostModel({s.id: s.size for s in specs})))
+
+    def fake_measure(model, x, profile, path, **kw):
+        path.write_bytes(b"onnx")
+        return {"latency_ms": 1.0, "memory_mb": 5.0, "file_mb": 0.05, "file": str(path), "percentile": "p90"}
+
+    monkeypatch.setattr(B, "measure_model", fake_measure)
+    out = tmp_path / "p.pt"
+    r = run_cli("prune", spec, "--weights", weights, "--data", data, "--out", out, "--profile", "phone-mid-sd670",
+                "--latency-ms", "2.0", "--memory-mb", "64", "--width-multiple", "4", "--stages", "1",
+                "--export", tmp_path / "p.onnx", "--json")
+    assert r.code == 0, r.stderr
+    d = r.json()
+    assert d["passed"] and d["profile"] == "phone-mid-sd670" and d["method"] == "chita-structured"
+    assert {c["budget"] for c in d["checks"]} == {"latency_ms.p90", "memory_mb", "file_mb"}
+    assert all(c["measured"] is not None for c in d["checks"])
+    assert (tmp_path / "p.onnx").read_bytes() == b"onnx"
+    assert d["layers"] and all(row["width"] <= row["of"] for row in d["layers"])
+    lm = load_model(None, out)
+    assert lm.meta["plan"]["keep"] and lm.meta["widths"] == d["widths"]
+    assert sum(p.numel() for p in lm.module.parameters()) == d["params_after"]
+
+
+def test_cli_missed_budget_exits_1_after_writing(tmp_path, monkeypatch):
+    spec, data, weights = _write_model_and_data(tmp_path)
+    canned = {"passed": False, "profile": "watch-a55-dual", "out": str(tmp_path / "p.pt"),
+              "checks": [{"budget": "latency_ms.p90", "limit": 1.0, "predicted": 0.9, "measured": 1.4, "unit": "ms",
+                          "met": False}]}
+    seen = {}
+
+    def fake(model_spec, w, d, **kw):
+        seen.update(model=model_spec, weights=w, data=d, **kw)
+        return canned
+
+    monkeypatch.setattr(B, "prune_budget_checkpoint", fake)
+    r = run_cli("prune", spec, "--data", data, "--out", tmp_path / "p.pt", "--profile", "watch-a55-dual",
+                "--latency-ms", "1", "--json")
+    assert r.code == 1
+    assert json.loads(r.stdout)["passed"] is False
+    assert "latency_ms.p90 1.4 ms > 1 ms" in r.stderr
+    assert seen["profile"] == "watch-a55-dual" and seen["latency_ms"] == 1.0 and seen["memory_mb"] is None
+    assert seen["cfg"].structure == "auto" and seen["cfg"].width_multiple is None
+
+
+def test_cli_budget_usage_errors(tmp_path):
+    spec, data, weights = _write_model_and_data(tmp_path)
+    out = tmp_path / "p.pt"
+    r = run_cli("prune", spec, "--data", data, "--out", out, "--structure", "channel")
+    assert r.code == 2 and "--profile" in r.stderr
+    r = run_cli("prune", spec, "--data", data, "--out", out, "--sparsity", "0.5", "--latency-ms", "3")
+    assert r.code == 2 and "need --profile" in r.stderr
+    r = run_cli("prune", spec, "--data", data, "--out", out)
+    assert r.code == 2 and "--sparsity is required" in r.stderr
+    r = run_cli("prune", spec, "--data", data, "--out", out, "--profile", "no-such-phone")
+    assert r.code == 2 and "unknown id" in r.stderr
+    r = run_cli("prune", spec, "--data", data, "--out", out, "--profile", "phone-mid-sd670", "--latency-ms", "-1")
+    assert r.code == 2 and "--latency-ms" in r.stderr
+    r = run_cli("prune", spec, "--data", data, "--out", out, "--profile", "phone-mid-sd670", "--structure", "block")
+    assert r.code == 2 and "channel" in r.stderr
+    assert not out.exists()
+
+
+def test_cli_impossible_budget_exits_1(tmp_path, monkeypatch):
+    spec, data, weights = _write_model_and_data(tmp_path)
+    monkeypatch.setattr(B.CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
+                                                          FakeCostModel({s.id: s.size for s in specs})))
+    monkeypatch.setattr(B, "measure_model", lambda *a, **k: pytest.fail("must not measure an impossible budget"))
+    r = run_cli("prune", spec, "--data", data, "--out", tmp_path / "p.pt", "--profile", "phone-mid-sd670",
+                "--latency-ms", "0.001", "--width-multiple", "4", "--json")
+    assert r.code == 1 and "smallest reachable" in r.stderr
+    assert not (tmp_path / "p.pt").exists()
+    assert math.isfinite(1.0)
+
+
+def test_cli_block_structure_prunes_linear_weights_in_1x4_blocks(tmp_path):
+    (tmp_path / "mlp.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))\n")
+    r = run_cli("prune", f"{tmp_path / 'mlp.py'}:make", "--data", "digits", "--out", tmp_path / "b.pt",
+                "--structure", "block", "--sparsity", "0.75", "--grads", "50", "--stages", "2", "--json")
+    assert r.code == 0, r.stderr
+    d = r.json()
+    assert d["blocks"] == 16 * 16 + 10 * 4 and d["blocks_kept"] == math.floor(0.25 * d["blocks"])
+    lm = load_model(None, tmp_path / "b.pt")
+    w = lm.module[1].weight.detach().reshape(16, 16, 4)
+    assert bool(((w == 0).all(-1) | (w != 0).any(-1)).all())
+    assert int((w != 0).any(-1).sum()) + int((lm.module[3].weight.detach().reshape(10, 4, 4) != 0).any(-1).sum()) == d["blocks_kept"]

@@ -1,0 +1,347 @@
+"""Exporters: layout rules, ONNX export in every layout with parity, metadata, inspect, the CLI and bad input.
+
+LiteRT tests live in test_export_tflite.py (marker ``tflite``); the tiny models and checkpoints are built here.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from chita_edge.exporters import ExportConfig, export_model, file_requirements, inspect_file, load_session
+from chita_edge.exporters import layouts as L
+from conftest import run_cli
+from torch import nn
+
+from chita_edge.checkpoint import save_checkpoint
+from chita_edge.data import load_data
+from chita_edge.errors import BadInput, MissingExtra, RuntimeFailure
+from chita_edge.io import sha256_file
+
+torch.set_num_threads(1)
+
+MODELS_PY = textwrap.dedent('''
+    from torch import nn
+
+    def mlp():
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def cnn():
+        return nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+''')
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def prune_blocks(model: nn.Module, sparsity: float, block: int = 1) -> None:
+    """Magnitude-prune every Linear weight to ``sparsity`` in 1 x ``block`` blocks along its input axis."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            w = m.weight
+            score = w.abs().reshape(w.shape[0], -1, block).sum(-1)
+            k = int(sparsity * score.numel())
+            if k:
+                thr = score.flatten().kthvalue(k).values
+                w.mul_((score > thr).repeat_interleave(block, dim=1).to(w.dtype))
+
+
+@torch.no_grad()
+def drop_channels(model: nn.Module, keep: float) -> None:
+    """Structured zeros: the weakest output channels of every conv but the last, and their BatchNorm entries."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for conv, bn in list(zip(convs, bns, strict=True))[:-1]:
+        n = conv.out_channels
+        drop = conv.weight.abs().sum((1, 2, 3)).argsort()[: n - int(round(n * keep))]
+        conv.weight[drop] = 0
+        bn.weight[drop] = 0
+        bn.bias[drop] = 0
+
+
+@functools.cache
+def _digits():
+    return load_data("digits")
+
+
+@functools.cache
+def _trained() -> tuple[nn.Module, nn.Module]:
+    """The tiny MLP (1x4-block pruned to 90 %) and CNN (half its channels zeroed), trained once per process."""
+    ns: dict = {}
+    exec(MODELS_PY, ns)
+    d = _digits()
+    mlp = _train(ns["mlp"](), d.x_train, d.y_train, 150)
+    prune_blocks(mlp, 0.9, block=4)
+    cnn = _train(ns["cnn"](), d.x_train[:800], d.y_train[:800], 100)
+    drop_channels(cnn, 0.5)
+    return mlp, cnn
+
+
+@pytest.fixture(scope="session")
+def digits():
+    return _digits()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """A model file, the trained + pruned MLP and CNN, their checkpoints and a plain state dict."""
+    d = tmp_path_factory.mktemp("tiny")
+    (d / "models.py").write_text(MODELS_PY)
+    mlp, cnn = (copy.deepcopy(m) for m in _trained())
+    out = {"dir": d, "mlp": mlp, "cnn": cnn}
+    for name, m in (("mlp", mlp), ("cnn", cnn)):
+        meta = {"model": f"{d / 'models.py'}:{name}", "input_shape": [1, 8, 8], "data": "digits",
+                "method": "magnitude", "sparsity": 0.9}
+        save_checkpoint(d / f"{name}.pt", m.state_dict(), meta)
+        out[f"{name}_ckpt"] = d / f"{name}.pt"
+    from chita_edge.zoo import MLPNet
+
+    torch.manual_seed(0)
+    torch.save(MLPNet().state_dict(), d / "plain.pt")  # a plain state dict, as users have them
+    out["plain"] = d / "plain.pt"
+    return out
+
+
+def _export(model, fmt, layout, out, x, quantize="none", calib=None):
+    return export_model(model, ExportConfig(format=fmt, layout=layout, quantize=quantize), example_input=x[:1],
+                        out=out, parity_inputs=x, calibration=calib, source={"sha256": "ab" * 32})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layout rules (numpy only)
+
+
+def test_csr_arrays_match_a_hand_computed_encoding():
+    w = np.array([[0, 2, 0, 0, 0, 0, 0, 0], [0, 0, 0, 0, 5, 0, 0, 6]], dtype=np.float32)
+    seg, idx, vals = L.csr_arrays(w, 1)
+    assert seg.tolist() == [0, 1, 3] and idx.tolist() == [1, 4, 7] and vals.tolist() == [2, 5, 6]
+    seg, idx, vals = L.csr_arrays(w, 4)  # 1x4 blocks: row 0 keeps block 0, row 1 keeps block 1
+    assert seg.tolist() == [0, 1, 2] and idx.tolist() == [0, 1]
+    assert vals.tolist() == [0, 2, 0, 0, 5, 0, 0, 6]
+    assert L.block_zero_fraction(w, 4) == 0.5 and L.block_zero_fraction(w, 3) is None
+    assert L.csr_bytes(w, 1) == 3 * 4 + 3 * 1 + 3 * 1  # values + segments + uint8 indices
+
+
+def _weight(name, kind, a, macs, direct=True):
+    return L.Weight(name=name, op="FULLY_CONNECTED" if kind == L.FC else "CONV_2D", kind=kind, shape=a.shape,
+                    dtype=a.dtype.name, values=a, macs=macs, direct_ok=direct)
+
+
+def _blocky(rows, cols, sparsity, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    mask = rng.random((rows, cols // 4)) < sparsity
+    w.reshape(rows, -1, 4)[mask] = 0
+    return w
+
+
+def test_tflite_plan_uses_sparse_fc_kernels_only_where_they_pay():
+    fc = _weight("fc", L.FC, _blocky(64, 64, 0.9), 4096)
+    dec, req = L.plan_tflite([fc], "sparse")
+    assert dec[0].encoding == L.BCSR4 and dec[0].kernel == L.K_SPARSE and req["xnnpack"] is False
+    assert dec[0].predicted_ratio == pytest.approx(2.6 * 0.1, abs=0.05)
+    # 50 % unstructured: the direct kernel would be ~4x slower -> DENSIFY for size (sparse), dense (auto)
+    half = np.where(np.random.default_rng(1).random((64, 64)) < 0.5, 0, 1).astype(np.float32)
+    dec, req = L.plan_tflite([_weight("fc", L.FC, half, 4096)], "sparse")
+    assert dec[0].encoding == L.DENSIFY_CSR and req["xnnpack"] is True
+    dec, req = L.plan_tflite([_weight("fc", L.FC, half, 4096)], "auto")
+    assert dec[0].encoding == L.DENSE and "predicted" in dec[0].why
+    # a conv-dominated model: XNNPACK off would cost more than the sparse FC gains
+    conv = _weight("conv", L.CONV, np.ones((16, 3, 3, 16), np.float32), 10 * 4096, direct=False)
+    dec, req = L.plan_tflite([conv, fc], "auto")
+    assert [d.encoding for d in dec] == [L.DENSE, L.DENSE] and req["xnnpack"] is True
+    assert "XNNPACK off" in dec[1].why
+    dec, _ = L.plan_tflite([fc], "dense")
+    assert dec[0].encoding == L.DENSE
+
+
+def test_onnx_plan_stores_coo_only_where_the_file_shrinks():
+    rng = np.random.default_rng(0)
+    w90 = np.where(rng.random((64, 64)) < 0.9, 0, 1).astype(np.float32)
+    w50 = np.where(rng.random((64, 64)) < 0.5, 0, 1).astype(np.float32)
+    dec, req = L.plan_onnx([_weight("a", L.FC, w90, 1), _weight("b", L.FC, w50, 1)], "sparse")
+    assert [d.encoding for d in dec] == [L.COO, L.DENSE]
+    assert dec[0].bytes < w90.nbytes and "densifies" in dec[0].why
+    dec, _ = L.plan_onnx([_weight("a", L.FC, w90, 1)], "auto")
+    assert dec[0].encoding == L.DENSE and "no sparse" in dec[0].why
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ONNX exports
+
+
+def test_onnx_dense_and_sparse_layouts_pass_parity_and_carry_metadata(tiny, digits, tmp_path):
+    x = digits.x_test[:200]
+    dense = _export(tiny["mlp"], "onnx", "dense", tmp_path / "d.onnx", x)
+    sparse = _export(tiny["mlp"], "onnx", "sparse", tmp_path / "s.onnx", x)
+    for r in (dense, sparse):
+        assert r.parity.passed and r.parity.max_abs_error <= 1e-4 and r.parity.samples == 200
+    assert sparse.bytes < 0.5 * dense.bytes
+    mp = onnx.load(str(tmp_path / "s.onnx"))
+    assert {s.values.name for s in mp.graph.sparse_initializer} == {"1.weight", "3.weight"}
+    assert mp.producer_name == "chita-edge"
+    meta = json.loads({p.key: p.value for p in mp.metadata_props}["chita_edge"])
+    assert meta["producer"] == "chita-edge" and meta["source"]["sha256"] == "ab" * 32
+    assert meta["layout"] == "sparse" and {row["encoding"] for row in meta["layers"]} == {L.COO}
+    assert "requires" in meta
+    sess = load_session(tmp_path / "s.onnx")
+    y = sess.run(x[:7].numpy())  # dynamic batch
+    assert y.shape == (7, 10) and np.allclose(y, tiny["mlp"](x[:7]).detach().numpy(), atol=1e-4)
+
+
+def test_onnx_compact_removes_channels_and_stays_exact(tiny, digits, tmp_path):
+    x = digits.x_test[:100]
+    r = _export(tiny["cnn"], "onnx", "compact", tmp_path / "c.onnx", x)
+    d = _export(tiny["cnn"], "onnx", "dense", tmp_path / "d.onnx", x)
+    assert r.parity.passed and r.compact["removed_channels"] == 4
+    assert r.compact["params_after"] < r.compact["params_before"] and r.compact["macs_after"] < r.compact["macs_before"]
+    shapes = {row["param"]: row["shape"] for row in r.layers}
+    assert shapes["0.weight"][0] == 4 and shapes["3.weight"][1] == 4  # conv1 out / conv2 in channels halved
+    assert r.bytes < d.bytes
+    v = inspect_file(tmp_path / "c.onnx")["verdict"]
+    assert v.startswith("structurally compact")
+
+
+def test_onnx_int8_is_static_qdq_keeps_zeros_and_agrees(tiny, digits, tmp_path):
+    x = digits.x_test
+    r = _export(tiny["cnn"], "onnx", "dense", tmp_path / "q.onnx", x, quantize="int8", calib=digits.x_train[:100])
+    assert r.parity.passed and r.parity.top1_agreement >= 0.99
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert not ops & {"ConvInteger", "MatMulInteger", "DynamicQuantizeLinear"}  # never dynamic int8
+    assert r.zeros["zeros_kept"] and all(row["dtype"] == "int8" for row in r.layers)
+    assert r.zeros["layers"][0]["zero_fraction_file"] >= r.zeros["layers"][0]["zero_fraction_torch"] > 0.4
+
+
+def test_onnx_fp16_halves_the_file(tiny, digits, tmp_path):
+    x = digits.x_test[:100]
+    r = _export(tiny["cnn"], "onnx", "dense", tmp_path / "h.onnx", x, quantize="fp16")
+    assert r.parity.passed and {row["dtype"] for row in r.layers} == {"float16"}
+
+
+def test_parity_failure_leaves_nothing_at_out(tiny, digits, tmp_path, monkeypatch):
+    from chita_edge.exporters import onnx_format
+
+    real = onnx_format.OnnxSession.run
+    monkeypatch.setattr(onnx_format.OnnxSession, "run", lambda self, x, **kw: real(self, x) + 1e-3)
+    with pytest.raises(RuntimeFailure, match="parity check failed"):
+        _export(tiny["mlp"], "onnx", "dense", tmp_path / "p.onnx", digits.x_test[:20])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_says_a_dense_stored_sparse_onnx_runs_at_dense_speed(tiny, digits, tmp_path):
+    _export(tiny["mlp"], "onnx", "dense", tmp_path / "d.onnx", digits.x_test[:20])
+    r = run_cli("inspect", tmp_path / "d.onnx", "--json")
+    assert r.code == 0, r.stderr
+    j = r.json()
+    assert j["zero_fraction"] > 0.85 and j["sparse_mac_share"] == 0
+    assert all(w["runtime_action"] == "dense kernel" and w["encoding"] == "dense" for w in j["weights"])
+    assert j["verdict"].startswith("runs at dense speed: ONNX Runtime has no sparse CPU kernels")
+    assert "gzip" in j["verdict"] and "--layout compact" in j["verdict"]
+    assert file_requirements(tmp_path / "d.onnx")["format"] == "onnx"
+    r = run_cli("inspect", tmp_path / "d.onnx", "--runtime", "litert")
+    assert r.code == 2 and "runs on onnxruntime" in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_export_checkpoint_json(tiny, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = run_cli("export", tiny["mlp_ckpt"], "--layout", "sparse", "--out", out, "--parity-samples", "300", "--json")
+    assert r.code == 0, r.stderr
+    j = r.json()
+    assert j["parity"]["passed"] and j["parity"]["inputs"] == "data" and j["parity"]["samples"] == 300
+    assert j["format"] == "onnx" and j["source"]["sha256"] == sha256_file(tiny["mlp_ckpt"])
+    assert out.exists() and inspect_file(out)["source"]["sha256"] == sha256_file(tiny["mlp_ckpt"])
+
+
+def test_cli_plain_state_dict_needs_model(tiny, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = run_cli("export", tiny["plain"], "--out", out)
+    assert r.code == 2 and "not a pruned checkpoint" in r.stderr and "--model" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+    r = run_cli("export", tiny["plain"], "--model", "zoo:mlpnet", "--out", out, "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["parity"]["inputs"] == "random" and r.json()["source"]["model"] == "zoo:mlpnet"
+    assert any("random inputs" in n for n in r.json()["notes"]) and out.exists()
+
+
+def test_cli_bad_inputs_exit_2_and_write_nothing(tiny, tmp_path):
+    out = tmp_path / "m.onnx"
+    not_ckpt = tmp_path / "junk.pt"
+    not_ckpt.write_bytes(b"not a checkpoint")
+    for args, msg in [
+        ((not_ckpt, "--out", out), "junk.pt"),
+        ((tiny["mlp_ckpt"], "--out", tmp_path / "m.bin"), "--format"),
+        ((tiny["mlp_ckpt"], "--out", out, "--layout", "fancy"), "--layout 'fancy'"),
+        ((tiny["mlp_ckpt"], "--out", out, "--format", "tflite"), "should end in .tflite"),
+        ((tiny["mlp_ckpt"], "--out", out, "--quantize", "int8", "--calibration-data", tmp_path / "no.npy"),
+         "not found"),
+    ]:
+        r = run_cli("export", *args)
+        assert r.code == 2, (args, r.stderr)
+        assert msg in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
+
+
+def test_unsupported_op_is_bad_input(tmp_path):
+    class Inverse(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            a = x.reshape(x.shape[0], 8, 8) + torch.eye(8)
+            return self.fc(torch.linalg.inv(a).reshape(x.shape[0], 64))
+
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(BadInput, match="cannot convert"):
+        _export(Inverse().eval(), "onnx", "dense", tmp_path / "u.onnx", x)
+    with pytest.raises(BadInput, match="torch.fx-traceable"):  # compact needs a traceable model
+
+        class Branchy(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(64, 10)
+
+            def forward(self, x):
+                return self.fc(x.flatten(1)) if x.sum() > 0 else -self.fc(x.flatten(1))
+
+        _export(Branchy().eval(), "onnx", "compact", tmp_path / "b.onnx", x)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_tflite_extra_is_bad_input(tiny, tmp_path, monkeypatch):
+    from chita_edge.exporters import tflite_format
+
+    monkeypatch.setattr(tflite_format, "_stack_cache", None)
+    for mod in ("ai_edge_litert", "litert_torch", "ai_edge_quantizer"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
+    out = tmp_path / "m.tflite"
+    r = run_cli("export", tiny["mlp_ckpt"], "--out", out)
+    assert r.code == 2 and "needs the 'tflite' extra" in r.stderr and not out.exists()
+    with pytest.raises(MissingExtra, match=re.escape("pip install 'chita-edge[tflite]'")):
+        tflite_format.stack()
+    assert list(tmp_path.iterdir()) == []

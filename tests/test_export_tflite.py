@@ -1,0 +1,98 @@
+"""TFLite / LiteRT exports: direct sparse FULLY_CONNECTED weights, DENSIFY, compact, int8, metadata, runner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from chita_edge.exporters import file_requirements, inspect_file, load_session
+from chita_edge.exporters import layouts as L
+from conftest import run_cli
+from test_export import _export, digits, tiny  # noqa: F401  (fixtures shared with the ONNX tests)
+
+from chita_edge.errors import BadInput
+from chita_edge.zoo import MLPNet
+
+pytestmark = pytest.mark.tflite
+pytest.importorskip("litert_torch", reason="needs the tflite extra (litert-torch)")
+pytest.importorskip("ai_edge_litert", reason="needs the tflite extra (ai-edge-litert)")
+
+
+def test_sparse_fc_runs_on_builtin_kernels_without_xnnpack(tiny, digits, tmp_path):  # noqa: F811
+    x = digits.x_test[:200]
+    dense = _export(tiny["mlp"], "tflite", "dense", tmp_path / "d.tflite", x)
+    sparse = _export(tiny["mlp"], "tflite", "sparse", tmp_path / "s.tflite", x)
+    assert dense.parity.passed and sparse.parity.passed and sparse.parity.max_abs_error <= 1e-4
+    assert dense.requires == {"xnnpack": True} and dense.parity.xnnpack is True
+    assert sparse.requires["xnnpack"] is False and sparse.parity.xnnpack is False
+    assert {row["encoding"] for row in sparse.layers} == {L.BCSR4}  # 1x4-block pruned, 90 %
+    assert all(row["kernel"] == L.K_SPARSE for row in sparse.layers)
+    assert sparse.bytes < 0.5 * dense.bytes
+    # the file says what it needs, and the runner follows it
+    req = file_requirements(tmp_path / "s.tflite")
+    assert req["xnnpack"] is False and "XNNPACK" in req["reason"]
+    sess = load_session(tmp_path / "s.tflite")
+    assert sess.xnnpack is False
+    assert np.allclose(sess.run(x[:5].numpy()), tiny["mlp"](x[:5]).detach().numpy(), atol=1e-4)
+    with pytest.raises(BadInput, match="without XNNPACK"):
+        load_session(tmp_path / "s.tflite", xnnpack=True)
+    j = inspect_file(tmp_path / "s.tflite")
+    assert j["sparse_mac_share"] == 1.0 and j["layout"] == "sparse" and j["requires"]["xnnpack"] is False
+    assert j["verdict"].startswith("100% of MACs run on LiteRT's sparse FULLY_CONNECTED kernels")
+    assert j["source"]["sha256"] == "ab" * 32 and j["producer"] == "chita-edge"
+    assert {w["param"] for w in j["weights"]} == {"1.weight", "3.weight"}
+
+
+def test_mlpnet_at_95_percent_sparse_file_is_under_a_quarter_of_dense(tmp_path):
+    torch.manual_seed(0)
+    m = MLPNet().eval()
+    with torch.no_grad():
+        for p in m.parameters():  # global magnitude pruning to 95 %, as unstructured as CHITA's output
+            p.mul_((p.abs() > p.abs().flatten().kthvalue(int(0.95 * p.numel())).values).float())
+    x = torch.rand(50, 1, 28, 28)
+    dense = _export(m, "tflite", "dense", tmp_path / "d.tflite", x)
+    sparse = _export(m, "tflite", "sparse", tmp_path / "s.tflite", x)
+    assert sparse.parity.passed and sparse.bytes <= 0.25 * dense.bytes
+
+
+def test_compact_cnn_has_fewer_parameters_and_dense_xnnpack(tiny, digits, tmp_path):  # noqa: F811
+    x = digits.x_test[:100]
+    r = _export(tiny["cnn"], "tflite", "compact", tmp_path / "c.tflite", x)
+    assert r.parity.passed and r.requires["xnnpack"] is True
+    assert r.compact["params_after"] < r.compact["params_before"]
+    numel = {row["param"]: int(np.prod(row["shape"])) for row in r.layers}
+    assert numel["0.weight"] == 4 * 1 * 3 * 3 and numel["3.weight"] == 16 * 4 * 3 * 3  # 8 -> 4 channels
+
+
+def test_auto_keeps_xnnpack_when_convolutions_dominate(tiny, digits, tmp_path):  # noqa: F811
+    r = _export(tiny["cnn"], "tflite", "auto", tmp_path / "a.tflite", digits.x_test[:50])
+    assert r.requires["xnnpack"] is True and r.compact["removed_channels"] == 4
+    fc = [row for row in r.layers if row["op"] == "FULLY_CONNECTED"][0]
+    assert fc["encoding"] == L.DENSE
+
+
+def test_int8_keeps_zeros_and_agrees_with_pytorch(tiny, digits, tmp_path):  # noqa: F811
+    r = _export(tiny["cnn"], "tflite", "dense", tmp_path / "q.tflite", digits.x_test, quantize="int8",
+                calib=digits.x_train[:100])
+    assert r.parity.passed and r.parity.top1_agreement >= 0.99
+    assert {row["dtype"] for row in r.layers} == {"int8"} and r.zeros["zeros_kept"]
+    sess = load_session(tmp_path / "q.tflite")
+    assert sess.run(digits.x_test[:3].numpy()).dtype == np.float32  # int8 I/O handled by the runner
+
+
+def test_fp16_sparse_uses_densify_and_keeps_xnnpack(tiny, digits, tmp_path):  # noqa: F811
+    r = _export(tiny["mlp"], "tflite", "sparse", tmp_path / "h.tflite", digits.x_test[:100], quantize="fp16")
+    assert r.parity.passed and r.requires["xnnpack"] is True
+    assert {row["encoding"] for row in r.layers} <= {L.DENSIFY_CSR, L.DENSIFY_BCSR4}
+    j = inspect_file(tmp_path / "h.tflite")
+    assert j["sparse_mac_share"] == 0 and "densif" in j["verdict"] and "dense speed" in j["verdict"]
+
+
+def test_cli_export_tflite_and_inspect(tiny, tmp_path):  # noqa: F811
+    out = tmp_path / "m.tflite"
+    r = run_cli("export", tiny["mlp_ckpt"], "--format", "tflite", "--layout", "auto", "--out", out,
+                "--parity-samples", "100")
+    assert r.code == 0, r.stderr
+    assert "requires: no XNNPACK" in r.stderr and out.exists()
+    r = run_cli("inspect", out)
+    assert r.code == 0 and "verdict:" in r.stderr and "sparse kernel" in r.stdout

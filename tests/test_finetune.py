@@ -1,0 +1,407 @@
+"""Masked fine-tuning and gradual pruning: masks kept, accuracy recovered, bit-identical resume, BN, distillation, CLI."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli
+from torch import nn
+
+from chita_edge.checkpoint import read_weights, save_checkpoint
+from chita_edge.data import Dataset, load_digits_dataset
+from chita_edge.errors import Interrupted
+from chita_edge.finetune import (
+    FinetuneConfig,
+    augment_batch,
+    distillation_loss,
+    finetune,
+    masks_from_zeros,
+    reestimate_batchnorm,
+)
+from chita_edge.gradual import GradualConfig, gradual_prune, gradual_schedule
+from chita_edge.io import sha256_file
+from chita_edge.pruning.layers import find_prunable
+from chita_edge.pruning.prune import PruneConfig, cubic_schedule, prune, prune_weights
+from chita_edge.zoo import default_prunable
+
+TINY = '''
+import torch
+from torch import nn
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+'''
+
+
+@pytest.fixture(scope="module")
+def digits() -> Dataset:
+    return load_digits_dataset()
+
+
+def tiny_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Dropout(0.1), nn.Flatten(), nn.Linear(6 * 64, 10))
+
+
+@pytest.fixture(scope="module")
+def dense_mlp(digits) -> nn.Module:
+    m = tiny_mlp()
+    finetune(m, digits, FinetuneConfig(epochs=4, lr=0.1, bn_batches=0, eval_each_epoch=False), masks={})
+    return m
+
+
+def pruned_copy(model: nn.Module, digits: Dataset, sparsity: float) -> nn.Module:
+    m = copy.deepcopy(model)
+    prune(m, PruneConfig(method="magnitude", sparsity=sparsity), digits)
+    return m
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# --- library -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_masks_survive_finetuning(digits, dense_mlp, optimizer):
+    m = pruned_copy(dense_mlp, digits, 0.8)
+    params = find_prunable(m, default_prunable)
+    before = masks_from_zeros(m, params)
+    w0 = {k: v.clone() for k, v in m.state_dict().items()}
+    cfg = FinetuneConfig(epochs=2, lr=0.05 if optimizer == "sgd" else 0.005, optimizer=optimizer, weight_decay=1e-3)
+    rep = finetune(m, digits, cfg)
+    after = masks_from_zeros(m, params)
+    named = dict(m.named_parameters())
+    for q in params:
+        assert torch.all(named[q.name][~before[q.name]] == 0), q.name  # pruned stay exactly zero
+        assert torch.equal(after[q.name] | before[q.name], before[q.name])
+        assert not torch.equal(named[q.name], w0[q.name])  # and the rest did train
+    assert rep.masked_weights == sum(int((~v).sum()) for v in before.values())
+    assert rep.sparsity == pytest.approx(0.8, abs=0.01)
+
+
+def test_finetuning_recovers_accuracy(digits, dense_mlp):
+    m = pruned_copy(dense_mlp, digits, 0.9)
+    rep = finetune(m, digits, FinetuneConfig(epochs=3, lr=0.05))
+    assert rep.accuracy > rep.initial_accuracy + 5
+    assert len(rep.history) == 3 and all(h["test_accuracy"] is not None for h in rep.history)
+    assert rep.history[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # cosine down to min_lr
+
+
+class Stop(Exception):
+    pass
+
+
+def _cnn_cfg() -> FinetuneConfig:
+    return FinetuneConfig(epochs=3, lr=0.05, batch_size=64, augment=True, crop_padding=1, bn_batches=5, seed=3)
+
+
+def _pruned_cnn(digits) -> nn.Module:
+    m = tiny_cnn()
+    prune(m, PruneConfig(method="magnitude", sparsity=0.7), digits)
+    return m
+
+
+def test_resume_after_epoch_is_bit_identical(digits, tmp_path):
+    ref = _pruned_cnn(digits)
+    finetune(ref, digits, _cnn_cfg())
+
+    m = _pruned_cnn(digits)
+    state = tmp_path / "ft.state"
+
+    def boom(stage, done, total):
+        if stage == "epochs" and done == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(m, digits, _cnn_cfg(), progress=boom, state_path=state)
+    st = torch.load(state, weights_only=True)  # plain tensors and containers only
+    assert st["epoch"] == 1 and st["step"] == 0
+    torch.manual_seed(1234)  # the resumed run must not depend on the global RNG of the new process
+    fresh = _pruned_cnn(digits)
+    rep = finetune(fresh, digits, _cnn_cfg(), state_path=state, resume=True)
+    assert rep.resumed_from == {"epoch": 1, "step": 0}
+    assert [h["epoch"] for h in rep.history] == [1, 2, 3]
+    assert same_weights(fresh, ref)
+
+
+def test_sigint_mid_epoch_saves_state_and_resume_is_bit_identical(digits, tmp_path):
+    ref = _pruned_cnn(digits)
+    ref_rep = finetune(ref, digits, _cnn_cfg())
+
+    m = _pruned_cnn(digits)
+    state = tmp_path / "ft.state"
+
+    def send_sigint(stage, done, total):
+        if stage == "steps" and done == 30:  # in the second epoch (23 steps per epoch)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    old = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted, match="--resume"):
+        finetune(m, digits, _cnn_cfg(), progress=send_sigint, state_path=state)
+    assert signal.getsignal(signal.SIGINT) is old  # handlers restored
+    st = torch.load(state, weights_only=True)
+    assert (st["epoch"], st["step"]) == (1, 7)
+    fresh = _pruned_cnn(digits)
+    rep = finetune(fresh, digits, _cnn_cfg(), state_path=state, resume=True)
+    assert same_weights(fresh, ref)
+    assert rep.history == [dict(h, seconds=r["seconds"]) for h, r in zip(ref_rep.history, rep.history, strict=True)]
+
+
+def test_resume_refuses_other_settings(digits, tmp_path):
+    m = _pruned_cnn(digits)
+    state = tmp_path / "ft.state"
+    with pytest.raises(Interrupted):
+        finetune(m, digits, _cnn_cfg(), state_path=state, should_stop=lambda: True)
+    from chita_edge.errors import BadInput
+
+    with pytest.raises(BadInput, match="lr 0.05 -> 0.1"):
+        finetune(_pruned_cnn(digits), digits, dataclasses.replace(_cnn_cfg(), lr=0.1), state_path=state, resume=True)
+    with pytest.raises(BadInput, match="no fine-tuning state"):
+        finetune(m, digits, _cnn_cfg(), state_path=tmp_path / "none", resume=True)
+
+
+def test_batchnorm_reestimation_recomputes_running_stats(digits):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, 10))
+    bn = m[1]
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(7.0)
+    x = digits.x_train[:1000]
+    assert reestimate_batchnorm(m, x, batches=10, batch_size=100, seed=0)
+    flat = x.flatten(1)
+    # ten equal batches covering the 1000 examples: the cumulative average is the exact data mean
+    assert torch.allclose(bn.running_mean, flat.mean(0), atol=1e-5)
+    assert torch.allclose(bn.running_var, flat.var(0), rtol=0.05, atol=1e-3)  # mean of per-batch variances
+    assert bn.momentum == 0.1  # restored
+    assert not reestimate_batchnorm(tiny_mlp(), x, batches=10, batch_size=100, seed=0)  # no BatchNorm: no-op
+
+
+def test_finetune_reestimates_batchnorm_at_the_end(digits):
+    m = _pruned_cnn(digits)
+    cfg = dataclasses.replace(_cnn_cfg(), epochs=1)
+    a = copy.deepcopy(m)
+    ra = finetune(a, digits, dataclasses.replace(cfg, bn_batches=0))
+    b = copy.deepcopy(m)
+    rb = finetune(b, digits, cfg)
+    assert not ra.bn_reestimated and rb.bn_reestimated
+    assert torch.equal(a[0].weight, b[0].weight)  # same training ...
+    assert not torch.allclose(a[1].running_mean, b[1].running_mean)  # ... other statistics
+
+
+def test_distillation_loss_math():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    assert torch.equal(distillation_loss(s, t, y, 4.0, 0.0), F.cross_entropy(s, y))
+    # identical teacher and student: the KL term is zero, the loss is the weighted CE
+    assert torch.allclose(distillation_loss(s, s, y, 2.0, 0.5), 0.5 * F.cross_entropy(s, y))
+    # log-probabilities and logits give the same loss
+    assert torch.allclose(distillation_loss(F.log_softmax(s, 1), t, y, 3.0, 0.7), distillation_loss(s, t, y, 3.0, 0.7))
+    kl = F.kl_div(F.log_softmax(s / 3, 1), F.softmax(t / 3, 1), reduction="batchmean")
+    assert torch.allclose(distillation_loss(s, t, y, 3.0, 1.0), 9 * kl)
+
+
+def test_distillation_changes_training(digits, dense_mlp):
+    cfg = FinetuneConfig(epochs=2, lr=0.05, distill_weight=0.7)
+    plain, dist = pruned_copy(dense_mlp, digits, 0.9), pruned_copy(dense_mlp, digits, 0.9)
+    finetune(plain, digits, cfg)
+    rep = finetune(dist, digits, cfg, teacher=copy.deepcopy(dense_mlp))
+    assert not same_weights(plain, dist)
+    assert rep.accuracy > rep.initial_accuracy
+
+
+def test_augment_batch_crops_and_flips():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    g = torch.Generator().manual_seed(0)
+    y = augment_batch(x, g, padding=0, flip=True)
+    for i in range(2):
+        assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(2))
+    z = augment_batch(x, torch.Generator().manual_seed(1), padding=2, flip=False)
+    assert z.shape == x.shape
+    for i in range(2):  # every crop is a shifted window of the zero-padded image
+        xp = F.pad(x[i], (2, 2, 2, 2))
+        assert any(torch.equal(z[i], xp[:, a:a + 4, b:b + 4]) for a in range(5) for b in range(5))
+
+
+# --- gradual pruning -------------------------------------------------------------------------------------------
+
+
+def test_gradual_schedule_is_cubic_from_half():
+    plan = gradual_schedule(0.9, epochs=10, prune_every=3)
+    assert [e for _, e in plan] == [3, 3, 3, 1]
+    assert [s for s, _ in plan] == pytest.approx(cubic_schedule(0.9, 4, 0.5))
+    assert plan[0][0] == pytest.approx(0.5) and plan[-1][0] == pytest.approx(0.9)
+    assert gradual_schedule(0.4, epochs=3, prune_every=1) == [(0.4, 3)]
+
+
+def test_gradual_pruning_keeps_earlier_masks(digits, dense_mlp):
+    m = copy.deepcopy(dense_mlp)
+    after_prune: list[dict[str, torch.Tensor]] = []
+    during_epochs: list[dict[str, torch.Tensor]] = []
+
+    def reviving_prune(model, params, data, cfg, progress):
+        """Magnitude pruning, then a misbehaving step: one weight pruned earlier comes back."""
+        rep = prune_weights(model, params, data, cfg, progress)
+        if after_prune:
+            w = dict(model.named_parameters())[params[0].name]
+            i = (~after_prune[-1][params[0].name]).nonzero()[0]
+            with torch.no_grad():
+                w[tuple(i)] = 1.0
+        return rep
+
+    def prune_fn(model, params, data, cfg, progress):
+        rep = reviving_prune(model, params, data, cfg, progress)
+        after_prune.append(masks_from_zeros(model, params))
+        return rep
+
+    def on_epoch(rec):
+        during_epochs.append(masks_from_zeros(m, find_prunable(m, default_prunable)))
+
+    cfg = GradualConfig(epochs=3, prune_every=1, finetune=FinetuneConfig(lr=0.05, eval_each_epoch=False))
+    rep = gradual_prune(m, digits, PruneConfig(method="magnitude", sparsity=0.9), cfg, prune_fn=prune_fn,
+                        on_epoch=on_epoch)
+    assert [s["target_sparsity"] for s in rep.steps] == pytest.approx([0.5, 0.5 + 0.4 * (1 - 0.125), 0.9])
+    assert [s["revived"] for s in rep.steps] == [0, 1, 1]  # the revived weight was zeroed again
+    assert rep.sparsity == pytest.approx(0.9, abs=2e-3)
+    # the mask of each epoch is inside the mask of the epoch before it: zeros never come back
+    for a, b in zip(during_epochs, during_epochs[1:], strict=False):
+        for k in a:
+            assert not torch.any(b[k] & ~a[k])
+    assert len(during_epochs) == 3
+    assert rep.accuracy > rep.steps[-1]["pruned_accuracy"]
+
+
+def test_gradual_resume_is_bit_identical(digits, dense_mlp, tmp_path):
+    pcfg = PruneConfig(method="magnitude", sparsity=0.9)
+    cfg = GradualConfig(epochs=3, prune_every=1, finetune=FinetuneConfig(lr=0.05, eval_each_epoch=False))
+    ref = copy.deepcopy(dense_mlp)
+    gradual_prune(ref, digits, pcfg, cfg)
+
+    m = copy.deepcopy(dense_mlp)
+    calls = {"n": 0}
+
+    def stop_in_step_two(stage, done, total):
+        if stage == "steps":
+            calls["n"] += 1
+
+    state = tmp_path / "g.state"
+    steps_per_epoch = -(-len(digits.x_train) // 128)
+    with pytest.raises(Interrupted):
+        gradual_prune(m, digits, pcfg, cfg, progress=stop_in_step_two, state_path=state,
+                      should_stop=lambda: calls["n"] == steps_per_epoch + 4)
+    assert state.exists() and (tmp_path / "g.state.step1").exists()
+    fresh = copy.deepcopy(dense_mlp)
+    gradual_prune(fresh, digits, pcfg, cfg, state_path=state, resume=True)
+    assert same_weights(fresh, ref)
+    assert not (tmp_path / "g.state.step1").exists()
+
+
+# --- CLI -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pruned_ckpt(tmp_path, digits, dense_mlp):
+    (tmp_path / "tiny.py").write_text(TINY)
+    dense = tmp_path / "dense.pt"
+    torch.save(dense_mlp.state_dict(), dense)
+    out = tmp_path / "p.pt"
+    r = run_cli("prune", f"{tmp_path / 'tiny.py'}:mlp", "--weights", dense, "--data", "digits", "--method",
+                "magnitude", "--sparsity", "0.85", "--out", out)
+    assert r.code == 0, r.stderr
+    return out
+
+
+def test_cli_finetune_json_history_and_checkpoint(pruned_ckpt, tmp_path):
+    sha = sha256_file(pruned_ckpt)
+    out = tmp_path / "ft.pt"
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--lr", "0.05", "--distill",
+                "--out", out, "--json")
+    assert r.code == 0, r.stderr
+    js = r.json()
+    assert [h["epoch"] for h in js["history"]] == [1, 2]
+    assert {"loss", "train_accuracy", "test_accuracy", "lr"} <= set(js["history"][0])
+    assert js["distill"] is True and js["accuracy"] > js["initial_accuracy"]
+    assert sha256_file(pruned_ckpt) == sha  # the input is untouched
+    sd_in, meta_in = read_weights(pruned_ckpt)
+    sd, meta = read_weights(out)
+    assert meta["model"] == meta_in["model"] and meta["method"] == "magnitude"
+    assert meta["finetune"]["accuracy"] == js["accuracy"] and len(meta["finetune"]["history"]) == 2
+    for k in sd:
+        if k.endswith("weight"):
+            assert torch.all(sd[k][sd_in[k] == 0] == 0)
+    assert not (tmp_path / "ft.pt.state").exists()
+    r = run_cli("eval", "ckpt", "--weights", out, "--data", "digits", "--json")
+    assert r.code == 0 and r.json()["accuracy"] == pytest.approx(js["accuracy"])
+
+
+def test_cli_keeps_input_metadata(digits, tmp_path, dense_mlp):
+    (tmp_path / "tiny.py").write_text(TINY)
+    src = tmp_path / "p.pt"
+    m = pruned_copy(dense_mlp, digits, 0.5)
+    save_checkpoint(src, m.state_dict(), {"model": f"{tmp_path / 'tiny.py'}:mlp", "note": "kept",
+                                          "input_shape": [1, 8, 8]})
+    out = tmp_path / "o.pt"
+    r = run_cli("finetune", src, "--data", "digits", "--epochs", "1", "--out", out)
+    assert r.code == 0, r.stderr
+    _, meta = read_weights(out)
+    assert meta["note"] == "kept" and meta["input_shape"] == [1, 8, 8] and meta["finetune"]["source"] == str(src)
+    r = run_cli("finetune", src, "--data", "digits", "--epochs", "1", "--distill", "--out", tmp_path / "d.pt")
+    assert r.code == 2 and "--teacher" in r.stderr  # no recorded dense source to distil from
+
+
+def test_cli_bad_input(pruned_ckpt, tmp_path):
+    r = run_cli("finetune", tmp_path / "missing.pt", "--data", "digits")
+    assert r.code == 2 and "not found" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--out", pruned_ckpt)
+    assert r.code == 2 and "input" in r.stderr
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "0", "--out", tmp_path / "o.pt")
+    assert r.code == 2 and "--epochs" in r.stderr
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--optimizer", "rmsprop", "--out", tmp_path / "o.pt")
+    assert r.code == 2 and "--optimizer" in r.stderr
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--resume", "--out", tmp_path / "o.pt")
+    assert r.code == 2 and "no fine-tuning state" in r.stderr
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--out", tmp_path / "nodir" / "o.pt")
+    assert r.code == 2 and "does not exist" in r.stderr
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--teacher", pruned_ckpt, "--out", tmp_path / "o.pt")
+    assert r.code == 2 and "--distill" in r.stderr
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_cli_interrupted_run_resumes(pruned_ckpt, tmp_path, monkeypatch):
+    out = tmp_path / "o.pt"
+    ref = tmp_path / "ref.pt"
+    assert run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--out", ref).code == 0
+
+    import chita_edge.finetune as ftmod
+
+    real = ftmod.finetune
+
+    def interrupted(*a, **kw):
+        return real(*a, **{**kw, "should_stop": lambda: True})
+
+    monkeypatch.setattr(ftmod, "finetune", interrupted)
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--out", out)
+    assert r.code == 3 and "--resume" in r.stderr and not out.exists()
+    monkeypatch.setattr(ftmod, "finetune", real)
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--out", out)
+    assert r.code == 2 and "--resume" in r.stderr  # a leftover state is never silently discarded
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--out", out, "--resume")
+    assert r.code == 0, r.stderr
+    a, _ = read_weights(out)
+    b, _ = read_weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,147 @@
+"""Reports: report.json / report.md / self-contained report.html, and the HTML rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+from test_bench import tiny_onnx  # noqa: F401  (fixture)
+
+from chita_edge.profiles import load_profile
+from chita_edge.report import BAD, OK, pareto_points, render_html, render_markdown, write_report
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+
+
+def fake_result(name: str, p50: float, acc: float | None, file_mb: float, est_factor: float = 10.0,
+                seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    s = (p50 * (1 + 0.1 * rng.standard_normal(60))).clip(p50 * 0.5).tolist()
+    lat = {"p50": float(np.percentile(s, 50)), "p90": float(np.percentile(s, 90)), "p99": float(np.percentile(s, 99)),
+           "mean": float(np.mean(s))}
+    prov = "estimated-device (calibrated, anchors R41:mobilenet_v1, R41:resnet18, fit error 10 %)"
+    r = {"file": f"/m/{name}", "runtime": "onnxruntime", "runtime_version": "1.31", "threads": 1, "runs": 60,
+         "latency_ms": lat, "samples_ms": s, "peak_memory_mb": 12.0 * file_mb, "file_mb": file_mb, "load_ms": 5.0,
+         "provenance": "measured-host",
+         "layers": [{"name": f"/layer{i}/conv", "op": "Conv", "kind": "depthwise" if i % 3 == 0 else "dense",
+                     "ms": p50 / (i + 2), "param_bytes": 1024 * (i + 1), "macs": None} for i in range(20)],
+         "device_estimates": {"sbc-rpi4": {"available": True, "provenance": prov,
+                                           "latency_ms": {k: v * est_factor for k, v in lat.items()}}}}
+    if acc is not None:
+        r["accuracy"] = {"accuracy": acc, "data": "npz:cifar10.npz", "test_examples": 10000}
+    return r
+
+
+RESULTS = [fake_result("dense.onnx", 2.0, 91.0, 1.05, seed=1), fake_result("s50.onnx", 1.2, 90.2, 0.5, seed=2),
+           fake_result("s90.onnx", 0.5, 86.0, 0.11, seed=3), fake_result("bad.onnx", 1.5, 80.0, 0.6, seed=4)]
+
+
+def test_pareto_front_is_the_non_dominated_set():
+    pts = {p["name"]: p for p in pareto_points(RESULTS, "sbc-rpi4")}
+    assert {n for n, p in pts.items() if p["pareto"]} == {"dense.onnx", "s50.onnx", "s90.onnx"}
+    assert pts["bad.onnx"]["provenance"].startswith("estimated-device")
+    assert pts["dense.onnx"]["latency_ms"] == pytest.approx(RESULTS[0]["latency_ms"]["p50"] * 10)
+
+
+def test_report_files_are_complete_and_self_contained(tmp_path):
+    prof = load_profile("sbc-rpi4")
+    paths = write_report(tmp_path / "rep", RESULTS, [prof])
+    doc = json.loads(Path(paths["json"]).read_text())
+    assert doc["format"] == "chita-edge/report-v1" and len(doc["results"]) == 4 and doc["profiles"][0]["id"] == "sbc-rpi4"
+    html = Path(paths["html"]).read_text()
+    assert html.count("<svg") == 4 + 1 + 1 + 4  # histograms, budget bars, Pareto, layers
+    assert "<script" not in html and not re.search(r"(src|href)=['\"]?(https?:|//)", html)
+    assert "Accuracy vs latency" in html and "estimated-device (calibrated, anchors R41" in html
+    md = Path(paths["markdown"]).read_text()
+    assert "| dense.onnx | onnxruntime | 1 |" in md and "## Accuracy vs latency" in md
+    assert "R41:mobilenet_v1" in md
+
+
+def test_budget_bars_are_red_when_broken_and_pareto_needs_two_accuracies(tmp_path):
+    prof = load_profile("sbc-rpi4")  # latency p90 budget 100 ms
+    slow = fake_result("slow.onnx", 20.0, None, 1.0, est_factor=10.0)  # ~200 ms on the Pi: broken
+    html = render_html([slow], [prof])
+    assert f"fill='{BAD}'" in html and "Accuracy vs latency" not in html
+    fast = render_html([fake_result("fast.onnx", 1.0, None, 1.0)], [prof])
+    assert f"fill='{BAD}'" not in fast and f"fill='{OK}'" in fast
+    assert "**FAIL**" in render_markdown([slow], [prof])
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    """Decode an 8-bit, non-interlaced RGB/RGBA PNG (what Chromium writes) with the standard library."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, ihdr = 8, b"", None
+    while pos < len(data):
+        n = struct.unpack(">I", data[pos:pos + 4])[0]
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        if kind == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + n
+    w, h, depth, ctype, _, _, interlace = ihdr
+    assert depth == 8 and ctype in (2, 6) and interlace == 0, ihdr
+    bpp = 3 if ctype == 2 else 4
+    raw = zlib.decompress(idat)
+    stride = w * bpp
+    out = np.zeros((h, stride), dtype=np.int32)
+    prev = np.zeros(stride, dtype=np.int32)
+    for y in range(h):
+        f = raw[y * (stride + 1)]
+        line = np.frombuffer(raw, dtype=np.uint8, count=stride, offset=y * (stride + 1) + 1).astype(np.int32)
+        if f == 0:
+            cur = line
+        elif f == 2:
+            cur = (line + prev) & 255
+        elif f == 1:  # Sub: a running sum per channel
+            cur = (np.cumsum(line.reshape(w, bpp), axis=0) & 255).reshape(-1)
+        else:  # Sub, Average, Paeth depend on the left neighbour: decode byte by byte
+            cur = np.zeros(stride, dtype=np.int32)
+            for i in range(stride):
+                a = cur[i - bpp] if i >= bpp else 0
+                b, c = prev[i], (prev[i - bpp] if i >= bpp else 0)
+                if f == 1:
+                    pred = a
+                elif f == 3:
+                    pred = (a + b) // 2
+                else:
+                    pa, pb, pc = abs(b - c), abs(a - c), abs(a + b - 2 * c)
+                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                cur[i] = (line[i] + pred) & 255
+        out[y], prev = cur, cur
+    return out.reshape(h, w, bpp)[:, :, :3].astype(np.float32)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install -y chromium) for the HTML screenshot")
+def test_html_report_renders_in_headless_chromium(tiny_onnx, tmp_path):  # noqa: F811
+    rep = tmp_path / "rep"
+    r = run_cli("bench", tiny_onnx, "--runs", "20", "--warmup", "1", "--report", rep)
+    assert r.code == 0, r.stderr
+    # add the synthetic multi-model page too: Pareto and budget bars
+    write_report(tmp_path / "multi", RESULTS, [load_profile("sbc-rpi4")])
+    for page in (rep / "report.html", tmp_path / "multi" / "report.html"):
+        shot = tmp_path / f"{page.parent.name}.png"
+        udd = tmp_path / f"chromium-{page.parent.name}"
+        p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                            f"--user-data-dir={udd}", "--enable-logging=stderr", "--v=0",
+                            f"--screenshot={shot}", "--window-size=1000,1100", page.as_uri()],
+                           capture_output=True, text=True, timeout=120)
+        assert shot.is_file(), p.stderr[-2000:]
+        px = _png_pixels(shot)
+        assert px.shape[0] >= 1000 and px.shape[1] >= 1000
+        assert px.std() > 20  # not blank: text, bars and axes on white
+        dark = (px.mean(axis=2) < 128).mean()
+        assert 0.002 < dark < 0.5
+        console = [ln for ln in p.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+        assert console == [], console

@@ -1,0 +1,359 @@
+"""Structured CHITA: the group solver (golden cases, identities) and the model plumbing (channels, blocks, re-fit)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from chita_edge.data import Dataset
+from chita_edge.pruning.layers import find_prunable, flatten_weights
+from chita_edge.pruning.structured import (
+    BlockConfig,
+    alive_channels,
+    allowed_widths,
+    apply_keep,
+    block_structure,
+    channel_structure,
+    conv_linear,
+    layerwise_refit,
+    prune_blocks,
+    removal_curves,
+    round_width,
+)
+from chita_edge.solvers import chita as scalar
+from chita_edge.solvers.group_chita import (
+    Groups,
+    coordinate_mask,
+    group_chita,
+    group_hard_threshold,
+    group_iht,
+    group_removal_cost,
+    group_support_change_step,
+    layer_backsolve,
+    obs_removal_order,
+    select_groups,
+)
+from chita_edge.structure import compact_model
+from chita_edge.zoo import ResNet20
+
+torch.set_num_threads(1)
+
+
+def problem(n: int = 12, p: int = 6, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(n, p, generator=g, dtype=torch.float64)
+    w_bar = torch.randn(p, generator=g, dtype=torch.float64)
+    return G, w_bar
+
+
+# ----------------------------------------------------------------------------------------------- the solver
+
+
+def test_from_lists_and_coordinate_mask_with_overlap():
+    # family 0: {0,1}, {2,3}; family 1: {1,3}, {4}; coordinate 5 is in no group (never pruned)
+    gr = Groups.from_lists(6, [[[0, 1], [2, 3]], [[1, 3], [4]]])
+    assert gr.num_groups == 4 and gr.num_families == 2
+    assert gr.sizes().tolist() == [2, 2]
+    keep = torch.tensor([True, True, False, True])  # remove group {1,3}
+    assert coordinate_mask(keep, gr).tolist() == [True, False, True, False, True, True]
+    keep = torch.tensor([False, True, True, False])
+    assert coordinate_mask(keep, gr).tolist() == [False, False, True, True, False, True]
+    with pytest.raises(ValueError):
+        Groups.from_lists(3, [[[0, 5]]])
+
+
+def test_group_hard_threshold_keeps_k_per_family_by_norm():
+    gr = Groups.from_lists(6, [[[0, 1], [2, 3], [4, 5]]])
+    v = torch.tensor([3.0, 0.0, 1.0, 1.0, 0.0, 2.5], dtype=torch.float64)
+    w, keep = group_hard_threshold(v, gr, torch.tensor([2]))
+    assert keep.tolist() == [True, False, True]  # norms^2 9, 2, 6.25
+    assert w.tolist() == [3.0, 0.0, 0.0, 0.0, 0.0, 2.5]
+    allowed = torch.tensor([True, True, False])
+    _, keep = group_hard_threshold(v, gr, torch.tensor([2]), allowed)
+    assert keep.tolist() == [True, True, False]
+
+
+def test_support_change_step_reduces_to_the_scalar_rule_for_singletons():
+    g_ = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        w = torch.randn(8, generator=g_, dtype=torch.float64)
+        w[torch.randperm(8, generator=g_)[:3]] = 0.0
+        g = torch.randn(8, generator=g_, dtype=torch.float64)
+        support = w != 0
+        gr = Groups.from_lists(8, [[[i] for i in range(8)]])
+        got = group_support_change_step(w, g, gr, support)
+        want = scalar._support_change_step(w, g, support, None)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_support_change_step_is_where_scores_cross():
+    gr = Groups.from_lists(4, [[[0, 1], [2, 3]]])
+    w = torch.tensor([1.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    g = torch.tensor([0.3, -0.2, 0.4, 0.6], dtype=torch.float64)
+    keep = torch.tensor([True, False])
+    tau = group_support_change_step(w, g, gr, keep)
+    kept = lambda t: float(((w[:2] - t * g[:2]) ** 2).sum())  # noqa: E731
+    off = lambda t: float(((t * g[2:]) ** 2).sum())  # noqa: E731
+    assert kept(tau) == pytest.approx(off(tau), rel=1e-9)
+    assert kept(0.9 * tau) > off(0.9 * tau)
+
+
+def _enumerate(G, w_bar, groups_list, k, lam):
+    """Best objective over every choice of k groups, each re-fitted exactly (the golden answer)."""
+    best = math.inf
+    p = w_bar.numel()
+    for combo in itertools.combinations(range(len(groups_list)), k):
+        support = torch.zeros(p, dtype=torch.bool)
+        for j in combo:
+            support[groups_list[j]] = True
+        w = scalar.backsolve(G, w_bar, support, lam)
+        best = min(best, scalar.objective(G, w, w_bar, lam))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_group_chita_matches_enumeration_on_a_small_problem(seed):
+    G, w_bar = problem(n=5, p=6, seed=seed)
+    glist = [[0, 1], [2, 3], [4, 5]]
+    gr = Groups.from_lists(6, [glist])
+    lam = 0.05
+    best = _enumerate(G, w_bar, glist, 2, lam)
+    bso = scalar.objective(G, scalar.backsolve(G, w_bar, coordinate_mask(
+        group_hard_threshold(w_bar, gr, torch.tensor([2]))[1], gr), lam), w_bar, lam)
+    r = group_chita(G, w_bar, gr, torch.tensor([2]), lam)
+    assert int(r.keep.sum()) == 2
+    assert r.objective == pytest.approx(scalar.objective(G, r.w, w_bar, lam), rel=1e-9)
+    assert bool((r.w[~coordinate_mask(r.keep, gr)] == 0).all())
+    assert best - 1e-12 <= r.objective <= bso + 1e-12  # never worse than magnitude groups + backsolve
+    r = group_chita(G, w_bar, gr, torch.tensor([2]), lam, swap_rounds=3)  # with the swap search: the optimum
+    assert r.objective == pytest.approx(best, rel=1e-6)
+
+
+def test_group_iht_never_increases_f_and_respects_families():
+    G, w_bar = problem(n=20, p=12, seed=5)
+    gr = Groups.from_lists(12, [[[0, 1], [2, 3], [4, 5]], [[6, 7, 8], [9, 10, 11]]])
+    k = torch.tensor([1, 1])
+    lam = 0.1
+    w0, _ = group_hard_threshold(w_bar, gr, k)
+    f0 = scalar.objective(G, w0, w_bar, lam)
+    w, keep, f, its, _ = group_iht(G, w_bar, gr, k, lam, w0=w0, max_iter=50)
+    assert f <= f0 + 1e-12
+    assert f == pytest.approx(scalar.objective(G, w, w_bar, lam), rel=1e-9)
+    assert keep[:3].sum() == 1 and keep[3:].sum() == 1
+
+
+def test_group_chita_active_set_and_allowed():
+    G, w_bar = problem(n=30, p=40, seed=7)
+    gr = Groups.from_lists(40, [[list(range(i, i + 2)) for i in range(0, 40, 2)]])
+    lam = 0.2
+    allowed = torch.ones(20, dtype=torch.bool)
+    allowed[:5] = False
+    r = group_chita(G, w_bar, gr, torch.tensor([4]), lam, allowed=allowed)
+    assert int(r.keep.sum()) == 4 and not bool(r.keep[:5].any())
+    assert r.objective <= scalar.objective(G, group_hard_threshold(w_bar, gr, torch.tensor([4]), allowed)[0], w_bar, lam)
+
+
+def test_group_removal_cost_is_the_objective_of_zeroing():
+    G, w_bar = problem(n=9, p=6, seed=2)
+    gr = Groups.from_lists(6, [[[0, 1], [2, 3], [4, 5]]])
+    lam = 0.3
+    Z, s = group_removal_cost(G, w_bar, gr, lam)
+    for j, idx in enumerate([[0, 1], [2, 3], [4, 5]]):
+        w = w_bar.clone()
+        w[idx] = 0.0
+        assert float(s[j]) == pytest.approx(scalar.objective(G, w, w_bar, lam), rel=1e-9)
+    w = w_bar.clone()
+    w[[0, 1, 4, 5]] = 0.0
+    z = Z[:, 0] + Z[:, 2]
+    joint = 0.5 * float(z @ z) + lam * float((w_bar[[0, 1, 4, 5]] ** 2).sum())
+    assert joint == pytest.approx(scalar.objective(G, w, w_bar, lam), rel=1e-9)
+
+
+def test_layer_backsolve_is_the_ridge_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    Xp = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    Xd = Xp + 0.1 * torch.randn(200, 6, generator=g, dtype=torch.float64)
+    W_bar = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True, False, True])
+    lam = 0.5
+    W = layer_backsolve(Xp.T @ Xp, Xp.T @ Xd, W_bar, keep, lam)
+    assert bool((W[:, ~keep] == 0).all())
+    S = keep.nonzero().squeeze(1)
+    A = torch.cat([Xp[:, S], math.sqrt(lam) * torch.eye(4, dtype=torch.float64)])
+    B = torch.cat([Xd @ W_bar.T, math.sqrt(lam) * W_bar[:, S].T])
+    want = torch.linalg.lstsq(A, B).solution.T
+    assert torch.allclose(W[:, S], want, atol=1e-9)
+    # nothing removed, same inputs: the dense weights are the exact solution
+    W2 = layer_backsolve(Xp.T @ Xp, Xp.T @ Xp, W_bar, torch.ones(6, dtype=torch.bool), lam)
+    assert torch.allclose(W2, W_bar, atol=1e-9)
+
+
+def test_obs_removal_cost_equals_the_refit_error():
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    blocks = torch.arange(8).view(4, 2)  # 4 channels of 2 columns
+    order, cum = obs_removal_order([torch.linalg.inv(H)], [W], [blocks], [1.0], torch.ones(4, dtype=torch.bool), 2)
+    assert order.numel() == 2 and cum.numel() == 2 and bool((cum[1:] >= cum[:-1]).all())
+    # the cost after removing the chosen channels is the error of the exact least-squares re-fit
+    keep = torch.ones(8, dtype=torch.bool)
+    for c in order.tolist():
+        keep[blocks[c]] = False
+    Wr = layer_backsolve(H, H, W, keep, 1e-12)
+    err = float(((X @ Wr.T - X @ W.T) ** 2).sum())
+    assert float(cum[-1]) == pytest.approx(err, rel=1e-6)
+    # and it is the cheapest first removal
+    firsts = []
+    for c in range(4):
+        k1 = torch.ones(8, dtype=torch.bool)
+        k1[blocks[c]] = False
+        W1 = layer_backsolve(H, H, W, k1, 1e-12)
+        firsts.append(float(((X @ W1.T - X @ W.T) ** 2).sum()))
+    assert int(order[0]) == min(range(4), key=lambda c: firsts[c])
+
+
+# ----------------------------------------------------------------------------------------------- model plumbing
+
+
+def tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    m = ResNet20(widths=(4, 8, 8)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+    return m
+
+
+def test_channel_structure_covers_producers_and_consumers():
+    m = tiny_resnet()
+    x = torch.rand(2, 3, 32, 32)
+    cs = channel_structure(m, x[:1])
+    params = find_prunable(m, conv_linear)
+    assert [q.name for q in cs.params] == [q.name for q in params]
+    assert cs.groups.num_groups == sum(s.size for s in cs.specs)
+    # channel 1 of the block group layer1.0.conv1: its conv1 row and the conv2 input slice, nothing else
+    f = cs.ids.index("layer1.0.conv1")
+    gid = cs.first[f] + 1
+    coords = cs.groups.idx[cs.groups.gid == gid]
+    by = {q.name: q for q in cs.params}
+    c1, c2 = by["layer1.0.conv1.weight"], by["layer1.0.conv2.weight"]
+    assert coords.numel() == 4 * 9 + 4 * 9
+    assert bool(((coords >= c1.offset) & (coords < c2.offset + c2.numel)).all())
+
+
+def test_apply_keep_makes_channels_removable_and_compaction_exact():
+    m = tiny_resnet()
+    x = torch.rand(3, 3, 32, 32)
+    cs = channel_structure(m, x[:1])
+    keep = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+    for gid in ("conv1", "layer1.0.conv1", "layer2.0.conv2", "layer3.1.conv1"):
+        f = cs.ids.index(gid)
+        keep[cs.first[f]] = False
+        keep[cs.first[f] + 2] = False
+    apply_keep(m, cs, keep)
+    assert torch.equal(alive_channels(m, cs), keep)
+    for gid in ("conv1", "layer2.0.conv2"):  # BatchNorm gamma/beta of removed channels are zero
+        spec = cs.specs[cs.ids.index(gid)]
+        for mem in spec.members:
+            if mem.kind == "bn":
+                bn = m.get_submodule(mem.module)
+                assert float(bn.weight[0]) == 0.0 and float(bn.bias[2]) == 0.0
+    new, plan = compact_model(m, x)
+    widths = cs.widths(keep)
+    for gid, kept in plan["keep"].items():
+        assert len(kept) == widths[gid]
+    assert set(plan["keep"]) == {"conv1", "layer1.0.conv1", "layer2.0.conv2", "layer3.1.conv1"}
+    with torch.no_grad():
+        assert torch.allclose(new(x), m(x), atol=1e-5)
+
+
+def test_round_and_allowed_widths():
+    assert allowed_widths(20, 8) == [8, 16, 20]
+    assert allowed_widths(16, 4) == [4, 8, 12, 16]
+    assert round_width(11.2, 16, 4) == 8 and round_width(16, 16, 4) == 16 and round_width(1, 16, 4) == 4
+
+
+def test_removal_curves_and_layerwise_refit_on_a_small_net():
+    m = tiny_resnet()
+    x = torch.rand(16, 3, 32, 32)
+    dense = tiny_resnet()
+    cs = channel_structure(m, x[:1])
+    alive = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+    curves = removal_curves(m, cs, x, alive, min_width={s.id: 2 for s in cs.specs})
+    for f, s in enumerate(cs.specs):
+        order, cum = curves[f]
+        assert order.numel() == s.size - 2
+        assert bool(((order >= cs.first[f]) & (order < cs.first[f] + s.size)).all())
+        assert bool((cum[1:] >= cum[:-1] - 1e-12).all())
+    keep = alive.clone()
+    for f, _ in enumerate(cs.specs):
+        keep[curves[f][0][:2]] = False
+    apply_keep(m, cs, keep)
+    with torch.no_grad():
+        before = float(((m(x) - dense(x)) ** 2).mean())
+    errs = layerwise_refit(m, dense, x)
+    assert set(errs) >= {"conv1", "layer1.0.conv2", "fc"}
+    assert torch.equal(alive_channels(m, cs), keep)  # removed channels stay removed
+    with torch.no_grad():
+        after = float(((m(x) - dense(x)) ** 2).mean())
+    assert after < before
+
+
+def test_layerwise_refit_leaves_an_unpruned_model_unchanged():
+    m = tiny_resnet()
+    x = torch.rand(8, 3, 32, 32)
+    w0 = flatten_weights(m, find_prunable(m, conv_linear)).clone()
+    layerwise_refit(m, tiny_resnet(), x)
+    w1 = flatten_weights(m, find_prunable(m, conv_linear))
+    assert torch.allclose(w0, w1, atol=1e-4 * float(w0.abs().max()))
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(16, 12, bias=False)
+        self.fc2 = nn.Linear(12, 4, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def test_block_structure_1x4_and_4x1():
+    m = TinyMLP()
+    params = find_prunable(m, conv_linear)
+    gr, names = block_structure(params, m, block=(1, 4))
+    assert names == ["fc1", "fc2"] and gr.num_groups == 12 * 4 + 4 * 3
+    first = gr.idx[gr.gid == 0].tolist()
+    assert first == [0, 1, 2, 3]
+    gr2, names2 = block_structure(params, m, block=(4, 1), per_layer=False)
+    assert names2 == ["all"] and gr2.num_groups == 3 * 16 + 1 * 12
+    assert gr2.idx[gr2.gid == 0].tolist() == [0, 16, 32, 48]
+
+
+def test_prune_blocks_reaches_the_block_sparsity():
+    torch.manual_seed(0)
+    m = TinyMLP()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200, 1, 4, 4, generator=g)
+    y = torch.randint(0, 4, (200,), generator=g)
+    ds = Dataset("synthetic", x, y, x[:50], y[:50])
+    rep = prune_blocks(m, ds, BlockConfig(sparsity=0.75, stages=2, n_grads=40))
+    assert rep["blocks"] == 60 and rep["blocks_kept"] == 15
+    w = m.fc1.weight.detach().reshape(12, 4, 4)  # (rows, blocks, 4)
+    nz = (w != 0).any(-1)
+    assert bool(((w != 0).sum(-1)[nz] >= 1).all())
+    assert rep["sparsity"] >= 0.75 - 1e-9
+    # every block is all-zero or (generically) all-non-zero: the zeros come in 1x4 blocks
+    allw = torch.cat([m.fc1.weight.detach().reshape(-1, 4), m.fc2.weight.detach().reshape(-1, 4)])
+    zero_blocks = (allw == 0).all(1)
+    assert int((~zero_blocks).sum()) == 15
+    assert not bool(select_groups(torch.ones(3), Groups.from_lists(3, [[[0], [1], [2]]]), torch.tensor([0])).any())
