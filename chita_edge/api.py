@@ -17,8 +17,9 @@ from chita_edge.pruning.layers import find_prunable, layer_sparsity
 from chita_edge.pruning.prune import PruneConfig, PruneReport, Progress, prune_weights
 
 
-def check_fits(lm: LoadedModel, x: torch.Tensor, where: str) -> None:
-    """Run one example through the model; a shape mismatch becomes one BadInput line."""
+def check_fits(lm: LoadedModel, x: torch.Tensor, where: str, labels: tuple[torch.Tensor, ...] = ()) -> None:
+    """Run one example through the model; a shape mismatch, or a label the model has no output for, becomes
+    one BadInput line."""
     try:
         with torch.no_grad():
             out = lm.module(x[:1])
@@ -27,6 +28,10 @@ def check_fits(lm: LoadedModel, x: torch.Tensor, where: str) -> None:
                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     if out.dim() != 2:
         raise BadInput(f"{where}: the model returns shape {tuple(out.shape)}; expected (batch, classes) logits")
+    top = max((int(y.max()) for y in labels if len(y)), default=-1)
+    if top >= out.shape[1]:
+        raise BadInput(f"{where}: label {top} is out of range for a model with {out.shape[1]} outputs; "
+                       f"expected labels 0..{out.shape[1] - 1}")
 
 
 def sparsity_of(lm: LoadedModel) -> tuple[float, dict[str, float]]:
@@ -39,7 +44,7 @@ def sparsity_of(lm: LoadedModel) -> tuple[float, dict[str, float]]:
 def evaluate_model(model: str | None, weights: str | os.PathLike | None, data: str) -> dict[str, Any]:
     lm = load_model(None if model == "ckpt" else model, weights)
     ds = load_data(data)
-    check_fits(lm, ds.x_test, data)
+    check_fits(lm, ds.x_test, data, (ds.y_test,))
     s, ls = sparsity_of(lm)
     return {"model": lm.spec, "weights": lm.weights_path, "data": data, "test_examples": len(ds.x_test),
             "accuracy": accuracy(lm.module, ds.x_test, ds.y_test), "sparsity": s, "layer_sparsity": ls}
@@ -51,7 +56,7 @@ def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, c
     cfg.validate()
     lm = load_model(model, weights)
     ds = load_data(data)
-    check_fits(lm, ds.x_train, data)
+    check_fits(lm, ds.x_train, data, (ds.y_train, ds.y_test))
     dense_acc = accuracy(lm.module, ds.x_test, ds.y_test)
     params = find_prunable(lm.module, lm.prunable)
     report: PruneReport = prune_weights(lm.module, params, ds, cfg, progress)

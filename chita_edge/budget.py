@@ -51,6 +51,7 @@ from chita_edge.pruning.layers import flatten_weights
 from chita_edge.pruning.structured import (
     BlockConfig,
     ChannelStructure,
+    LayerStats,
     prune_blocks,
     layerwise_refit,
     removal_curves,
@@ -451,6 +452,10 @@ def _search(model: nn.Module, x1: torch.Tensor, data: Dataset | None, profile: P
     targets = {k: limits[k] * cfg.margin for k in limits}
     stages_info: list[dict[str, Any]] = []
     dense = copy.deepcopy(model).eval()
+    stats = None
+    if cfg.do_refit and data is not None and cfg.method in ("chita", "l1-uniform", "norm-global"):
+        stats = LayerStats(dense, calibration_images(data, cfg.calib_samples, cfg.seed))
+        stats.gram = {n: stats.dense_H(n) for n in stats.names}  # the model is still the dense one
     alive = torch.ones(cs.groups.num_groups, dtype=torch.bool)
     scfg = cfg.structured()
     measured = None
@@ -461,8 +466,8 @@ def _search(model: nn.Module, x1: torch.Tensor, data: Dataset | None, profile: P
         if cfg.method in ("l1-uniform", "norm-global"):
             n_st = 1
         for tgt in _schedule(start, targets, n_st):
-            alive = _stage(model, dense, data, cs, cm, cfg, scfg, alive, tgt, corr, mult, stage_no, stages_info,
-                           progress)
+            alive = _stage(model, dense, stats, data, cs, cm, cfg, scfg, alive, tgt, corr, mult, stage_no,
+                           stages_info, progress)
             stage_no += 1
             if progress:
                 progress("stages", stage_no, cfg.stages)
@@ -500,10 +505,10 @@ def calibration_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     return data.x_train[idx]
 
 
-def _stage(model: nn.Module, dense: nn.Module, data: Dataset | None, cs: ChannelStructure, cm: CostModel,
-           cfg: BudgetConfig, scfg: StructuredConfig, alive: torch.Tensor, tgt: Mapping[str, float],
-           corr: Mapping[str, float], mult: int, stage_no: int, info: list[dict[str, Any]],
-           progress: Progress | None) -> torch.Tensor:
+def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: Dataset | None,
+           cs: ChannelStructure, cm: CostModel, cfg: BudgetConfig, scfg: StructuredConfig, alive: torch.Tensor,
+           tgt: Mapping[str, float], corr: Mapping[str, float], mult: int, stage_no: int,
+           info: list[dict[str, Any]], progress: Progress | None) -> torch.Tensor:
     """One stage: choose widths for ``tgt`` and the channels, solve, write back. Returns the new alive mask."""
     ts = time.perf_counter()
     params = list(cs.params)
@@ -512,7 +517,8 @@ def _stage(model: nn.Module, dense: nn.Module, data: Dataset | None, cs: Channel
     if cfg.method == "chita":
         assert xcal is not None
         # Step 3: group-OBS removal curves of every channel group (layer-wise CHITA quadratic, G = inputs X).
-        curves = removal_curves(model, cs, xcal, alive, min_width=min_widths(cs.sizes, mult), damp=cfg.damp)
+        curves = removal_curves(model, cs, xcal, alive, min_width=min_widths(cs.sizes, mult), damp=cfg.damp,
+                                stats=stats)
         crit: _Criterion = CurveCriterion(cs, alive, curves)
         widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult)
         keep = crit.alive
@@ -545,7 +551,7 @@ def _stage(model: nn.Module, dense: nn.Module, data: Dataset | None, cs: Channel
     apply_keep(model, cs, keep)
     if cfg.do_refit and xcal is not None:
         # Step 4: re-fit every layer to the dense model's outputs (consumers' input slices included).
-        errs = layerwise_refit(model, dense, xcal, damp=cfg.damp)
+        errs = layerwise_refit(model, dense, xcal, damp=cfg.damp, stats=stats)
         rec["refit_error"] = {k: round(v, 5) for k, v in errs.items()}
     if cfg.do_bn and data is not None and cfg.bn_batches > 0:
         reestimate_bn(model, data, scfg, stage_no)

@@ -7,6 +7,7 @@ with ``torch.load(path, weights_only=True)`` and ``model.load_state_dict(ckpt["s
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Any
 
@@ -45,5 +46,7 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     """Write a chita-edge checkpoint atomically (temporary file + rename)."""
     meta = {"format": FORMAT, **meta}
     sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    buf = io.BytesIO()  # serialise in memory: a full disk then raises OSError(ENOSPC) from the plain write
+    torch.save({"chita_edge": meta, "state_dict": sd}, buf)
     with atomic_path(path) as tmp:
-        torch.save({"chita_edge": meta, "state_dict": sd}, tmp)
+        tmp.write_bytes(buf.getvalue())

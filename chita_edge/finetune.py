@@ -20,6 +20,7 @@ input's metadata (model spec, structural plan, ...) and adds the fine-tuning rec
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -269,9 +270,13 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return {"torch": torch.get_rng_state()}
 
 
-def _save_state(path: Path, state: dict[str, Any]) -> None:
+def save_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a training state (tensors and plain containers) atomically; serialised in memory first, so that a
+    full disk surfaces as an OSError of the plain write (BadInput from ``atomic_path``)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
 def _load_state(path: Path, cfg: FinetuneConfig, n_train: int) -> dict[str, Any]:
@@ -417,7 +422,7 @@ def finetune(
                     progress("steps", epoch * steps_per_epoch + step, total_steps)
                 if stop() or (should_stop is not None and should_stop()):
                     if state_file is not None:
-                        _save_state(state_file, snapshot())
+                        save_state(state_file, snapshot())
                     where = f"; state saved to {state_file}, rerun with --resume" if state_file else ""
                     raise Interrupted(f"fine-tuning interrupted at epoch {epoch + 1} step {step}{where}")
             rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": run["loss_sum"] / run["seen"],
@@ -428,7 +433,7 @@ def finetune(
             epoch, step = epoch + 1, 0
             run = {"loss_sum": 0.0, "correct": 0, "seen": 0}
             if state_file is not None:
-                _save_state(state_file, snapshot())
+                save_state(state_file, snapshot())
             log.info("epoch %d/%d loss %.4f train %.2f %% test %s", epoch, cfg.epochs, rec["loss"],
                      rec["train_accuracy"], rec["test_accuracy"])
             if on_epoch:
@@ -455,20 +460,19 @@ def state_path_for(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".state")
 
 
-def load_teacher(meta: dict[str, Any] | None, teacher_weights: str | os.PathLike | None, where: str) -> nn.Module:
-    """The dense model to distil from: ``teacher_weights`` or the checkpoint's recorded source weights."""
+def load_teacher(spec: str, meta: dict[str, Any] | None, teacher_weights: str | os.PathLike | None,
+                 where: str) -> nn.Module:
+    """The dense model ``spec`` to distil from: ``teacher_weights`` or the checkpoint's recorded source weights."""
     from chita_edge.models import load_model
 
-    if not meta or "model" not in meta:
-        raise BadInput(f"{where}: not a chita-edge checkpoint; distillation needs the model spec it records")
-    src = teacher_weights or meta.get("source_weights")
+    src = teacher_weights or (meta or {}).get("source_weights")
     if not src:
         raise BadInput(f"{where}: records no dense source weights; give the dense weights with --teacher")
     if not Path(src).exists():
         raise BadInput(f"{src}: dense teacher weights (recorded in {where}) not found; give them with --teacher")
-    if teacher_weights is None and meta.get("source_sha256") and sha256_file(src) != meta["source_sha256"]:
+    if teacher_weights is None and meta and meta.get("source_sha256") and sha256_file(src) != meta["source_sha256"]:
         raise BadInput(f"{src}: changed since {where} was pruned from it (sha256 differs); give --teacher")
-    return load_model(meta["model"], src).module
+    return load_model(spec, src).module
 
 
 def finetune_checkpoint(
@@ -480,10 +484,13 @@ def finetune_checkpoint(
     distill: bool = False,
     teacher_weights: str | os.PathLike | None = None,
     resume: bool = False,
+    model: str | None = None,
     progress: Progress | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """What ``chita-edge finetune`` does: load a pruned checkpoint, fine-tune with its masks, write ``out``.
+
+    ``model``: the model spec, needed only when ``pruned`` is a plain state dict rather than a chita-edge checkpoint.
 
     The training state lives in ``OUT.state`` while the run is in progress (removed on success); a state file
     left by an interrupted run must be resumed (``resume=True``) or removed.
@@ -498,19 +505,16 @@ def finetune_checkpoint(
         raise BadInput(f"{out}: --out is the input checkpoint; choose another --out (the input is never overwritten)")
     if not out.parent.exists():
         raise BadInput(f"{out}: directory {out.parent} does not exist; choose another --out")
-    lm = load_model(None, src)
+    lm = load_model(model, src)
     ds = load_data(data)
-    try:
-        with torch.no_grad():
-            lm.module(ds.x_train[:1])
-    except Exception as e:
-        raise BadInput(f"{data}: data of shape {tuple(ds.x_train.shape[1:])} does not fit the model "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    from chita_edge.api import check_fits  # one shape/label check for every command
+
+    check_fits(lm, ds.x_train, data, (ds.y_train, ds.y_test))
     state = state_path_for(out)
     if state.exists() and not resume:
         raise BadInput(f"{state}: an interrupted fine-tuning run left its state here; pass --resume to continue "
                        f"it or remove the file to start over")
-    teacher = load_teacher(lm.meta, teacher_weights, str(src)) if distill else None
+    teacher = load_teacher(lm.spec, lm.meta, teacher_weights, str(src)) if distill else None
     if teacher is not None and cfg.distill_weight == 0:
         raise BadInput("--distill with distill weight 0 would not distil; give a weight in (0, 1]")
     params = find_prunable(lm.module, lm.prunable)
@@ -518,6 +522,8 @@ def finetune_checkpoint(
                       progress=progress, on_epoch=on_epoch, state_path=state, resume=resume)
     meta = dict(lm.meta or {})
     meta.pop("format", None)
+    meta.setdefault("model", lm.spec)
+    meta.setdefault("input_shape", list(lm.input_shape or ds.input_shape))
     record = {"source": str(src), "source_sha256": sha256_file(src), "data": data, "distill": distill,
               "teacher": str(teacher_weights or (lm.meta or {}).get("source_weights")) if distill else None,
               "initial_accuracy": report.initial_accuracy, "accuracy": report.accuracy,

@@ -32,8 +32,7 @@ from torch import nn
 from chita_edge.data import Dataset
 from chita_edge.errors import BadInput
 from chita_edge.evaluate import accuracy
-from chita_edge.finetune import FinetuneConfig, Progress, finetune, masks_from_zeros
-from chita_edge.io import atomic_path
+from chita_edge.finetune import FinetuneConfig, Progress, finetune, masks_from_zeros, save_state
 from chita_edge.pruning.layers import PrunableParam, find_prunable, layer_sparsity
 from chita_edge.pruning.prune import PruneConfig, cubic_schedule, prune_weights
 from chita_edge.zoo import default_prunable
@@ -109,11 +108,6 @@ def _keep_earlier_zeros(model: nn.Module, masks: dict[str, torch.Tensor]) -> int
         revived += int(((w != 0) & ~m).sum())
         w.mul_(m.to(w.dtype))
     return revived
-
-
-def _save(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
 
 
 def gradual_prune(
@@ -200,7 +194,7 @@ def gradual_prune(
         log.info("gradual step %d/%d: sparsity %.4f, accuracy %.2f %% after %d epochs", t + 1, len(plan),
                  rec.get("sparsity", s_t), ft.accuracy, ep_t)
         if state_file is not None:
-            _save(state_file, {"format": STATE_FORMAT, "prune": asdict(prune_cfg), "gradual": asdict(cfg),
+            save_state(state_file, {"format": STATE_FORMAT, "prune": asdict(prune_cfg), "gradual": asdict(cfg),
                                "done": t + 1, "steps": steps, "initial_accuracy": initial_acc,
                                "model": {k: v.detach().clone() for k, v in model.state_dict().items()}})
             if ft_state is not None:

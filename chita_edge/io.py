@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -10,6 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from chita_edge.errors import BadInput
+
+
+# Disk full, file too large (RLIMIT_FSIZE), quota, read-only file system, permission denied, not a directory.
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR)
 
 
 @contextlib.contextmanager
@@ -22,11 +27,15 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = True) -> Iterato
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.exists():
         raise BadInput(f"{target}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise BadInput(f"{target}: {parent} is not a directory; choose another --out")
+    if target.is_dir():
+        raise BadInput(f"{target}: is a directory; give a file name")
     if target.exists() and not overwrite:
         raise BadInput(f"{target}: exists already; choose another --out or remove it")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=parent)
-    except PermissionError as e:
+    except OSError as e:  # EACCES, EROFS, ENOSPC, ENOTDIR ...
         raise BadInput(f"{target}: cannot write in {parent} ({e.strerror}); choose a writable --out") from None
     os.close(fd)
     tmp_path = Path(tmp)
@@ -38,7 +47,7 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = True) -> Iterato
             raise BadInput(f"{target}: cannot write ({e.strerror})") from None
     except OSError as e:
         tmp_path.unlink(missing_ok=True)
-        if isinstance(e, PermissionError) or e.errno in (28, 30, 13):  # ENOSPC, EROFS, EACCES
+        if isinstance(e, PermissionError) or e.errno in _WRITE_ERRNOS:
             raise BadInput(f"{target}: cannot write ({e.strerror}); nothing was written") from None
         raise
     except BaseException:

@@ -261,7 +261,8 @@ def parse_profile(text: str, where: str) -> Profile:
         line = node.start_mark.line + 1 if node is not None else 1
         field = ".".join(str(p) for p in loc) or "(profile)"
         more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-        raise BadInput(f"{where}:{line}: field '{field}': {_expected(err, owner)}{more}") from None
+        msg = f"{where}:{line}: field '{field}': {_expected(err, owner)}{more}"
+        raise BadInput(msg.replace("\r", "\\r").replace("\n", "\\n")) from None  # one line, whatever the keys
 
 
 def load_profile(spec: str | os.PathLike) -> Profile:

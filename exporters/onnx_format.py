@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -298,9 +298,13 @@ def save(mp: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
     try:
-        return onnx.load(str(path), load_external_data=False)
+        mp = onnx.load(str(path), load_external_data=False)
     except Exception as e:
         raise BadInput(f"{path}: not a readable ONNX file ({_first_line(e)})") from None
+    if not mp.HasField("graph") or not mp.graph.node or not mp.graph.output:
+        # protobuf parses an empty (or nearly empty) byte string as an empty ModelProto
+        raise BadInput(f"{path}: not an ONNX model (no graph, nodes or outputs)")
+    return mp
 
 
 def read_metadata(mp: onnx.ModelProto) -> dict[str, Any] | None:
@@ -346,6 +350,11 @@ class OnnxSession:
         self.dynamic_batch = bool(i.shape) and not (isinstance(i.shape[0], int) and i.shape[0] > 0)
         self.input_shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in i.shape)
         self.input_dtype = np.float16 if "float16" in i.type else np.float32
+
+    def prepare(self, x: np.ndarray) -> Callable[[], Any]:
+        """A no-argument callable running exactly one inference on ``x`` (for timing loops)."""
+        feeds = {self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)}
+        return lambda: self._s.run(None, feeds)
 
     def run(self, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
         x = np.asarray(x, dtype=self.input_dtype)

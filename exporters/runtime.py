@@ -2,6 +2,7 @@
 
     sess = load_session("model.tflite", threads=1)   # XNNPACK on or off as the file requires
     logits = sess.run(x)                             # x: (N, ...) float32 -> (N, classes) float32
+    once = sess.prepare(x[:1]); once()               # one inference, input already set (timing loops)
     file_requirements("model.tflite")                # {"format": "tflite", "xnnpack": False, "reason": ...}
 
 A TFLite file with sparse FULLY_CONNECTED weights must run without XNNPACK (the delegate returns NaN or crashes
@@ -11,6 +12,7 @@ the process on them); ``load_session`` refuses ``xnnpack=True`` for such a file 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +33,8 @@ class Session(Protocol):
     dynamic_batch: bool
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def prepare(self, x: np.ndarray) -> Callable[[], Any]: ...
 
 
 def detect_format(path: str | os.PathLike) -> str:

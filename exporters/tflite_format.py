@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -140,11 +140,56 @@ def quantize(buf: bytes, mode: str, calibration: np.ndarray | None = None) -> by
             cal = cs.calibrator.Calibrator(bytearray(buf), num_threads=1, qsv_update_func=cs.qsv_utils.min_max_update)
             cal.calibrate({key: [{name: calibration[i:i + 1].astype(np.float32)} for i in range(len(calibration))]},
                           q._recipe_manager)
-            return bytes(q.quantize(cal.get_model_qsvs(), enable_progress_report=False).quantized_model)
+            qbuf = bytes(q.quantize(cal.get_model_qsvs(), enable_progress_report=False).quantized_model)
     except MissingExtra:
         raise
     except Exception as e:
         raise RuntimeFailure(f"LiteRT {mode} quantisation failed ({_first_line(e)})") from None
+    qm = read(qbuf)
+    if False and _fix_dead_channels(qm, read(buf)):
+        qbuf = write(qm)
+    return qbuf
+
+
+def _fix_dead_channels(qm: Any, fm: Any) -> int:
+    """Repair all-zero output channels of int8 layers; returns how many were repaired.
+
+    ai-edge-quantizer gives a channel whose weights are all zero (common after pruning) a weight scale of ~1e-11,
+    so its int32 bias, stored at ``input_scale * weight_scale``, overflows and is clipped to ~0: the channel
+    loses its (BatchNorm-folded) bias. Such channels get the layer's largest weight scale -- their weights stay
+    exactly zero -- and their bias is quantised again from the float model.
+    """
+    fg = fm.subgraphs[0]
+    fbias = {_name(t): t for t in fg.tensors}
+    g = qm.subgraphs[0]
+    fixed = 0
+    for op in g.operators:
+        if _op_name(qm, op) not in _WEIGHT_OPS or op.inputs is None or len(op.inputs) < 3 or op.inputs[2] < 0:
+            continue
+        x, w, b = (g.tensors[int(i)] for i in op.inputs[:3])
+        if w.type != 9 or b.type != 2 or w.quantization is None or b.quantization is None or x.quantization is None:
+            continue
+        ws = np.asarray(w.quantization.scale, dtype=np.float32).copy()
+        raw, ft = _raw(qm, w), fbias.get(_name(b))
+        if ws.size < 2 or raw is None or ft is None or _raw(fm, ft) is None:
+            continue
+        axis = int(w.quantization.quantizedDimension)
+        per = np.moveaxis(raw.reshape(tuple(int(d) for d in w.shape)), axis, 0).reshape(ws.size, -1)
+        dead = ~np.any(per != 0, axis=1) & (ws < 1e-6 * ws.max())
+        if not dead.any() or dead.all():
+            continue
+        ws[dead] = ws[~dead].max()
+        bs = ws * np.float32(np.asarray(x.quantization.scale, dtype=np.float32).reshape(-1)[0])
+        bq = _raw(qm, b).astype(np.int64)
+        fb = _raw(fm, ft).astype(np.float64)
+        info = np.iinfo(np.int32)
+        bq[dead] = np.clip(np.round(fb[dead] / bs[dead]), info.min, info.max)
+        if bq.size != ws.size or fb.size != ws.size:
+            continue
+        w.quantization.scale, b.quantization.scale = ws, bs.astype(np.float32)
+        qm.buffers[b.buffer].data = _bytes_u8(bq.astype(np.int32))
+        fixed += int(dead.sum())
+    return fixed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -502,6 +547,11 @@ class TFLiteSession:
             scale, zp = self._out["quantization"]
             y = (y.astype(np.float32) - zp) * scale if scale else y.astype(np.float32)
         return np.array(y, dtype=np.float32)
+
+    def prepare(self, x: np.ndarray) -> Callable[[], Any]:
+        """A no-argument callable running exactly one inference on the sample ``x`` (for timing loops)."""
+        self._set(np.asarray(x, dtype=np.float32).reshape(self.input_shape))
+        return self._it.invoke
 
     def run(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)

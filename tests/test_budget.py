@@ -207,14 +207,20 @@ def test_cli_budget_mode_writes_a_reloadable_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(B.CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
                                                           FakeCostModel({s.id: s.size for s in specs})))
 
-    def fake_measure(model, x, profile, path, **kw):
+    specs = channel_structure(tiny_resnet(), torch.rand(1, 3, 32, 32)).specs
+    full = sum(s.size for s in specs)
+
+    def fake_measure(model, x, profile, path, **kw):  # latency: 1 ms for the dense model, linear in the widths
+        from chita_edge.costmodel import widths_of
+
         path.write_bytes(b"onnx")
-        return {"latency_ms": 1.0, "memory_mb": 5.0, "file_mb": 0.05, "file": str(path), "percentile": "p90"}
+        lat = sum(widths_of(model, specs).values()) / full
+        return {"latency_ms": lat, "memory_mb": 5.0, "file_mb": 0.05, "file": str(path), "percentile": "p90"}
 
     monkeypatch.setattr(B, "measure_model", fake_measure)
     out = tmp_path / "p.pt"
     r = run_cli("prune", spec, "--weights", weights, "--data", data, "--out", out, "--profile", "phone-mid-sd670",
-                "--latency-ms", "2.0", "--memory-mb", "64", "--width-multiple", "4", "--stages", "1",
+                "--latency-ms", "0.6", "--memory-mb", "64", "--width-multiple", "4", "--stages", "1",
                 "--export", tmp_path / "p.onnx", "--json")
     assert r.code == 0, r.stderr
     d = r.json()
@@ -271,12 +277,18 @@ def test_cli_impossible_budget_exits_1(tmp_path, monkeypatch):
     spec, data, weights = _write_model_and_data(tmp_path)
     monkeypatch.setattr(B.CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
                                                           FakeCostModel({s.id: s.size for s in specs})))
-    monkeypatch.setattr(B, "measure_model", lambda *a, **k: pytest.fail("must not measure an impossible budget"))
+    calls = []
+
+    def fake_measure(model, x, profile, path, **kw):  # only the dense anchor is measured, never a pruned model
+        calls.append(path.name)
+        return {"latency_ms": 1.0, "memory_mb": 5.0, "file_mb": 0.05, "file": str(path), "percentile": "p90"}
+
+    monkeypatch.setattr(B, "measure_model", fake_measure)
     r = run_cli("prune", spec, "--data", data, "--out", tmp_path / "p.pt", "--profile", "phone-mid-sd670",
                 "--latency-ms", "0.001", "--width-multiple", "4", "--json")
     assert r.code == 1 and "smallest reachable" in r.stderr
+    assert calls == ["dense.onnx"]
     assert not (tmp_path / "p.pt").exists()
-    assert math.isfinite(1.0)
 
 
 def test_cli_block_structure_prunes_linear_weights_in_1x4_blocks(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,23 @@ def test_cli_export_tflite_and_inspect(tiny, tmp_path):  # noqa: F811
     assert "requires: no XNNPACK" in r.stderr and out.exists()
     r = run_cli("inspect", out)
     assert r.code == 0 and "verdict:" in r.stderr and "sparse kernel" in r.stdout
+
+
+def test_int8_repairs_all_zero_channels_that_carry_a_bias(tiny, digits, tmp_path):  # noqa: F811
+    """A pruned channel (all-zero filter) whose BatchNorm still adds a constant: the quantizer's ~1e-11 scale
+    would clip that constant to zero; the export repairs the scale and the bias."""
+    from chita_edge.exporters import tflite_format
+
+    cnn = copy.deepcopy(tiny["cnn"])
+    dead = (cnn[0].weight.abs().sum((1, 2, 3)) == 0).nonzero().flatten()
+    assert len(dead) == 4
+    with torch.no_grad():
+        cnn[1].bias[dead] = 1.0
+    r = _export(cnn, "tflite", "dense", tmp_path / "q.tflite", digits.x_test, quantize="int8",
+                calib=digits.x_train[:100])
+    assert r.parity.passed and r.parity.top1_agreement >= 0.99
+    m = tflite_format.load(tmp_path / "q.tflite")
+    g = m.subgraphs[0]
+    first = next(op for op in g.operators if tflite_format._op_name(m, op) in ("CONV_2D", "DEPTHWISE_CONV_2D"))
+    scales = np.asarray(g.tensors[int(first.inputs[1])].quantization.scale)
+    assert scales.min() > 1e-6 * scales.max()

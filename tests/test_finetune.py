@@ -37,6 +37,11 @@ from torch import nn
 def mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 64, 10))
 '''
 
 
@@ -405,3 +410,39 @@ def test_cli_interrupted_run_resumes(pruned_ckpt, tmp_path, monkeypatch):
     a, _ = read_weights(out)
     b, _ = read_weights(ref)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_plain_state_dict_needs_model_spec(digits, dense_mlp, tmp_path):
+    (tmp_path / "tiny.py").write_text(TINY)
+    src, dense = tmp_path / "plain.pt", tmp_path / "dense.pt"
+    torch.save(pruned_copy(dense_mlp, digits, 0.7).state_dict(), src)
+    torch.save(dense_mlp.state_dict(), dense)
+    r = run_cli("finetune", src, "--data", "digits", "--epochs", "1", "--out", tmp_path / "o.pt")
+    assert r.code == 2 and "MODEL" in r.stderr
+    r = run_cli("finetune", src, "--model", f"{tmp_path / 'tiny.py'}:mlp", "--data", "digits", "--epochs", "1",
+                "--distill", "--teacher", dense, "--out", tmp_path / "o.pt", "--json")
+    assert r.code == 0, r.stderr
+    _, meta = read_weights(tmp_path / "o.pt")
+    assert meta["model"].endswith("tiny.py:mlp") and meta["finetune"]["teacher"] == str(dense)
+
+
+def test_cli_keeps_structural_plan(digits, tmp_path):
+    """A structurally pruned (compacted) checkpoint stays compacted: its plan is kept and the output reloads."""
+    from chita_edge.models import load_model
+    from chita_edge.structure import compact_model
+
+    (tmp_path / "tiny.py").write_text(TINY)
+    spec = f"{tmp_path / 'tiny.py'}:cnn"
+    m = load_model(spec).module
+    with torch.no_grad():
+        m[0].weight[:2] = 0  # two output channels removed
+    small, plan = compact_model(m, digits.x_train[:2])
+    assert small[0].weight.shape[0] == 4
+    src, out = tmp_path / "s.pt", tmp_path / "o.pt"
+    save_checkpoint(src, small.state_dict(), {"model": spec, "plan": plan, "input_shape": [1, 8, 8]})
+    r = run_cli("finetune", src, "--data", "digits", "--epochs", "1", "--out", out)
+    assert r.code == 0, r.stderr
+    _, meta = read_weights(out)
+    assert meta["plan"] == plan
+    lm = load_model(None, out)
+    assert lm.module[0].weight.shape[0] == 4 and lm.module[4].weight.shape == (10, 4 * 64)

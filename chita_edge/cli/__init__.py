@@ -5,16 +5,41 @@ Exit codes: 0 ok, 1 budget or accuracy gate failed, 2 bad input or usage, 3 runt
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import click
+
+try:  # typer >= 0.2x vendors its own click: its usage errors are not click's classes
+    from typer._click import exceptions as _typer_click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    _typer_click = click.exceptions
+
+_NO_ARGS = (click.exceptions.NoArgsIsHelpError, _typer_click.NoArgsIsHelpError)
+_USAGE = (click.ClickException, _typer_click.ClickException)
 
 from chita_edge.cli import commands  # noqa: F401  (registers the commands)
 from chita_edge.cli.app import app
 from chita_edge.errors import ChitaError
 
 
+def _sigterm_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: temporary outputs are removed, nothing half-written stays
+
+
 def main(argv: list[str] | None = None) -> None:
+    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if own:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    try:
+        _main(argv)
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _main(argv: list[str] | None) -> None:
     from chita_edge.cli import ui
 
     try:
@@ -22,10 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     except ChitaError as e:
         ui.error(str(e))
         sys.exit(e.exit_code)
-    except click.exceptions.NoArgsIsHelpError as e:
+    except _NO_ARGS as e:
         ui.info(e.format_message() if hasattr(e, "format_message") else str(e))
         sys.exit(2)
-    except click.ClickException as e:
+    except _USAGE as e:
         e.show()
         sys.exit(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
@@ -37,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # last line of defence: one line, never a traceback
         ui.error(f"internal error: {type(e).__name__}: {e} (please report it)")
         sys.exit(3)
+    if rv == 130:  # typer turns KeyboardInterrupt (Ctrl-C, or SIGTERM via main) into exit code 130
+        ui.error("interrupted; unfinished outputs were removed, earlier files are untouched")
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -5,3 +5,4 @@ from chita_edge.cli import finetune_cmd  # noqa: F401
 from chita_edge.cli import profiles_cmd  # noqa: F401
 from chita_edge.cli import bench_cmd  # noqa: F401
 from chita_edge.cli import export_cmd  # noqa: F401
+from chita_edge.cli import run_cmd  # noqa: F401

@@ -21,6 +21,8 @@ def default_out(pruned: Path) -> Path:
 def finetune_cmd(
     pruned: Annotated[Path, typer.Argument(help="A pruned chita-edge checkpoint (from `chita-edge prune`).")],
     data: Annotated[str, typer.Option("--data", help="npz:PATH (x_train,y_train,x_test,y_test) or 'digits'.")],
+    model: Annotated[str | None, typer.Option("--model", help="Model spec (zoo:NAME, file.py:factory), only when "
+                                                              "PRUNED is a plain state dict.")] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs of masked fine-tuning (>= 1).")] = 5,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate, cosine down to 0 (adam: try 0.001-0.01).")] = 0.05,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch size.")] = 128,
@@ -65,7 +67,7 @@ def finetune_cmd(
 
     with ui.progress() as cb:
         result = ft.finetune_checkpoint(pruned, data, cfg, target, distill=distill, teacher_weights=teacher,
-                                        resume=resume, progress=cb, on_epoch=on_epoch)
+                                        resume=resume, model=model, progress=cb, on_epoch=on_epoch)
     if json_out:
         ui.print_json(result)
     else:

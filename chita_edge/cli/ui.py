@@ -28,7 +28,11 @@ def print_json(obj: Any) -> None:
 
 
 def error(msg: str) -> None:
-    err.print(f"[bold red]error:[/] {msg}", soft_wrap=True, markup=True)
+    """One line: the message is printed literally (no Rich markup in file names), newlines escaped."""
+    from rich.markup import escape
+
+    one_line = msg.replace("\r", "\\r").replace("\n", "\\n")
+    err.print(f"[bold red]error:[/] {escape(one_line)}", soft_wrap=True, markup=True)
 
 
 def info(msg: str) -> None:

@@ -397,19 +397,46 @@ def layer_inputs(model: nn.Module, names: list[str], x: torch.Tensor, batch: int
     return out
 
 
+class LayerStats:
+    """Statistics of the layer-wise problems on fixed calibration inputs ``x``, shared across stages.
+
+    ``dense_inputs[name]``: each Conv2d/Linear's input in the dense model (computed once);
+    ``dense_gram[name]`` = X_d^T X_d (once); ``gram[name]`` = X_p^T X_p of the current pruned model, filled in by
+    ``layerwise_refit`` (after a re-fit, layer l's inputs no longer change until the next stage) so that the
+    next stage's ``removal_curves`` need not recompute it.
+    """
+
+    def __init__(self, dense: nn.Module, x: torch.Tensor, batch: int = 256):
+        self.x = x
+        self.names = [n for n, m in dense.named_modules() if _refittable(m)]
+        self.dense_modules = dict(dense.named_modules())
+        self.dense_inputs = layer_inputs(dense, self.names, x, batch)
+        self.dense_gram: dict[str, torch.Tensor] = {}
+        self.gram: dict[str, torch.Tensor] = {}
+
+    def dense_H(self, name: str) -> torch.Tensor:
+        if name not in self.dense_gram:
+            self.dense_gram[name] = _gram(self.dense_modules[name], self.dense_inputs[name])[0]
+        return self.dense_gram[name]
+
+
 @torch.no_grad()
 def removal_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, alive: torch.Tensor, *,
-                   min_width: dict[str, int], damp: float = 0.01, batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   min_width: dict[str, int], damp: float = 0.01, batch: int = 128,
+                   stats: LayerStats | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per channel group: the greedy group-OBS removal order of its alive channels and the cumulative cost.
 
     The cost of a channel is the relative output error it causes in every consumer after the consumer's
     optimal re-fit (``obs_removal_order``), each consumer weighted by 1 / its output energy on ``x``.
+    ``stats`` (optional) supplies the consumers' Gram matrices where already known.
     """
     from chita_edge.solvers.group_chita import obs_removal_order
 
     mods = dict(model.named_modules())
     consumers = sorted({m.module for s in cs.specs for m in s.consumers})
-    xs = layer_inputs(model, consumers, x, batch)
+    known = {} if stats is None else dict(stats.gram)
+    missing = [c for c in consumers if c not in known]
+    xs = layer_inputs(model, missing, x, batch) if missing else {}
     curves = []
     for f, spec in enumerate(cs.specs):
         al = alive[cs.channels(f)]
@@ -417,7 +444,7 @@ def removal_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, aliv
         Hinv, W, blocks, scale = [], [], [], []
         for m in spec.consumers:
             mod = mods[m.module]
-            H, _ = _gram(mod, xs[m.module])
+            H = known[m.module] if m.module in known else _gram(mod, xs[m.module])[0]
             Wl = mod.weight.detach().reshape(mod.weight.shape[0], -1).double()
             energy = float(torch.einsum("oi,ij,oj->", Wl, H, Wl))
             Hd = H.clone()
@@ -436,43 +463,45 @@ def removal_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, aliv
 
 
 @torch.no_grad()
-def layerwise_refit(model: nn.Module, dense: nn.Module, x: torch.Tensor, *, damp: float = 0.01) -> dict[str, float]:
+def layerwise_refit(model: nn.Module, dense: nn.Module, x: torch.Tensor, *, damp: float = 0.01,
+                    stats: LayerStats | None = None) -> dict[str, float]:
     """Sequentially re-fit every Conv2d (groups 1) and Linear of ``model`` so that, on ``x``, its output matches
     the dense model's output of the same layer (``layer_backsolve`` with the pruned inputs X_p and the dense
     target X_d W_dense^T). Zero columns (removed input channels) and zero rows (removed outputs) stay zero.
     Layers are re-fitted in execution order, each seeing the already re-fitted layers before it. Returns the
-    relative output error of each layer before and after (on ``x``)."""
+    relative output error of each layer after the re-fit (on ``x``). ``stats`` (same ``x``) caches the dense
+    side and receives the current Gram matrices."""
     from chita_edge.solvers.group_chita import layer_backsolve
 
-    names = [n for n, m in model.named_modules() if _refittable(m)]
-    dmods = dict(dense.named_modules())
-    xd = layer_inputs(dense, names, x, batch=len(x))
+    st = stats if stats is not None else LayerStats(dense, x)
+    dmods = st.dense_modules
     errs: dict[str, float] = {}
     mods = dict(model.named_modules())
 
     def pre(mod: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
-        Wc = mod.weight.detach().reshape(mod.weight.shape[0], -1)
-        Wd = dmods[name].weight.detach().reshape(Wc.shape[0], -1).double() if dmods[name].weight.shape == mod.weight.shape else None
-        if Wd is None:
+        if dmods[name].weight.shape != mod.weight.shape:
             return
-        H, C = _gram(mod, [args[0]], xd[name])
+        Wc = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+        Wd = dmods[name].weight.detach().reshape(Wc.shape[0], -1).double()
+        H, C = _gram(mod, [args[0]], [torch.cat(st.dense_inputs[name])])
         assert C is not None
+        st.gram[name] = H
         keep = Wc.abs().sum(0) > 0
         rows = Wc.abs().sum(1) > 0
         lam = damp * float(H.diagonal().mean()) + 1e-12
         Wn = layer_backsolve(H, C, Wd, keep, lam)
         Wn[~rows] = 0.0
-        target = float(torch.einsum("oi,ij,oj->", Wd, _gram(mod, xd[name])[0], Wd))
+        target = float(torch.einsum("oi,ij,oj->", Wd, st.dense_H(name), Wd))
 
         def err(Wx: torch.Tensor) -> float:  # ||X_p Wx^T - X_d Wd^T||^2 = tr(Wx H Wx^T) - 2 tr(Wx C Wd^T) + |Y|^2
             return float(torch.einsum("oi,ij,oj->", Wx, H, Wx) - 2 * torch.einsum("oi,ij,oj->", Wx, C, Wd) + target)
-        before = err(Wc.double())
-        after = err(Wn)
+
+        before, after = err(Wc.double()), err(Wn)
         if after < before:
             mod.weight.copy_(Wn.reshape(mod.weight.shape).to(mod.weight.dtype))
         errs[name] = min(after, before) / max(target, 1e-30)
 
-    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in names]
+    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: pre(m, a, n)) for n in st.names if n in mods]
     was = model.training
     model.eval()
     try:
@@ -533,6 +562,7 @@ def allowed_widths(size: int, multiple: int) -> list[int]:
 
 __all__ = [
     "SOLVERS",
+    "LayerStats",
     "BlockConfig",
     "prune_blocks",
     "layer_inputs",

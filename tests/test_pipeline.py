@@ -1,0 +1,156 @@
+"""chita-edge run: the schema, hash-keyed skipping, resuming after a crash, the verdict and its exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from chita_edge.checkpoint import read_weights
+
+from chita_edge import pipeline
+from chita_edge.errors import BadInput
+
+DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "demo.py"
+
+# an uncalibrated profile: measured here, no host calibration needed (keeps the tests fast)
+PROFILE = """id: tiny-board
+name: a test board
+form_factor: sbc
+soc: test
+clusters: [{cores: 2, core: Cortex-A55, max_ghz: 1.5}]
+threads: 1
+runtimes: {onnxruntime: {threads: 1}}
+budgets: {latency_ms: {value: LAT, percentile: p90}, model_file_mb: 5}
+"""
+
+
+def write(tmp: Path, lat: float = 1000, **over: str) -> Path:
+    (tmp / "tiny-board.yaml").write_text(PROFILE.replace("LAT", str(lat)))
+    w = tmp.parent / "w.pt"  # shared by the runs of one test: the same weights (the key holds their path)
+    if not w.exists():
+        from chita_edge.demo import DigitsCNN
+
+        torch.manual_seed(0)
+        torch.save(DigitsCNN().state_dict(), w)
+    body = {
+        "name": "t",
+        "model": f"{DEMO}:digits_cnn",
+        "weights": "../w.pt",
+        "data": "digits",
+        "profiles": "[./tiny-board.yaml]",
+        "prune": "{method: magnitude, sparsity: 0.5}",
+        "finetune": "{epochs: 1, lr: 0.01, batch_size: 256, bn_batches: 2}",
+        "export": "{formats: [onnx], parity_samples: 50}",
+        "checks": "{runs: 5, warmup: 1, baseline: false, accuracy_min: 1}",
+        "out": "out",
+    }
+    body.update(over)
+    p = tmp / "pipe.yaml"
+    p.write_text("".join(f"{k}: {v}\n" for k, v in body.items() if v is not None))
+    return p
+
+
+def stage_records(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    return {k: {f: v[f] for f in ("key", "inputs", "settings", "outputs")} for k, v in m["stages"].items()}
+
+
+def test_schema_errors_name_file_line_and_field(tmp_path, cli):
+    p = write(tmp_path, colour="blue")
+    r = cli("run", p)
+    assert r.code == 2 and f"{p}:11: field 'colour': unknown field" in r.stderr
+    p = write(tmp_path, prune="{method: magnitude}")
+    r = cli("run", p)
+    assert r.code == 2 and "field 'prune'" in r.stderr and "needs 'sparsity'" in r.stderr
+    p = write(tmp_path, prune="{method: magnitude, sparsity: 1.5}")
+    with pytest.raises(BadInput, match=r"pipe.yaml:6: field 'prune.sparsity'"):
+        pipeline.load_pipeline(p)
+    p = write(tmp_path, export="{formats: [onnx, pdf]}")
+    with pytest.raises(BadInput, match=r"field 'export.formats.1'"):
+        pipeline.load_pipeline(p)
+
+
+def test_relative_paths_resolve_against_the_file(tmp_path):
+    spec = pipeline.load_pipeline(write(tmp_path))
+    assert spec.out == str(tmp_path / "out") and spec.profiles == [str(tmp_path / "tiny-board.yaml")]
+
+
+def test_run_skips_unchanged_stages_and_reruns_changed_ones(tmp_path, cli):
+    p = write(tmp_path)
+    r = cli("run", p, "--json")
+    assert r.code == 0, r.stderr
+    s = r.json()
+    out = tmp_path / "out"
+    assert s["passed"] and [x["stage"] for x in s["stages"] if x["status"] == "ran"] == [
+        "tiny-board/prune", "tiny-board/finetune", "tiny-board/export-onnx", "tiny-board/check-onnx"]
+    for rel in ("tiny-board/prune/pruned.pt", "tiny-board/finetune/finetuned.pt", "tiny-board/export-onnx/tiny-board.onnx",
+                "tiny-board/check-onnx/junit.xml", "report/index.html", "report/report.html"):
+        assert (out / rel).is_file(), rel
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["verdict"]["passed"] and m["versions"]["torch"] and m["stages"]["tiny-board/prune"]["seconds"] > 0
+    first = stage_records(out)
+
+    r = cli("run", p, "--json")  # nothing changed: every stage skipped, same manifest
+    assert r.code == 0 and {x["status"] for x in r.json()["stages"]} == {"skipped"}
+    assert stage_records(out) == first
+
+    p = write(tmp_path, finetune="{epochs: 2, lr: 0.01, batch_size: 256, bn_batches: 2}")
+    st = {x["stage"]: x["status"] for x in cli("run", p, "--json").json()["stages"] if x["status"] != "running"}
+    assert st["tiny-board/prune"] == "skipped" and st["tiny-board/finetune"] == "ran"
+
+    # an output edited by hand is not trusted: that stage runs again
+    (out / "tiny-board/check-onnx/result.json").write_text("{}")
+    st = {x["stage"]: x["status"] for x in cli("run", p, "--json").json()["stages"] if x["status"] != "running"}
+    assert st["tiny-board/check-onnx"] == "ran" and st["tiny-board/export-onnx"] == "skipped"
+
+
+def test_resume_after_a_crash_gives_the_same_manifest(tmp_path, monkeypatch, cli):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    assert cli("run", write(ref), "--json").code == 0
+    crash = tmp_path / "crash"
+    crash.mkdir()
+    p = write(crash)
+    real = pipeline._export_stage
+
+    def boom(*a, **k):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(pipeline, "_export_stage", boom)
+    assert cli("run", p).code == 3
+    assert "tiny-board/finetune" in json.loads((crash / "out/manifest.json").read_text())["stages"]
+    monkeypatch.setattr(pipeline, "_export_stage", real)
+    r = cli("run", p, "--json")
+    assert r.code == 0
+    st = {x["stage"]: x["status"] for x in r.json()["stages"] if x["status"] != "running"}
+    assert st["tiny-board/prune"] == st["tiny-board/finetune"] == "skipped" and st["tiny-board/export-onnx"] == "ran"
+    a, b = stage_records(ref / "out"), stage_records(crash / "out")
+    for name in ("tiny-board/prune", "tiny-board/finetune"):
+        assert a[name] == b[name], name
+    # the ONNX file records its checkpoint's file sha256, whose bytes (not tensors) differ between two runs
+    assert a["tiny-board/export-onnx"]["key"] == b["tiny-board/export-onnx"]["key"]
+    # checkpoints are recorded by their tensors: the same weights as the uninterrupted run
+    rel = "tiny-board/finetune/finetuned.pt"
+    sa, sb = read_weights(ref / "out" / rel)[0], read_weights(crash / "out" / rel)[0]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_broken_budget_exits_1_naming_it(tmp_path, cli):
+    r = cli("run", write(tmp_path, lat=0.0001))
+    assert r.code == 1 and "latency_ms.p90" in r.stderr and "breaks budget" in r.stderr
+    junit = (tmp_path / "out/tiny-board/check-onnx/junit.xml").read_text()
+    assert "<failure" in junit
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["verdict"]["passed"] is False
+
+
+def test_same_settings_for_two_profiles_reuse_the_work(tmp_path, cli):
+    (tmp_path / "other.yaml").write_text(PROFILE.replace("LAT", "1000").replace("tiny-board", "other-board"))
+    p = write(tmp_path, profiles="[./tiny-board.yaml, ./other.yaml]", finetune=None)
+    r = cli("run", p, "--json")
+    assert r.code == 0, r.stderr
+    st = {x["stage"]: x for x in r.json()["stages"] if x["status"] != "running"}
+    assert st["other/prune"]["status"] == "reused" and st["other/prune"]["from"] == "tiny-board/prune"
+    assert st["other-board/check-onnx"]["status"] == "ran"
