@@ -35,7 +35,7 @@ SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().paren
 SETUPS = {
     "mlpnet": dict(spec="zoo:mlpnet", weights="checkpoints/mlpnet_mnist.pt", data="data/mnist.npz", sparsity=0.98,
                    target=94.0, max_epochs=5,
-                   ft=dict(epochs=5, lr=0.05, batch_size=128, optimizer="sgd", augment=False)),
+                   ft=dict(epochs=5, lr=0.1, batch_size=64, optimizer="sgd", augment=False)),
     "resnet20": dict(spec="zoo:resnet20", weights="checkpoints/resnet20_cifar10.pt", data="data/cifar10.npz",
                      sparsity=0.9, target=85.0, max_epochs=20,
                      ft=dict(epochs=20, lr=0.05, batch_size=64, optimizer="sgd", augment=True, weight_decay=5e-4)),

@@ -3,27 +3,36 @@
     from chita_edge import load_model, load_data, prune, PruneConfig
     lm = load_model("zoo:mlpnet", "mlpnet.pt")
     report = prune(lm.module, PruneConfig(sparsity=0.95, method="chita++"), load_data("npz:mnist.npz"), lm.prunable)
+
+Names are imported lazily, so that light entry points (the benchmark child process) do not pay for torch.
 """
 
-from chita_edge._version import __version__
-from chita_edge.data import Dataset, load_data
-from chita_edge.errors import BadInput, ChitaError, GateFailed, RuntimeFailure
-from chita_edge.evaluate import accuracy
-from chita_edge.models import LoadedModel, load_model
-from chita_edge.pruning.prune import PruneConfig, PruneReport, prune
+from __future__ import annotations
 
-__all__ = [
-    "BadInput",
-    "ChitaError",
-    "Dataset",
-    "GateFailed",
-    "LoadedModel",
-    "PruneConfig",
-    "PruneReport",
-    "RuntimeFailure",
-    "__version__",
-    "accuracy",
-    "load_data",
-    "load_model",
-    "prune",
-]
+import importlib
+from typing import Any
+
+from chita_edge._version import __version__
+
+_EXPORTS = {
+    "BadInput": "chita_edge.errors",
+    "ChitaError": "chita_edge.errors",
+    "GateFailed": "chita_edge.errors",
+    "RuntimeFailure": "chita_edge.errors",
+    "Dataset": "chita_edge.data",
+    "load_data": "chita_edge.data",
+    "accuracy": "chita_edge.evaluate",
+    "LoadedModel": "chita_edge.models",
+    "load_model": "chita_edge.models",
+    "PruneConfig": "chita_edge.pruning.prune",
+    "PruneReport": "chita_edge.pruning.prune",
+    "prune": "chita_edge.pruning.prune",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'chita_edge' has no attribute {name!r}")

@@ -52,6 +52,7 @@ from chita_edge.pruning.structured import (
     BlockConfig,
     ChannelStructure,
     LayerStats,
+    probe_curves,
     prune_blocks,
     layerwise_refit,
     removal_curves,
@@ -100,6 +101,8 @@ class BudgetConfig:
     bn_reestimate: bool | None = None  # None: on where there is no re-fit (it undoes a re-fit's calibration)
     calib_samples: int = 256  # training images for the layer statistics and the re-fit
     damp: float = 0.01  # ridge of the layer-wise problems, relative to the mean diagonal of H
+    max_probes: int = 6  # widths per channel group at which the output divergence is measured
+    probe_samples: int = 128  # calibration images for those measurements
     max_iter: int = 60
     seed: int = 0
     threads: int = 1  # host threads for timing (the benchmark's host setting)
@@ -277,7 +280,8 @@ class NormCriterion(_Criterion):
 
 
 def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: _Criterion, targets: Mapping[str, float],
-                  corr: Mapping[str, float], multiple: int, *, per_resource: bool = True) -> tuple[dict[str, int], list[dict[str, Any]]]:
+                  corr: Mapping[str, float], multiple: int, *, per_resource: bool = True,
+                  max_jump: int = 4) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Step groups down until every (corrected) predicted resource meets its target; ``crit`` picks channels.
 
     ``per_resource``: rank steps by objective cost per unit of (normalised) resource saved (NetAdapt); False
@@ -297,20 +301,20 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: _Criterion, targets
         best = None
         for f, s in enumerate(cs.specs):
             lower = [w for w in allowed_widths(sizes[s.id], multiple) if w < widths[s.id]]
-            if not lower:
-                continue
-            new_w = lower[-1]
-            cost, chans = crit.propose(f, widths[s.id] - new_w)
-            if not math.isfinite(cost):
-                continue
-            trial = {**widths, s.id: new_w}
-            r = res(trial)
-            gain = sum((cur[k] - r[k]) / targets[k] for k in targets if cur[k] > targets[k])
-            if gain <= 1e-12:
-                continue
-            score = max(cost, 0.0) / gain if per_resource else cost
-            if best is None or score < best[0]:
-                best = (score, f, new_w, chans, r, cost)
+            # every lower width is a candidate step (not only the next one): the latency of a kernel is flat
+            # between the runtime's channel blocks, so a one-step look-ahead stalls on such plateaus
+            for new_w in reversed(lower[-max_jump:] if per_resource else lower[-1:]):
+                cost, chans = crit.propose(f, widths[s.id] - new_w)
+                if not math.isfinite(cost):
+                    continue
+                trial = {**widths, s.id: new_w}
+                r = res(trial)
+                gain = sum((cur[k] - r[k]) / targets[k] for k in targets if cur[k] > targets[k])
+                if gain <= 1e-12:
+                    continue
+                score = max(cost, 0.0) / gain if per_resource else cost
+                if best is None or score < best[0]:
+                    best = (score, f, new_w, chans, r, cost)
         if best is None:
             break  # nothing left to remove that helps: unreachable from here
         _, f, new_w, chans, r, cost = best
@@ -519,6 +523,17 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
         # Step 3: group-OBS removal curves of every channel group (layer-wise CHITA quadratic, G = inputs X).
         curves = removal_curves(model, cs, xcal, alive, min_width=min_widths(cs.sizes, mult), damp=cfg.damp,
                                 stats=stats)
+        assert stats is not None
+        probes = {}
+        for f, s in enumerate(cs.specs):
+            w_now = int(alive[cs.channels(f)].sum())
+            lower = [w for w in allowed_widths(s.size, mult) if w < w_now]
+            if len(lower) > cfg.max_probes:  # spread the probes, always including the narrowest width
+                step = (len(lower) - 1) / (cfg.max_probes - 1)
+                lower = sorted({lower[round(i * step)] for i in range(cfg.max_probes)})
+            probes[f] = [w_now - w for w in lower]
+        pcal = xcal[: cfg.probe_samples]
+        curves = probe_curves(model, cs, pcal, curves, stats, probes=probes, damp=cfg.damp)
         crit: _Criterion = CurveCriterion(cs, alive, curves)
         widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult)
         keep = crit.alive

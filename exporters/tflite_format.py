@@ -146,7 +146,7 @@ def quantize(buf: bytes, mode: str, calibration: np.ndarray | None = None) -> by
     except Exception as e:
         raise RuntimeFailure(f"LiteRT {mode} quantisation failed ({_first_line(e)})") from None
     qm = read(qbuf)
-    if False and _fix_dead_channels(qm, read(buf)):
+    if _fix_dead_channels(qm, read(buf)):
         qbuf = write(qm)
     return qbuf
 

@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from chita_edge.exporters import file_requirements, inspect_file, load_session
+from chita_edge.exporters import ExportConfig, export_model, file_requirements, inspect_file, load_session
 from chita_edge.exporters import layouts as L
 from conftest import run_cli
 from test_export import _export, digits, tiny  # noqa: F401  (fixtures shared with the ONNX tests)
@@ -110,9 +110,10 @@ def test_int8_repairs_all_zero_channels_that_carry_a_bias(tiny, digits, tmp_path
     assert len(dead) == 4
     with torch.no_grad():
         cnn[1].bias[dead] = 1.0
-    r = _export(cnn, "tflite", "dense", tmp_path / "q.tflite", digits.x_test, quantize="int8",
-                calib=digits.x_train[:100])
-    assert r.parity.passed and r.parity.top1_agreement >= 0.99
+    cfg = ExportConfig(format="tflite", quantize="int8", min_agreement=0.95)  # without the repair: 0 %
+    r = export_model(cnn, cfg, example_input=digits.x_test[:1], out=tmp_path / "q.tflite",
+                     parity_inputs=digits.x_test, calibration=digits.x_train[:100])
+    assert r.parity.passed and r.parity.top1_agreement >= 0.95
     m = tflite_format.load(tmp_path / "q.tflite")
     g = m.subgraphs[0]
     first = next(op for op in g.operators if tflite_format._op_name(m, op) in ("CONV_2D", "DEPTHWISE_CONV_2D"))

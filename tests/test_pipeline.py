@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chita_edge.checkpoint import read_weights
-
 from chita_edge import pipeline
+from chita_edge.checkpoint import read_weights
 from chita_edge.errors import BadInput
 
 DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "demo.py"

@@ -130,11 +130,15 @@ def test_profile_fuzz_rejects_what_it_should():
 # ------------------------------------------------------------------------------------------ pipeline schema
 def _pipeline_parser():
     mod = pytest.importorskip("chita_edge.pipeline", reason="chita_edge.pipeline (issue 7) has not landed yet")
-    for name in ("parse_pipeline", "load_pipeline_text", "parse"):
-        fn = getattr(mod, name, None)
-        if callable(fn):
-            return fn
-    pytest.skip("chita_edge.pipeline has no parse_pipeline(text, where) yet")
+    import tempfile
+
+    def parse(text: str, where: str):
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / where
+            path.write_text(text)
+            return mod.load_pipeline(path)
+
+    return parse
 
 
 @fuzz

@@ -79,9 +79,6 @@ def test_well_posed_backsolve_is_finite():
     assert torch.isfinite(w).all() and bool((w[~support] == 0).all())
 
 
-@pytest.mark.xfail(strict=True, reason="solver gap: chita.py::_cholesky adds a 1e-10 relative jitter once and then "
-                                       "raises FloatingPointError; it should retry with a larger ridge (x10 steps up "
-                                       "to a bound), log the ridge it used and return finite weights")
 def test_ill_conditioned_backsolve_falls_back_to_a_larger_ridge(caplog):
     G, w_bar, support = _ill_conditioned()
     with caplog.at_level(logging.WARNING):

@@ -27,7 +27,7 @@ def prune_cmd(
     grads: Annotated[int, typer.Option("--grads", help="Number of gradient rows n in G.")] = 1000,
     fisher_batch: Annotated[int, typer.Option("--fisher-batch", help="Samples per gradient row m.")] = 1,
     l2: Annotated[float, typer.Option("--l2", help="Ridge term; lambda = l2*n/2.")] = 0.03,
-    first_order: Annotated[bool, typer.Option("--first-order/--no-first-order", help="Include the first-order term a.")] = True,
+    first_order: Annotated[bool | None, typer.Option("--first-order/--no-first-order", help="Include the first-order term a (default: on for chita++, off otherwise).")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="Block mode: per-block solves of this many weights (0: off).")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for gradient sampling.")] = 0,
     profile: Annotated[str | None, typer.Option("--profile", help="Device profile id or YAML: prune to its budgets (structured).")] = None,

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from chita_edge.data import Dataset
-from chita_edge.errors import BadInput
+from chita_edge.errors import BadInput, RuntimeFailure
 from chita_edge.pruning.gradients import collect_gradients, gradient_memory_bytes
 from chita_edge.pruning.layers import PrunableParam, find_prunable, flatten_weights, layer_sparsity, set_weights
 from chita_edge.solvers import chita as solver
@@ -39,7 +39,9 @@ class PruneConfig:
     n_grads: int = 1000  # n: rows of G
     fisher_batch: int = 1  # m: samples per gradient row
     l2: float = 0.03  # ridge; lam = l2 * n / 2 (1e-3 in the reference; 0.03 measured better, docs/benchmarks.md)
-    first_order: bool = True  # a = (1/m) sum_i g_i: pruned points are not minima, the linear term matters
+    # a = (1/m) sum_i g_i. None: on for chita++ (its later stages start from pruned points, which are not
+    # minima, so the linear term matters), off otherwise (at the dense optimum it only adds noise).
+    first_order: bool | None = None
     keep_pruned: bool = True  # CHITA++: weights pruned at an earlier stage stay zero
     start_sparsity: float = 0.1  # s0 of the cubic schedule
     block_size: int = 0  # > 0: block mode (per-block solves on column slices of G)
@@ -159,7 +161,7 @@ def prune_weights(
                                   memory_budget_bytes=int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else None)
             G = G.to(dtype)
             t_grad += time.perf_counter() - tg
-            if cfg.first_order:
+            if cfg.first_order or (cfg.first_order is None and cfg.method == "chita++"):
                 # f is n/m times the local loss model (1/2 ||G d||^2 ~ n/(2m) d^T F d for rows that average
                 # m samples), so the linear term is n/m times the mean gradient: (1/m) sum_i g_i.
                 a = G.sum(0) / cfg.fisher_batch
@@ -192,7 +194,7 @@ def prune_weights(
             else:
                 w = r.w
         if not torch.isfinite(w).all():
-            raise FloatingPointError("solver produced non-finite weights; try a larger --l2")
+            raise RuntimeFailure("the solver produced non-finite weights; try a larger --l2")
         info["solve_s"] = time.perf_counter() - ts
         t_solve += info["solve_s"]
         set_weights(model, params, w)

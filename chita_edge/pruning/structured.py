@@ -19,6 +19,7 @@ builds that incidence from a model and writes solutions back:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -463,6 +464,73 @@ def removal_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, aliv
 
 
 @torch.no_grad()
+def probe_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, curves: list[tuple[torch.Tensor, torch.Tensor]],
+                 stats: LayerStats, *, probes: dict[int, list[int]], damp: float = 0.01,
+                 batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Loss-calibrated removal curves: for group f, remove the first k channels of its group-OBS order (k in
+    ``probes[f]``), re-fit its consumers (``layer_backsolve`` with the current Gram matrices: the OBS update),
+    and measure the KL divergence of the model's outputs on ``x`` from the current model's. Between probes the
+    cost is interpolated linearly (0 at k = 0). Per-layer relative errors are not comparable across layers; the
+    output divergence is, so the width search can trade one group against another.
+    """
+    from chita_edge.solvers.group_chita import layer_backsolve
+
+    def outputs(m: nn.Module) -> torch.Tensor:
+        return torch.cat([m(x[i:i + batch]) for i in range(0, len(x), batch)]).double().log_softmax(1)
+
+    was = model.training
+    model.eval()
+    ref = outputs(model)
+    mods = dict(model.named_modules())
+    out = []
+    for f, (order, _) in enumerate(curves):
+        ks = sorted({k for k in probes.get(f, []) if 0 < k <= order.numel()})
+        if not ks:
+            out.append((order, torch.zeros(order.numel(), dtype=torch.float64)))
+            continue
+        pts = [(0, 0.0)]
+        spec = cs.specs[f]
+        saved = {m.module: mods[m.module].weight.detach().clone() for m in spec.consumers}
+        for k in ks:
+            trial = copy.deepcopy(model)
+            tmods = dict(trial.named_modules())
+            keep = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+            keep[order[:k]] = False
+            apply_keep(trial, cs, keep)
+            for m in spec.consumers:
+                mod = tmods[m.module]
+                W = saved[m.module].reshape(saved[m.module].shape[0], -1).double()
+                Wz = mod.weight.detach().reshape(W.shape)
+                H = stats.gram.get(m.module)
+                if H is None:
+                    H = _gram(mod, layer_inputs(model, [m.module], x, batch)[m.module])[0]
+                    stats.gram[m.module] = H
+                lam = damp * float(H.diagonal().mean()) + 1e-12
+                Wn = layer_backsolve(H, H, W, Wz.abs().sum(0) > 0, lam)
+                Wn[Wz.abs().sum(1) == 0] = 0.0
+                mod.weight.copy_(Wn.reshape(mod.weight.shape).to(mod.weight.dtype))
+            trial.eval()
+            lp = outputs(trial)
+            kl = float((ref.exp() * (ref - lp)).sum(1).mean())
+            pts.append((k, max(kl, 0.0)))
+        kk = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+        vv = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+        vv = torch.cummax(vv, 0).values  # removing more never costs less
+        j = torch.arange(1, order.numel() + 1, dtype=torch.float64)
+        idx = torch.searchsorted(kk, j, right=False).clamp(1, len(kk) - 1)
+        k0, k1 = kk[idx - 1], kk[idx]
+        t = ((j - k0) / (k1 - k0)).clamp(0, None)
+        cost = vv[idx - 1] + t * (vv[idx] - vv[idx - 1])
+        beyond = j > kk[-1]
+        if bool(beyond.any()):  # past the last probe: extrapolate the last slope
+            slope = (vv[-1] - vv[-2]) / max(float(kk[-1] - kk[-2]), 1.0)
+            cost[beyond] = vv[-1] + (j[beyond] - kk[-1]) * slope
+        out.append((order, cost))
+    model.train(was)
+    return out
+
+
+@torch.no_grad()
 def layerwise_refit(model: nn.Module, dense: nn.Module, x: torch.Tensor, *, damp: float = 0.01,
                     stats: LayerStats | None = None) -> dict[str, float]:
     """Sequentially re-fit every Conv2d (groups 1) and Linear of ``model`` so that, on ``x``, its output matches
@@ -563,6 +631,7 @@ def allowed_widths(size: int, multiple: int) -> list[int]:
 __all__ = [
     "SOLVERS",
     "LayerStats",
+    "probe_curves",
     "BlockConfig",
     "prune_blocks",
     "layer_inputs",

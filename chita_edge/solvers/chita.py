@@ -13,12 +13,14 @@ over p) restricts the support, which is how earlier pruned weights are kept at z
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
 Tensor = torch.Tensor
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,12 +140,18 @@ def _chol_solve(L: Tensor, b: Tensor) -> Tensor:
 
 
 def _cholesky(K: Tensor) -> Tensor:
+    """Cholesky factor of an (n x n or s x s) system whose diagonal already holds 2 lam. If it is not
+    numerically positive definite, the ridge is raised tenfold (up to 6 times) and a warning says so."""
     L, info = torch.linalg.cholesky_ex(K)
-    if int(info) != 0:  # ill-conditioned: add a relative jitter, then fail loudly
-        jitter = 1e-10 * float(K.diagonal().abs().max())
-        L, info = torch.linalg.cholesky_ex(K + jitter * torch.eye(K.shape[0], dtype=K.dtype))
-        if int(info) != 0:
-            raise FloatingPointError("backsolve: the system is not positive definite; use a larger l2")
+    extra = 1e-10 * float(K.diagonal().abs().max()) or 1e-12
+    for _ in range(6):
+        if int(info) == 0:
+            return L
+        log.warning("backsolve: system not positive definite; ridge raised by %.3g", extra)
+        L, info = torch.linalg.cholesky_ex(K + extra * torch.eye(K.shape[0], dtype=K.dtype))
+        extra *= 10.0
+    if int(info) != 0:
+        raise FloatingPointError("backsolve: the system is not positive definite; use a larger l2")
     return L
 
 

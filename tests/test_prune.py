@@ -1,0 +1,117 @@
+"""The prune engine end to end: zoo checkpoints, magnitude reproduction, CHITA vs baselines, CLI contract."""
+
+import numpy as np
+import pytest
+import torch
+
+from chita_edge.checkpoint import read_weights
+from chita_edge.data import load_data
+from chita_edge.evaluate import accuracy
+from chita_edge.models import load_model
+from chita_edge.pruning.prune import PruneConfig, cubic_schedule, keep_count, prune
+from conftest import run_cli, shared_path
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return load_data(f"npz:{shared_path('data/mnist.npz')}")
+
+
+def mlpnet():
+    return load_model("zoo:mlpnet", shared_path("checkpoints/mlpnet_mnist.pt"))
+
+
+@pytest.mark.shared
+def test_zoo_checkpoints_load_strictly_and_reproduce_paper_accuracy(mnist):
+    assert accuracy(mlpnet().module, mnist.x_test, mnist.y_test) == pytest.approx(93.97, abs=1e-9)
+    cifar = load_data(f"npz:{shared_path('data/cifar10.npz')}")
+    r20 = load_model("zoo:resnet20", shared_path("checkpoints/resnet20_cifar10.pt"))
+    assert accuracy(r20.module, cifar.x_test, cifar.y_test) == pytest.approx(90.86, abs=0.01)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("s,expected", [(0.98, 32.25), (0.95, 83.64), (0.90, 90.30)])
+def test_global_magnitude_reproduces_known_accuracies(mnist, s, expected):
+    lm = mlpnet()
+    rep = prune(lm.module, PruneConfig(sparsity=s, method="magnitude"), mnist, lm.prunable)
+    assert accuracy(lm.module, mnist.x_test, mnist.y_test) == pytest.approx(expected, abs=1e-9)
+    assert rep.sparsity == pytest.approx(s, abs=1e-4)
+
+
+@pytest.mark.shared
+def test_chita_beats_magnitude_and_uniform_at_90_percent(mnist):
+    accs = {}
+    for method in ("magnitude", "magnitude-uniform", "chita"):
+        lm = mlpnet()
+        prune(lm.module, PruneConfig(sparsity=0.9, method=method, n_grads=300), mnist, lm.prunable)
+        accs[method] = accuracy(lm.module, mnist.x_test, mnist.y_test)
+    assert accs["chita"] > accs["magnitude"] + 1.0
+    assert accs["chita"] > accs["magnitude-uniform"]
+
+
+def test_uniform_magnitude_prunes_every_layer_to_the_same_fraction():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10))
+    rep = prune(model, PruneConfig(sparsity=0.5, method="magnitude-uniform"), load_data("digits"))
+    assert set(rep.layer_sparsity.values()) == {0.5}
+
+
+def test_cubic_schedule_and_keep_count():
+    sched = cubic_schedule(0.98, 5, 0.1)
+    assert sched[0] == pytest.approx(0.1) and sched[-1] == 0.98 and sorted(sched) == sched
+    assert cubic_schedule(0.5, 1) == [0.5]
+    assert keep_count(0.9, 32360) == 3235  # floating point floor, as the reference computes it
+
+
+def test_chita_plusplus_keeps_earlier_zeros_and_hits_the_target_on_digits(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    ds = load_data("digits")
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ds.x_train), ds.y_train).backward()
+        opt.step()
+    rep = prune(model, PruneConfig(sparsity=0.8, method="chita++", stages=4, n_grads=100), ds)
+    assert rep.sparsity == pytest.approx(0.8, abs=2e-3)
+    assert len(rep.stages) == 4
+    assert accuracy(model, ds.x_test, ds.y_test) > 80.0
+
+
+@pytest.mark.shared
+def test_prune_cli_json_contract_and_checkpoint_reloads(tmp_path, mnist):
+    out = tmp_path / "p.pt"
+    r = run_cli("prune", "zoo:mlpnet", "--weights", shared_path("checkpoints/mlpnet_mnist.pt"),
+                "--data", f"npz:{shared_path('data/mnist.npz')}", "--sparsity", "0.9", "--method", "chita",
+                "--grads", "200", "--out", out, "--json")
+    assert r.code == 0, r.stderr
+    j = r.json()
+    for key in ("method", "sparsity", "layer_sparsity", "dense_accuracy", "accuracy", "timings"):
+        assert key in j
+    assert set(j["timings"]) >= {"gradients_s", "solve_s", "total_s"}
+    assert j["dense_accuracy"] == pytest.approx(93.97)
+    sd, meta = read_weights(out)
+    assert meta["model"] == "zoo:mlpnet" and meta["method"] == "chita"
+    w = torch.cat([sd[k].flatten() for k in ("fc1.weight", "fc2.weight", "fc3.weight")])
+    assert float((w == 0).float().mean()) == pytest.approx(j["sparsity"])
+    lm = load_model(None, out)
+    assert accuracy(lm.module, mnist.x_test, mnist.y_test) == pytest.approx(j["accuracy"])
+    e = run_cli("eval", "ckpt", "--weights", out, "--data", f"npz:{shared_path('data/mnist.npz')}", "--json")
+    assert e.code == 0 and e.json()["accuracy"] == pytest.approx(j["accuracy"])
+
+
+def test_prune_bad_inputs_exit_2(tmp_path):
+    npz = tmp_path / "bad.npz"
+    np.savez(npz, x_train=np.zeros((4, 3, 5, 5), np.uint8), y_train=np.zeros(4, np.int64),
+             x_test=np.zeros((2, 3, 5, 5), np.uint8), y_test=np.zeros(2, np.int64))
+    cases = [
+        (["zoo:mlpnet", "--data", "digits", "--sparsity", "1.0"], "sparsity"),
+        (["zoo:mlpnet", "--data", "digits", "--sparsity", "0.5", "--weights", tmp_path / "none.pt"], "not found"),
+        (["zoo:mlpnet", "--data", f"npz:{npz}", "--sparsity", "0.5"], "does not fit the model"),
+        (["zoo:mlpnet", "--data", "digits", "--sparsity", "0.5", "--grads", "100000000"], "gradient matrix G needs"),
+    ]
+    for args, needle in cases:
+        r = run_cli("prune", *args, "--out", tmp_path / "o.pt")
+        assert r.code == 2, (args, r.stderr)
+        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "o.pt").exists()
