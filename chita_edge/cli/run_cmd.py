@@ -9,6 +9,7 @@ import typer
 
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
+from chita_edge.errors import BadInput
 
 JSON = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
@@ -88,3 +89,59 @@ def demo_cmd(
         _render(summary)
         ui.info(f"demo finished in {summary['total_seconds']:.0f} s")
     raise_if_failed(summary)
+
+
+def _fractions(text: str | None, flag: str) -> tuple[float, ...]:
+    if text is None:
+        return ()
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise BadInput(f"{flag} {text!r}: expected comma-separated fractions, e.g. 0.5,0.7,0.9") from None
+
+
+@app.command("sweep")
+def sweep_cmd(
+    model: Annotated[str, typer.Argument(help="zoo:NAME, path/to/file.py:factory, or a torch.export .pt2 file.")],
+    data: Annotated[str, typer.Option("--data", help="npz:PATH (x_train,y_train,x_test,y_test) or 'digits'.")],
+    profiles: Annotated[str, typer.Option("--profiles", help="Comma-separated device profile ids or YAML paths.")],
+    weights: Annotated[Path | None, typer.Option("--weights", help="Dense state dict or checkpoint "
+                                                                   "(weights_only=True).")] = None,
+    sparsities: Annotated[str | None, typer.Option("--sparsities", help="Unstructured sparsities, e.g. "
+                                                                        "0.5,0.7,0.9.")] = None,
+    latency_fractions: Annotated[str | None, typer.Option("--latency-fractions", help="Structured: prune to these "
+                                                          "fractions of the dense model's estimated p50 on each "
+                                                          "profile, e.g. 0.7,0.5,0.3.")] = None,
+    method: Annotated[str, typer.Option("--method", help="Pruning method (chita++, chita, bso, magnitude, ...; "
+                                                         "with --latency-fractions: chita, l1-uniform, ...).")] = "chita++",
+    fmt: Annotated[str, typer.Option("--format", help="Export format: onnx or tflite.")] = "onnx",
+    grads: Annotated[int, typer.Option("--grads", help="Number of gradient rows n in G.")] = 1000,
+    stages: Annotated[int, typer.Option("--stages", help="CHITA++ stages (budget search: at most 4).")] = 25,
+    runs: Annotated[int, typer.Option("--runs", help="Timed runs per benchmark.")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", help="Warm-up runs per benchmark.")] = 10,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for gradient sampling.")] = 0,
+    out: Annotated[Path | None, typer.Option("--out", help="Keep the files here and write report.json/.md/.html "
+                                                           "(one Pareto chart per device).")] = None,
+    json_out: JSON = False,
+) -> None:
+    """Sweep sparsities (or latency budgets) of MODEL: prune, export, benchmark, estimate on each device and
+    evaluate; print the accuracy-vs-latency frontier per device as one table (and report with --out).
+
+    Example: chita-edge sweep zoo:mlpnet --weights mlpnet.pt --data npz:mnist.npz --profiles phone-mid-sd670,watch-a55-dual --sparsities 0.5,0.7,0.9 --out sweep
+    """
+    from chita_edge.sweep import COLUMNS, SweepConfig, run_sweep, table_rows
+
+    cfg = SweepConfig(sparsities=_fractions(sparsities, "--sparsities"),
+                      latency_fractions=_fractions(latency_fractions, "--latency-fractions"), method=method,
+                      format=fmt, n_grads=grads, stages=stages, runs=runs, warmup=warmup, seed=seed)
+    plist = [p.strip() for p in profiles.split(",") if p.strip()]
+    with ui.progress() as cb:
+        doc = run_sweep(model, weights, data, plist, cfg, out=out, progress=cb)
+    if json_out:
+        ui.print_json(doc)
+        return
+    ui.table(f"sweep of {doc['model']} ({doc['method']}, {doc['mode']})", COLUMNS, table_rows(doc))
+    ui.info(f"{len(doc['points'])} point(s) in {doc['seconds']:.0f} s; device p50 is estimated from this host "
+            "(— where the profile is not calibrated)")
+    if doc["report"]:
+        ui.info(f"report: {doc['report']['html']}")
