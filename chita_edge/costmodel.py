@@ -18,12 +18,14 @@ with ``overhead`` the per-inference cost of a call into the runtime (timed on a 
 
 Memory (what ``bench`` measures: the peak resident-set growth of a process that loads and runs the file):
 
-    peak_mb = base + alpha * weight_bytes + beta * activation_peak_bytes
+    peak_mb = base + alpha * fc_weight_bytes + alpha_conv * conv_weight_bytes + beta * activation_peak_bytes
 
 ``weight_bytes``: the fp32 weights and (BatchNorm-folded) biases of the units; ``activation_peak_bytes``: the
 largest sum of live unit outputs over the execution order (a tensor lives from its unit to its last consumer),
-channels padded to the runtime's NCHWc block. ``base``, ``alpha`` and ``beta`` are fitted once per host and
-runtime on synthetic models (weights-only and activation-only series) measured by ``bench``'s child process.
+channels padded to the runtime's NCHWc block (ONNX Runtime keeps a re-laid-out copy of conv weights, so conv and
+fully connected weights cost differently). ``base``, ``alpha``, ``alpha_conv`` and ``beta`` are fitted once per
+host and runtime on synthetic models (Linear-weight, conv-weight and activation series) measured by ``bench``'s
+child process.
 File size: the weight bytes plus a small per-tensor overhead.
 """
 
@@ -61,7 +63,7 @@ Progress = Callable[[str, int, int], None]
 
 MiB = 1024 * 1024
 TABLE_FORMAT = "chita-edge/layer-latency-v1"
-MEMORY_FORMAT = "chita-edge/memory-model-v1"
+MEMORY_FORMAT = "chita-edge/memory-model-v2"
 RUNTIME = "onnxruntime"
 DENSE, DEPTHWISE, OTHER = "dense", "depthwise", "other"
 # Grid of widths timed per channel space (fractions of the full width, rounded down to the width multiple).
@@ -471,28 +473,37 @@ class _Cache:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """peak_mb = base_mb + alpha * weight_mb + beta * activation_mb (fitted on this host, see module doc)."""
+    """peak_mb = base_mb + alpha * fc_mb + alpha_conv * conv_mb + beta * activation_mb (fitted on this host)."""
 
     base_mb: float
     alpha: float
+    alpha_conv: float
     beta: float
     block: int  # NCHWc channel block used for activation sizes
-    points: tuple[tuple[float, float, float], ...] = ()  # (weight_mb, activation_mb, measured_mb)
+    points: tuple[tuple[float, float, float, float], ...] = ()  # (fc MB, conv MB, activation MB, measured MB)
 
-    def predict(self, weight_bytes: int, activation_bytes: int) -> float:
-        return self.base_mb + self.alpha * weight_bytes / MiB + self.beta * activation_bytes / MiB
+    def predict(self, fc_bytes: int, conv_bytes: int, activation_bytes: int) -> float:
+        return (self.base_mb + self.alpha * fc_bytes / MiB + self.alpha_conv * conv_bytes / MiB
+                + self.beta * activation_bytes / MiB)
 
 
-def _memory_series(td: Path) -> list[tuple[Path, float, float]]:
-    """Synthetic models: (file, weight MB, activation MB). Weights-only MLPs and activation-only conv pairs."""
+def _memory_series(td: Path) -> list[tuple[Path, float, float, float]]:
+    """Synthetic models: (file, Linear weight MB, conv weight MB, activation MB)."""
     out = []
     for n in (64, 1024, 3072):
         m = nn.Sequential(nn.Linear(1024, n), nn.ReLU(), nn.Linear(n, 10)).eval()
         p = td / f"w{n}.onnx"
         _export(m, [torch.rand(1, 1024)], p)
         wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
-        out.append((p, wmb, (1024 + n + 10) * 4 / MiB))
+        out.append((p, wmb, 0.0, (1024 + n + 10) * 4 / MiB))
     block = _nchwc_block()
+    for c in (256, 768, 1536):
+        m = nn.Sequential(nn.Conv2d(64, c, 1), nn.ReLU(), nn.Conv2d(c, c, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten()).eval()
+        p = td / f"c{c}.onnx"
+        _export(m, [torch.rand(1, 64, 4, 4)], p)
+        wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
+        out.append((p, 0.0, wmb, (64 + 2 * c) * 16 * 4 / MiB))
     for c in (16, 48, 96):
         m = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
@@ -500,43 +511,44 @@ def _memory_series(td: Path) -> list[tuple[Path, float, float]]:
         _export(m, [torch.rand(1, 3, 160, 160)], p)
         cp = math.ceil(c / block) * block
         wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
-        out.append((p, wmb, (2 * cp * 160 * 160 + 3 * 160 * 160) * 4 / MiB))
+        out.append((p, 0.0, wmb, (2 * cp * 160 * 160 + 3 * 160 * 160) * 4 / MiB))
     return out
 
 
 def memory_model(threads: int = 1, *, refresh: bool = False, progress: Progress | None = None) -> MemoryModel:
     """Fit (cached per host/runtime/threads) the peak-memory model on synthetic models measured like ``bench``."""
-    from chita_edge.bench import run_child
-
     from chita_edge import bench_child
+    from chita_edge.bench import run_child
     from chita_edge.bench_child import runtime_version
 
-    method = hashlib.sha256(Path(bench_child.__file__).read_bytes()).hexdigest()[:8]
+    method = hashlib.sha256(Path(bench_child.__file__).read_bytes() + MEMORY_FORMAT.encode()).hexdigest()[:8]
     path = cache_dir() / f"memory-{RUNTIME}-t{threads}-{_fingerprint(runtime_version(RUNTIME), threads)}-{method}.json"
     if path.is_file() and not refresh:
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             if d.get("format") == MEMORY_FORMAT:
-                return MemoryModel(d["base_mb"], d["alpha"], d["beta"], d["block"], tuple(map(tuple, d["points"])))
+                return MemoryModel(d["base_mb"], d["alpha"], d["alpha_conv"], d["beta"], d["block"],
+                                   tuple(map(tuple, d["points"])))
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable memory model cache %s", path)
     rows = []
     with tempfile.TemporaryDirectory(prefix="chita-edge-mem-") as td:
         series = _memory_series(Path(td))
-        for i, (p, wmb, amb) in enumerate(series):
+        for i, (p, fmb, cmb, amb) in enumerate(series):
             r = run_child(p, runtime=RUNTIME, threads=threads, warmup=2, runs=5, profile_runs=0)
-            rows.append((wmb, amb, float(r["peak_memory_mb"])))
+            rows.append((fmb, cmb, amb, float(r["peak_memory_mb"])))
             if progress:
                 progress("memory model", i + 1, len(series))
-    A = np.array([[1.0, w, a] for w, a, _ in rows])
-    y = np.array([m for _, _, m in rows])
+    A = np.array([[1.0, f, c, a] for f, c, a, _ in rows])
+    y = np.array([m for *_, m in rows])
     coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-    base, alpha, beta = (float(max(0.0, c)) for c in coef)
-    mm = MemoryModel(base, alpha, beta, _nchwc_block(), tuple(rows))
+    base, alpha, alpha_conv, beta = (float(max(0.0, c)) for c in coef)
+    mm = MemoryModel(base, alpha, alpha_conv, beta, _nchwc_block(), tuple(rows))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"format": MEMORY_FORMAT, "base_mb": base, "alpha": alpha, "beta": beta,
-                                            "block": mm.block, "points": rows}, indent=1))
+        atomic_write_text(path, json.dumps({"format": MEMORY_FORMAT, "base_mb": base, "alpha": alpha,
+                                            "alpha_conv": alpha_conv, "beta": beta, "block": mm.block,
+                                            "points": rows}, indent=1))
     except (OSError, BadInput) as e:
         log.warning("could not cache the memory model at %s: %s", path, e)
     return mm
@@ -696,7 +708,7 @@ class CostModel:
                    runtime_version=version)
 
     # -- prediction
-    def _weight_terms(self) -> list[tuple[str | None, int, str | None, int, int, bool]]:
+    def _weight_terms(self) -> list[tuple[str | None, int, str | None, int, int, bool, bool]]:
         """(in space, fixed in, out space, fixed out, kernel elements, bias) per Conv/Linear unit head."""
         out = []
         g = self._g
@@ -713,24 +725,29 @@ class CostModel:
             fo, _ = g.fam.get(head.name, (None, 1))
             has_bias = mod.bias is not None or any(_is_bn(g.gm, byname[n]) for n in t.unit.nodes[1:])
             if isinstance(mod, nn.Linear):
-                out.append((fi, mod.in_features if fi is None else ri, fo, mod.out_features, 1, has_bias))
+                out.append((fi, mod.in_features if fi is None else ri, fo, mod.out_features, 1, has_bias, False))
             elif _is_depthwise(mod):
-                out.append((None, 1, fi, mod.out_channels, math.prod(mod.kernel_size), has_bias))
+                out.append((None, 1, fi, mod.out_channels, math.prod(mod.kernel_size), has_bias, True))
             else:
                 cin_per_group = mod.in_channels // mod.groups
                 out.append((fi, cin_per_group if fi is None else 1, fo, mod.out_channels,
-                            math.prod(mod.kernel_size), has_bias))
+                            math.prod(mod.kernel_size), has_bias, True))
         return out
 
-    def weight_bytes(self, widths: Mapping[str, int]) -> tuple[int, int]:
-        """(bytes, tensors) of the fp32 weights and biases (BatchNorm folded) at ``widths``."""
-        total, tensors = 0, 0
-        for fi, cin, fo, cout, k, bias in self._weights:
+    def weight_bytes(self, widths: Mapping[str, int], *, split: bool = False) -> tuple[int, int] | tuple[int, int, int]:
+        """(bytes, tensors) of the fp32 weights and biases (BatchNorm folded) at ``widths``; with ``split``,
+        (Linear bytes, conv bytes, tensors)."""
+        fc = conv = tensors = 0
+        for fi, cin, fo, cout, k, bias, is_conv in self._weights:
             ci = widths.get(fi, self.sizes[fi]) * cin if fi is not None else cin
             co = widths.get(fo, self.sizes[fo]) if fo is not None else cout
-            total += ci * co * k + (co if bias else 0)
+            n = (ci * co * k + (co if bias else 0)) * 4
+            if is_conv:
+                conv += n
+            else:
+                fc += n
             tensors += 2 if bias else 1
-        return total * 4, tensors
+        return (fc, conv, tensors) if split else (fc + conv, tensors)
 
     def activation_bytes(self, widths: Mapping[str, int]) -> int:
         """Peak of the live unit outputs (plus the model input) over the execution order, fp32, NCHWc-padded."""
@@ -786,21 +803,23 @@ class CostModel:
             if k in self.sizes and not 1 <= v <= self.sizes[k]:
                 raise BadInput(f"width {v} of channel group '{k}': expected 1..{self.sizes[k]}")
         host, d, per = self.host_latency(widths)
-        wb, nt = self.weight_bytes(widths)
+        fc, conv, nt = self.weight_bytes(widths, split=True)  # type: ignore[misc]
+        wb = fc + conv
         ab = self.activation_bytes(widths)
         if self.fit is not None:
             lat, prov = self.fit.predict(host, d), self.fit.provenance.replace("estimated-device", "cost-model estimate")
         else:
             lat, prov = host, "cost-model estimate of this host (profile not calibrated)"
-        return Prediction(lat, host, d, self.memory.predict(wb, ab), (wb + FILE_OVERHEAD_BYTES * nt) / MiB, wb, ab,
-                          prov, per)
+        return Prediction(lat, host, d, self.memory.predict(fc, conv, ab), (wb + FILE_OVERHEAD_BYTES * nt) / MiB,
+                          wb, ab, prov, per)
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": RUNTIME, "runtime_version": self.runtime_version, "threads": self.threads,
                 "profile": self.profile_id, "width_multiple": self.width_multiple, "overhead_ms": self.overhead_ms,
                 "units": len(self.tables), "channel_groups": dict(self.sizes),
                 "memory_model": {"base_mb": self.memory.base_mb, "alpha": self.memory.alpha,
-                                 "beta": self.memory.beta, "nchwc_block": self.memory.block},
+                                 "alpha_conv": self.memory.alpha_conv, "beta": self.memory.beta,
+                                 "nchwc_block": self.memory.block},
                 "device_fit": None if self.fit is None else {"scale": self.fit.scale, "rho": self.fit.rho,
                                                               "provenance": self.fit.provenance}}
 

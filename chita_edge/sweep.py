@@ -193,7 +193,7 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
             r = prune_checkpoint(model, weights, data, pc, ckpt, progress=progress)
             res = export_and_bench(ckpt, f"s{s:.2f}", profs)
             results.append(res)
-            points += [_point(p.id, f"sparsity {s:g}", s, r["sparsity"], res,
+            points += [_point(p.id, f"s={s:g}", s, r["sparsity"], res,
                               {"torch_accuracy": r["accuracy"]}) for p in profs]
             step()
     else:
@@ -215,7 +215,7 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
                                                    progress=progress)
                 res = export_and_bench(ckpt, f"{prof.id}-f{f:.2f}", [prof])
                 results.append(res)
-                points.append(_point(prof.id, f"latency {f:g} x dense", f,
+                points.append(_point(prof.id, f"{f:g} x dense p50", f,
                                      1.0 - r["params_after"] / max(1, r["params_before"]), res,
                                      {"target_p50_ms": target, "budget_met": r["passed"],
                                       "torch_accuracy": r["accuracy"]}))

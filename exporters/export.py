@@ -175,6 +175,10 @@ def export_model(
                        "give --calibration-data")
     if len(parity_inputs) == 0:
         raise BadInput("parity check needs at least one input")
+    if cfg.format == "tflite":
+        from chita_edge.exporters.tflite_format import require_export_stack
+
+        require_export_stack()
     model = copy.deepcopy(model).float().eval()
     example = example_input[:1].float()
     ref = _batched(model, parity_inputs.float())
@@ -210,7 +214,6 @@ def export_model(
     else:
         from chita_edge.exporters import tflite_format as F  # type: ignore[no-redef]
 
-        F.stack()  # MissingExtra before any work
         buf = F.convert(model, example)
         exporter = "litert-torch"
         cb("convert", 1, 3)

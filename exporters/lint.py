@@ -61,32 +61,38 @@ def _predicted_ratio(rows: list[dict[str, Any]], requires_off: bool) -> float | 
 def verdict(fmt: str, rows: list[dict[str, Any]], *, zero_fraction: float, sparse_share: float,
             file_bytes: int, gzip_bytes: int, compact: dict[str, Any] | None, predicted: float | None) -> str:
     densified = [r for r in rows if r["runtime_action"] == L.K_DENSIFIED]
-    removed = bool(compact and compact.get("removed_channels"))
+    lead = ""
+    if compact and compact.get("removed_channels"):
+        ratio = compact["macs_after"] / max(1, compact["macs_before"])
+        lead = (f"structurally compact: {ratio:.0%} of the dense model's MACs and "
+                f"{compact['params_after'] / max(1, compact['params_before']):.0%} of its parameters, expected to "
+                f"run at about that fraction of dense latency on every runtime")
     if sparse_share > 0:
         pred = f", predicted ~{predicted:.2f}x the dense file's latency" if predicted is not None else ""
-        return (f"{sparse_share:.0%} of MACs run on LiteRT's sparse FULLY_CONNECTED kernels with XNNPACK off (as "
-                f"the file requires){pred}; the rest runs dense")
-    if densified and fmt == "onnx":
-        return ("smaller file (sparse_initializer), but runs at dense speed: ONNX Runtime densifies sparse "
-                "initializers at load (more peak memory) and has no sparse CPU kernels; for speed use --layout "
-                "compact (structured) or --quantize int8")
-    if densified:
-        return ("smaller file (sparse weights behind DENSIFY), but runs at dense speed: LiteRT densifies them at "
-                "load (more peak memory); for speed use sparse FULLY_CONNECTED weights (--layout sparse on FC "
-                "layers) or --layout compact (structured)")
-    if zero_fraction >= 0.05:
+        msg = (f"{sparse_share:.0%} of MACs run on LiteRT's sparse FULLY_CONNECTED kernels with XNNPACK off (as "
+               f"the file requires){pred}; the rest runs dense")
+    elif densified and fmt == "onnx":
+        msg = ("smaller file (sparse_initializer), but runs at dense speed: ONNX Runtime densifies sparse "
+               "initializers at load (more peak memory) and has no sparse CPU kernels; for speed use --layout "
+               "compact (structured) or --quantize int8")
+    elif densified:
+        msg = ("smaller file (sparse weights behind DENSIFY), but runs at dense speed: LiteRT densifies them at "
+               "load (more peak memory); for speed use sparse FULLY_CONNECTED weights (--layout sparse on FC "
+               "layers) or --layout compact (structured)")
+    elif zero_fraction >= 0.05:
         rt = "ONNX Runtime has no sparse CPU kernels" if fmt == "onnx" else \
             "LiteRT's dense kernels multiply stored zeros like any weight"
-        return (f"runs at dense speed: {rt}; {zero_fraction:.0%} zeros stored densely only shrink the gzip size "
-                f"({gzip_bytes / file_bytes:.0%} of the file); use --layout compact (structured) or TFLite sparse "
-                f"FC (--format tflite --layout sparse)")
-    if removed and compact:
-        ratio = compact["macs_after"] / max(1, compact["macs_before"])
-        return (f"structurally compact: {ratio:.0%} of the dense model's MACs and "
-                f"{compact['params_after'] / max(1, compact['params_before']):.0%} of its parameters; expected "
-                f"to run at about that fraction of dense latency on every runtime")
-    return (f"dense model ({zero_fraction:.0%} zeros): size and speed follow its parameter count; "
-            f"nothing sparse to exploit")
+        msg = (f"runs at dense speed: {rt}; {zero_fraction:.0%} zeros stored densely only shrink the gzip size "
+               f"({gzip_bytes / file_bytes:.0%} of the file); use --layout compact (structured) or TFLite sparse "
+               f"FC (--format tflite --layout sparse)")
+        if lead:
+            msg = f"the remaining {zero_fraction:.0%} zeros are stored densely and run at dense speed ({rt})"
+    elif lead:
+        return lead
+    else:
+        return (f"dense model ({zero_fraction:.0%} zeros): size and speed follow its parameter count; "
+                f"nothing sparse to exploit")
+    return f"{lead}; {msg}" if lead else msg
 
 
 def inspect_file(path: str | os.PathLike, runtime: str | None = None) -> dict[str, Any]:

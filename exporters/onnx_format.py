@@ -226,7 +226,10 @@ def weights(mp: onnx.ModelProto) -> tuple[list[L.Weight], dict[str, str]]:
         if name in seen or (name not in dense and name not in sparse):
             continue
         seen.add(name)
-        arr = numpy_helper.to_array(dense[name]) if name in dense else _sparse_to_dense(sparse[name])
+        try:
+            arr = numpy_helper.to_array(dense[name]) if name in dense else _sparse_to_dense(sparse[name])
+        except Exception:  # external data not loaded, or an odd encoding: not a weight we can describe
+            continue
         if arr.ndim < 2:
             continue
         kind = L.FC

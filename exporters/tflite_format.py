@@ -57,6 +57,12 @@ def stack(what: str = "TFLite export") -> SimpleNamespace:
     return ns
 
 
+def require_export_stack() -> None:
+    """Raise ``MissingExtra`` now, before any work, if a TFLite export could not finish."""
+    stack()
+    _converter_stack()
+
+
 def _converter_stack() -> SimpleNamespace:
     """litert-torch and ai-edge-quantizer: needed to export, not to run or inspect."""
     try:
@@ -571,4 +577,4 @@ class TFLiteSession:
 
 
 __all__ = ["TFLiteSession", "apply", "convert", "decode_sparse", "describe", "load", "quantize", "read",
-           "read_metadata", "requirements", "set_metadata", "stack", "weights", "write"]
+           "read_metadata", "require_export_stack", "requirements", "set_metadata", "stack", "weights", "write"]

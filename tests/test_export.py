@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -345,3 +346,28 @@ def test_missing_tflite_extra_is_bad_input(tiny, tmp_path, monkeypatch):
     with pytest.raises(MissingExtra, match=re.escape("pip install 'chita-edge[tflite]'")):
         tflite_format.stack()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_exporters_import_rules():
+    """Exporters never import the pruning engine; onnx/onnxruntime live in onnx_format only, the LiteRT stack
+    in tflite_format only (lazily: not at module level)."""
+    import ast
+
+    import chita_edge.exporters as pkg
+
+    heavy = {"onnx": "onnx_format", "onnxruntime": "onnx_format", "litert_torch": "tflite_format",
+             "ai_edge_litert": "tflite_format", "ai_edge_quantizer": "tflite_format", "flatbuffers": "tflite_format"}
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert not name.startswith("chita_edge.pruning"), f"{path.name} imports {name}"
+                top = name.split(".")[0]
+                if top in heavy:
+                    assert path.stem == heavy[top], f"{path.name} imports {name}"
+        if path.stem == "tflite_format":  # the LiteRT stack is an extra: imported inside functions only
+            top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+            assert not any((getattr(n, "module", None) or n.names[0].name).split(".")[0] in heavy
+                           for n in top_level)

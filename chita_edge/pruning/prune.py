@@ -48,6 +48,8 @@ class PruneConfig:
     max_iter: int = 500
     backsolve_every: int = 3  # IHT: jump to the exact backsolve once the support is stable this many steps
     active_set: bool = True
+    bn_recalibrate: bool = True  # re-estimate BatchNorm statistics after each stage
+    safeguard: bool = True  # keep the best of {update scaled by 1, 1/2, 1/4, 0; magnitude} on training loss
     tol: float = 1e-7
     seed: int = 0
     dtype: str = "float64"  # solver precision (G is collected in float32)
@@ -124,6 +126,56 @@ def _solve_blocks(method: str, G: torch.Tensor, w_bar: torch.Tensor, k: int, lam
     return w
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, samples: int = 2048, batch: int = 256,
+                          seed: int = 0) -> bool:
+    """Re-estimate BatchNorm running statistics on training inputs at the pruned weights (cumulative
+    average over ``samples`` images). Returns False when the model has no BatchNorm."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return False
+    was = model.training
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(20_000 + seed))[:samples]
+    for i in range(0, len(idx), batch):
+        model(x[idx[i:i + batch]])
+    for m, (mom, _) in zip(bns, saved):
+        m.momentum = mom
+    model.train(was)
+    return True
+
+
+@torch.no_grad()
+def _train_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(model(x), y))
+
+
+def _safeguard(model: nn.Module, params: list[PrunableParam], data: Dataset, w_bar: torch.Tensor, w: torch.Tensor,
+               k: int, allowed: torch.Tensor | None, seed: int, samples: int = 2000) -> tuple[torch.Tensor, dict]:
+    """The quadratic model is only local, and with few gradients (n << p) its exact refit can overshoot.
+    Check on real training loss: the solver's support with the update scaled by alpha in (1, 1/2, 1/4, 0),
+    and the magnitude solution; keep the lowest. Never worse than magnitude pruning on that loss."""
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(10_000 + seed)
+    idx = torch.randperm(len(data.x_train), generator=g)[:samples]
+    x, y = data.x_train[idx], data.y_train[idx]
+    support = w != 0
+    cands = {f"alpha={a}": torch.where(support, w_bar + a * (w - w_bar), torch.zeros_like(w)) for a in (1.0, 0.5, 0.25, 0.0)}
+    cands["magnitude"] = solver.hard_threshold(w_bar, k, allowed)
+    losses = {}
+    for name, c in cands.items():
+        set_weights(model, params, c)
+        losses[name] = _train_loss(model, x, y)
+    model.train(was)
+    best = min(losses, key=lambda n: losses[n])
+    return cands[best], {"chosen": best, "losses": losses}
+
+
 def prune_weights(
     model: nn.Module,
     params: list[PrunableParam],
@@ -197,7 +249,11 @@ def prune_weights(
             raise RuntimeFailure("the solver produced non-finite weights; try a larger --l2")
         info["solve_s"] = time.perf_counter() - ts
         t_solve += info["solve_s"]
+        if cfg.safeguard and needs_grads:
+            w, info["safeguard"] = _safeguard(model, params, data, w_bar, w, k, allowed, cfg.seed + si)
         set_weights(model, params, w)
+        if cfg.bn_recalibrate:
+            info["bn_recalibrated"] = recalibrate_batchnorm(model, data.x_train, seed=cfg.seed + si)
         del G
         stages.append(info)
         if progress:
