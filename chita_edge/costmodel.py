@@ -63,7 +63,7 @@ Progress = Callable[[str, int, int], None]
 
 MiB = 1024 * 1024
 TABLE_FORMAT = "chita-edge/layer-latency-v1"
-MEMORY_FORMAT = "chita-edge/memory-model-v2"
+MEMORY_FORMAT = "chita-edge/memory-model-v3"
 RUNTIME = "onnxruntime"
 DENSE, DEPTHWISE, OTHER = "dense", "depthwise", "other"
 # Grid of widths timed per channel space (fractions of the full width, rounded down to the width multiple).
@@ -487,13 +487,22 @@ class MemoryModel:
                 + self.beta * activation_bytes / MiB)
 
 
+def _export_like_bench(module: nn.Module, x: torch.Tensor, path: Path) -> None:
+    """Export as the verified files are exported (``chita_edge.exporters``), so that memory matches them."""
+    from chita_edge.exporters import ExportConfig, export_model
+
+    export_model(module, ExportConfig(format="onnx"), example_input=x, out=path, parity_inputs=x,
+                 parity_source="random")
+
+
 def _memory_series(td: Path) -> list[tuple[Path, float, float, float]]:
     """Synthetic models: (file, Linear weight MB, conv weight MB, activation MB)."""
     out = []
+    _export = _export_like_bench  # noqa: N806 - the same call shape as the timing export
     for n in (64, 1024, 3072):
         m = nn.Sequential(nn.Linear(1024, n), nn.ReLU(), nn.Linear(n, 10)).eval()
         p = td / f"w{n}.onnx"
-        _export(m, [torch.rand(1, 1024)], p)
+        _export(m, torch.rand(1, 1024), p)
         wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
         out.append((p, wmb, 0.0, (1024 + n + 10) * 4 / MiB))
     block = _nchwc_block()
@@ -501,14 +510,14 @@ def _memory_series(td: Path) -> list[tuple[Path, float, float, float]]:
         m = nn.Sequential(nn.Conv2d(64, c, 1), nn.ReLU(), nn.Conv2d(c, c, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten()).eval()
         p = td / f"c{c}.onnx"
-        _export(m, [torch.rand(1, 64, 4, 4)], p)
+        _export(m, torch.rand(1, 64, 8, 8), p)
         wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
-        out.append((p, 0.0, wmb, (64 + 2 * c) * 16 * 4 / MiB))
+        out.append((p, 0.0, wmb, (64 + 2 * c) * 64 * 4 / MiB))
     for c in (16, 48, 96):
         m = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
         p = td / f"a{c}.onnx"
-        _export(m, [torch.rand(1, 3, 160, 160)], p)
+        _export(m, torch.rand(1, 3, 160, 160), p)
         cp = math.ceil(c / block) * block
         wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
         out.append((p, 0.0, wmb, (2 * cp * 160 * 160 + 3 * 160 * 160) * 4 / MiB))

@@ -65,13 +65,15 @@ def export_checkpoint(
     calibration_data: str | None = None,
     parity_samples: int = 1000,
     calibration_samples: int = 200,
+    min_agreement: float = 0.99,
     threads: int = 1,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Export a pruned checkpoint (``chita-edge export``); raises BadInput / MissingExtra / RuntimeFailure."""
     src = require_file(pruned, "checkpoint")
     out = Path(out)
-    cfg = ExportConfig(format=_format_for(out, fmt), layout=layout, quantize=quantize, threads=threads)
+    cfg = ExportConfig(format=_format_for(out, fmt), layout=layout, quantize=quantize, threads=threads,
+                       min_agreement=min_agreement)
     cfg.validate()
     if parity_samples < 1 or calibration_samples < 1:
         raise BadInput("--parity-samples and calibration samples must be at least 1")

@@ -96,6 +96,9 @@ def test_cli_export_tflite_and_inspect(tiny, tmp_path):  # noqa: F811
                 "--parity-samples", "100")
     assert r.code == 0, r.stderr
     assert "requires: no XNNPACK" in r.stderr and out.exists()
+    r = run_cli("export", tiny["mlp_ckpt"], "--layout", "sparse", "--out", tmp_path / "j.tflite", "--json",
+                "--parity-samples", "50")
+    assert r.code == 0 and r.json()["requires"]["xnnpack"] is False  # stdout holds exactly the JSON object
     r = run_cli("inspect", out)
     assert r.code == 0 and "verdict:" in r.stderr and "sparse kernel" in r.stdout
 

@@ -40,6 +40,8 @@ def export_cmd(
     model: Annotated[str | None, typer.Option("--model", help="zoo:NAME or path/to/file.py:factory, for a plain "
                                                              "state dict.")] = None,
     parity_samples: Annotated[int, typer.Option("--parity-samples", help="Test inputs for the parity check.")] = 1000,
+    min_agreement: Annotated[float, typer.Option("--min-agreement", help="fp16 / int8 parity: least top-1 "
+                                                                         "agreement with PyTorch.")] = 0.99,
     threads: Annotated[int, typer.Option("--threads", help="Runtime threads for the parity check.")] = 1,
     json_out: JSON = False,
 ) -> None:
@@ -53,7 +55,7 @@ def export_cmd(
     with ui.progress() as cb:
         r = export_api.export_checkpoint(pruned, out=out, fmt=fmt, layout=layout, quantize=quantize, model=model,
                                          calibration_data=calibration_data, parity_samples=parity_samples,
-                                         threads=threads, progress=cb)
+                                         min_agreement=min_agreement, threads=threads, progress=cb)
     if json_out:
         ui.print_json(r)
         return
