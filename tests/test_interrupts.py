@@ -98,7 +98,10 @@ def _interrupt(cwd: Path, args: list, sig: int, marker: Path, env: dict[str, str
     marker.unlink(missing_ok=True)
     cmd = [sys.executable, "-c", DRIVER if driver else PLAIN]
     p = subprocess.Popen([*cmd, *map(str, args)], cwd=cwd, env=_env({**env, "CHITA_TEST_MARKER": str(marker)}),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # a runner started in the background inherits SIGINT ignored; give the child the
+                         # default disposition a user's terminal gives it, so Python installs its handler
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     t0 = time.monotonic()
     while not marker.exists():
         if p.poll() is not None:
