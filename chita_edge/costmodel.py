@@ -18,14 +18,17 @@ with ``overhead`` the per-inference cost of a call into the runtime (timed on a 
 
 Memory (what ``bench`` measures: the peak resident-set growth of a process that loads and runs the file):
 
-    peak_mb = base + alpha * fc_weight_bytes + alpha_conv * conv_weight_bytes + beta * activation_peak_bytes
+    peak_mb = base + alpha * fc_weight_bytes + alpha_conv * conv_weight_bytes + gamma * largest_conv_bytes
+              + beta * activation_peak_bytes
 
 ``weight_bytes``: the fp32 weights and (BatchNorm-folded) biases of the units; ``activation_peak_bytes``: the
 largest sum of live unit outputs over the execution order (a tensor lives from its unit to its last consumer),
-channels padded to the runtime's NCHWc block (ONNX Runtime keeps a re-laid-out copy of conv weights, so conv and
-fully connected weights cost differently). ``base``, ``alpha``, ``alpha_conv`` and ``beta`` are fitted once per
-host and runtime on synthetic models (Linear-weight, conv-weight and activation series) measured by ``bench``'s
-child process.
+channels padded to the runtime's NCHWc block. ONNX Runtime keeps a re-laid-out copy of every conv weight and,
+while it optimises the graph at load, briefly holds further copies of one layer at a time, hence the separate
+conv term and the largest-conv-layer term (measured: a model whose weights sit in one conv peaks at ~4.5x its
+weight bytes, MobileNetV1 at ~2.7x). The coefficients are fitted once per host and runtime on
+synthetic models (Linear-weight, one-big-conv, many-conv and activation series), exported by the exporters and
+measured by ``bench``'s child process.
 File size: the weight bytes plus a small per-tensor overhead.
 """
 
@@ -63,7 +66,7 @@ Progress = Callable[[str, int, int], None]
 
 MiB = 1024 * 1024
 TABLE_FORMAT = "chita-edge/layer-latency-v1"
-MEMORY_FORMAT = "chita-edge/memory-model-v3"
+MEMORY_FORMAT = "chita-edge/memory-model-v4"
 RUNTIME = "onnxruntime"
 DENSE, DEPTHWISE, OTHER = "dense", "depthwise", "other"
 # Grid of widths timed per channel space (fractions of the full width, rounded down to the width multiple).
@@ -473,18 +476,19 @@ class _Cache:
 
 @dataclass(frozen=True)
 class MemoryModel:
-    """peak_mb = base_mb + alpha * fc_mb + alpha_conv * conv_mb + beta * activation_mb (fitted on this host)."""
+    """peak_mb = base + alpha * fc_mb + alpha_conv * conv_mb + gamma * largest_conv_mb + beta * activation_mb."""
 
     base_mb: float
     alpha: float
     alpha_conv: float
+    gamma: float
     beta: float
     block: int  # NCHWc channel block used for activation sizes
-    points: tuple[tuple[float, float, float, float], ...] = ()  # (fc MB, conv MB, activation MB, measured MB)
+    points: tuple[tuple[float, ...], ...] = ()  # (fc MB, conv MB, largest conv MB, activation MB, measured MB)
 
-    def predict(self, fc_bytes: int, conv_bytes: int, activation_bytes: int) -> float:
+    def predict(self, fc_bytes: int, conv_bytes: int, largest_conv_bytes: int, activation_bytes: int) -> float:
         return (self.base_mb + self.alpha * fc_bytes / MiB + self.alpha_conv * conv_bytes / MiB
-                + self.beta * activation_bytes / MiB)
+                + self.gamma * largest_conv_bytes / MiB + self.beta * activation_bytes / MiB)
 
 
 def _export_like_bench(module: nn.Module, x: torch.Tensor, path: Path) -> None:
@@ -495,33 +499,56 @@ def _export_like_bench(module: nn.Module, x: torch.Tensor, path: Path) -> None:
                  parity_source="random")
 
 
-def _memory_series(td: Path) -> list[tuple[Path, float, float, float]]:
-    """Synthetic models: (file, Linear weight MB, conv weight MB, activation MB)."""
+def _memory_series(td: Path) -> list[tuple[Path, float, float, float, float]]:
+    """Synthetic models: (file, Linear weight MB, conv weight MB, largest conv MB, activation MB)."""
     out = []
     _export = _export_like_bench  # noqa: N806 - the same call shape as the timing export
+
+    def mb(mods: list[nn.Module]) -> float:
+        return sum(q.numel() for m in mods for q in m.parameters()) * 4 / MiB
+
     for n in (64, 1024, 3072):
         m = nn.Sequential(nn.Linear(1024, n), nn.ReLU(), nn.Linear(n, 10)).eval()
         p = td / f"w{n}.onnx"
         _export(m, torch.rand(1, 1024), p)
-        wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
-        out.append((p, wmb, 0.0, (1024 + n + 10) * 4 / MiB))
+        out.append((p, mb([m]), 0.0, 0.0, (1024 + n + 10) * 4 / MiB))
     block = _nchwc_block()
-    for c in (256, 768, 1536):
-        m = nn.Sequential(nn.Conv2d(64, c, 1), nn.ReLU(), nn.Conv2d(c, c, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten()).eval()
+    for c in (256, 768, 1536):  # one big conv
+        convs = [nn.Conv2d(64, c, 1), nn.Conv2d(c, c, 1)]
+        m = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
         p = td / f"c{c}.onnx"
         _export(m, torch.rand(1, 64, 8, 8), p)
-        wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
-        out.append((p, 0.0, wmb, (64 + 2 * c) * 64 * 4 / MiB))
-    for c in (16, 48, 96):
-        m = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        out.append((p, 0.0, mb(convs), max(mb([c_]) for c_ in convs), (64 + 2 * c) * 64 * 4 / MiB))
+    for c in (192, 384):  # many equal convs
+        convs = [nn.Conv2d(c, c, 3, padding=1) for _ in range(6)]
+        layers: list[nn.Module] = []
+        for cv in convs:
+            layers += [cv, nn.ReLU()]
+        m = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+        p = td / f"k{c}.onnx"
+        _export(m, torch.rand(1, c, 8, 8), p)
+        out.append((p, 0.0, mb(convs), mb(convs[:1]), 3 * c * 64 * 4 / MiB))
+    for c in (16, 48, 96):  # activations
+        convs = [nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)]
+        m = nn.Sequential(convs[0], nn.ReLU(), convs[1], nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
         p = td / f"a{c}.onnx"
         _export(m, torch.rand(1, 3, 160, 160), p)
         cp = math.ceil(c / block) * block
-        wmb = sum(q.numel() for q in m.parameters()) * 4 / MiB
-        out.append((p, 0.0, wmb, (2 * cp * 160 * 160 + 3 * 160 * 160) * 4 / MiB))
+        out.append((p, 0.0, mb(convs), max(mb([c_]) for c_ in convs), (2 * cp * 160 * 160 + 3 * 160 * 160) * 4 / MiB))
     return out
+
+
+def _nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with non-negative coefficients (active set on a handful of columns)."""
+    free = list(range(A.shape[1]))
+    while True:
+        coef = np.zeros(A.shape[1])
+        sol, *_ = np.linalg.lstsq(A[:, free], y, rcond=None)
+        coef[free] = sol
+        neg = [j for j in free if coef[j] < 0]
+        if not neg:
+            return coef
+        free.remove(min(neg, key=lambda j: coef[j]))
 
 
 def memory_model(threads: int = 1, *, refresh: bool = False, progress: Progress | None = None) -> MemoryModel:
@@ -536,28 +563,28 @@ def memory_model(threads: int = 1, *, refresh: bool = False, progress: Progress 
         try:
             d = json.loads(path.read_text(encoding="utf-8"))
             if d.get("format") == MEMORY_FORMAT:
-                return MemoryModel(d["base_mb"], d["alpha"], d["alpha_conv"], d["beta"], d["block"],
+                return MemoryModel(d["base_mb"], d["alpha"], d["alpha_conv"], d["gamma"], d["beta"], d["block"],
                                    tuple(map(tuple, d["points"])))
         except (OSError, ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable memory model cache %s", path)
     rows = []
     with tempfile.TemporaryDirectory(prefix="chita-edge-mem-") as td:
         series = _memory_series(Path(td))
-        for i, (p, fmb, cmb, amb) in enumerate(series):
+        for i, (p, fmb, cmb, lmb, amb) in enumerate(series):
             r = run_child(p, runtime=RUNTIME, threads=threads, warmup=2, runs=5, profile_runs=0)
-            rows.append((fmb, cmb, amb, float(r["peak_memory_mb"])))
+            rows.append((fmb, cmb, lmb, amb, float(r["peak_memory_mb"])))
             if progress:
                 progress("memory model", i + 1, len(series))
-    A = np.array([[1.0, f, c, a] for f, c, a, _ in rows])
-    y = np.array([m for *_, m in rows])
-    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
-    base, alpha, alpha_conv, beta = (float(max(0.0, c)) for c in coef)
-    mm = MemoryModel(base, alpha, alpha_conv, beta, _nchwc_block(), tuple(rows))
+    A = np.array([[1.0, *r[:4]] for r in rows])
+    y = np.array([r[4] for r in rows])
+    coef = _nnls(A, y)
+    base, alpha, alpha_conv, gamma, beta = (float(c) for c in coef)
+    mm = MemoryModel(base, alpha, alpha_conv, gamma, beta, _nchwc_block(), tuple(rows))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"format": MEMORY_FORMAT, "base_mb": base, "alpha": alpha,
-                                            "alpha_conv": alpha_conv, "beta": beta, "block": mm.block,
-                                            "points": rows}, indent=1))
+                                            "alpha_conv": alpha_conv, "gamma": gamma, "beta": beta,
+                                            "block": mm.block, "points": rows}, indent=1))
     except (OSError, BadInput) as e:
         log.warning("could not cache the memory model at %s: %s", path, e)
     return mm
@@ -743,20 +770,21 @@ class CostModel:
                             math.prod(mod.kernel_size), has_bias, True))
         return out
 
-    def weight_bytes(self, widths: Mapping[str, int], *, split: bool = False) -> tuple[int, int] | tuple[int, int, int]:
+    def weight_bytes(self, widths: Mapping[str, int], *, split: bool = False) -> tuple[int, ...]:
         """(bytes, tensors) of the fp32 weights and biases (BatchNorm folded) at ``widths``; with ``split``,
-        (Linear bytes, conv bytes, tensors)."""
-        fc = conv = tensors = 0
+        (Linear bytes, conv bytes, largest conv layer bytes, tensors)."""
+        fc = conv = tensors = largest = 0
         for fi, cin, fo, cout, k, bias, is_conv in self._weights:
             ci = widths.get(fi, self.sizes[fi]) * cin if fi is not None else cin
             co = widths.get(fo, self.sizes[fo]) if fo is not None else cout
             n = (ci * co * k + (co if bias else 0)) * 4
             if is_conv:
                 conv += n
+                largest = max(largest, n)
             else:
                 fc += n
             tensors += 2 if bias else 1
-        return (fc, conv, tensors) if split else (fc + conv, tensors)
+        return (fc, conv, largest, tensors) if split else (fc + conv, tensors)
 
     def activation_bytes(self, widths: Mapping[str, int]) -> int:
         """Peak of the live unit outputs (plus the model input) over the execution order, fp32, NCHWc-padded."""
@@ -812,14 +840,14 @@ class CostModel:
             if k in self.sizes and not 1 <= v <= self.sizes[k]:
                 raise BadInput(f"width {v} of channel group '{k}': expected 1..{self.sizes[k]}")
         host, d, per = self.host_latency(widths)
-        fc, conv, nt = self.weight_bytes(widths, split=True)  # type: ignore[misc]
+        fc, conv, largest, nt = self.weight_bytes(widths, split=True)
         wb = fc + conv
         ab = self.activation_bytes(widths)
         if self.fit is not None:
             lat, prov = self.fit.predict(host, d), self.fit.provenance.replace("estimated-device", "cost-model estimate")
         else:
             lat, prov = host, "cost-model estimate of this host (profile not calibrated)"
-        return Prediction(lat, host, d, self.memory.predict(fc, conv, ab), (wb + FILE_OVERHEAD_BYTES * nt) / MiB,
+        return Prediction(lat, host, d, self.memory.predict(fc, conv, largest, ab), (wb + FILE_OVERHEAD_BYTES * nt) / MiB,
                           wb, ab, prov, per)
 
     def describe(self) -> dict[str, Any]:
@@ -827,7 +855,8 @@ class CostModel:
                 "profile": self.profile_id, "width_multiple": self.width_multiple, "overhead_ms": self.overhead_ms,
                 "units": len(self.tables), "channel_groups": dict(self.sizes),
                 "memory_model": {"base_mb": self.memory.base_mb, "alpha": self.memory.alpha,
-                                 "alpha_conv": self.memory.alpha_conv, "beta": self.memory.beta,
+                                 "alpha_conv": self.memory.alpha_conv, "gamma": self.memory.gamma,
+                                 "beta": self.memory.beta,
                                  "nchwc_block": self.memory.block},
                 "device_fit": None if self.fit is None else {"scale": self.fit.scale, "rho": self.fit.rho,
                                                               "provenance": self.fit.provenance}}

@@ -179,7 +179,7 @@ def predicted_fc_ratio(encoding: str, a: np.ndarray) -> float | None:
 
 
 def plan_onnx(weights: list[Weight], layout: str) -> tuple[list[Decision], dict[str, Any]]:
-    """One decision per weight for an ONNX file, and the runtime options it needs (none)."""
+    """One decision per weight for an ONNX file, and the runtime options it needs (none: ``{}``)."""
     out = []
     for w in weights:
         dense, coo = w.dense_bytes, coo_bytes(w.values)
@@ -196,7 +196,7 @@ def plan_onnx(weights: list[Weight], layout: str) -> tuple[list[Decision], dict[
                                 f"would shrink (to {min(coo, dense) / dense:.0%}) at a peak-memory cost", dense, 1.0))
         else:
             out.append(Decision(w.name, DENSE, K_DENSE, f"layout {layout}", dense, 1.0))
-    return out, {"xnnpack": True}
+    return out, {}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def inspect_file(path: str | os.PathLike, runtime: str | None = None) -> dict[st
         from chita_edge.exporters import onnx_format
 
         d = onnx_format.describe(p)
-        requires = {"xnnpack": False}
+        requires: dict[str, Any] = {}
     else:
         from chita_edge.exporters import tflite_format
 

@@ -286,8 +286,7 @@ def set_metadata(mp: onnx.ModelProto, meta: dict[str, Any], version: str) -> Non
     for p in [p for p in mp.metadata_props if p.key in (META_KEY, "requires")]:
         mp.metadata_props.remove(p)
     mp.metadata_props.add(key=META_KEY, value=json.dumps(meta, separators=(",", ":")))
-    req = meta.get("requires", {})
-    mp.metadata_props.add(key="requires", value="none" if req.get("xnnpack", True) else "no XNNPACK")
+    mp.metadata_props.add(key="requires", value=json.dumps(meta.get("requires") or {}))
 
 
 def save(mp: onnx.ModelProto, path: str | os.PathLike) -> None:

@@ -54,12 +54,12 @@ def detect_format(path: str | os.PathLike) -> str:
 def file_requirements(path: str | os.PathLike) -> dict[str, Any]:
     """Runtime options ``path`` needs: ``{"format", "runtime", "xnnpack", "reason"?}``.
 
-    For TFLite the answer comes from the file's structure (sparse weights read directly by an op rule XNNPACK
-    out), whatever its metadata says; ONNX files need no option.
+    ``xnnpack``: True / False for TFLite -- from the file's structure (sparse weights read directly by an op rule
+    XNNPACK out), whatever its metadata says; None for ONNX (no delegate involved, no option needed).
     """
     fmt = detect_format(path)
     if fmt == "onnx":
-        return {"format": "onnx", "runtime": "onnxruntime", "xnnpack": False}
+        return {"format": "onnx", "runtime": "onnxruntime", "xnnpack": None}
     from chita_edge.exporters import tflite_format
 
     req = tflite_format.requirements(tflite_format.load(path))

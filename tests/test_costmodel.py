@@ -80,7 +80,7 @@ class Chain(nn.Module):
 
 @pytest.fixture
 def fake_memory(monkeypatch):
-    mm = MemoryModel(3.0, 2.0, 2.5, 2.0, 16)
+    mm = MemoryModel(3.0, 2.0, 2.5, 1.5, 2.0, 16)
     monkeypatch.setattr(C, "memory_model", lambda threads=1, **kw: mm)
     return mm
 
@@ -142,9 +142,10 @@ def test_weights_activations_and_file_size(tmp_path, monkeypatch, fake_memory):
     ab = cm.activation_bytes({})
     assert ab == 4 * (16 * 16 + 16 * 16)  # the two largest tensors live together
     p = cm.predict({})
-    fc, conv, _ = cm.weight_bytes({}, split=True)
-    assert fc == 4 * (5 * 128 + 5) and fc + conv == wb
-    assert p.memory_mb == pytest.approx(3.0 + 2.0 * fc / C.MiB + 2.5 * conv / C.MiB + 2.0 * ab / C.MiB)
+    fc, conv, largest, _ = cm.weight_bytes({}, split=True)
+    assert fc == 4 * (5 * 128 + 5) and fc + conv == wb and largest == 4 * (16 * 27 + 16)
+    assert p.memory_mb == pytest.approx(3.0 + 2.0 * fc / C.MiB + 2.5 * conv / C.MiB + 1.5 * largest / C.MiB
+                                        + 2.0 * ab / C.MiB)
     assert p.file_mb == pytest.approx((wb + C.FILE_OVERHEAD_BYTES * 6) / C.MiB)
     assert p.latency_ms == pytest.approx(p.host_ms)  # no profile: the host figure
 
@@ -173,21 +174,22 @@ def test_memory_model_fit_recovers_the_coefficients(tmp_path, monkeypatch):
     series = {}
 
     def fake_series(td):
-        pts = [(0.1, 0, 0.01), (4, 0, 0.02), (12, 0, 0.03), (0, 1, 0.01), (0, 6, 0.05), (0, 0.1, 2), (0, 0.2, 6),
-               (0.01, 0.3, 12)]
-        rows = [(td / f"m{i}.onnx", f, c, a) for i, (f, c, a) in enumerate(pts)]
-        series.update({str(p): (f, c, a) for p, f, c, a in rows})
+        pts = [(0.1, 0, 0, 0.01), (4, 0, 0, 0.02), (12, 0, 0, 0.03), (0, 1, 1, 0.01), (0, 6, 6, 0.05),
+               (0, 6, 1, 0.05), (0, 12, 2, 0.1), (0, 0.1, 0.05, 2), (0, 0.2, 0.1, 6), (0.01, 0.3, 0.2, 12)]
+        rows = [(td / f"m{i}.onnx", *pt) for i, pt in enumerate(pts)]
+        series.update({str(r[0]): r[1:] for r in rows})
         return rows
 
     def fake_child(p, **kw):
-        f, c, a = series[str(p)]
-        return {"peak_memory_mb": 3.5 + 1.8 * f + 2.7 * c + 2.1 * a}
+        f, c, l_, a = series[str(p)]
+        return {"peak_memory_mb": 3.5 + 1.8 * f + 2.0 * c + 2.5 * l_ + 2.1 * a}
 
     monkeypatch.setattr(C, "_memory_series", fake_series)
     monkeypatch.setattr("chita_edge.bench.run_child", fake_child)
     mm = C.memory_model(1)
-    assert (mm.base_mb, mm.alpha, mm.alpha_conv, mm.beta) == pytest.approx((3.5, 1.8, 2.7, 2.1), rel=1e-6)
-    assert mm.predict(C.MiB, C.MiB, 2 * C.MiB) == pytest.approx(3.5 + 1.8 + 2.7 + 4.2)
+    assert (mm.base_mb, mm.alpha, mm.alpha_conv, mm.gamma, mm.beta) == pytest.approx((3.5, 1.8, 2.0, 2.5, 2.1),
+                                                                                      rel=1e-6)
+    assert mm.predict(C.MiB, C.MiB, C.MiB, 2 * C.MiB) == pytest.approx(3.5 + 1.8 + 2.0 + 2.5 + 4.2)
     # cached: a second fit does not measure
     monkeypatch.setattr("chita_edge.bench.run_child", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
     assert C.memory_model(1).alpha == pytest.approx(1.8)

@@ -24,7 +24,7 @@ from torch import nn
 
 from chita_edge.checkpoint import save_checkpoint
 from chita_edge.data import load_data
-from chita_edge.errors import BadInput, MissingExtra, RuntimeFailure
+from chita_edge.errors import MissingExtra, RuntimeFailure
 from chita_edge.io import sha256_file
 
 torch.set_num_threads(1)
@@ -247,6 +247,8 @@ def test_parity_failure_leaves_nothing_at_out(tiny, digits, tmp_path, monkeypatc
     monkeypatch.setattr(onnx_format.OnnxSession, "run", lambda self, x, **kw: real(self, x) + 1e-3)
     with pytest.raises(RuntimeFailure, match="parity check failed"):
         _export(tiny["mlp"], "onnx", "dense", tmp_path / "p.onnx", digits.x_test[:20])
+    r = run_cli("export", tiny["mlp_ckpt"], "--out", tmp_path / "q.onnx", "--parity-samples", "20")
+    assert r.code == 3 and "parity check failed" in r.stderr and "nothing written" in r.stderr
     assert list(tmp_path.iterdir()) == []
 
 
@@ -307,8 +309,11 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt"]
 
 
-def test_unsupported_op_is_bad_input(tmp_path):
-    class Inverse(nn.Module):
+INVERSE_PY = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class Inverse(nn.Module):  # torch.linalg.inv has no ONNX translation
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(64, 10)
@@ -317,21 +322,34 @@ def test_unsupported_op_is_bad_input(tmp_path):
             a = x.reshape(x.shape[0], 8, 8) + torch.eye(8)
             return self.fc(torch.linalg.inv(a).reshape(x.shape[0], 64))
 
-    x = torch.rand(4, 1, 8, 8)
-    with pytest.raises(BadInput, match="cannot convert"):
-        _export(Inverse().eval(), "onnx", "dense", tmp_path / "u.onnx", x)
-    with pytest.raises(BadInput, match="torch.fx-traceable"):  # compact needs a traceable model
+    class Branchy(nn.Module):  # data-dependent control flow: torch.fx cannot trace it for compact
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
 
-        class Branchy(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.fc = nn.Linear(64, 10)
+        def forward(self, x):
+            return self.fc(x.flatten(1)) if x.sum() > 0 else -self.fc(x.flatten(1))
 
-            def forward(self, x):
-                return self.fc(x.flatten(1)) if x.sum() > 0 else -self.fc(x.flatten(1))
+    def inverse():
+        return Inverse()
 
-        _export(Branchy().eval(), "onnx", "compact", tmp_path / "b.onnx", x)
-    assert list(tmp_path.iterdir()) == []
+    def branchy():
+        return Branchy()
+''')
+
+
+def test_unsupported_op_is_bad_input(tmp_path):
+    (tmp_path / "odd.py").write_text(INVERSE_PY)
+    for name, layout, msg in (("inverse", "dense", "cannot convert"), ("branchy", "compact", "torch.fx-traceable")):
+        ns: dict = {}
+        exec(INVERSE_PY, ns)
+        save_checkpoint(tmp_path / f"{name}.pt", ns[name]().state_dict(),
+                        {"model": f"{tmp_path / 'odd.py'}:{name}", "input_shape": [1, 8, 8]})
+        out = tmp_path / f"{name}.onnx"
+        r = run_cli("export", tmp_path / f"{name}.pt", "--layout", layout, "--out", out)
+        assert r.code == 2, r.stderr
+        assert msg in r.stderr and "Traceback" not in r.stderr and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["branchy.pt", "inverse.pt", "odd.py"]
 
 
 def test_missing_tflite_extra_is_bad_input(tiny, tmp_path, monkeypatch):
