@@ -151,7 +151,8 @@ def run_budget(name: str, m: dict[str, Any], prof, frac: float, method: str, wd:
     limit = frac * dm["latency_ms"]
     budgets = with_budgets(prof, latency_ms=limit, percentile=PCT)
     cfg = BudgetConfig(method=method, stages=args.stages, bench_runs=args.runs, bench_repeats=args.repeats,
-                       calib_samples=args.calib if name != "mobilenetv1" else 32, **cfg_kw)
+                       calib_samples=args.calib if name != "mobilenetv1" else 32,
+                       probe_samples=128 if name != "mobilenetv1" else 32, **cfg_kw)
     t0 = time.perf_counter()
     row: dict[str, Any] = {"model": name, "profile": prof.id, "fraction": frac, "method": method + (
         "+refit" if cfg_kw.get("refit") else ""), "dense_ms": dm["latency_ms"], "budget_ms": limit}
@@ -161,6 +162,10 @@ def run_budget(name: str, m: dict[str, Any], prof, frac: float, method: str, wd:
     except GateFailed as e:
         row.update(error=str(e), met=False)
         log(f"[B] {row}")
+        return row
+    except Exception as e:  # keep going: one failure must not hide the other rows
+        row.update(error=f"{type(e).__name__}: {e}", met=False)
+        log(f"[B] FAILED {row}")
         return row
     acc = accuracy(res.model, data.x_test, data.y_test) if len(data.x_test) else None
     meas = res.measured or {}
@@ -176,6 +181,7 @@ def run_budget(name: str, m: dict[str, Any], prof, frac: float, method: str, wd:
 
 def mlp_section(m: dict[str, Any], prof, wd: Path, args, cms: dict, dense_meas: dict) -> list[dict[str, Any]]:
     from chita_edge.exporters import ExportConfig, export_model
+
     from chita_edge.pruning.layers import find_prunable
     from chita_edge.pruning.prune import PruneConfig, prune_weights
 
@@ -210,6 +216,7 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv1", "mlpnet"])
     ap.add_argument("--profiles", nargs="+", default=PROFILES)
     ap.add_argument("--fractions", nargs="+", type=float, default=FRACTIONS)
+    ap.add_argument("--accuracy-fractions", nargs="+", type=float, default=[0.7, 0.6, 0.5])
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--calib", type=int, default=256, help="calibration images for the layer-wise statistics")
     ap.add_argument("--runs", type=int, default=100)
@@ -264,7 +271,7 @@ def main() -> int:
             prev = {(r["fraction"], r["method"]): r for r in results.get("budgets", [])
                     if r["model"] == "resnet20" and r["profile"] == prof.id}
             dense_acc = accuracy(ms["resnet20"]["module"], ms["resnet20"]["data"].x_test, ms["resnet20"]["data"].y_test)
-            for frac in args.fractions:
+            for frac in args.accuracy_fractions:
                 for method, kw in (("chita", {}), ("l1-uniform", {}), ("norm-global", {}),
                                    ("l1-uniform", {"refit": True})):
                     key = (frac, method + ("+refit" if kw else ""))

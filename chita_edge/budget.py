@@ -52,10 +52,6 @@ from chita_edge.pruning.structured import (
     BlockConfig,
     ChannelStructure,
     LayerStats,
-    probe_curves,
-    prune_blocks,
-    layerwise_refit,
-    removal_curves,
     StructuredConfig,
     allowed_widths,
     apply_keep,
@@ -64,7 +60,11 @@ from chita_edge.pruning.structured import (
     gradients,
     l1_filter_norms,
     l2_filter_norms,
+    layerwise_refit,
+    probe_curves,
+    prune_blocks,
     reestimate_bn,
+    removal_curves,
     solve_groups,
 )
 from chita_edge.solvers.group_chita import coordinate_mask, select_groups

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import operator
-import os
 import tempfile
 import time
 import warnings
@@ -65,7 +64,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 
 MiB = 1024 * 1024
-TABLE_FORMAT = "chita-edge/layer-latency-v1"
+TABLE_FORMAT = "chita-edge/layer-latency-v2"
 MEMORY_FORMAT = "chita-edge/memory-model-v4"
 RUNTIME = "onnxruntime"
 DENSE, DEPTHWISE, OTHER = "dense", "depthwise", "other"
@@ -392,34 +391,69 @@ def _export(module: nn.Module, inputs: list[torch.Tensor], path: Path) -> None:
                           do_constant_folding=True)
 
 
-def _time_file(path: Path, x: np.ndarray, threads: int, runs: int) -> float:
-    """Median kernel time (ms) of the file's nodes, layout reorders excluded, from ONNX Runtime's profiler."""
+def _time_file(path: Path, x: np.ndarray, threads: int, runs: int) -> tuple[float, int]:
+    """(median kernel time in ms summed over the file's nodes, number of nodes), layout reorders excluded, from
+    ONNX Runtime's profiler."""
     from chita_edge.runtimes import profile_onnx
 
     layers, _ = profile_onnx(path, x, threads=threads, runs=runs)
-    return float(sum(lc.ms or 0.0 for lc in layers if lc.op not in _REORDER_OPS))
+    nodes = [lc for lc in layers if lc.op not in _REORDER_OPS]
+    return float(sum(lc.ms or 0.0 for lc in nodes)), len(nodes)
 
 
-def _time_overhead(threads: int, runs: int = 400) -> tuple[float, str]:
-    """Wall time (p50, ms) of one inference of a trivial model through the benchmark's session class: the
-    fixed cost of a call into the runtime. Returns (ms, runtime version)."""
-    from chita_edge.bench_child import runtime_version
+class _Chain(nn.Module):
+    """k cheap element-wise nodes on a tiny tensor: what a node costs beyond its arithmetic."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(self.k):
+            x = torch.relu(x) + 0.001 if i % 2 else torch.relu(x) * 1.001
+        return x
+
+
+def _wall_p50(path: Path, threads: int, runs: int) -> float:
     from chita_edge.exporters import load_session
+
+    sess = load_session(path, threads)
+    x = np.random.default_rng(0).random((1, 8), dtype=np.float32)
+    for _ in range(50):
+        sess.run(x)
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter_ns()
+        sess.run(x)
+        samples.append((time.perf_counter_ns() - t) / 1e6)
+    del sess
+    return float(np.median(samples))
+
+
+def _time_overhead(threads: int, runs: int = 400) -> tuple[float, float, str]:
+    """(call_ms, node_ms, runtime version). ``call_ms``: wall time (p50) of one inference of a trivial model
+    through the benchmark's session class, the fixed cost of a call into the runtime. ``node_ms``: how much the
+    profiler's per-node time exceeds a node's real share of the wall time (its timestamps have microsecond
+    resolution and their own cost): the slope of profiled time minus the slope of wall time over chains of 2
+    and 60 trivial nodes. Unit timings are corrected by it, per node."""
+    from chita_edge.bench_child import runtime_version
 
     with tempfile.TemporaryDirectory(prefix="chita-edge-cost-") as td:
         p = Path(td) / "trivial.onnx"
         _export(nn.ReLU(), [torch.rand(1, 8)], p)
-        sess = load_session(p, threads)
-        x = np.random.default_rng(0).random((1, 8), dtype=np.float32)
-        for _ in range(50):
-            sess.run(x)
-        samples = []
-        for _ in range(runs):
-            t = time.perf_counter_ns()
-            sess.run(x)
-            samples.append((time.perf_counter_ns() - t) / 1e6)
-        del sess
-        return float(np.median(samples)), runtime_version(RUNTIME)
+        call = _wall_p50(p, threads, runs)
+        prof, wall, nodes = [], [], []
+        x = torch.rand(1, 8)
+        for k in (2, 60):
+            pk = Path(td) / f"chain{k}.onnx"
+            _export(_Chain(k), [x], pk)
+            ms, n = _time_file(pk, x.numpy(), threads, 100)
+            prof.append(ms)
+            nodes.append(n)
+            wall.append(_wall_p50(pk, threads, runs))
+        dn = max(nodes[1] - nodes[0], 1)
+        node = max(0.0, (prof[1] - prof[0]) / dn - (wall[1] - wall[0]) / dn)
+        return call, node, runtime_version(RUNTIME)
 
 
 def _fingerprint(version: str, threads: int) -> str:
@@ -443,20 +477,28 @@ def _nchwc_block() -> int:
 
 
 class _Cache:
-    """One JSON file of timings per host, runtime and threads: ``{"entries": {key: ms}, "overhead_ms": ...}``."""
+    """One JSON file of timings per host, runtime and threads:
+    ``{"entries": {key: [profiled ms, nodes]}, "overhead_ms": ..., "node_ms": ...}``."""
 
     def __init__(self, path: Path, meta: dict[str, Any]):
         self.path, self.meta, self.dirty = path, meta, False
-        self.entries: dict[str, float] = {}
+        self.entries: dict[str, list[float]] = {}
         self.overhead_ms: float | None = None
+        self.node_ms: float | None = None
         if path.is_file():
             try:
                 d = json.loads(path.read_text(encoding="utf-8"))
                 if d.get("format") == TABLE_FORMAT:
-                    self.entries = {str(k): float(v) for k, v in d.get("entries", {}).items()}
+                    self.entries = {str(k): [float(v[0]), float(v[1])] for k, v in d.get("entries", {}).items()}
                     self.overhead_ms = d.get("overhead_ms")
-            except (OSError, ValueError, TypeError, AttributeError):
+                    self.node_ms = d.get("node_ms")
+            except (OSError, ValueError, TypeError, AttributeError, IndexError):
                 log.warning("ignoring unreadable latency table cache %s", path)
+
+    def ms(self, key: str) -> float:
+        """A unit's time with the profiler's per-node excess removed."""
+        raw, nodes = self.entries[key]
+        return max(0.0, raw - (self.node_ms or 0.0) * nodes)
 
     def save(self) -> None:
         if not self.dirty:
@@ -464,7 +506,8 @@ class _Cache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.path, json.dumps({"format": TABLE_FORMAT, **self.meta, "overhead_ms": self.overhead_ms,
-                                                     "entries": self.entries}, indent=0, sort_keys=True))
+                                                     "node_ms": self.node_ms, "entries": self.entries}, indent=0,
+                                                    sort_keys=True))
             self.dirty = False
         except (OSError, BadInput) as e:
             log.warning("could not cache the latency tables at %s: %s", self.path, e)
@@ -687,13 +730,16 @@ class CostModel:
             specs = channel_groups(model, example_input[:1])
         g = _trace(model, example_input, specs)
         units = _units(g)
-        overhead, version = _time_overhead(threads)
-        cache = _Cache(cache_dir() / f"layer-latency-{RUNTIME}-t{threads}-{_fingerprint(version, threads)}.json",
+        from chita_edge.bench_child import runtime_version
+
+        version = runtime_version(RUNTIME)
+        cache = _Cache(cache_dir() / f"layer-latency-v2-{RUNTIME}-t{threads}-{_fingerprint(version, threads)}.json",
                        {"runtime": RUNTIME, "runtime_version": version, "threads": threads})
         if refresh:
             cache.entries = {}
-        if cache.overhead_ms is None or refresh:
-            cache.overhead_ms, cache.dirty = overhead, True
+        if cache.overhead_ms is None or cache.node_ms is None or refresh:
+            cache.overhead_ms, cache.node_ms, _ = _time_overhead(threads)
+            cache.dirty = True
         todo = []
         for u in units:
             grid = tuple(grid_widths(g.sizes[a], mult) for a in u.axes)
@@ -717,7 +763,8 @@ class CostModel:
                 except Exception as e:
                     raise RuntimeFailure(f"cost model: cannot export layer {u.name} alone "
                                          f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-                cache.entries[key] = _time_file(p, inputs[0].numpy(), threads, runs)
+                ms, nodes = _time_file(p, inputs[0].numpy(), threads, runs)
+                cache.entries[key] = [ms, float(nodes)]
                 cache.dirty = True
                 p.unlink(missing_ok=True)
                 if progress:
@@ -731,7 +778,7 @@ class CostModel:
             shape = tuple(len(x) for x in grid) or (1,)
             ms = np.zeros(shape)
             for pos, combo in zip(itertools.product(*[range(len(x)) for x in grid]), itertools.product(*grid), strict=True):
-                ms[pos if pos else (0,)] = cache.entries[f"{u.signature}|{combo}"]
+                ms[pos if pos else (0,)] = cache.ms(f"{u.signature}|{combo}")
             tables.append(_UnitTable(u, grid, ms))
         fit = None
         if profile is not None and profile.calibration is not None:
@@ -739,7 +786,7 @@ class CostModel:
 
             fit = fit_profile(profile, host_calibration(RUNTIME, threads, progress=progress))
         mem = memory_model(threads, progress=progress)
-        return cls(graph=g, tables=tables, overhead_ms=float(cache.overhead_ms), fit=fit, memory=mem,
+        return cls(graph=g, tables=tables, overhead_ms=float(cache.overhead_ms or 0.0), fit=fit, memory=mem,
                    profile_id=profile.id if profile is not None else None, threads=threads, width_multiple=mult,
                    runtime_version=version)
 

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
 from chita_edge import budget as B
@@ -23,7 +24,6 @@ from chita_edge.profiles import load_profile, with_budgets
 from chita_edge.pruning.structured import alive_channels, channel_structure
 from chita_edge.structure import apply_plan
 from chita_edge.zoo import ResNet20
-from conftest import run_cli
 
 torch.set_num_threads(1)
 

@@ -100,11 +100,12 @@ def test_build_times_once_and_reuses_the_cache(tmp_path, monkeypatch, fake_memor
     cm = CostModel.build(m, x, None, width_multiple=4, runs=3)
     n_first = len(calls)
     assert n_first > 0
-    files = list(tmp_path.glob("layer-latency-onnxruntime-t1-*.json"))
+    files = list(tmp_path.glob("layer-latency-v2-onnxruntime-t1-*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    assert data["format"] == C.TABLE_FORMAT and len(data["entries"]) == n_first
-    assert all(v >= 0 for v in data["entries"].values())
+    assert data["format"] == C.TABLE_FORMAT and len(data["entries"]) == n_first - 2  # + the two node chains
+    assert all(ms >= 0 and nodes >= 1 for ms, nodes in data["entries"].values())
+    assert data["overhead_ms"] > 0 and data["node_ms"] >= 0
 
     def boom(*a, **k):
         raise AssertionError("timed again although cached")
@@ -120,7 +121,7 @@ def test_build_times_once_and_reuses_the_cache(tmp_path, monkeypatch, fake_memor
 
 def test_weights_activations_and_file_size(tmp_path, monkeypatch, fake_memory):
     monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(C, "_time_file", lambda *a, **k: 0.01)
+    monkeypatch.setattr(C, "_time_file", lambda *a, **k: (0.01, 1))
     m = Chain().eval()
     x = torch.rand(1, 3, 4, 4)
     cm = CostModel.build(m, x, None, width_multiple=4, runs=1)
@@ -152,7 +153,7 @@ def test_weights_activations_and_file_size(tmp_path, monkeypatch, fake_memory):
 
 def test_device_latency_uses_the_profile_fit(tmp_path, monkeypatch, fake_memory):
     monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(C, "_time_file", lambda *a, **k: 0.02)
+    monkeypatch.setattr(C, "_time_file", lambda *a, **k: (0.02, 1))
     cm = CostModel.build(Chain().eval(), torch.rand(1, 3, 4, 4), None, width_multiple=4, runs=1)
 
     class Fit:

@@ -167,7 +167,8 @@ def apply_keep(model: nn.Module, cs: ChannelStructure, keep: torch.Tensor) -> No
     BatchNorm gamma and beta, so that a removed channel is exactly zero and ``compact_model`` drops it."""
     params = list(cs.params)
     w = flatten_weights(model, params)
-    set_weights(model, params, torch.where(coordinate_mask(keep, cs.groups), w, torch.zeros_like(w)))
+    w[cs.groups.coordinates(~keep)] = 0.0
+    set_weights(model, params, w)
     mods = dict(model.named_modules())
     for f, spec in enumerate(cs.specs):
         gone = (~keep[cs.channels(f)]).nonzero().squeeze(1)

@@ -86,7 +86,9 @@ class Groups:
                 gid.append(torch.full_like(t, g))
                 fam.append(f)
                 g += 1
-        cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+        def cat(xs: list[Tensor]) -> Tensor:
+            return torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)
+
         out = Groups(p, cat(idx), cat(gid), torch.tensor(fam, dtype=torch.long))
         if out.idx.numel() and (int(out.idx.min()) < 0 or int(out.idx.max()) >= p):
             raise ValueError("group coordinates must lie in 0..p-1")
@@ -95,6 +97,16 @@ class Groups:
     def sizes(self) -> Tensor:
         """Number of groups per family."""
         return torch.bincount(self.family, minlength=self.num_families)
+
+    def coordinates(self, which: Tensor) -> Tensor:
+        """The coordinates (with repeats) of the groups in ``which`` (bool over groups)."""
+        sel = which.nonzero().squeeze(1)
+        if sel.numel() == 0:
+            return torch.zeros(0, dtype=torch.long)
+        if bool((self.gid[1:] >= self.gid[:-1]).all()):  # incidences sorted by group (from_lists): slice them
+            ptr = torch.searchsorted(self.gid, torch.stack([sel, sel + 1]))
+            return torch.cat([self.idx[a:b] for a, b in zip(ptr[0].tolist(), ptr[1].tolist(), strict=True)])
+        return self.idx[which[self.gid]]
 
 
 def group_sq_norms(v: Tensor, groups: Groups) -> Tensor:
@@ -202,7 +214,7 @@ def group_iht(
         w, keep = group_hard_threshold(w0, groups, k, allowed)
     f = objective(G, w, w_bar, lam, a)
     converged, it, unchanged = False, 0, 0
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported after the loop
         support = coordinate_mask(keep, groups)
         if backsolve_every > 0 and unchanged >= backsolve_every and lam > 0:
             w_bs = backsolve(G, w_bar, support, lam, a)
@@ -305,7 +317,7 @@ def group_chita(
         rounds_cap = max_rounds
     its, rounds, conv = 0, 0, False
     w, keep, f = w_bar, torch.ones(groups.num_groups, dtype=torch.bool), math.inf
-    for rounds in range(1, rounds_cap + 1):
+    for rounds in range(1, rounds_cap + 1):  # noqa: B007 - `rounds` is reported after the loop
         w, keep, f, it_r, conv = group_iht(G, w_bar, groups, k, lam, a=a, w0=w_start, allowed=A, L=L_full,
                                            max_iter=max_iter, tol=tol, backsolve_every=backsolve_every)
         its += it_r
@@ -415,45 +427,62 @@ def layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, keep: Tensor, lam: floa
 
 
 def obs_removal_order(Hinv: Sequence[Tensor], W: Sequence[Tensor], blocks: Sequence[Tensor], scale: Sequence[float],
-                      alive: Tensor, steps: int) -> tuple[Tensor, Tensor]:
+                      alive: Tensor, steps: int, *, max_rounds: int = 64) -> tuple[Tensor, Tensor]:
     """Greedy group-OBS removal of channels shared by several layers (a channel space and its consumers).
 
     Layer l has inverse Hessian ``Hinv[l]`` (q_l x q_l, damped) and weights ``W[l]`` (out_l x q_l);
-    ``blocks[l]`` (channels x b_l) lists the columns of each channel in layer l. At each step the alive channel
-    whose removal (with the optimal re-fit of the layer's remaining columns) adds the least
-    sum_l scale[l] * tr(W_B [(Hinv_BB)]^-1 W_B^T) is removed, and every Hinv and W is updated (OBS).
-    Returns (order: removed channels, cumulative cost after each removal), at most ``steps`` entries.
+    ``blocks[l]`` (channels x b_l) lists the columns of each channel in layer l. Each round removes the alive
+    channels whose removal (with the optimal re-fit of the layer's remaining columns) adds the least
+    sum_l scale[l] * tr(W_B [(Hinv_BB)]^-1 W_B^T), and updates every Hinv and W (the OBS update). With more
+    than ``max_rounds`` steps, a round removes ceil(steps / max_rounds) channels at once (their joint cost is
+    exact; within the round it is shared in proportion to the single costs), which bounds the work at
+    max_rounds rank-k updates. Returns (order: removed channels, cumulative cost after each removal).
     """
     Hinv = [h.clone() for h in Hinv]
     W = [w.clone() for w in W]
     alive = alive.clone()
-    order, cum, total = [], [], 0.0
-    eye_cache: dict[int, Tensor] = {}
-    for _ in range(min(steps, int(alive.sum()))):
+    steps = min(steps, int(alive.sum()))
+    chunk = max(1, math.ceil(steps / max(1, max_rounds)))
+    order: list[int] = []
+    cum: list[float] = []
+    total = 0.0
+    while len(order) < steps:
         cand = alive.nonzero().squeeze(1)
         cost = torch.zeros(cand.numel(), dtype=torch.float64)
         for Hl, Wl, Bl, s in zip(Hinv, W, blocks, scale, strict=True):
             B = Bl[cand]  # (c, b)
-            Hbb = Hl[B.unsqueeze(2), B.unsqueeze(1)]  # (c, b, b)
             b = B.shape[1]
-            eye = eye_cache.setdefault(b, torch.eye(b, dtype=Hl.dtype))
-            Hbb_inv = torch.linalg.solve(Hbb + 1e-12 * eye, eye.expand_as(Hbb))
+            Hbb = Hl[B.unsqueeze(2), B.unsqueeze(1)]  # (c, b, b)
+            if b == 1:
+                Hbb_inv = 1.0 / Hbb.clamp_min(1e-300)
+            else:
+                eye = torch.eye(b, dtype=Hl.dtype)
+                Hbb_inv = torch.linalg.solve(Hbb + 1e-12 * eye, eye.expand_as(Hbb))
             Wb = Wl[:, B].permute(1, 0, 2)  # (c, out, b)
             cost += s * torch.einsum("cob,cbe,coe->c", Wb, Hbb_inv, Wb).double()
-        j = int(torch.argmin(cost))
-        c = int(cand[j])
-        total += float(cost[j])
-        order.append(c)
-        cum.append(total)
-        alive[c] = False
-        for i, (Hl, Wl, Bl) in enumerate(zip(Hinv, W, blocks, strict=True)):
-            B = Bl[c]
+        r = min(chunk, steps - len(order))
+        pick = torch.topk(-cost, r).indices if r < cand.numel() else torch.arange(cand.numel())
+        pick = pick[torch.argsort(cost[pick])]
+        chans = cand[pick]
+        joint = 0.0
+        for i, (Hl, Wl, Bl, s) in enumerate(zip(Hinv, W, blocks, scale, strict=True)):
+            B = Bl[chans].reshape(-1)
             Hbb_inv = torch.linalg.inv(Hl[B][:, B])
-            Wl -= Wl[:, B] @ Hbb_inv @ Hl[B, :]  # OBS update of the remaining columns
+            WB = Wl[:, B]
+            joint += s * float(torch.einsum("ob,be,oe->", WB, Hbb_inv, WB))
+            Wl -= WB @ Hbb_inv @ Hl[B, :]  # OBS update of the remaining columns
             Wl[:, B] = 0.0
             Hl -= Hl[:, B] @ Hbb_inv @ Hl[B, :]
             Hl[B, :] = 0.0
             Hl[:, B] = 0.0
             Hl[B, B] = 1.0  # removed columns: decoupled, never chosen again
             W[i], Hinv[i] = Wl, Hl
+        single = cost[pick].clamp_min(0)
+        share = single.cumsum(0) / float(single.sum()) if float(single.sum()) > 0 else \
+            torch.arange(1, r + 1, dtype=torch.float64) / r
+        for c, sh in zip(chans.tolist(), share.tolist(), strict=True):
+            order.append(c)
+            cum.append(total + max(joint, 0.0) * sh)
+        total += max(joint, 0.0)
+        alive[chans] = False
     return torch.tensor(order, dtype=torch.long), torch.tensor(cum, dtype=torch.float64)
