@@ -35,7 +35,7 @@ from torch import nn
 from chita_edge.errors import BadInput, MissingExtra, RuntimeFailure
 from chita_edge.io import atomic_write_text
 from chita_edge.profiles import Profile, load_all
-from chita_edge.zoo import MobileNetV1
+from chita_edge.zoo import BasicBlock, MobileNetV1
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -85,22 +85,7 @@ class MobileNetV2(nn.Module):
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
 
-class _Basic(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+_Basic = BasicBlock  # the ResNet basic block of the zoo (same layers, same order)
 
 
 class ResNet18(nn.Module):
