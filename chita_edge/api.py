@@ -14,7 +14,7 @@ from chita_edge.evaluate import accuracy
 from chita_edge.io import sha256_file
 from chita_edge.models import LoadedModel, load_model
 from chita_edge.pruning.layers import find_prunable, layer_sparsity
-from chita_edge.pruning.prune import PruneConfig, PruneReport, Progress, prune_weights
+from chita_edge.pruning.prune import Progress, PruneConfig, PruneReport, prune_weights
 
 
 def check_fits(lm: LoadedModel, x: torch.Tensor, where: str, labels: tuple[torch.Tensor, ...] = ()) -> None:
@@ -51,15 +51,29 @@ def evaluate_model(model: str | None, weights: str | os.PathLike | None, data: s
 
 
 def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, cfg: PruneConfig,
-                     out: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:
-    """Load, prune, evaluate and save: what ``chita-edge prune`` does."""
+                     out: str | os.PathLike, progress: Progress | None = None, *,
+                     gradual: Any = None, resume: bool = False) -> dict[str, Any]:
+    """Load, prune, evaluate and save: what ``chita-edge prune`` does.
+
+    ``gradual`` (a ``chita_edge.gradual.GradualConfig``): prune in steps on the cubic schedule from 50 % with
+    masked fine-tuning between them (state beside ``out`` for ``resume``)."""
     cfg.validate()
     lm = load_model(model, weights)
     ds = load_data(data)
     check_fits(lm, ds.x_train, data, (ds.y_train, ds.y_test))
     dense_acc = accuracy(lm.module, ds.x_test, ds.y_test)
     params = find_prunable(lm.module, lm.prunable)
-    report: PruneReport = prune_weights(lm.module, params, ds, cfg, progress)
+    extra: dict[str, Any] = {}
+    if gradual is not None:
+        from chita_edge.gradual import gradual_prune
+
+        g = gradual_prune(lm.module, ds, cfg, gradual, filter_fn=lm.prunable, progress=progress,
+                          state_path=f"{out}.gradual-state", resume=resume)
+        report = PruneReport(method=f"gradual {cfg.method}", target_sparsity=cfg.sparsity, sparsity=g.sparsity,
+                             layer_sparsity=g.layer_sparsity, timings=g.timings, config=g.config)
+        extra = {"gradual_steps": g.steps}
+    else:
+        report = prune_weights(lm.module, params, ds, cfg, progress)
     acc = accuracy(lm.module, ds.x_test, ds.y_test)
     meta = {
         "model": lm.spec,
@@ -74,7 +88,8 @@ def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, c
         "prunable": [q.name for q in params],
     }
     save_checkpoint(out, lm.module.state_dict(), meta)
-    return {**report.to_dict(), "model": lm.spec, "dense_accuracy": dense_acc, "accuracy": acc, "out": str(out)}
+    return {**report.to_dict(), **extra, "model": lm.spec, "dense_accuracy": dense_acc, "accuracy": acc,
+            "out": str(out)}
 
 
 __all__ = ["PruneConfig", "evaluate_model", "prune_checkpoint"]

@@ -1,7 +1,7 @@
 """Pruning to a device budget: per-layer widths chosen on the cost model, structured CHITA, verified by benchmark.
 
 One verb, ``prune_to_budget(model, example_input, data, profile, budgets, BudgetConfig) -> BudgetResult``, and
-its checkpoint-writing wrapper ``prune_to_budget_checkpoint`` behind ``chita-edge prune --profile``.
+its checkpoint-writing wrapper ``prune_budget_checkpoint`` behind ``chita-edge prune --profile``.
 
 The search (``method="chita"``), a NetAdapt-style greedy loop on the cost model, in ``stages`` steps:
 
@@ -9,22 +9,24 @@ Step 1: measure the dense model (export + ``bench``) and anchor the cost model t
         predicted dense latency (at the budget's percentile), memory and file size corrects every prediction.
 Step 2: refuse an impossible budget (``GateFailed``) with the smallest latency / memory / file reachable (every
         channel group at its narrowest allowed width).
-Step 3: per stage t, targets on a geometric schedule from the dense prediction to the budget; G is recomputed
-        at the current weights; while a target is unmet, remove from the channel group whose next step down
-        (to the next multiple of the profile's width multiple) costs the least CHITA objective per unit of
-        resource saved. The objective cost of removing a set B of channels without re-fit at w_bar is
-        1/2 ||r + sum_B G_c w_c||^2 - 1/2 ||r||^2 + lam sum_B ||w_c||^2 (r: what earlier removals of the stage
-        already cost), so correlated channels are not counted as independent.
-Step 4: structured CHITA (``group_chita``: group IHT from that selection, then the exact backsolve re-fitting
-        every kept weight, consumers' input slices included) at the chosen widths; BatchNorm gamma/beta of
-        removed channels zeroed, BatchNorm statistics re-estimated on a few training batches.
-Step 5: compact, export, benchmark; when a measurement misses its budget (beyond ``slack``), tighten that
-        target by the miss and run one more stage, up to ``max_tighten`` times.
+Step 3: per stage, targets on a geometric schedule from the dense prediction to the budget. Per channel group,
+        the group-OBS removal order of its channels on the layer-wise CHITA quadratic (G = the consumers' input
+        activations, ``removal_curves``), and the cost of removing the first k of them -- the KL divergence of
+        the model's outputs after removing them and re-fitting the consumers, measured at a few k
+        (``probe_curves``). Greedy: while a target is unmet, take the step (one group down to a lower multiple
+        of the width multiple) with the least cost per unit of normalised resource saved.
+Step 4: zero the chosen channels (weights, producer biases, BatchNorm gamma/beta) and re-fit every layer to the
+        dense model's outputs on the calibration images (``layerwise_refit``: CHITA's backsolve with G = the
+        layer's inputs; the consumers' input slices are re-fitted, earlier layers' error is absorbed).
+Step 5: compact, export, benchmark; when a measurement misses its budget (beyond ``slack``), correct that
+        resource's prediction by the miss and run one more stage, up to ``max_tighten`` times.
 
-Baselines with the same budgets, cost model and verification: ``l1-uniform`` (every group keeps the same
-fraction of channels, the largest that meets the budgets; channels chosen by the L1 norm of their filters,
-Li et al. 2017) and ``norm-global`` (channels removed in increasing order of their filters' L2 norm across all
-layers until the budgets hold). Neither re-fits weights; both get the same BatchNorm re-estimation.
+``method="chita-fisher"`` uses the paper's global G instead (mini-batch gradients; joint no-refit saliency for
+the greedy, then ``group_chita`` -- group IHT + backsolve -- at the chosen widths). Baselines with the same
+budgets, cost model and verification: ``l1-uniform`` (every group keeps the same fraction of channels, the
+largest that meets the budgets; channels chosen by the L1 norm of their filters, Li et al. 2017) and
+``norm-global`` (channels removed in increasing order of their filters' L2 norm across all layers until the
+budgets hold). Neither re-fits weights (unless ``refit=True``, an ablation); both get BatchNorm re-estimation.
 """
 
 from __future__ import annotations

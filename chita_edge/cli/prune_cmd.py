@@ -37,6 +37,11 @@ def prune_cmd(
     structure: Annotated[str | None, typer.Option("--structure", help="auto, channel, block or unstructured (budget mode: channel).")] = None,
     width_multiple: Annotated[int | None, typer.Option("--width-multiple", help="Round channel counts to this multiple (default: the profile's).")] = None,
     export: Annotated[Path | None, typer.Option("--export", help="Budget mode: also keep the verified ONNX file here.")] = None,
+    gradual: Annotated[bool, typer.Option("--gradual", help="Prune in steps (cubic schedule from 50 %) with masked fine-tuning between them.")] = False,
+    epochs: Annotated[int, typer.Option("--epochs", help="--gradual: fine-tuning epochs in all.")] = 5,
+    prune_every: Annotated[int, typer.Option("--prune-every", help="--gradual: a pruning step every K epochs.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="--gradual: fine-tuning learning rate (SGD, cosine).")] = 0.05,
+    resume: Annotated[bool, typer.Option("--resume", help="--gradual: continue from the state saved beside --out.")] = False,
     json_out: JSON = False,
 ) -> None:
     """Prune MODEL to a sparsity with CHITA or a baseline, or to a device budget (--profile), and write a
@@ -66,8 +71,14 @@ def prune_cmd(
         raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple and --export need --profile")
     cfg = api.PruneConfig(sparsity=sparsity, method=method, stages=stages, n_grads=grads, fisher_batch=fisher_batch,
                           l2=l2, first_order=first_order, block_size=block_size, seed=seed)
+    gcfg = None
+    if gradual:
+        from chita_edge.finetune import FinetuneConfig
+        from chita_edge.gradual import GradualConfig
+
+        gcfg = GradualConfig(epochs=epochs, prune_every=prune_every, finetune=FinetuneConfig(lr=lr, seed=seed))
     with ui.progress() as cb:
-        result = api.prune_checkpoint(model, weights, data, cfg, out, progress=cb)
+        result = api.prune_checkpoint(model, weights, data, cfg, out, progress=cb, gradual=gcfg, resume=resume)
     if json_out:
         ui.print_json(result)
     else:
