@@ -244,9 +244,10 @@ def main() -> int:
             results["validation"] = rows
             table(f"A. Cost model vs benchmark (host, {PCT}; {profs[0].id} device estimate; median of "
                   f"{args.repeats} bench processes)",
-                  ["model", "widths", "host ms pred", "host ms meas", "ratio", "memory MB pred", "memory MB meas",
-                   "ratio", "file MB pred", "file MB meas"],
+                  ["model", "widths", "host ms pred", "host ms meas", "ratio", "device ms pred", "device ms meas",
+                   "ratio", "memory MB pred", "memory MB meas", "ratio", "file MB pred", "file MB meas"],
                   [[r["model"], r["config"], r["pred_host_ms"], r["meas_host_ms"], r["pred_host_ms"] / r["meas_host_ms"],
+                    r["pred_device_ms"], r["meas_device_ms"], r["pred_device_ms"] / r["meas_device_ms"],
                     r["pred_memory_mb"], r["meas_memory_mb"], r["pred_memory_mb"] / r["meas_memory_mb"],
                     r["pred_file_mb"], r["meas_file_mb"]] for r in rows])
         if "B" not in args.skip:

@@ -834,7 +834,8 @@ class CostModel:
         return (fc, conv, largest, tensors) if split else (fc + conv, tensors)
 
     def activation_bytes(self, widths: Mapping[str, int]) -> int:
-        """Peak of the live unit outputs (plus the model input) over the execution order, fp32, NCHWc-padded."""
+        """Peak of the live unit outputs (plus the model input) over the execution order, fp32; conv outputs are
+        padded to the NCHWc block, other tensors (the input, element-wise ops on it) are not."""
         g = self._g
         w = {**self.sizes, **{k: v for k, v in widths.items() if k in self.sizes}}
         unit_of = {n: i for i, t in enumerate(self.tables) for n in t.unit.nodes}
@@ -853,8 +854,8 @@ class CostModel:
             consumers = [unit_of[u] for u in g.users[n.name] if u in unit_of and unit_of[u] != unit_of.get(n.name)]
             end = max((step[c] for c in consumers), default=start)
             shape = list(_scaled_shape(g, n.name, w))
-            if len(shape) == 4:
-                shape[1] = math.ceil(shape[1] / block) * block
+            if len(shape) == 4 and n.name in unit_of and self.tables[unit_of[n.name]].unit.kind != OTHER:
+                shape[1] = math.ceil(shape[1] / block) * block  # conv outputs live in the NCHWc layout
             tensors.append((start, end, math.prod(shape) * 4))
         times = sorted({s for s, _, _ in tensors} | {e for _, e, _ in tensors})
         peak = 0

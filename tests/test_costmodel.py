@@ -139,9 +139,10 @@ def test_weights_activations_and_file_size(tmp_path, monkeypatch, fake_memory):
     conv_lin = sum(p.numel() for n, p in new.named_parameters() if not n.startswith("b1"))
     wb2, _ = cm.weight_bytes({"c1": 8, "c2": 4})
     assert wb2 == 4 * (conv_lin + 8)  # + the folded BatchNorm bias of c1
-    # activations (NCHWc block 16): input 3x4x4 padded to 16 ch, c1 out 16x4x4, c2 out padded 16x4x4 ...
+    # activations (NCHWc block 16): input 3x4x4 (not padded), c1 out 16x4x4, c2 out 8 padded to 16 x4x4
     ab = cm.activation_bytes({})
-    assert ab == 4 * (16 * 16 + 16 * 16)  # the two largest tensors live together
+    assert ab == 4 * (16 * 16 + 16 * 16)  # the two largest tensors live together (c1 out, c2 out)
+    assert cm.activation_bytes({"c1": 8, "c2": 4}) == 4 * (16 * 16 + 16 * 16)  # both still one block wide
     p = cm.predict({})
     fc, conv, largest, _ = cm.weight_bytes({}, split=True)
     assert fc == 4 * (5 * 128 + 5) and fc + conv == wb and largest == 4 * (16 * 27 + 16)

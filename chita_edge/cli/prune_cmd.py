@@ -56,7 +56,8 @@ def prune_cmd(
     if sparsity is None:
         raise BadInput("--sparsity is required (or give --profile to prune to a device budget)")
     if structure == "block":
-        bcfg = budget.BlockConfig(sparsity=sparsity, n_grads=grads, fisher_batch=fisher_batch, l2=l2, seed=seed)
+        bcfg = budget.BlockConfig(sparsity=sparsity, n_grads=grads, fisher_batch=fisher_batch, l2=l2, seed=seed,
+                                  stages=stages if stages <= 8 else budget.BlockConfig(sparsity=sparsity).stages)
         with ui.progress() as cb:
             result = budget.prune_blocks_checkpoint(model, weights, data, bcfg, out, progress=cb)
         if json_out:
@@ -93,8 +94,9 @@ def _prune_budget(model: str, data: str, out: Path, weights: Path | None, profil
     if profile is None:
         raise BadInput(f"--structure {structure}: structured pruning prunes to a device budget; give --profile "
                        "(e.g. --profile phone-mid-sd670, with --latency-ms to override its budget)")
+    # --stages defaults to CHITA++'s long schedule; the budget search takes at most 8 (its own default: 4)
     cfg = budget.BudgetConfig(structure=structure, width_multiple=width_multiple,
-                              stages=budget.BudgetConfig().stages if stages == 15 else stages, n_grads=grads, seed=seed)
+                              stages=stages if stages <= 8 else budget.BudgetConfig().stages, n_grads=grads, seed=seed)
     with ui.progress() as cb:
         result = budget.prune_budget_checkpoint(model, weights, data, profile=profile, out=out, cfg=cfg,
                                                 latency_ms=latency_ms, memory_mb=memory_mb, file_mb=file_mb,
