@@ -12,7 +12,6 @@ from pathlib import Path
 
 from chita_edge.errors import BadInput
 
-
 # Disk full, file too large (RLIMIT_FSIZE), quota, read-only file system, permission denied, not a directory.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR)
 

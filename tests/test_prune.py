@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli, shared_path
 
 from chita_edge.checkpoint import read_weights
 from chita_edge.data import load_data
 from chita_edge.evaluate import accuracy
 from chita_edge.models import load_model
 from chita_edge.pruning.prune import PruneConfig, cubic_schedule, keep_count, prune
-from conftest import run_cli, shared_path
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,13 @@ from torch import nn
 from chita_edge.data import Dataset
 from chita_edge.errors import BadInput, RuntimeFailure
 from chita_edge.pruning.gradients import collect_gradients, gradient_memory_bytes
-from chita_edge.pruning.layers import PrunableParam, find_prunable, flatten_weights, layer_sparsity, set_weights
+from chita_edge.pruning.layers import (
+    PrunableParam,
+    find_prunable,
+    flatten_weights,
+    layer_sparsity,
+    set_weights,
+)
 from chita_edge.solvers import chita as solver
 from chita_edge.zoo import default_prunable
 
@@ -143,7 +149,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, samples: int = 2
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(20_000 + seed))[:samples]
     for i in range(0, len(idx), batch):
         model(x[idx[i:i + batch]])
-    for m, (mom, _) in zip(bns, saved):
+    for m, (mom, _) in zip(bns, saved, strict=True):
         m.momentum = mom
     model.train(was)
     return True
