@@ -77,8 +77,8 @@ def main() -> None:
     print("| sparsity | method | accuracy % | vs magnitude (pts) | gradients s | solve s | total s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        d = r["accuracy"] - mag[r["sparsity"]] if r["sparsity"] in mag else float("nan")
-        print(f"| {r['sparsity']:.2f} | {r['method']} | {r['accuracy']:.2f} | {d:+.2f} | {r['gradients_s']:.1f} | "
+        d = f"{r['accuracy'] - mag[r['sparsity']]:+.2f}" if r["sparsity"] in mag else "-"
+        print(f"| {r['sparsity']:.2f} | {r['method']} | {r['accuracy']:.2f} | {d} | {r['gradients_s']:.1f} | "
               f"{r['solve_s']:.1f} | {r['total_s']:.1f} |")
 
 

@@ -41,6 +41,7 @@ from chita_edge.data import Dataset
 from chita_edge.errors import BadInput, Interrupted
 from chita_edge.evaluate import accuracy
 from chita_edge.io import atomic_path, sha256_file
+from chita_edge.pruning import batchnorm
 from chita_edge.pruning.layers import PrunableParam, find_prunable
 from chita_edge.zoo import default_prunable
 
@@ -195,30 +196,13 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, *, batches: int, bat
     random training batches (train-mode forward), augmented as in training when ``augment`` (the weights were
     trained on augmented batch statistics; clean ones would shift every normalisation). Returns False when
     there is no BatchNorm."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or batches <= 0:
-        return False
-    was = model.training
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
-    perm = torch.randperm(len(x), generator=_generator(seed, -1))
-    bs = min(batch_size, len(x))
-    try:
-        for b in range(batches):
-            start = (b * bs) % len(x)
-            idx = perm[start:start + bs]
-            if len(idx) < 2 and b > 0:  # BatchNorm needs more than one value per channel
-                break
-            xb = augment_batch(x[idx], _generator(seed, -1, b), crop_padding, flip) if augment else x[idx]
-            model(xb)
-    finally:
-        for m, mom in zip(bns, momenta, strict=True):
-            m.momentum = mom
-        model.train(was)
-    return True
+    order = torch.randperm(len(x), generator=_generator(seed, -1))
+
+    def aug(xb: torch.Tensor, b: int) -> torch.Tensor:
+        return augment_batch(xb, _generator(seed, -1, b), crop_padding, flip)
+
+    return batchnorm.reestimate_batchnorm(model, x, order, batch_size=batch_size, batches=batches,
+                                          transform=aug if augment else None)
 
 
 class _StopFlag:
@@ -527,7 +511,10 @@ def finetune_checkpoint(
     record = {"source": str(src), "source_sha256": sha256_file(src), "data": data, "distill": distill,
               "teacher": str(teacher_weights or (lm.meta or {}).get("source_weights")) if distill else None,
               "initial_accuracy": report.initial_accuracy, "accuracy": report.accuracy,
-              "history": report.history, "config": report.config, "previous": meta.get("finetune")}
+              # the epochs' wall-clock seconds stay in the report, out of the file: equal weights and settings
+              # give equal bytes, so an export that records this file's sha256 is reproducible
+              "history": [{k: v for k, v in h.items() if k != "seconds"} for h in report.history],
+              "config": report.config, "previous": meta.get("finetune")}
     meta["finetune"] = record
     meta["accuracy"] = report.accuracy
     meta["pruned_accuracy"] = report.initial_accuracy

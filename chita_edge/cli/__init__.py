@@ -11,6 +11,10 @@ import threading
 
 import click
 
+from chita_edge.cli import commands  # noqa: F401  (registers the commands)
+from chita_edge.cli.app import app
+from chita_edge.errors import ChitaError
+
 try:  # typer >= 0.2x vendors its own click: its usage errors are not click's classes
     from typer._click import exceptions as _typer_click
 except ImportError:  # pragma: no cover - older typer uses click itself
@@ -18,10 +22,6 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 
 _NO_ARGS = (click.exceptions.NoArgsIsHelpError, _typer_click.NoArgsIsHelpError)
 _USAGE = (click.ClickException, _typer_click.ClickException)
-
-from chita_edge.cli import commands  # noqa: F401  (registers the commands)
-from chita_edge.cli.app import app
-from chita_edge.errors import ChitaError
 
 
 def _sigterm_as_interrupt(signum: int, frame: object) -> None:

@@ -18,6 +18,7 @@ from torch import nn
 
 from chita_edge.data import Dataset
 from chita_edge.errors import BadInput, RuntimeFailure
+from chita_edge.pruning.batchnorm import reestimate_batchnorm
 from chita_edge.pruning.gradients import collect_gradients, gradient_memory_bytes
 from chita_edge.pruning.layers import (
     PrunableParam,
@@ -132,27 +133,12 @@ def _solve_blocks(method: str, G: torch.Tensor, w_bar: torch.Tensor, k: int, lam
     return w
 
 
-@torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, samples: int = 2048, batch: int = 256,
                           seed: int = 0) -> bool:
-    """Re-estimate BatchNorm running statistics on training inputs at the pruned weights (cumulative
-    average over ``samples`` images). Returns False when the model has no BatchNorm."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return False
-    was = model.training
-    saved = [(m.momentum, m.training) for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(20_000 + seed))[:samples]
-    for i in range(0, len(idx), batch):
-        model(x[idx[i:i + batch]])
-    for m, (mom, _) in zip(bns, saved, strict=True):
-        m.momentum = mom
-    model.train(was)
-    return True
+    """Re-estimate BatchNorm running statistics on ``samples`` random training inputs at the pruned weights.
+    Returns False when the model has no BatchNorm."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(20_000 + seed))[:samples]
+    return reestimate_batchnorm(model, x, order, batch_size=batch)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +172,110 @@ def _support_change_step(w: Tensor, g: Tensor, support: Tensor, allowed: Tensor 
     return float(t.min()) if t.numel() else math.inf
 
 
+Projection = Callable[[Tensor], tuple[Tensor, Tensor]]
+"""v -> (w, state): w is v projected on the sparsity constraint, state the discrete choice that defines it (the
+support for single weights, the kept groups in ``group_chita``); two states are equal when ``torch.equal``."""
+
+
+def iht_loop(
+    G: Tensor,
+    w_bar: Tensor,
+    lam: float,
+    a: Tensor | None,
+    w: Tensor,
+    state: Tensor,
+    *,
+    project: Projection,
+    support_of: Callable[[Tensor, Tensor], Tensor],
+    change_step: Callable[[Tensor, Tensor, Tensor], float],
+    L: float,
+    max_iter: int,
+    tol: float,
+    max_doublings: int = 5,
+    backsolve_every: int = 3,
+) -> tuple[Tensor, Tensor, float, int, bool]:
+    """The IHT iterations with CHITA's step sizes, for any projection (paper, Algorithm 1 with the line search
+    of Section 3.2). ``w`` = project(...) with its ``state``; ``support_of(w, state)`` is the bool mask of free
+    coordinates; ``change_step(w, g, state)`` is tau_chg, the smallest step at which the state would change.
+
+    ``backsolve_every`` > 0: once the state has stayed the same for that many steps, jump to the exact
+    minimiser on its support (``backsolve``) instead of taking more gradient steps there; then only a change
+    of state can lower f, and the loop stops as soon as none does. Returns (w, state, f(w), iterations,
+    converged).
+    """
+    f = objective(G, w, w_bar, lam, a)
+    converged, it, unchanged = False, 0, 0
+    gram_ref: tuple[Tensor, Tensor] | None = None
+    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported after the loop
+        support = support_of(w, state)
+        if backsolve_every > 0 and unchanged >= backsolve_every and lam > 0:
+            K = None
+            if G.shape[0] < int(support.sum()):
+                K = support_gram(G, support, gram_ref)
+                gram_ref = (support, K)
+            w_bs = backsolve(G, w_bar, support, lam, a, K=K)
+            f_bs = objective(G, w_bs, w_bar, lam, a)
+            if f_bs < f:
+                w, f = w_bs, f_bs
+            unchanged = 0
+        g = gradient(G, w, w_bar, lam, a)
+        # Step 2: the exact minimiser along -g_S, and the step at which the state would change.
+        gS = torch.where(support, g, torch.zeros_like(g))
+        gS2 = float(gS @ gS)
+        if gS2 == 0.0:
+            tau_star = 0.0
+        else:
+            GgS = G @ gS
+            tau_star = gS2 / (float(GgS @ GgS) + 2.0 * lam * gS2)
+        tau_chg = change_step(w, g, state)
+        if 0.0 < tau_star < tau_chg:
+            w_new, state_new = w - tau_star * gS, state
+            f_new = objective(G, w_new, w_bar, lam, a)
+            unchanged += 1
+        else:
+            # Step 3: just below tau_chg (state unchanged, f decreasing), then doubling while f decreases.
+            tau = 0.999 * tau_chg if math.isfinite(tau_chg) else 1.0 / L
+            w_new, state_new = project(w - tau * g)
+            f_new = objective(G, w_new, w_bar, lam, a)
+            for _ in range(max_doublings):
+                tau *= 2.0
+                w_try, state_try = project(w - tau * g)
+                f_try = objective(G, w_try, w_bar, lam, a)
+                if f_try >= f_new:
+                    break
+                w_new, state_new, f_new = w_try, state_try, f_try
+            unchanged = unchanged + 1 if torch.equal(state_new, state) else 0
+        if f_new > f:  # never accept an increase
+            converged = True
+            break
+        rel = (f - f_new) / max(abs(f), 1e-30)
+        w, state, f = w_new, state_new, f_new
+        if rel < tol:
+            converged = True
+            break
+    return w, state, f, it, converged
+
+
+def grow_active_set(G: Tensor, w: Tensor, w_bar: Tensor, lam: float, a: Tensor | None, f: float, A: Tensor,
+                    project: Projection, L: float, tries: int = 10) -> tuple[Tensor, Tensor] | None:
+    """Active-set growth (paper, Section 3.3): full-dimensional IHT steps with step 1/L' (halving L' up to
+    ``tries`` times); the first that lowers f and enters states outside ``A`` grows it. Returns
+    (new A, that step's w), or None when no step does."""
+    g = gradient(G, w, w_bar, lam, a)
+    for _ in range(tries):
+        w_try, state_try = project(w - g / L)
+        if objective(G, w_try, w_bar, lam, a) < f:
+            new = state_try & ~A
+            if bool(new.any()):
+                return A | new, w_try
+        L /= 2.0
+    return None
+
+
+def _support(w: Tensor, state: Tensor) -> Tensor:
+    return state
+
+
 def iht(
     G: Tensor,
     w_bar: Tensor,
@@ -186,71 +291,22 @@ def iht(
     max_doublings: int = 5,
     backsolve_every: int = 3,
 ) -> tuple[Tensor, float, int, bool]:
-    """IHT with CHITA's step sizes (paper, Algorithm 1 with the line search of Section 3.2).
-
-    ``backsolve_every`` > 0: once the support has stayed the same for that many steps, jump to the exact
-    minimiser on it (``backsolve``) instead of taking more gradient steps there; then only support changes
-    can lower f, and the loop stops as soon as none does. This is what makes the solver converge and stop.
-    Returns (w, f(w), iterations, converged).
-    """
-    # Step 1: a first plain step with 1/L makes w k-sparse.
+    """IHT with CHITA's step sizes on single weights (``iht_loop`` with hard thresholding to k weights).
+    Returns (w, f(w), iterations, converged)."""
     if L is None:
         L = 1.05 * (spectral_norm_sq(G) + 2.0 * lam)
-    w = w_bar.clone() if w0 is None else w0.clone()
-    w = hard_threshold(w - gradient(G, w, w_bar, lam, a) / L, k, allowed) if w0 is None else hard_threshold(w, k, allowed)
-    f = objective(G, w, w_bar, lam, a)
-    converged = False
-    it = 0
-    unchanged = 0
-    gram_ref: tuple[Tensor, Tensor] | None = None
-    for it in range(1, max_iter + 1):
-        support = w != 0
-        if backsolve_every > 0 and unchanged >= backsolve_every and lam > 0:
-            K = None
-            if G.shape[0] < int(support.sum()):
-                K = support_gram(G, support, gram_ref)
-                gram_ref = (support, K)
-            w_bs = backsolve(G, w_bar, support, lam, a, K=K)
-            f_bs = objective(G, w_bs, w_bar, lam, a)
-            if f_bs < f:
-                w, f = w_bs, f_bs
-            unchanged = 0
-        g = gradient(G, w, w_bar, lam, a)
-        # Step 2: the exact minimiser along -g_S, and the step at which the support would change.
-        gS = torch.where(support, g, torch.zeros_like(g))
-        gS2 = float(gS @ gS)
-        if gS2 == 0.0:
-            tau_star = 0.0
-        else:
-            GgS = G @ gS
-            tau_star = gS2 / (float(GgS @ GgS) + 2.0 * lam * gS2)
-        tau_chg = _support_change_step(w, g, support, allowed)
-        if tau_star < tau_chg and tau_star > 0.0:
-            w_new = w - tau_star * gS
-            f_new = objective(G, w_new, w_bar, lam, a)
-            unchanged += 1
-        else:
-            # Step 3: just below tau_chg (support still fixed, f decreasing), then doubling while f decreases.
-            tau = 0.999 * tau_chg if math.isfinite(tau_chg) else 1.0 / L
-            w_new = hard_threshold(w - tau * g, k, allowed)
-            f_new = objective(G, w_new, w_bar, lam, a)
-            for _ in range(max_doublings):
-                tau *= 2.0
-                w_try = hard_threshold(w - tau * g, k, allowed)
-                f_try = objective(G, w_try, w_bar, lam, a)
-                if f_try >= f_new:
-                    break
-                w_new, f_new = w_try, f_try
-            unchanged = unchanged + 1 if bool(((w_new != 0) == support).all()) else 0
-        if f_new > f:  # never accept an increase
-            converged = True
-            break
-        rel = (f - f_new) / max(abs(f), 1e-30)
-        w, f = w_new, f_new
-        if rel < tol:
-            converged = True
-            break
-    return w, f, it, converged
+
+    def project(v: Tensor) -> tuple[Tensor, Tensor]:
+        out = hard_threshold(v, k, allowed)
+        return out, out != 0
+
+    # Step 1: a first plain step with 1/L makes w k-sparse.
+    w, state = project(w_bar - gradient(G, w_bar, w_bar, lam, a) / L if w0 is None else w0)
+    w, _, f, it, conv = iht_loop(G, w_bar, lam, a, w, state, project=project, support_of=_support,
+                                 change_step=lambda w_, g_, s_: _support_change_step(w_, g_, s_, allowed), L=L,
+                                 max_iter=max_iter, tol=tol, max_doublings=max_doublings,
+                                 backsolve_every=backsolve_every)
+    return w, f, it, conv
 
 
 def chita(
@@ -290,11 +346,15 @@ def chita(
         rounds = 1
     else:
         # Step 4: active set = top ceil(1.5 k) weights by magnitude; solve there, then grow it.
+        def project_full(v: Tensor) -> tuple[Tensor, Tensor]:
+            out = hard_threshold(v, k, allowed)
+            return out, out != 0
+
         A = top_k_mask(w_bar.abs(), math.ceil(active_factor * k), allowed)
         w = hard_threshold(w_bar, k, A)
         its, rounds, conv = 0, 0, False
         f = objective(G, w, w_bar, lam, a)
-        for rounds in range(1, max_rounds + 1):
+        for rounds in range(1, max_rounds + 1):  # noqa: B007 - `rounds` is reported after the loop
             idx = A.nonzero().squeeze(1)
             GA = G[:, idx]
             a_A = a[idx] if a is not None else None
@@ -306,21 +366,10 @@ def chita(
             w[idx] = wA
             # f on the full problem differs from the restricted one only by constants outside A.
             f = objective(G, w, w_bar, lam, a)
-            g = gradient(G, w, w_bar, lam, a)
-            grown = False
-            Lp = L_full
-            for _ in range(10):  # full-dimensional IHT steps, halving L' (i.e. doubling the step)
-                w_try = hard_threshold(w - g / Lp, k, allowed)
-                if objective(G, w_try, w_bar, lam, a) < f:
-                    new = (w_try != 0) & ~A
-                    if bool(new.any()):
-                        A = A | new
-                        w = w_try
-                        grown = True
-                        break
-                Lp /= 2.0
-            if not grown:
+            grown = grow_active_set(G, w, w_bar, lam, a, f, A, project_full, L_full)
+            if grown is None:
                 break
+            A, w = grown
     # Step 5: exact backsolve on the final support.
     if polish and lam > 0:
         w_bs = backsolve(G, w_bar, w != 0, lam, a)

@@ -35,7 +35,14 @@ from dataclasses import dataclass
 
 import torch
 
-from chita_edge.solvers.chita import backsolve, gradient, objective, spectral_norm_sq
+from chita_edge.solvers.chita import (
+    backsolve,
+    gradient,
+    grow_active_set,
+    iht_loop,
+    objective,
+    spectral_norm_sq,
+)
 
 Tensor = torch.Tensor
 
@@ -49,6 +56,8 @@ __all__ = [
     "group_removal_cost",
     "group_sq_norms",
     "group_support_change_step",
+    "layer_backsolve",
+    "masked_layer_backsolve",
     "select_groups",
 ]
 
@@ -205,59 +214,18 @@ def group_iht(
 
     Shapes: G (n, p), w_bar (p,), k (num_families,) int, allowed (num_groups,) bool or None.
     """
-    # Step 1: start from w0 projected (or one plain 1/L step from w_bar), so that the group constraint holds.
     if L is None:
         L = 1.05 * (spectral_norm_sq(G) + 2.0 * lam)
-    if w0 is None:
-        w, keep = group_hard_threshold(w_bar - gradient(G, w_bar, w_bar, lam, a) / L, groups, k, allowed)
-    else:
-        w, keep = group_hard_threshold(w0, groups, k, allowed)
-    f = objective(G, w, w_bar, lam, a)
-    converged, it, unchanged = False, 0, 0
-    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported after the loop
-        support = coordinate_mask(keep, groups)
-        if backsolve_every > 0 and unchanged >= backsolve_every and lam > 0:
-            w_bs = backsolve(G, w_bar, support, lam, a)
-            f_bs = objective(G, w_bs, w_bar, lam, a)
-            if f_bs < f:
-                w, f = w_bs, f_bs
-            unchanged = 0
-        g = gradient(G, w, w_bar, lam, a)
-        # Step 2: the exact minimiser along -g_S, and the step at which the kept groups would change.
-        gS = torch.where(support, g, torch.zeros_like(g))
-        gS2 = float(gS @ gS)
-        if gS2 == 0.0:
-            tau_star = 0.0
-        else:
-            GgS = G @ gS
-            tau_star = gS2 / (float(GgS @ GgS) + 2.0 * lam * gS2)
-        tau_chg = group_support_change_step(w, g, groups, keep, allowed)
-        if 0.0 < tau_star < tau_chg:
-            w_new, keep_new = w - tau_star * gS, keep
-            f_new = objective(G, w_new, w_bar, lam, a)
-            unchanged += 1
-        else:
-            # Step 3: just below tau_chg (groups unchanged), then doubling while f decreases.
-            tau = 0.999 * tau_chg if math.isfinite(tau_chg) else 1.0 / L
-            w_new, keep_new = group_hard_threshold(w - tau * g, groups, k, allowed)
-            f_new = objective(G, w_new, w_bar, lam, a)
-            for _ in range(max_doublings):
-                tau *= 2.0
-                w_try, keep_try = group_hard_threshold(w - tau * g, groups, k, allowed)
-                f_try = objective(G, w_try, w_bar, lam, a)
-                if f_try >= f_new:
-                    break
-                w_new, keep_new, f_new = w_try, keep_try, f_try
-            unchanged = unchanged + 1 if bool((keep_new == keep).all()) else 0
-        if f_new > f:  # never accept an increase
-            converged = True
-            break
-        rel = (f - f_new) / max(abs(f), 1e-30)
-        w, keep, f = w_new, keep_new, f_new
-        if rel < tol:
-            converged = True
-            break
-    return w, keep, f, it, converged
+
+    def project(v: Tensor) -> tuple[Tensor, Tensor]:
+        return group_hard_threshold(v, groups, k, allowed)
+
+    # Step 1: start from w0 projected (or one plain 1/L step from w_bar), so that the group constraint holds.
+    w, keep = project(w_bar - gradient(G, w_bar, w_bar, lam, a) / L if w0 is None else w0)
+    return iht_loop(G, w_bar, lam, a, w, keep, project=project,
+                    support_of=lambda w_, keep_: coordinate_mask(keep_, groups),
+                    change_step=lambda w_, g_, keep_: group_support_change_step(w_, g_, groups, keep_, allowed),
+                    L=L, max_iter=max_iter, tol=tol, max_doublings=max_doublings, backsolve_every=backsolve_every)
 
 
 @dataclass(frozen=True)
@@ -323,19 +291,10 @@ def group_chita(
         its += it_r
         if A is allowed:
             break
-        # Grow: full-dimensional steps with step 1/L' (halving L'); add the groups of the first that lowers f.
-        g = gradient(G, w, w_bar, lam, a)
-        grown, Lp = False, L_full
-        for _ in range(10):
-            w_try, keep_try = group_hard_threshold(w - g / Lp, groups, k, allowed)
-            if objective(G, w_try, w_bar, lam, a) < f:
-                new = keep_try & ~A
-                if bool(new.any()):
-                    A, w_start, grown = A | new, w_try, True
-                    break
-            Lp /= 2.0
-        if not grown:
+        grown = grow_active_set(G, w, w_bar, lam, a, f, A, lambda v: group_hard_threshold(v, groups, k, allowed), L_full)
+        if grown is None:
             break
+        A, w_start = grown
     # Step 5: exact backsolve on the kept coordinates (re-fits the consumers' input slices too).
     if polish and lam > 0:
         support = coordinate_mask(keep, groups)
@@ -423,6 +382,30 @@ def layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, keep: Tensor, lam: floa
     else:
         sol = torch.cholesky_solve(rhs, L)
     W[:, S] = sol.T
+    return W
+
+
+def masked_layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, mask: Tensor, lam: float,
+                           rows_per_chunk: int | None = None) -> Tensor:
+    """Exact minimiser of f(W) above with every weight outside ``mask`` (bool, out x q) fixed at zero: one
+    ridge system per output row on its own support (unstructured or block sparsity),
+    (H_SS + lam I) w_S = (C W_bar^T)_S,o + lam W_bar_o,S, solved in batches of rows (a masked-out coordinate
+    gets the row and column of the identity, so it solves to exactly zero)."""
+    out, q = W_bar.shape
+    R = (C @ W_bar.T).T + lam * W_bar  # (out, q)
+    W = torch.zeros_like(W_bar)
+    step = rows_per_chunk or max(1, (1 << 25) // max(q * q, 1))  # ~256 MB of float64 systems at a time
+    eye = torch.eye(q, dtype=H.dtype)
+    for s in range(0, out, step):
+        m = mask[s:s + step].to(H.dtype)  # (b, q)
+        A = H.unsqueeze(0) * (m.unsqueeze(2) * m.unsqueeze(1)) + eye * (lam * m + (1 - m)).unsqueeze(1)
+        rhs = (R[s:s + step] * m).unsqueeze(2)
+        L, info = torch.linalg.cholesky_ex(A)
+        if bool((info != 0).any()):
+            sol = torch.linalg.lstsq(A, rhs).solution
+        else:
+            sol = torch.cholesky_solve(rhs, L)
+        W[s:s + step] = sol.squeeze(2) * m
     return W
 
 
