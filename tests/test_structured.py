@@ -34,6 +34,7 @@ from chita_edge.solvers.group_chita import (
     group_removal_cost,
     group_support_change_step,
     layer_backsolve,
+    masked_layer_backsolve,
     obs_removal_order,
     select_groups,
 )
@@ -190,6 +191,27 @@ def test_layer_backsolve_is_the_ridge_least_squares_solution():
     # nothing removed, same inputs: the dense weights are the exact solution
     W2 = layer_backsolve(Xp.T @ Xp, Xp.T @ Xp, W_bar, torch.ones(6, dtype=torch.bool), lam)
     assert torch.allclose(W2, W_bar, atol=1e-9)
+
+
+def test_masked_layer_backsolve_refits_each_row_on_its_own_support():
+    g = torch.Generator().manual_seed(3)
+    Xp = torch.randn(300, 7, generator=g, dtype=torch.float64)
+    Xd = Xp + 0.1 * torch.randn(300, 7, generator=g, dtype=torch.float64)
+    W_bar = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    mask = torch.rand(5, 7, generator=g) > 0.5
+    mask[0] = False  # an empty row stays empty
+    lam = 0.3
+    W = masked_layer_backsolve(Xp.T @ Xp, Xp.T @ Xd, W_bar, mask, lam, rows_per_chunk=2)
+    assert bool((W[~mask] == 0).all()) and bool((W[0] == 0).all())
+    for o in range(1, 5):
+        S = mask[o].nonzero().squeeze(1)
+        A = torch.cat([Xp[:, S], math.sqrt(lam) * torch.eye(len(S), dtype=torch.float64)])
+        B = torch.cat([Xd @ W_bar[o], math.sqrt(lam) * W_bar[o, S]])
+        assert torch.allclose(W[o, S], torch.linalg.lstsq(A, B.unsqueeze(1)).solution.squeeze(1), atol=1e-9)
+    # a column mask is the channel case: same answer as layer_backsolve
+    keep = torch.tensor([True, False, True, True, False, True, True])
+    assert torch.allclose(masked_layer_backsolve(Xp.T @ Xp, Xp.T @ Xd, W_bar, keep.expand(5, 7), lam),
+                          layer_backsolve(Xp.T @ Xp, Xp.T @ Xd, W_bar, keep, lam), atol=1e-9)
 
 
 def test_obs_removal_cost_equals_the_refit_error():

@@ -533,14 +533,15 @@ def probe_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, curves
 
 @torch.no_grad()
 def layerwise_refit(model: nn.Module, dense: nn.Module, x: torch.Tensor, *, damp: float = 0.01,
-                    stats: LayerStats | None = None) -> dict[str, float]:
+                    stats: LayerStats | None = None, elementwise: bool = False) -> dict[str, float]:
     """Sequentially re-fit every Conv2d (groups 1) and Linear of ``model`` so that, on ``x``, its output matches
     the dense model's output of the same layer (``layer_backsolve`` with the pruned inputs X_p and the dense
     target X_d W_dense^T). Zero columns (removed input channels) and zero rows (removed outputs) stay zero.
     Layers are re-fitted in execution order, each seeing the already re-fitted layers before it. Returns the
     relative output error of each layer after the re-fit (on ``x``). ``stats`` (same ``x``) caches the dense
-    side and receives the current Gram matrices."""
-    from chita_edge.solvers.group_chita import layer_backsolve
+    side and receives the current Gram matrices. ``elementwise``: every zero weight stays zero and each output
+    row is re-fitted on its own support (unstructured or block sparsity; ``masked_layer_backsolve``)."""
+    from chita_edge.solvers.group_chita import layer_backsolve, masked_layer_backsolve
 
     st = stats if stats is not None else LayerStats(dense, x)
     dmods = st.dense_modules
@@ -558,8 +559,11 @@ def layerwise_refit(model: nn.Module, dense: nn.Module, x: torch.Tensor, *, damp
         keep = Wc.abs().sum(0) > 0
         rows = Wc.abs().sum(1) > 0
         lam = damp * float(H.diagonal().mean()) + 1e-12
-        Wn = layer_backsolve(H, C, Wd, keep, lam)
-        Wn[~rows] = 0.0
+        if elementwise:
+            Wn = masked_layer_backsolve(H, C, Wd, Wc != 0, lam)
+        else:
+            Wn = layer_backsolve(H, C, Wd, keep, lam)
+            Wn[~rows] = 0.0
         target = float(torch.einsum("oi,ij,oj->", Wd, st.dense_H(name), Wd))
 
         def err(Wx: torch.Tensor) -> float:  # ||X_p Wx^T - X_d Wd^T||^2 = tr(Wx H Wx^T) - 2 tr(Wx C Wd^T) + |Y|^2
