@@ -17,6 +17,15 @@ from chita_edge.pruning.layers import find_prunable, layer_sparsity
 from chita_edge.pruning.prune import Progress, PruneConfig, PruneReport, prune_weights
 
 
+def set_threads(threads: int | None) -> None:
+    """PyTorch's intra-op threads for this process (None: leave PyTorch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise BadInput(f"--threads {threads}: expected >= 1")
+    torch.set_num_threads(threads)
+
+
 def check_fits(lm: LoadedModel, x: torch.Tensor, where: str, labels: tuple[torch.Tensor, ...] = ()) -> None:
     """Run one example through the model; a shape mismatch, or a label the model has no output for, becomes
     one BadInput line."""

@@ -120,6 +120,7 @@ def test_prune_bad_inputs_exit_2(tmp_path):
         (["zoo:mlpnet", "--data", "digits", "--sparsity", "0.5", "--weights", tmp_path / "none.pt"], "not found"),
         (["zoo:mlpnet", "--data", f"npz:{npz}", "--sparsity", "0.5"], "does not fit the model"),
         (["zoo:mlpnet", "--data", f"npz:{mn}", "--sparsity", "0.5", "--grads", "100000000"], "gradient matrix G needs"),
+        (["zoo:mlpnet", "--data", "digits", "--sparsity", "0.5", "--threads", "0"], "--threads 0: expected >= 1"),
     ]
     for args, needle in cases:
         r = run_cli("prune", *args, "--out", tmp_path / "o.pt")
@@ -149,3 +150,36 @@ def test_prune_gradual_cli_keeps_masks_and_reaches_the_target(tmp_path):
     zeros = sum(int((sd[k] == 0).sum()) for k in ("1.weight", "3.weight"))
     assert zeros / (64 * 32 + 32 * 10) == pytest.approx(j["sparsity"])
     assert j["accuracy"] > 65.0  # measured 71.7; magnitude one-shot gives 26
+
+
+def _digits_cnn(ds):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        idx = torch.randint(0, len(ds.x_train), (128,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def test_layerwise_refit_keeps_the_support_and_lowers_the_loss():
+    torch.set_num_threads(1)
+    ds = load_data("digits")
+    loss = {}
+    for refit in (False, True):
+        model = _digits_cnn(ds)
+        rep = prune(model, PruneConfig(sparsity=0.85, method="bso", n_grads=64, layerwise_refit=refit,
+                                       refit_samples=256, safeguard=False), ds)
+        assert rep.sparsity == pytest.approx(0.85, abs=2e-3)  # the re-fit never revives a pruned weight
+        with torch.no_grad():
+            loss[refit] = float(torch.nn.functional.cross_entropy(model(ds.x_train), ds.y_train))
+        assert (rep.refit is not None) == refit
+    assert rep.refit["samples"] == 256 and rep.refit["kept"]
+    assert loss[True] < loss[False]
+    # on by default for the data-driven methods only
+    assert PruneConfig(sparsity=0.5, method="chita++").refit and not PruneConfig(sparsity=0.5, method="magnitude").refit

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from chita_edge import api
 from chita_edge import finetune as ft
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
@@ -43,6 +44,8 @@ def finetune_cmd(
                                                            "the input).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.state.")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data order and augmentation.")] = 0,
+    threads: Annotated[int | None, typer.Option("--threads", help="PyTorch threads (default: PyTorch's; 1 is "
+                                                                   "often faster on a busy machine).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
 ) -> None:
     """Fine-tune a pruned checkpoint with its sparsity pattern kept (SGD/Adam, cosine lr, optional distillation).
@@ -51,6 +54,7 @@ def finetune_cmd(
 
     Example: chita-edge finetune p.pt --data npz:mnist.npz --epochs 5 --lr 0.1 --out p.ft.pt
     """
+    api.set_threads(threads)
     target = out or default_out(pruned)
     if teacher is not None and not distill:
         raise BadInput("--teacher is only used with --distill")

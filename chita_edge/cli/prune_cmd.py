@@ -30,6 +30,8 @@ def prune_cmd(
     first_order: Annotated[bool | None, typer.Option("--first-order/--no-first-order", help="Include the first-order term a (default: on for chita++, off otherwise).")] = None,
     block_size: Annotated[int, typer.Option("--block-size", help="Block mode: per-block solves of this many weights (0: off).")] = 0,
     seed: Annotated[int, typer.Option("--seed", help="Seed for gradient sampling.")] = 0,
+    refit: Annotated[bool | None, typer.Option("--refit/--no-refit", help="Layer-wise re-fit of the pruned layers to the dense outputs after the last stage (default: on for chita, chita++, bso).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="PyTorch threads (default: PyTorch's; 1 is often faster on a busy machine).")] = None,
     profile: Annotated[str | None, typer.Option("--profile", help="Device profile id or YAML: prune to its budgets (structured).")] = None,
     latency_ms: Annotated[float | None, typer.Option("--latency-ms", help="Latency budget (ms, at the profile's percentile); overrides the profile.")] = None,
     memory_mb: Annotated[float | None, typer.Option("--memory-mb", help="Peak memory budget (MB); overrides the profile.")] = None,
@@ -49,6 +51,7 @@ def prune_cmd(
 
     Example: chita-edge prune zoo:mlpnet --weights mlpnet.pt --data npz:mnist.npz --sparsity 0.95 --out p.pt
     """
+    api.set_threads(threads)
     if profile is not None or structure == "channel":
         _prune_budget(model, data, out, weights, profile, latency_ms, memory_mb, file_mb, structure or "auto",
                       width_multiple, export, stages, grads, seed, json_out)
@@ -71,7 +74,7 @@ def prune_cmd(
     if any(v is not None for v in (latency_ms, memory_mb, file_mb, width_multiple, export, structure)):
         raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple and --export need --profile")
     cfg = api.PruneConfig(sparsity=sparsity, method=method, stages=stages, n_grads=grads, fisher_batch=fisher_batch,
-                          l2=l2, first_order=first_order, block_size=block_size, seed=seed)
+                          l2=l2, first_order=first_order, block_size=block_size, seed=seed, layerwise_refit=refit)
     gcfg = None
     if gradual:
         from chita_edge.finetune import FinetuneConfig

@@ -6,6 +6,7 @@ Methods: ``chita`` (single stage), ``chita++`` (multi-stage, gradients recompute
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -57,6 +58,14 @@ class PruneConfig:
     active_set: bool = True
     bn_recalibrate: bool = True  # re-estimate BatchNorm statistics after each stage
     safeguard: bool = True  # keep the best of {update scaled by 1, 1/2, 1/4, 0; magnitude} on training loss
+    # After the last stage, re-fit every pruned Conv2d/Linear on its support so that its outputs match the dense
+    # layer's on training images (layer-wise OBS reconstruction, as in OBC/SparseGPT). None: on for the
+    # data-driven methods (chita, chita++, bso), off for the magnitude baselines. Kept only if the training
+    # loss drops.
+    layerwise_refit: bool | None = None
+    refit_samples: int = 1024  # calibration images (fewer when their activations would not fit refit_memory_gb)
+    refit_damp: float = 0.01  # ridge, relative to the mean diagonal of each layer's X^T X
+    refit_memory_gb: float = 2.0
     tol: float = 1e-7
     seed: int = 0
     dtype: str = "float64"  # solver precision (G is collected in float32)
@@ -73,6 +82,12 @@ class PruneConfig:
             raise BadInput("--grads and --fisher-batch must be >= 1")
         if not self.l2 > 0:
             raise BadInput(f"--l2 {self.l2}: expected > 0")
+        if self.refit_samples < 1 or not self.refit_damp > 0:
+            raise BadInput("refit_samples must be >= 1 and refit_damp > 0")
+
+    @property
+    def refit(self) -> bool:
+        return self.layerwise_refit if self.layerwise_refit is not None else self.method in ("chita", "chita++", "bso")
 
 
 @dataclass
@@ -84,6 +99,7 @@ class PruneReport:
     timings: dict[str, float]
     stages: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    refit: dict[str, Any] | None = None  # the layer-wise re-fit after the last stage (None: not run)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +184,59 @@ def _safeguard(model: nn.Module, params: list[PrunableParam], data: Dataset, w_b
     return cands[best], {"chosen": best, "losses": losses}
 
 
+def _activation_bytes_per_sample(model: nn.Module, names: list[str], x: torch.Tensor) -> int:
+    """Bytes of the named modules' inputs for one sample (what the layer-wise re-fit keeps per image)."""
+    mods = dict(model.named_modules())
+    total = [0]
+    hooks = [mods[n].register_forward_pre_hook(lambda m, a: total.__setitem__(0, total[0] + a[0].numel() * 4))
+             for n in names]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return total[0]
+
+
+def _layerwise_refit(model: nn.Module, dense: nn.Module, params: list[PrunableParam], data: Dataset,
+                     cfg: PruneConfig) -> dict[str, Any]:
+    """Re-fit the pruned layers to the dense model's layer outputs (dense BatchNorm statistics, which those
+    outputs were normalised with); keep the result only if the training loss drops."""
+    from chita_edge.pruning.structured import LayerStats, layerwise_refit
+
+    names = sorted({q.module_name for q in params})
+    per_sample = max(1, _activation_bytes_per_sample(model, names, data.x_train))
+    # dense inputs + the pruned model's inputs + im2col/Gram workspace: ~3 copies per sample
+    n = int(min(cfg.refit_samples, len(data.x_train), max(16, cfg.refit_memory_gb * 2**30 // (3 * per_sample))))
+    idx = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(30_000 + cfg.seed))[:n]
+    x = data.x_train[idx]
+    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+    li = torch.randperm(len(data.x_train), generator=g)[:2000]
+    xl, yl = data.x_train[li], data.y_train[li]
+    was = model.training
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss_before = _train_loss(model, xl, yl)
+    dense_bufs = dict(dense.named_buffers())
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith(("running_mean", "running_var")) and name in dense_bufs:
+                buf.copy_(dense_bufs[name])
+    errs = layerwise_refit(model, dense, x, damp=cfg.refit_damp, stats=LayerStats(dense, x, names=names),
+                           elementwise=True)
+    loss_after = _train_loss(model, xl, yl)
+    kept = loss_after < loss_before
+    if not kept:
+        model.load_state_dict(before)
+    model.train(was)
+    return {"samples": n, "loss_before": loss_before, "loss_after": loss_after, "kept": kept,
+            "relative_error": errs}
+
+
 def prune_weights(
     model: nn.Module,
     params: list[PrunableParam],
@@ -189,6 +258,7 @@ def prune_weights(
         if gradient_memory_bytes(cfg.n_grads, p, dtype) > (budget or 8 * 2**30):
             dtype = torch.float32
     targets = cubic_schedule(cfg.sparsity, cfg.stages, cfg.start_sparsity) if cfg.method == "chita++" else [cfg.sparsity]
+    dense = copy.deepcopy(model) if cfg.refit else None
     t_grad = t_solve = 0.0
     stages: list[dict[str, Any]] = []
     for si, s in enumerate(targets):
@@ -251,12 +321,20 @@ def prune_weights(
         if progress:
             progress("stages", si + 1, len(targets))
         log.info("stage %d/%d sparsity %.4f done", si + 1, len(targets), s)
+    refit_info = None
+    if dense is not None:
+        tr = time.perf_counter()
+        refit_info = _layerwise_refit(model, dense, params, data, cfg)
+        refit_info["seconds"] = time.perf_counter() - tr
+        t_solve += refit_info["seconds"]
+        if progress:
+            progress("refit", 1, 1)
     ls = layer_sparsity(model, params)
     total_zero = sum(ls[q.name] * q.numel for q in params)
     return PruneReport(
         method=cfg.method, target_sparsity=cfg.sparsity, sparsity=total_zero / p, layer_sparsity=ls,
         timings={"gradients_s": t_grad, "solve_s": t_solve, "total_s": time.perf_counter() - t0},
-        stages=stages, config=asdict(cfg),
+        stages=stages, config=asdict(cfg), refit=refit_info,
     )
 
 

@@ -360,7 +360,8 @@ def _columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _refittable(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1)
+    return isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1
+                                          and mod.padding_mode == "zeros" and not isinstance(mod.padding, str))
 
 
 def _gram(mod: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -408,9 +409,9 @@ class LayerStats:
     next stage's ``removal_curves`` need not recompute it.
     """
 
-    def __init__(self, dense: nn.Module, x: torch.Tensor, batch: int = 256):
+    def __init__(self, dense: nn.Module, x: torch.Tensor, batch: int = 256, names: list[str] | None = None):
         self.x = x
-        self.names = [n for n, m in dense.named_modules() if _refittable(m)]
+        self.names = [n for n, m in dense.named_modules() if _refittable(m) and (names is None or n in names)]
         self.dense_modules = dict(dense.named_modules())
         self.dense_inputs = layer_inputs(dense, self.names, x, batch)
         self.dense_gram: dict[str, torch.Tensor] = {}
