@@ -36,7 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(SETUPS), default="mlpnet")
     ap.add_argument("--sparsities", default=None, help="comma-separated; default: the paper's range")
-    ap.add_argument("--methods", default="magnitude,bso,chita,chita++")
+    ap.add_argument("--methods", default="magnitude,bso,chita,chita++",
+                    help="comma-separated; a suffix +refit / +norefit forces the layer-wise re-fit on / off "
+                         "(default: on for chita, chita++, bso)")
     ap.add_argument("--plusplus-sparsities", default=None, help="run chita++ only at these (default: all)")
     ap.add_argument("--stages", type=int, default=25)
     ap.add_argument("--grads", type=int, default=1000)
@@ -56,10 +58,15 @@ def main() -> None:
     rows = []
     for s in sparsities:
         for method in args.methods.split(","):
-            if method == "chita++" and s not in pp:
+            if method.startswith("chita++") and s not in pp:
                 continue
             lm = load_model(spec, SHARED / ckpt)
-            cfg = PruneConfig(sparsity=s, method=method, stages=args.stages, n_grads=args.grads, l2=args.l2)
+            base, refit = method, None  # "magnitude+refit", "chita+++norefit": the re-fit ablation
+            for suffix, value in (("+refit", True), ("+norefit", False)):
+                if method.endswith(suffix):
+                    base, refit = method[: -len(suffix)], value
+            cfg = PruneConfig(sparsity=s, method=base, stages=args.stages, n_grads=args.grads, l2=args.l2,
+                              layerwise_refit=refit)
             t0 = time.perf_counter()
             rep = prune(lm.module, cfg, ds, lm.prunable)
             wall = time.perf_counter() - t0

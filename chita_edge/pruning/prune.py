@@ -66,6 +66,7 @@ class PruneConfig:
     refit_samples: int = 1024  # calibration images (fewer when their activations would not fit refit_memory_gb)
     refit_damp: float = 0.01  # ridge, relative to the mean diagonal of each layer's X^T X
     refit_memory_gb: float = 2.0
+    prune_inert: bool = True  # weights with a zero gradient on every sample are pruned before any other
     tol: float = 1e-7
     seed: int = 0
     dtype: str = "float64"  # solver precision (G is collected in float32)
@@ -279,9 +280,21 @@ def prune_weights(
                 # f is n/m times the local loss model (1/2 ||G d||^2 ~ n/(2m) d^T F d for rows that average
                 # m samples), so the linear term is n/m times the mean gradient: (1/m) sum_i g_i.
                 a = G.sum(0) / cfg.fisher_batch
+            if cfg.prune_inert:
+                # A weight whose gradient is zero on every sample (its input unit is dead: a removed row of the
+                # layer before, a ReLU that never fires) does nothing; the ridge term alone would keep it and
+                # waste the budget. Keep the others first.
+                useful = G.ne(0).any(0) if allowed is None else (allowed & G.ne(0).any(0))
+                if int(useful.sum()) >= k and int(useful.sum()) < (p if allowed is None else int(allowed.sum())):
+                    info_inert = p - int(G.ne(0).any(0).sum())
+                    allowed = useful
+                else:
+                    info_inert = 0
         ts = time.perf_counter()
         lam = cfg.l2 * cfg.n_grads / 2.0
         info: dict[str, Any] = {"stage": si, "sparsity": s, "k": k}
+        if needs_grads and cfg.prune_inert:
+            info["inert_weights"] = info_inert
         if cfg.method == "magnitude":
             w = solver.hard_threshold(w_bar, k, allowed)
         elif cfg.method == "magnitude-uniform":
