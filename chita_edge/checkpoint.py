@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from typing import Any
 
 import torch
@@ -42,10 +43,24 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return sd, meta
 
 
+def _canonical(obj: Any) -> Any:
+    """A copy with every string interned: pickle writes a repeated string once when it is the same object, so
+    without this, equal metadata built differently (a history resumed from a state file) gives other bytes."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_canonical(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write a chita-edge checkpoint atomically (temporary file + rename)."""
-    meta = {"format": FORMAT, **meta}
-    sd = {k: v.detach().cpu().clone() for k, v in state_dict.items()}
+    meta = _canonical({"format": FORMAT, **meta})
+    sd = {_canonical(k): v.detach().cpu().clone() for k, v in state_dict.items()}
     buf = io.BytesIO()  # serialise in memory: a full disk then raises OSError(ENOSPC) from the plain write
     torch.save({"chita_edge": meta, "state_dict": sd}, buf)
     with atomic_path(path) as tmp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from collections.abc import Callable
@@ -32,7 +33,8 @@ class LoadedModel:
 def _from_file(spec: str) -> nn.Module:
     path_s, _, factory = spec.rpartition(":")
     path = require_file(path_s, "model file")
-    mod_name = f"chita_edge_user_{abs(hash(str(path.resolve())))}"
+    # a name from the path's sha256, not hash(): the same in every process (it is written into exported graphs)
+    mod_name = f"chita_edge_user_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
     try:
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
         assert module_spec is not None and module_spec.loader is not None

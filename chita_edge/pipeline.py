@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 Event = Callable[[dict[str, Any]], None]
 MANIFEST_FORMAT = "chita-edge/pipeline-manifest-v1"
+INVOCATION_KEYS = ("resumed_from",)  # keys of a stage's result that describe one invocation: logged, not recorded
 
 
 # ------------------------------------------------------------------------------------------------- schema
@@ -346,12 +347,17 @@ class StageRunner:
         if donor is not None:
             for rel in stages[donor]["outputs"]:
                 shutil.copy2(self.out / rel, sdir / Path(rel).name)
-            result, how = stages[donor]["result"], "reused"
+            result, how = dict(stages[donor]["result"]), "reused"
         else:
             stages.pop(name, None)
             self.save()
             self._emit({"stage": name, "status": "running"})
-            result, how = fn(sdir), "ran"
+            result, how = dict(fn(sdir)), "ran"
+        # what this invocation did (resumed a fine-tuning) goes to runs.jsonl, not to the manifest: a run that was
+        # killed and started again ends with the same manifest as one that was not
+        done_how = {k: result.pop(k) for k in INVOCATION_KEYS if k in result}
+        if done_how.get("resumed_from"):
+            how = "resumed"
         outs = {}
         for o in outputs:
             p = sdir / o
@@ -365,7 +371,8 @@ class StageRunner:
             rec["reused_from"] = donor
         stages[name] = rec
         self.save()
-        self._emit({"stage": name, "status": how, "seconds": secs, **({"from": donor} if donor else {})})
+        self._emit({"stage": name, "status": how, "seconds": secs, **({"from": donor} if donor else {}),
+                    **{k: v for k, v in done_how.items() if v is not None}})
         return rec
 
     def file(self, rec: dict[str, Any], suffix: str) -> Path:

@@ -20,6 +20,8 @@ def _event_printer(json_out: bool):
             return
         secs = f" ({e['seconds']:.1f} s)" if "seconds" in e else ""
         extra = f" from {e['from']}" if e.get("from") else ""
+        if e.get("resumed_from"):
+            extra = f" at epoch {e['resumed_from']['epoch'] + 1} step {e['resumed_from']['step']}"
         ui.info(f"{e['stage']}: {e['status']}{extra}{secs}")
     return on_event
 
@@ -31,7 +33,9 @@ def _render(summary: dict[str, Any]) -> None:
                          f"{c['limit']:.3g} {c['unit']}" for c in v["checks"])] for v in summary["verdicts"]])
     ran = sum(s["status"] == "ran" for s in summary["stages"])
     skipped = sum(s["status"] == "skipped" for s in summary["stages"])
-    ui.info(f"{ran} stage(s) ran, {skipped} skipped (unchanged), {summary['seconds']:.0f} s; "
+    resumed = sum(s["status"] == "resumed" for s in summary["stages"])
+    ui.info(f"{ran} stage(s) ran, {f'{resumed} resumed, ' if resumed else ''}{skipped} skipped (unchanged), "
+            f"{summary['seconds']:.0f} s; "
             f"manifest: {summary['manifest']}")
     ui.info(f"report: {summary['report']['index']}")
 
