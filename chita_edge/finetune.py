@@ -407,7 +407,8 @@ def finetune(
                 if stop() or (should_stop is not None and should_stop()):
                     if state_file is not None:
                         save_state(state_file, snapshot())
-                    where = f"; state saved to {state_file}, rerun with --resume" if state_file else ""
+                    where = (f"; state saved to {state_file} (`chita-edge finetune ... --resume`, or `chita-edge run` "
+                             "of the same pipeline, continues from it)") if state_file else ""
                     raise Interrupted(f"fine-tuning interrupted at epoch {epoch + 1} step {step}{where}")
             rec = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "loss": run["loss_sum"] / run["seen"],
                    "train_accuracy": 100.0 * run["correct"] / run["seen"],
