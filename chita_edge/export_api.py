@@ -24,6 +24,7 @@ from chita_edge.io import require_file, sha256_file
 from chita_edge.models import load_model
 
 RANDOM_PARITY_SAMPLES = 100
+HOLDOUT_SAMPLES = 1000  # int8 float fallback: training inputs after the calibration ones, never the test split
 
 
 def _format_for(out: Path, fmt: str | None) -> str:
@@ -35,8 +36,10 @@ def _format_for(out: Path, fmt: str | None) -> str:
     raise BadInput(f"--out {out}: cannot tell the format from the suffix; give --format onnx or --format tflite")
 
 
-def _calibration_inputs(spec: str, n: int, shape: tuple[int, ...]) -> tuple[np.ndarray, Dataset | None]:
-    """``npz:PATH`` / ``digits`` (its training split) or a ``.npy`` array of inputs (N, *shape)."""
+def _calibration_inputs(spec: str, n: int, shape: tuple[int, ...],
+                        holdout: int = 0) -> tuple[np.ndarray, np.ndarray, Dataset | None]:
+    """``npz:PATH`` / ``digits`` (its training split) or a ``.npy`` array of inputs (N, *shape): the first ``n``
+    to calibrate, the next ``holdout`` held out for int8's float fallback."""
     if spec.endswith(".npy"):
         p = require_file(spec, "calibration data")
         try:
@@ -46,12 +49,12 @@ def _calibration_inputs(spec: str, n: int, shape: tuple[int, ...]) -> tuple[np.n
         if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape) or not np.issubdtype(x.dtype, np.number):
             raise BadInput(f"{p}: expected a numeric array of shape (N, {', '.join(map(str, shape))}), "
                            f"got {x.shape} {x.dtype}")
-        return x[:n].astype(np.float32), None
+        return x[:n].astype(np.float32), x[n:n + holdout].astype(np.float32), None
     ds = load_data(spec)
     if tuple(ds.input_shape) != tuple(shape):
         raise BadInput(f"--calibration-data {spec}: samples of shape {ds.input_shape} do not fit the model input "
                        f"{tuple(shape)}")
-    return ds.x_train[:n].numpy(), ds
+    return ds.x_train[:n].numpy(), ds.x_train[n:n + holdout].numpy(), ds
 
 
 def export_checkpoint(
@@ -66,6 +69,8 @@ def export_checkpoint(
     parity_samples: int = 1000,
     calibration_samples: int = 200,
     min_agreement: float = 0.99,
+    int8_fallback: bool = True,
+    max_float_macs: float = 0.2,
     threads: int = 1,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -73,7 +78,7 @@ def export_checkpoint(
     src = require_file(pruned, "checkpoint")
     out = Path(out)
     cfg = ExportConfig(format=_format_for(out, fmt), layout=layout, quantize=quantize, threads=threads,
-                       min_agreement=min_agreement)
+                       min_agreement=min_agreement, int8_fallback=int8_fallback, max_float_macs=max_float_macs)
     cfg.validate()
     if parity_samples < 1 or calibration_samples < 1:
         raise BadInput("--parity-samples and calibration samples must be at least 1")
@@ -96,14 +101,16 @@ def export_checkpoint(
             notes.append(f"the checkpoint's data set is not available here ({e})")
     if ds is not None and not shape:
         shape = tuple(ds.input_shape)
-    calib = None
+    calib = hold = None
     calib_ds = None
+    n_hold = HOLDOUT_SAMPLES if quantize == "int8" else 0
     if calibration_data is not None:
         if not shape:
             raise BadInput(f"{src}: the checkpoint records no input shape; cannot check --calibration-data")
-        calib, calib_ds = _calibration_inputs(calibration_data, calibration_samples, shape)
+        calib, hold, calib_ds = _calibration_inputs(calibration_data, calibration_samples, shape, n_hold)
     elif quantize == "int8" and ds is not None:
         calib = ds.x_train[:calibration_samples].numpy()
+        hold = ds.x_train[calibration_samples:calibration_samples + n_hold].numpy()
     if not shape:
         raise BadInput(f"{src}: the input shape is unknown (not in the checkpoint, no data set); "
                        f"export it from a checkpoint written by chita-edge prune")
@@ -131,7 +138,8 @@ def export_checkpoint(
               "method": meta.get("method"), "sparsity": meta.get("sparsity"),
               "dense_sha256": meta.get("source_sha256")}
     report = export_model(lm.module, cfg, example_input=example, out=out, parity_inputs=parity_inputs,
-                          parity_source=parity_source, calibration=calib, source=source, progress=progress)
+                          parity_source=parity_source, calibration=calib, holdout=hold, source=source,
+                          progress=progress)
     result = report.to_dict()
     result["notes"] = notes + result["notes"]
     result["source"] = source

@@ -1,10 +1,10 @@
 """What a benchmark needs from the runtimes beyond ``chita_edge.exporters.load_session``: per-layer costs and
 a primed runtime.
 
-Sessions for timing and accuracy come from ``chita_edge.exporters`` (the one runner). Its ONNX session has no
-profiler switch, so the per-node profile (ONNX Runtime's built-in profiler: time, weight bytes held, arena peak)
-opens a profiled session here; this and ``prime_runtime`` are the two places outside the exporters that import
-onnxruntime/onnx, both lazily. For LiteRT the interpreter has no per-op timer: ops are costed by their
+Sessions for timing, accuracy and profiling come from ``chita_edge.exporters`` (the one runner, the one place
+that imports onnxruntime / onnx): the per-node profile uses ONNX Runtime's built-in profiler (time, weight
+bytes held, arena peak) through ``onnx_format.OnnxSession(..., profile_prefix=...)``, with the same options as
+the timing session. For LiteRT the interpreter has no per-op timer: ops are costed by their
 multiply-accumulates from the graph, through the exporters' LiteRT stack.
 """
 
@@ -52,34 +52,18 @@ def _ort_kind(args: dict[str, Any]) -> str:
     return OTHER
 
 
-def _ort_options(threads: int) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return so
-
-
 def profile_onnx(path: str | os.PathLike, x: np.ndarray, *, threads: int = 1,
                  runs: int = 5) -> tuple[list[LayerCost], int | None]:
     """Run ``x`` ``runs`` times in a profiled ONNX Runtime session (same options as the timing session).
 
     Returns the nodes in execution order with their median time, and the arena's peak bytes."""
-    import onnxruntime as ort
+    from chita_edge.exporters.onnx_format import OnnxSession
 
     with tempfile.TemporaryDirectory(prefix="chita-edge-prof-") as td:
-        so = _ort_options(threads)
-        so.enable_profiling = True
-        so.profile_file_prefix = os.path.join(td, "ort")
-        s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        name = s.get_inputs()[0].name
+        s = OnnxSession(path, threads, profile_prefix=os.path.join(td, "ort"))
+        once = s.prepare(x)
         for _ in range(runs):
-            s.run(None, {name: x})
+            once()
         with open(s.end_profiling(), encoding="utf-8") as f:
             events = json.load(f)
     per: dict[str, list[Any]] = {}
@@ -130,17 +114,9 @@ def prime_runtime(runtime: str, threads: int = 1) -> bool:
     measurement; what a model costs on top is then its own. False where the runtime cannot be primed."""
     if runtime != "onnxruntime":
         return False
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
+    from chita_edge.exporters.onnx_format import prime
 
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "prime",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = min(model.ir_version, 9)
-    s = ort.InferenceSession(model.SerializeToString(), _ort_options(threads), providers=["CPUExecutionProvider"])
-    s.run(None, {"x": np.zeros((1, 4), dtype=np.float32)})
-    del s
+    prime(threads)
     return True
 
 

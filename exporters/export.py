@@ -49,6 +49,12 @@ class ExportConfig:
     min_agreement: float = 0.99  # fp16 / int8 parity: top-1 agreement with PyTorch
     threads: int = 1
     onnx_calibration: str = "minmax"  # onnxruntime calibration method for int8: minmax / percentile / entropy
+    # int8: leave the most quantisation-sensitive layers in float when all-int8 misses min_agreement on held-out
+    # inputs (+ holdout_margin: held-out training images agree more easily than unseen test images), chosen by
+    # measurement (exporters/mixed.py), at most max_float_macs of the model's MACs
+    int8_fallback: bool = True
+    max_float_macs: float = 0.2
+    holdout_margin: float = 0.005
 
     def validate(self) -> None:
         for name, value, allowed in (("--format", self.format, FORMATS), ("--layout", self.layout, LAYOUTS),
@@ -59,6 +65,9 @@ class ExportConfig:
             raise BadInput(f"onnx_calibration {self.onnx_calibration!r}: expected minmax, percentile or entropy")
         if not (self.atol > 0 and 0 < self.min_agreement <= 1 and self.threads >= 1):
             raise BadInput("atol must be > 0, min_agreement in (0, 1], threads >= 1")
+        if not (0 <= self.max_float_macs <= 1 and 0 <= self.holdout_margin < 1):
+            raise BadInput(f"--max-float-macs {self.max_float_macs}: expected a fraction in [0, 1]; holdout_margin "
+                           f"in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,7 @@ class ExportReport:
     parity: Parity
     zeros: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    int8_fallback: dict[str, Any] | None = None  # int8: layers left in float and the measurements behind them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,14 +166,16 @@ def export_model(
     parity_inputs: torch.Tensor,
     parity_source: str = "data",
     calibration: torch.Tensor | np.ndarray | None = None,
+    holdout: torch.Tensor | np.ndarray | None = None,
     source: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> ExportReport:
     """Export ``model`` as ``cfg`` says to ``out`` and prove it with a parity check (see the module docstring).
 
     ``example_input``: one batch (N >= 1) of the model's input; ``parity_inputs``: the inputs to compare on;
-    ``calibration``: inputs for static int8 (required for ``quantize="int8"``); ``source``: provenance recorded
-    in the file's metadata (e.g. ``{"sha256": ..., "name": ...}``).
+    ``calibration``: inputs for static int8 (required for ``quantize="int8"``); ``holdout``: inputs, disjoint
+    from ``parity_inputs``, on which int8's float fallback is chosen (default: the calibration inputs);
+    ``source``: provenance recorded in the file's metadata (e.g. ``{"sha256": ..., "name": ...}``).
     """
     cfg.validate()
     cb = progress or (lambda stage, done, total: None)
@@ -193,8 +205,29 @@ def export_model(
                          "layout equals the dense one")
         cb("compact", 1, 1)
 
-    calib = None if calibration is None else np.asarray(
-        calibration.float().numpy() if isinstance(calibration, torch.Tensor) else calibration, dtype=np.float32)
+    calib, hold = (None if a is None else np.asarray(a.float().numpy() if isinstance(a, torch.Tensor) else a,
+                                                     dtype=np.float32) for a in (calibration, holdout))
+    fallback: dict[str, Any] | None = None
+
+    def int8(q: Any) -> Any:
+        """All-int8, or int8 with the measured float fallback (exporters/mixed.py)."""
+        nonlocal fallback
+        if not cfg.int8_fallback:
+            return q.quantize(())
+        from chita_edge.exporters import mixed
+
+        hx, src = (hold, "held-out") if hold is not None and len(hold) else (calib, "calibration")
+        fb = mixed.select_float_fallback(q, hx, _batched(model, torch.from_numpy(hx)),
+                                         target=min(1.0, cfg.min_agreement + cfg.holdout_margin),
+                                         max_float_macs=cfg.max_float_macs, progress=cb)
+        fallback = {**fb.to_dict(), "inputs": src}
+        if fb.kept:
+            notes.append(f"int8: {len(fb.kept)} layer(s) ({fb.float_mac_fraction:.1%} of MACs) kept in float32, "
+                         f"the most quantisation-sensitive by measurement on {fb.samples} {src} inputs: top-1 "
+                         f"agreement there {fb.agreement_int8:.2%} all-int8 -> {fb.agreement:.2%} (see "
+                         f"int8_fallback)")
+        return fb.model
+
     plan_layout = "dense" if cfg.layout == "compact" else cfg.layout
     cb("convert", 0, 3)
     if cfg.format == "onnx":
@@ -204,7 +237,7 @@ def export_model(
         cb("convert", 1, 3)
         if cfg.quantize == "int8":
             assert calib is not None
-            mp = F.quantize_int8(mp, calib, method=cfg.onnx_calibration)
+            mp = int8(F.Int8Quantizer(mp, calib, method=cfg.onnx_calibration))
         elif cfg.quantize == "fp16":
             mp = F.to_fp16(mp)
         cb("convert", 2, 3)
@@ -217,11 +250,14 @@ def export_model(
         buf = F.convert(model, example)
         exporter = "litert-torch"
         cb("convert", 1, 3)
-        if cfg.quantize != "none":
+        params = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2}
+        if cfg.quantize == "int8":
+            assert calib is not None
+            buf = int8(F.Int8Quantizer(buf, calib, params))
+        elif cfg.quantize != "none":
             buf = F.quantize(buf, cfg.quantize, calib)
         cb("convert", 2, 3)
         mobj = F.read(buf)
-        params = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2}
         ws, info = F.weights(mobj, params)
         decisions, req = L.plan_tflite(ws, plan_layout)
         F.apply(mobj, ws, info, decisions)
@@ -231,15 +267,22 @@ def export_model(
     if not zeros["zeros_kept"]:
         notes.append("conversion or quantisation turned some zero weights into non-zeros (see zeros.layers)")
     dec = {d.name: d for d in decisions}
+    kept = {k["tensor"]: k for k in (fallback or {}).get("kept", []) if k.get("tensor")}
     layers = [{"tensor": w.name, "param": w.param, "op": w.op, "shape": list(w.shape), "dtype": w.dtype,
                "zero_fraction": round(w.zero_fraction, 6), "macs": w.macs, **dec[w.name].to_dict()} for w in ws]
+    for row in layers:
+        if row["tensor"] in kept:
+            row["precision_why"] = "kept in float32 (int8 sensitivity): " + kept[row["tensor"]]["why"]
     meta = {
         "producer": "chita-edge", "version": __version__, "format": cfg.format, "layout": cfg.layout,
         "quantize": cfg.quantize, "exporter": exporter, "source": source or {}, "requires": req,
         "compact": None if compact is None else {k: v for k, v in compact.items() if k != "groups"},
         "layers": [{k: v for k, v in row.items() if k in ("tensor", "param", "encoding", "kernel", "why", "macs",
-                                                         "zero_fraction")} for row in layers],
+                                                         "zero_fraction", "dtype", "precision_why")}
+                   for row in layers],
     }
+    if fallback is not None:
+        meta["int8_fallback"] = fallback
 
     with atomic_path(out) as tmp:
         if cfg.format == "onnx":
@@ -257,14 +300,19 @@ def export_model(
                                bool(req.get("xnnpack", False)) and cfg.format == "tflite")
         cb("parity", 1, 1)
         if not parity.passed:
+            fb = ""
+            if fallback and fallback["kept"]:
+                fb = (f"; int8 fallback: {len(fallback['kept'])} layer(s), {fallback['float_mac_fraction']:.1%} of "
+                      f"MACs in float32, {fallback['agreement']:.2%} on {fallback['samples']} {fallback['inputs']} "
+                      f"inputs")
             raise RuntimeFailure(
                 f"parity check failed for the {cfg.format} {cfg.layout}/{cfg.quantize} export on "
                 f"{parity.samples} {parity_source} inputs: max abs error {parity.max_abs_error:.3g}, top-1 "
-                f"agreement {parity.top1_agreement:.2%} (needs {parity.criterion}); nothing written to {out}")
+                f"agreement {parity.top1_agreement:.2%} (needs {parity.criterion}){fb}; nothing written to {out}")
         size = tmp.stat().st_size
     return ExportReport(out=str(out), format=cfg.format, layout=cfg.layout, quantize=cfg.quantize, bytes=size,
                         exporter=exporter, requires=req, layers=layers, compact=compact, parity=parity,
-                        zeros=zeros, notes=notes)
+                        zeros=zeros, notes=notes, int8_fallback=fallback)
 
 
 __all__ = ["FORMATS", "LAYOUTS", "QUANTIZE", "ExportConfig", "ExportReport", "Parity", "export_model"]

@@ -95,6 +95,25 @@ def verdict(fmt: str, rows: list[dict[str, Any]], *, zero_fraction: float, spars
     return f"{lead}; {msg}" if lead else msg
 
 
+def _mixed_precision(rows: list[dict[str, Any]], fallback: dict[str, Any] | None) -> dict[str, Any] | None:
+    """int8 files with some weight layers in float (read from the file's structure; the metadata adds why)."""
+    if not any(r["dtype"] in ("int8", "uint8") for r in rows):
+        return None
+    flt = [r for r in rows if r["dtype"] in ("float32", "float16")]
+    if not flt:
+        return None
+    total = sum(r["macs"] for r in rows) or 1
+    share = sum(r["macs"] for r in flt) / total
+    names = ", ".join(r["param"] or r["tensor"][-40:] for r in flt)
+    why = ""
+    if fallback and fallback.get("kept"):
+        why = (f", kept by measured int8 sensitivity: held-out top-1 agreement {fallback['agreement_int8']:.2%} "
+               f"all-int8 -> {fallback['agreement']:.2%}")
+    return {"float_layers": [r["param"] or r["tensor"] for r in flt], "float_mac_share": share,
+            "summary": f"int8 except {len(flt)} float layer(s) ({share:.1%} of MACs: {names}){why}",
+            "int8_fallback": fallback}
+
+
 def inspect_file(path: str | os.PathLike, runtime: str | None = None) -> dict[str, Any]:
     """The sparsity lint of one exported file (see the module docstring); a JSON-able dict."""
     fmt = detect_format(path)
@@ -124,7 +143,7 @@ def inspect_file(path: str | os.PathLike, runtime: str | None = None) -> dict[st
             "shape": list(w.shape), "dtype": w.dtype, "zero_fraction": round(w.zero_fraction, 6),
             "block_zero_fraction": L.block_zero_fraction(w.values, 16 if enc == L.BCSR16 else 4),
             "encoding": enc, "runtime_action": _action(fmt, enc), "macs": w.macs,
-            "why": m.get("why"),
+            "why": m.get("why"), "precision_why": m.get("precision_why"),
         })
     total = sum(r["macs"] for r in rows)
     sparse_macs = sum(r["macs"] for r in rows if r["runtime_action"] == L.K_SPARSE)
@@ -133,14 +152,18 @@ def inspect_file(path: str | os.PathLike, runtime: str | None = None) -> dict[st
     size, gz = p.stat().st_size, _gzip_size(p)
     share = sparse_macs / total if total else 0.0
     predicted = _predicted_ratio(rows, not requires.get("xnnpack", True)) if fmt == "tflite" and share else None
+    mixed = _mixed_precision(rows, meta.get("int8_fallback"))
+    v = verdict(fmt, rows, zero_fraction=zf, sparse_share=share, file_bytes=size, gzip_bytes=gz,
+                compact=meta.get("compact"), predicted=predicted)
+    if mixed:
+        v += f"; {mixed['summary']}"
     return {
         "file": str(p), "format": fmt, "runtime": RUNTIME_OF[fmt], "bytes": size, "gzip_bytes": gz,
         "producer": meta.get("producer"), "version": meta.get("version"), "layout": meta.get("layout"),
         "quantize": meta.get("quantize"), "source": meta.get("source"), "requires": requires,
         "compact": meta.get("compact"), "zero_fraction": zf, "macs": total, "sparse_macs": sparse_macs,
         "sparse_mac_share": share, "predicted_latency_ratio": predicted, "weights": rows,
-        "verdict": verdict(fmt, rows, zero_fraction=zf, sparse_share=share, file_bytes=size, gzip_bytes=gz,
-                           compact=meta.get("compact"), predicted=predicted),
+        "mixed_precision": mixed, "verdict": v,
     }
 
 

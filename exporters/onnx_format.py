@@ -15,13 +15,14 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from chita_edge.exporters import layouts as L
+from chita_edge.exporters import mixed
 from onnx import helper, numpy_helper
 
 from chita_edge.errors import BadInput, RuntimeFailure
@@ -133,28 +134,71 @@ class _Reader:
         self.i = 0
 
 
-def quantize_int8(mp: onnx.ModelProto, calibration: np.ndarray, *, method: str = "minmax") -> onnx.ModelProto:
-    """Static int8 quantisation in QDQ form (per-channel int8 weights, int8 activations) with calibration data.
+_FALLBACK_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Sub", "Concat", "AveragePool",
+                 "GlobalAveragePool", "ReduceMean")  # nodes that can be left in float (others just pass data)
+
+
+class Int8Quantizer:
+    """Static int8 quantisation in QDQ form (per-channel int8 weights, int8 activations), calibrated once:
+    ``quantize(keep_float)`` quantises again from the cached ranges with the named nodes left in float
+    (``quantize_static``'s ``nodes_to_exclude``); the ``mixed.Int8Backend`` of ONNX.
 
     Dynamic int8 is never used: on convolutions it runs as ConvInteger, 7-12x slower than fp32 (runtimes.md).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    meth = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-            "entropy": CalibrationMethod.Entropy}[method]
-    with tempfile.TemporaryDirectory(prefix="chita-edge-q-") as d, _quiet():
-        src, dst = os.path.join(d, "f.onnx"), os.path.join(d, "q.onnx")
-        onnx.save(mp, src)
-        try:
-            quantize_static(src, dst, _Reader(mp.graph.input[0].name, calibration.astype(np.float32)),
-                            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=meth,
-                            extra_options={"CalibTensorRangeSymmetric": False})
-        except Exception as e:
-            raise RuntimeFailure(f"onnxruntime static int8 quantisation failed ({_first_line(e)})") from None
-        q = onnx.load(dst)
-    q.ir_version = min(q.ir_version, IR_VERSION)
-    return q
+    def __init__(self, mp: onnx.ModelProto, calibration: np.ndarray, *, method: str = "minmax"):
+        from onnxruntime.quantization import CalibrationMethod
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="chita-edge-q-")
+        self.float_model = onnx.ModelProto()
+        self.float_model.CopyFrom(mp)
+        for i, n in enumerate(self.float_model.graph.node):  # nodes_to_exclude needs names
+            if not n.name:
+                n.name = f"{n.op_type}_{i}"
+        self._src = os.path.join(self._tmp.name, "f.onnx")
+        self._cache = os.path.join(self._tmp.name, "ranges.json")
+        onnx.save(self.float_model, self._src)
+        self._calib = calibration.astype(np.float32)
+        self._method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                        "entropy": CalibrationMethod.Entropy}[method]
+
+    def candidates(self) -> list[mixed.Candidate]:
+        ws = {w.name: w for w in weights(self.float_model)[0]}
+        out = []
+        for n in self.float_model.graph.node:
+            if n.op_type not in _FALLBACK_OPS:
+                continue
+            w = ws.get(n.input[_WEIGHT_OPS[n.op_type]]) if n.op_type in _WEIGHT_OPS and len(n.input) > 1 else None
+            out.append(mixed.Candidate(name=n.name, op=n.op_type, macs=w.macs if w else 0,
+                                       param=w.param if w else None, tensor=w.name if w else None))
+        return out
+
+    def quantize(self, keep_float: Sequence[str] = ()) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+        dst = os.path.join(self._tmp.name, "q.onnx")
+        with _quiet():
+            try:
+                quantize_static(self._src, dst, _Reader(self.float_model.graph.input[0].name, self._calib),
+                                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+                                weight_type=QuantType.QInt8, calibrate_method=self._method,
+                                nodes_to_exclude=list(keep_float), calibration_cache_path=self._cache,
+                                extra_options={"CalibTensorRangeSymmetric": False})
+            except Exception as e:
+                raise RuntimeFailure(f"onnxruntime static int8 quantisation failed ({_first_line(e)})") from None
+            q = onnx.load(dst)
+        q.ir_version = min(q.ir_version, IR_VERSION)
+        return q
+
+    def run(self, model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+        path = os.path.join(self._tmp.name, "run.onnx")
+        onnx.save(model, path)
+        return OnnxSession(path, 1).run(x)
+
+
+def quantize_int8(mp: onnx.ModelProto, calibration: np.ndarray, *, method: str = "minmax") -> onnx.ModelProto:
+    """Every node in static int8 (QDQ); see ``Int8Quantizer``."""
+    return Int8Quantizer(mp, calibration, method=method).quantize(())
 
 
 def to_fp16(mp: onnx.ModelProto) -> onnx.ModelProto:
@@ -323,25 +367,43 @@ def read_metadata(mp: onnx.ModelProto) -> dict[str, Any] | None:
 # Running
 
 
+def session_options(threads: int = 1, profile_prefix: str | None = None) -> Any:
+    """The one set of ONNX Runtime session options chita-edge runs with: ``threads`` intra-op threads,
+    sequential, thread spinning off (it matters on small machines: runtimes.md); optionally profiled."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    if profile_prefix is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return so
+
+
 class OnnxSession:
-    """An ONNX Runtime CPU session: ``run(x)`` returns the first output as float32 for a batch ``x``."""
+    """An ONNX Runtime CPU session: ``run(x)`` returns the first output as float32 for a batch ``x``.
+
+    ``path`` may also be a serialised model (bytes); ``profile_prefix`` turns ONNX Runtime's profiler on
+    (``end_profiling()`` returns the JSON trace's path)."""
 
     format = "onnx"
     runtime = "onnxruntime"
     xnnpack = False
 
-    def __init__(self, path: str | os.PathLike, threads: int = 1):
+    def __init__(self, path: str | os.PathLike | bytes, threads: int = 1, *, profile_prefix: str | None = None):
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        so.log_severity_level = 3
+        so = session_options(threads, profile_prefix)
+        src: str | bytes = path if isinstance(path, bytes) else str(path)
+        if isinstance(path, bytes):
+            path = "<in-memory ONNX model>"
         try:
-            self._s = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self._s = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         except Exception as e:
             msg = _first_line(e)
             if "INVALID_PROTOBUF" in msg or "Protobuf parsing failed" in msg:
@@ -371,6 +433,20 @@ class OnnxSession:
             outs.append(np.asarray(y, dtype=np.float32))
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
+    def end_profiling(self) -> str:
+        """Stop the profiler (``profile_prefix``) and return the path of its JSON trace."""
+        return self._s.end_profiling()
+
+
+def prime(threads: int = 1) -> None:
+    """Load and run a one-node model so that ONNX Runtime's code and global state are resident."""
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "prime",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = min(model.ir_version, 9)
+    OnnxSession(model.SerializeToString(), threads).run(np.zeros((1, 4), dtype=np.float32))
+
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """What the file holds: weights with their encodings, metadata, input shape."""
@@ -381,5 +457,5 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
             "input_shape": [d.dim_value if d.HasField("dim_value") else None for d in inp]}
 
 
-__all__ = ["OnnxSession", "apply", "describe", "export", "load", "quantize_int8", "read_metadata", "save",
-           "set_metadata", "to_fp16", "weights"]
+__all__ = ["Int8Quantizer", "OnnxSession", "apply", "describe", "export", "load", "prime", "quantize_int8",
+           "read_metadata", "save", "session_options", "set_metadata", "to_fp16", "weights"]

@@ -22,14 +22,17 @@ import io
 import json
 import logging
 import os
+import re
+import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from chita_edge.exporters import layouts as L
+from chita_edge.exporters import mixed
 
 from chita_edge.errors import BadInput, MissingExtra, RuntimeFailure
 
@@ -131,30 +134,94 @@ def _signature(buf: bytes) -> tuple[str, str]:
 def quantize(buf: bytes, mode: str, calibration: np.ndarray | None = None) -> bytes:
     """``int8``: static int8 weights and activations (ai-edge-quantizer, min/max over all calibration samples);
     ``fp16``: fp16 weights dequantized at load (weight-only float casting)."""
+    if mode == "int8":
+        assert calibration is not None
+        return Int8Quantizer(buf, calibration).quantize(())
     cs = _converter_stack()
     q = cs.quantizer.Quantizer(bytearray(buf))
     try:
         with _quiet():
-            if mode == "fp16":
-                q.add_weight_only_config(regex=".*", operation_name=cs.qtyping.TFLOperationName.ALL_SUPPORTED,
-                                         num_bits=16, algorithm_key=cs.algorithm_manager.AlgorithmName.FLOAT_CASTING)
-                return bytes(q.quantize(enable_progress_report=False).quantized_model)
-            assert calibration is not None
-            q.load_quantization_recipe(cs.recipe.static_wi8_ai8())
-            key, name = _signature(buf)
-            # The quantizer's default moving average of per-sample ranges clips the extremes; use the true range.
-            cal = cs.calibrator.Calibrator(bytearray(buf), num_threads=1, qsv_update_func=cs.qsv_utils.min_max_update)
-            cal.calibrate({key: [{name: calibration[i:i + 1].astype(np.float32)} for i in range(len(calibration))]},
-                          q._recipe_manager)
-            qbuf = bytes(q.quantize(cal.get_model_qsvs(), enable_progress_report=False).quantized_model)
+            q.add_weight_only_config(regex=".*", operation_name=cs.qtyping.TFLOperationName.ALL_SUPPORTED,
+                                     num_bits=16, algorithm_key=cs.algorithm_manager.AlgorithmName.FLOAT_CASTING)
+            return bytes(q.quantize(enable_progress_report=False).quantized_model)
     except MissingExtra:
         raise
     except Exception as e:
         raise RuntimeFailure(f"LiteRT {mode} quantisation failed ({_first_line(e)})") from None
-    qm = read(qbuf)
-    if _fix_dead_channels(qm, read(buf)):
-        qbuf = write(qm)
-    return qbuf
+
+
+_FALLBACK_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "ADD", "MUL", "SUB",
+                 "CONCATENATION", "MEAN", "AVERAGE_POOL_2D")  # ops that can be left in float
+
+
+class Int8Quantizer:
+    """ai-edge-quantizer ``static_wi8_ai8``, calibrated once with the true min/max over all calibration samples
+    (the quantizer's default moving average of per-sample ranges clips the extremes): ``quantize(keep_float)``
+    quantises again with the ops of the named scopes (their output tensor names) left in float32; the
+    ``mixed.Int8Backend`` of TFLite."""
+
+    def __init__(self, buf: bytes, calibration: np.ndarray, params: dict[str, tuple[int, ...]] | None = None):
+        cs = self._cs = _converter_stack()
+        self._buf, self._params = bytes(buf), params
+        q = cs.quantizer.Quantizer(bytearray(buf))
+        try:
+            with _quiet():
+                q.load_quantization_recipe(cs.recipe.static_wi8_ai8())
+                key, name = _signature(buf)
+                cal = cs.calibrator.Calibrator(bytearray(buf), num_threads=1,
+                                               qsv_update_func=cs.qsv_utils.min_max_update)
+                cal.calibrate({key: [{name: calibration[i:i + 1].astype(np.float32)}
+                                     for i in range(len(calibration))]}, q._recipe_manager)
+                self._qsvs = cal.get_model_qsvs()
+        except Exception as e:
+            raise RuntimeFailure(f"LiteRT int8 calibration failed ({_first_line(e)})") from None
+
+    def candidates(self) -> list[mixed.Candidate]:
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tu
+
+        fm = read(self._buf)
+        g = fm.subgraphs[0]
+        ws = {w.name: w for w in weights(fm, self._params)[0]}
+        by_scope: dict[str, mixed.Candidate] = {}
+        for op in g.operators:
+            name = _op_name(fm, op)
+            if name not in _FALLBACK_OPS:
+                continue
+            scope = tu.get_op_scope(op, g.tensors)
+            w = None
+            if name in _WEIGHT_OPS and op.inputs is not None and len(op.inputs) > 1:
+                w = ws.get(_name(g.tensors[int(op.inputs[1])]))
+            prev = by_scope.get(scope)  # ops sharing a scope are left in float together
+            macs = (w.macs if w else 0) + (prev.macs if prev else 0)
+            by_scope[scope] = mixed.Candidate(name=scope, op=name if prev is None else f"{prev.op}+{name}",
+                                              macs=macs, param=(prev.param if prev else None) or (w.param if w else None),
+                                              tensor=(prev.tensor if prev else None) or (w.name if w else None))
+        return list(by_scope.values())
+
+    def quantize(self, keep_float: Sequence[str] = ()) -> bytes:
+        cs = self._cs
+        q = cs.quantizer.Quantizer(bytearray(self._buf))
+        try:
+            with _quiet():
+                q.load_quantization_recipe(cs.recipe.static_wi8_ai8())
+                for scope in keep_float:  # later configs win over the '.*' one
+                    q.update_quantization_recipe(regex="^" + re.escape(scope) + "$",
+                                                 operation_name=cs.qtyping.TFLOperationName.ALL_SUPPORTED,
+                                                 algorithm_key=cs.algorithm_manager.AlgorithmName.NO_QUANTIZE)
+                qbuf = bytes(q.quantize(self._qsvs, enable_progress_report=False).quantized_model)
+        except Exception as e:
+            raise RuntimeFailure(f"LiteRT int8 quantisation failed ({_first_line(e)})") from None
+        qm = read(qbuf)
+        if _fix_dead_channels(qm, read(self._buf)):
+            qbuf = write(qm)
+        return qbuf
+
+    def run(self, model: bytes, x: np.ndarray) -> np.ndarray:
+        with tempfile.TemporaryDirectory(prefix="chita-edge-q-") as d:
+            path = os.path.join(d, "q.tflite")
+            with open(path, "wb") as f:
+                f.write(model)
+            return TFLiteSession(path, 1, xnnpack=True).run(x)
 
 
 def _fix_dead_channels(qm: Any, fm: Any) -> int:
@@ -576,5 +643,5 @@ class TFLiteSession:
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 
 
-__all__ = ["TFLiteSession", "apply", "convert", "decode_sparse", "describe", "load", "quantize", "read",
+__all__ = ["Int8Quantizer", "TFLiteSession", "apply", "convert", "decode_sparse", "describe", "load", "quantize", "read",
            "read_metadata", "require_export_stack", "requirements", "set_metadata", "stack", "weights", "write"]

@@ -86,6 +86,15 @@ def _digits():
 
 
 @functools.cache
+def _trained_cnn() -> nn.Module:
+    """The tiny CNN trained on 800 digits (94 % top-1), before any pruning."""
+    ns: dict = {}
+    exec(MODELS_PY, ns)
+    d = _digits()
+    return _train(ns["cnn"](), d.x_train[:800], d.y_train[:800], 100)
+
+
+@functools.cache
 def _trained() -> tuple[nn.Module, nn.Module]:
     """The tiny MLP (1x4-block pruned to 90 %) and CNN (half its channels zeroed), trained once per process."""
     ns: dict = {}
@@ -93,7 +102,7 @@ def _trained() -> tuple[nn.Module, nn.Module]:
     d = _digits()
     mlp = _train(ns["mlp"](), d.x_train, d.y_train, 150)
     prune_blocks(mlp, 0.9, block=4)
-    cnn = _train(ns["cnn"](), d.x_train[:800], d.y_train[:800], 100)
+    cnn = copy.deepcopy(_trained_cnn())
     drop_channels(cnn, 0.5)
     return mlp, cnn
 
@@ -389,3 +398,99 @@ def test_exporters_import_rules():
             top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
             assert not any((getattr(n, "module", None) or n.names[0].name).split(".")[0] in heavy
                            for n in top_level)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# int8 with a measured float fallback
+
+
+def hostile_cnn(cnn: nn.Module) -> nn.Module:
+    """The tiny CNN with an 11th logit fixed at -20000: harmless in float (never the top-1), but it stretches the
+    per-tensor int8 range of the classifier's output to ~[-20000, 20], so an all-int8 file flips predictions and
+    exactly one layer -- the classifier (``8.weight``) -- must stay in float."""
+    m = copy.deepcopy(cnn)
+    with torch.no_grad():  # 30 % unstructured zeros in conv2, which int8 and the fallback must keep
+        w = m[3].weight
+        w.mul_((w.abs() > w.abs().flatten().kthvalue(int(0.3 * w.numel())).values).float())
+    old = m[8]
+    new = nn.Linear(old.in_features, 11)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.bias.fill_(-20000.0)
+        new.weight[:10] = old.weight
+        new.bias[:10] = old.bias
+    m[8] = new
+    return m.eval()
+
+
+def export_int8(model, fmt, out, d, **cfg):
+    return export_model(model, ExportConfig(format=fmt, quantize="int8", **cfg), example_input=d.x_test[:1],
+                        out=out, parity_inputs=d.x_test, calibration=d.x_train[:100],
+                        holdout=d.x_train[100:600], source={"sha256": "ab" * 32})
+
+
+def check_fallback_keeps_the_classifier(fmt, tiny, digits, tmp_path):
+    """Shared by the ONNX and TFLite tests: all-int8 fails the gate, the fallback keeps exactly the hostile layer
+    in float32, says so in the report, the file's metadata and ``inspect``, and the parity check passes."""
+    m = hostile_cnn(_trained_cnn())
+    out = tmp_path / f"q.{fmt}"
+    with pytest.raises(RuntimeFailure, match="parity check failed"):
+        export_int8(m, fmt, out, digits, int8_fallback=False)
+    assert not out.exists()
+    r = export_int8(m, fmt, out, digits)
+    fb = r.int8_fallback
+    assert r.parity.passed and r.parity.top1_agreement >= 0.99
+    assert fb["agreement_int8"] < 0.99 <= fb["agreement"] and fb["inputs"] == "held-out" and fb["samples"] == 500
+    assert [k["param"] for k in fb["kept"]] == ["8.weight"]
+    assert fb["kept"][0]["agreement_alone"] >= 0.99 and fb["kept"][0]["logit_mse_alone"] < fb["logit_mse_int8"]
+    assert 0 < fb["float_mac_fraction"] < 0.05 and fb["evaluated"] >= 3
+    dtypes = {row["param"]: row["dtype"] for row in r.layers}
+    assert dtypes == {"0.weight": "int8", "3.weight": "int8", "8.weight": "float32"}
+    assert "int8 sensitivity" in next(row for row in r.layers if row["param"] == "8.weight")["precision_why"]
+    assert r.zeros["zeros_kept"] and any("kept in float32" in n for n in r.notes)
+    j = inspect_file(out)
+    assert j["mixed_precision"]["float_layers"] == ["8.weight"]
+    assert "int8 except 1 float layer(s)" in j["verdict"] and "measured int8 sensitivity" in j["verdict"]
+    assert [k["param"] for k in j["mixed_precision"]["int8_fallback"]["kept"]] == ["8.weight"]
+    # the cap: no float layer allowed -> the export fails with a clear message, nothing written
+    with pytest.raises(RuntimeFailure, match=r"int8: top-1 agreement .* held-out .* at most 0%"):
+        export_int8(m, fmt, tmp_path / f"cap.{fmt}", digits, max_float_macs=0.0)
+    assert not (tmp_path / f"cap.{fmt}").exists()
+
+
+def test_onnx_int8_keeps_exactly_the_sensitive_layer_in_float(tiny, digits, tmp_path):
+    check_fallback_keeps_the_classifier("onnx", tiny, digits, tmp_path)
+    ops = {(n.op_type, n.input[1]) for n in onnx.load(str(tmp_path / "q.onnx")).graph.node if n.op_type == "Gemm"}
+    assert ops and all(not i.endswith("_DequantizeLinear_Output") for _, i in ops)  # the Gemm reads fp32 weights
+
+
+def test_int8_without_sensitive_layers_stays_all_int8(tiny, digits, tmp_path):
+    r = export_int8(_trained_cnn(), "onnx", tmp_path / "q.onnx", digits)
+    assert r.int8_fallback["kept"] == [] and r.int8_fallback["evaluated"] == 1
+    assert all(row["dtype"] == "int8" for row in r.layers) and inspect_file(tmp_path / "q.onnx")["mixed_precision"] is None
+    # the CLI holds out the training inputs after the calibration ones (never the parity-check test images)
+    r = run_cli("export", tiny["cnn_ckpt"], "--out", tmp_path / "c.onnx", "--quantize", "int8", "--parity-samples",
+                "50", "--no-int8-fallback", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["int8_fallback"] is None
+    r = run_cli("export", tiny["cnn_ckpt"], "--out", tmp_path / "d.onnx", "--quantize", "int8", "--parity-samples",
+                "50", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["int8_fallback"]["inputs"] == "held-out" and r.json()["int8_fallback"]["samples"] == 1000
+
+
+def test_onnx_runtime_sessions_are_opened_in_one_place():
+    """chita_edge.runtimes profiles and primes ONNX Runtime through onnx_format (one set of session options)."""
+    import ast
+
+    import chita_edge.runtimes as rt
+
+    tree = ast.parse(Path(rt.__file__).read_text())
+    mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {
+        n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in mods if m.split(".")[0] in ("onnx", "onnxruntime")}
+    from chita_edge.exporters import onnx_format
+
+    so = onnx_format.session_options(1, profile_prefix="p")
+    assert so.enable_profiling and so.intra_op_num_threads == 1
+    assert rt.prime_runtime("onnxruntime") is True

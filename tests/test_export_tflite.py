@@ -10,7 +10,12 @@ import torch
 from chita_edge.exporters import ExportConfig, export_model, file_requirements, inspect_file, load_session
 from chita_edge.exporters import layouts as L
 from conftest import run_cli
-from test_export import _export, digits, tiny  # noqa: F401  (fixtures shared with the ONNX tests)
+from test_export import (  # noqa: F401  (fixtures shared with the ONNX tests)
+    _export,
+    check_fallback_keeps_the_classifier,
+    digits,
+    tiny,
+)
 
 from chita_edge.errors import BadInput
 from chita_edge.zoo import MLPNet
@@ -122,3 +127,8 @@ def test_int8_repairs_all_zero_channels_that_carry_a_bias(tiny, digits, tmp_path
     first = next(op for op in g.operators if tflite_format._op_name(m, op) in ("CONV_2D", "DEPTHWISE_CONV_2D"))
     scales = np.asarray(g.tensors[int(first.inputs[1])].quantization.scale)
     assert scales.min() > 1e-6 * scales.max()
+
+
+def test_int8_keeps_exactly_the_sensitive_layer_in_float(tiny, digits, tmp_path):  # noqa: F811
+    check_fallback_keeps_the_classifier("tflite", tiny, digits, tmp_path)
+    assert load_session(tmp_path / "q.tflite").xnnpack is True  # float and int8 ops both run under XNNPACK

@@ -183,3 +183,20 @@ def test_layerwise_refit_keeps_the_support_and_lowers_the_loss():
     assert loss[True] < loss[False]
     # on by default for the data-driven methods only
     assert PruneConfig(sparsity=0.5, method="chita++").refit and not PruneConfig(sparsity=0.5, method="magnitude").refit
+
+
+@pytest.mark.parametrize("prune_inert", [True, False])
+def test_weights_of_dead_units_are_pruned_first(prune_inert):
+    ds = load_data("digits")
+    model = _digits_mlp(ds)
+    with torch.no_grad():  # hidden units 0-3 never fire: the weights leaving them do nothing
+        model[1].weight[:4] = 0.0
+        model[1].bias[:4] = -1.0
+        model[3].weight[:, :4] = 5.0  # large, so that magnitude and the ridge term would both keep them
+    rep = prune(model, PruneConfig(sparsity=0.5, method="chita", n_grads=64, prune_inert=prune_inert,
+                                   layerwise_refit=False), ds)
+    dead_out = int((model[3].weight[:, :4] != 0).sum())
+    if prune_inert:
+        assert dead_out == 0 and rep.stages[0]["inert_weights"] >= 40
+    else:
+        assert dead_out == 40  # what the quadratic model alone does: the ridge keeps them

@@ -42,6 +42,12 @@ def export_cmd(
     parity_samples: Annotated[int, typer.Option("--parity-samples", help="Test inputs for the parity check.")] = 1000,
     min_agreement: Annotated[float, typer.Option("--min-agreement", help="fp16 / int8 parity: least top-1 "
                                                                          "agreement with PyTorch.")] = 0.99,
+    int8_fallback: Annotated[bool, typer.Option(
+        "--int8-fallback/--no-int8-fallback",
+        help="int8: when all-int8 misses --min-agreement on held-out training inputs, keep the most "
+             "quantisation-sensitive layers (measured) in float32.")] = True,
+    max_float_macs: Annotated[float, typer.Option("--max-float-macs", help="int8 fallback: at most this fraction "
+                                                                           "of MACs in float32.")] = 0.2,
     threads: Annotated[int, typer.Option("--threads", help="Runtime threads for the parity check.")] = 1,
     json_out: JSON = False,
 ) -> None:
@@ -55,7 +61,8 @@ def export_cmd(
     with ui.progress() as cb:
         r = export_api.export_checkpoint(pruned, out=out, fmt=fmt, layout=layout, quantize=quantize, model=model,
                                          calibration_data=calibration_data, parity_samples=parity_samples,
-                                         min_agreement=min_agreement, threads=threads, progress=cb)
+                                         min_agreement=min_agreement, int8_fallback=int8_fallback,
+                                         max_float_macs=max_float_macs, threads=threads, progress=cb)
     if json_out:
         ui.print_json(r)
         return
@@ -70,6 +77,8 @@ def export_cmd(
         c = r["compact"]
         ui.info(f"compact: {c['removed_channels']} channels removed, parameters {c['params_before']} -> "
                 f"{c['params_after']}, MACs {c['macs_before']} -> {c['macs_after']}")
+    for k in (r.get("int8_fallback") or {}).get("kept", []):
+        ui.info(f"float32: {k['param'] or k['op']} ({k['mac_fraction']:.1%} of MACs): {k['why']}")
     for note in r["notes"]:
         ui.info(f"note: {note}")
 
