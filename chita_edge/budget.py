@@ -19,7 +19,8 @@ Step 4: zero the chosen channels (weights, producer biases, BatchNorm gamma/beta
         dense model's outputs on the calibration images (``layerwise_refit``: CHITA's backsolve with G = the
         layer's inputs; the consumers' input slices are re-fitted, earlier layers' error is absorbed).
 Step 5: compact, export, benchmark; when a measurement misses its budget (beyond ``slack``), correct that
-        resource's prediction by the miss and run one more stage, up to ``max_tighten`` times.
+        resource's prediction by the miss and run one more stage, up to ``max_tighten`` times -- unless the
+        corrected prediction of the narrowest widths is itself over the budget (then it stops: unreachable).
 
 ``method="chita-fisher"`` uses the paper's global G instead (mini-batch gradients; joint no-refit saliency for
 the greedy, then ``group_chita`` -- group IHT + backsolve -- at the chosen widths). Baselines with the same
@@ -45,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chita_edge.costmodel import CostModel, Prediction
+from chita_edge.costmodel import CostModel, Prediction, nchwc_block
 from chita_edge.data import Dataset
 from chita_edge.errors import BadInput, GateFailed
 from chita_edge.profiles import Budgets, Profile
@@ -91,6 +92,7 @@ class BudgetConfig:
     fisher_batch: int = 1  # m
     l2: float = 1e-3  # lam = l2 * n / 2
     width_multiple: int | None = None  # None: the profile's
+    channel_block: int | None = None  # widths between blocks left out (allowed_widths); None: the host's NCHWc block, 0: off
     margin: float = 0.97  # plan each resource to this fraction of its budget
     slack: float = 0.05  # a measurement within budget * (1 + slack) meets the budget
     verify: bool = True  # export + benchmark the result (and tighten on a miss)
@@ -118,6 +120,8 @@ class BudgetConfig:
             raise BadInput(f"--stages {self.stages}: expected >= 1")
         if self.width_multiple is not None and not 1 <= self.width_multiple <= 256:
             raise BadInput(f"--width-multiple {self.width_multiple}: expected 1..256")
+        if self.channel_block is not None and self.channel_block < 0:
+            raise BadInput(f"channel_block {self.channel_block}: expected >= 0 (0: off)")
         if not 0 < self.margin <= 1 or not 0 <= self.slack < 1:
             raise BadInput("margin must be in (0, 1] and slack in [0, 1)")
         if self.bench_runs < 1 or self.bench_repeats < 1:
@@ -190,6 +194,11 @@ def budget_targets(profile: Profile, budgets: Budgets) -> tuple[dict[str, float]
 
 def _resources(p: Prediction) -> dict[str, float]:
     return {"latency_ms": p.latency_ms, "memory_mb": p.memory_mb, "file_mb": p.file_mb}
+
+
+def resolve_block(cfg: BudgetConfig) -> int:
+    """The channel block of the runtime that verifies the budget: ONNX Runtime's NCHWc block on this host."""
+    return nchwc_block() if cfg.channel_block is None else cfg.channel_block
 
 
 def min_widths(sizes: Mapping[str, int], multiple: int) -> dict[str, int]:
@@ -283,7 +292,7 @@ class NormCriterion(_Criterion):
 
 def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: _Criterion, targets: Mapping[str, float],
                   corr: Mapping[str, float], multiple: int, *, per_resource: bool = True,
-                  max_jump: int = 4) -> tuple[dict[str, int], list[dict[str, Any]]]:
+                  max_jump: int = 4, block: int | None = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Step groups down until every (corrected) predicted resource meets its target; ``crit`` picks channels.
 
     ``per_resource``: rank steps by objective cost per unit of (normalised) resource saved (NetAdapt); False
@@ -302,7 +311,7 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: _Criterion, targets
     while any(cur[k] > targets[k] for k in targets):
         best = None
         for f, s in enumerate(cs.specs):
-            lower = [w for w in allowed_widths(sizes[s.id], multiple) if w < widths[s.id]]
+            lower = [w for w in allowed_widths(sizes[s.id], multiple, block) if w < widths[s.id]]
             # every lower width is a candidate step (not only the next one): the latency of a kernel is flat
             # between the runtime's channel blocks, so a one-step look-ahead stalls on such plateaus
             for new_w in reversed(lower[-max_jump:] if per_resource else lower[-1:]):
@@ -328,12 +337,12 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: _Criterion, targets
 
 
 def uniform_widths(cm: CostModel, cs: ChannelStructure, targets: Mapping[str, float], corr: Mapping[str, float],
-                   multiple: int) -> dict[str, int]:
+                   multiple: int, block: int | None = None) -> dict[str, int]:
     """The largest common kept fraction q (widths rounded down to the multiple) meeting every target."""
     def at(q: float) -> dict[str, int]:
         out = {}
         for s in cs.specs:
-            ws = allowed_widths(s.size, multiple)
+            ws = allowed_widths(s.size, multiple, block)
             ok = [w for w in ws if w <= q * s.size + 1e-9]
             out[s.id] = ok[-1] if ok else ws[0]
         return out
@@ -371,7 +380,7 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
     px = parity_inputs if parity_inputs is not None else example_input
     export_model(model, ExportConfig(format="onnx", layout="compact"), example_input=example_input[:1], out=path,
                  parity_inputs=px[:16], parity_source="data" if parity_inputs is not None else "random")
-    lats, hosts, mems, prov = [], [], [], ""
+    lats, hosts, mems, dens, prov = [], [], [], [], ""
     res: dict[str, Any] = {}
     for i in range(repeats):
         res = benchmark(path, [profile], BenchConfig(runs=runs, warmup=max(5, runs // 10), profile_runs=3))
@@ -379,10 +388,14 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
         lats.append(float(lat[percentile]))
         hosts.append(float(res["latency_ms"][percentile]))
         mems.append(float(res["peak_memory_mb"]))
+        est = (res.get("device_estimates") or {}).get(profile.id) or {}
+        if est.get("dense_fraction") is not None:
+            dens.append(float(est["dense_fraction"]))
         if progress:
             progress("benchmarking", i + 1, repeats)
     return {"latency_ms": statistics.median(lats), "host_latency_ms": statistics.median(hosts),
             "memory_mb": statistics.median(mems), "file_mb": float(res["file_mb"]), "percentile": percentile,
+            "dense_fraction": statistics.median(dens) if dens else None,
             "latency_provenance": prov, "repeats": repeats, "runs": runs, "latency_samples": lats,
             "memory_samples": mems, "file": str(path)}
 
@@ -437,11 +450,17 @@ def _search(model: nn.Module, x1: torch.Tensor, data: Dataset | None, profile: P
             progress: Progress | None) -> BudgetResult:
     sizes = cs.sizes
     dense_pred = _resources(cm.predict({}))
-    parity = data.x_test[:16] if data is not None else None
+    # parity inputs for the exports: test images where there are some (else the exporter's random inputs)
+    parity = data.x_test[:16] if data is not None and len(data.x_test) else None
     # Step 1: anchor the cost model to the measured dense model.
     if cfg.verify and cfg.dense_anchor and dense_measured is None:
         dense_measured = measure_model(model, x1, profile, wd / "dense.onnx", percentile=pct, runs=cfg.bench_runs,
                                        repeats=cfg.bench_repeats, parity_inputs=parity, progress=progress)
+    if dense_measured and dense_measured.get("dense_fraction"):
+        # the benchmark's op mix of the dense model fixes the non-dense time the units do not see, so that the
+        # device factor follows the op mix as channels go (else a pruned model's estimate is ~20 % low)
+        cm = cm.with_op_mix(float(dense_measured["dense_fraction"]))
+        dense_pred = _resources(cm.predict({}))
     corr = {k: (dense_measured[k] / dense_pred[k]) if dense_measured else 1.0 for k in RESOURCES}
     # Step 2: an impossible budget fails now, naming what is reachable.
     floor = _resources(cm.predict(min_widths(sizes, mult)))
@@ -494,13 +513,22 @@ def _search(model: nn.Module, x1: torch.Tensor, data: Dataset | None, profile: P
         # Step 5: correct each missed prediction by the miss and prune further to the same target.
         for k in missed:
             corr[k] *= measured[k] / max(pred[k], 1e-12)
+        # With the corrected predictions, a budget below the smallest reachable value cannot be met by pruning
+        # further: stop here (the result reports the miss) instead of pruning to the narrowest widths for nothing.
+        floor_now = {k: floor[k] * corr[k] for k in missed}
+        beyond = {k: floor_now[k] for k in missed if floor_now[k] > limits[k] * (1 + cfg.slack)}
+        if beyond:
+            stages_info[-1]["unreachable"] = beyond
+            log.info("measurement missed %s, below the smallest reachable (%s) after correction; not pruning further",
+                     ", ".join(missed), ", ".join(f"{k} {v:.4g}" for k, v in beyond.items()))
+            break
         log.info("measurement missed %s; tightening and pruning further", ", ".join(missed))
     met = {k: (measured[k] <= limits[k] * (1 + cfg.slack)) if measured else (pred[k] <= limits[k]) for k in limits}
     timings["total_s"] = time.perf_counter() - t0
     return BudgetResult(model=new, plan=plan, widths=cs.widths(alive), sizes=dict(sizes), budgets=limits,
                         percentile=pct, predicted=pred, measured=measured, dense_measured=dense_measured,
                         dense_predicted={k: dense_pred[k] * corr.get(k, 1.0) for k in dense_pred},
-                        met=met, stages=stages_info, cost_model={**cm.describe(), "correction": corr},
+                        met=met, stages=stages_info, cost_model={**cm.describe(), "correction": corr, "channel_block": resolve_block(cfg)},
                         export=measured["file"] if measured else None, timings=timings)
 
 
@@ -517,6 +545,7 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
            info: list[dict[str, Any]], progress: Progress | None) -> torch.Tensor:
     """One stage: choose widths for ``tgt`` and the channels, solve, write back. Returns the new alive mask."""
     ts = time.perf_counter()
+    block = resolve_block(cfg)
     params = list(cs.params)
     rec: dict[str, Any] = {"stage": stage_no, "targets": dict(tgt)}
     xcal = calibration_images(data, cfg.calib_samples, cfg.seed) if data is not None else None
@@ -529,7 +558,7 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
         probes = {}
         for f, s in enumerate(cs.specs):
             w_now = int(alive[cs.channels(f)].sum())
-            lower = [w for w in allowed_widths(s.size, mult) if w < w_now]
+            lower = [w for w in allowed_widths(s.size, mult, block) if w < w_now]
             if len(lower) > cfg.max_probes:  # spread the probes, always including the narrowest width
                 step = (len(lower) - 1) / (cfg.max_probes - 1)
                 lower = sorted({lower[round(i * step)] for i in range(cfg.max_probes)})
@@ -537,7 +566,7 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
         pcal = xcal[: cfg.probe_samples]
         curves = probe_curves(model, cs, pcal, curves, stats, probes=probes, damp=cfg.damp)
         crit: _Criterion = CurveCriterion(cs, alive, curves)
-        widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult)
+        widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult, block=block)
         keep = crit.alive
         rec["n_steps"] = len(steps)
     elif cfg.method == "chita-fisher":
@@ -549,7 +578,7 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
         from chita_edge.solvers.group_chita import group_sq_norms
 
         crit = ChitaCriterion(cs, alive, Z, group_sq_norms(w.double(), cs.groups), lam)
-        widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult)
+        widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult, block=block)
         k = cs.k(widths)
         w0 = torch.where(coordinate_mask(crit.alive, cs.groups), w, torch.zeros_like(w))
         # Step 4 (global form): group IHT from the greedy selection, then the exact backsolve.
@@ -559,11 +588,11 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
                    iterations=sol.get("iterations"), n_steps=len(steps))
         del G, Z
     elif cfg.method == "l1-uniform":
-        widths = uniform_widths(cm, cs, tgt, corr, mult)
+        widths = uniform_widths(cm, cs, tgt, corr, mult, block)
         keep = select_groups(l1_filter_norms(model, cs), cs.groups, cs.k(widths), alive)
     else:  # norm-global
         crit = NormCriterion(cs, alive, l2_filter_norms(model, cs))
-        widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult, per_resource=False)
+        widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult, per_resource=False, block=block)
         keep = crit.alive
     apply_keep(model, cs, keep)
     if cfg.do_refit and xcal is not None:
@@ -676,8 +705,12 @@ def raise_if_missed(result: dict[str, Any]) -> None:
         return
     parts = [f"{c['budget']} {c['measured']:.4g} {c['unit']} > {c['limit']:.4g} {c['unit']}"
              for c in result["checks"] if not c["met"] and c["measured"] is not None]
+    beyond = {k: v for s in result.get("stages", []) for k, v in s.get("unreachable", {}).items()}
+    advice = ("; the measurements put the smallest reachable at " + ", ".join(f"{k} {v:.4g}" for k, v in beyond.items())
+              + ": raise the budget or lower --width-multiple") if beyond else \
+        "; prune again with a tighter --latency-ms / --memory-mb"
     raise GateFailed(f"the pruned model misses its budget on {result['profile']} when measured: {'; '.join(parts)} "
-                     f"(checkpoint written to {result['out']}); prune again with a tighter --latency-ms / --memory-mb")
+                     f"(checkpoint written to {result['out']}){advice}")
 
 
 def prune_blocks_checkpoint(model_spec: str, weights: str | os.PathLike | None, data: str, cfg: BlockConfig,

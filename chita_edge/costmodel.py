@@ -476,6 +476,11 @@ def _nchwc_block() -> int:
     return 8
 
 
+def nchwc_block() -> int:
+    """ONNX Runtime's NCHWc channel block on this host (16 with AVX-512, else 8)."""
+    return _nchwc_block()
+
+
 class _Cache:
     """One JSON file of timings per host, runtime and threads:
     ``{"entries": {key: [profiled ms, nodes]}, "overhead_ms": ..., "node_ms": ...}``."""
@@ -663,10 +668,12 @@ class _UnitTable:
     unit: Unit
     grid: tuple[tuple[int, ...], ...]  # widths measured per axis
     ms: np.ndarray  # shape = (len(grid[0]), len(grid[1]), ...)
+    raw: np.ndarray | None = None  # the profiler's times as measured (per-node excess kept): the bench's op mix
 
-    def at(self, widths: Mapping[str, int]) -> float:
+    def at(self, widths: Mapping[str, int], *, raw: bool = False) -> float:
+        table = self.raw if raw and self.raw is not None else self.ms
         if not self.unit.axes:
-            return float(self.ms.reshape(-1)[0])
+            return float(table.reshape(-1)[0])
         # multilinear interpolation (extrapolates linearly beyond the grid's ends)
         weights: list[list[tuple[int, float]]] = []
         for ax, pts in zip(self.unit.axes, self.grid, strict=True):
@@ -682,7 +689,7 @@ class _UnitTable:
         for combo in itertools.product(*weights):
             idx = tuple(i for i, _ in combo)
             wgt = math.prod(w for _, w in combo)
-            total += wgt * float(self.ms[idx])
+            total += wgt * float(table[idx])
         return max(total, 0.0)
 
 
@@ -716,6 +723,9 @@ class CostModel:
         self.runtime_version = runtime_version
         self.sizes = dict(graph.sizes)
         self._weights = self._weight_terms()
+        # profiled time outside the units (layout reorders at the model's edges, ...), counted as non-dense by
+        # the benchmark's op mix; set from a measured dense model by ``with_op_mix``
+        self.extra_other_ms = 0.0
 
     # -- building
     @classmethod
@@ -776,10 +786,11 @@ class CostModel:
         for u in units:
             grid = tuple(grid_widths(g.sizes[a], mult) for a in u.axes)
             shape = tuple(len(x) for x in grid) or (1,)
-            ms = np.zeros(shape)
+            ms, raw = np.zeros(shape), np.zeros(shape)
             for pos, combo in zip(itertools.product(*[range(len(x)) for x in grid]), itertools.product(*grid), strict=True):
                 ms[pos if pos else (0,)] = cache.ms(f"{u.signature}|{combo}")
-            tables.append(_UnitTable(u, grid, ms))
+                raw[pos if pos else (0,)] = cache.entries[f"{u.signature}|{combo}"][0]
+            tables.append(_UnitTable(u, grid, ms, raw))
         fit = None
         if profile is not None and profile.calibration is not None:
             from chita_edge.calibration import fit_profile, host_calibration
@@ -864,19 +875,37 @@ class CostModel:
         return peak
 
     def host_latency(self, widths: Mapping[str, int]) -> tuple[float, float, dict[str, float]]:
-        """(host ms, dense share, per-unit ms)."""
+        """(host ms, dense share, per-unit ms). The dense share is the one ``bench`` measures and scales its
+        device estimate by: the share of dense nodes in the profiler's per-node times, which carry the
+        profiler's own per-node cost, plus ``extra_other_ms`` of non-dense time outside the units. Pruning
+        shrinks the dense time but not those, so the share (and with it the device factor) moves with widths."""
         w = {**self.sizes, **{k: v for k, v in widths.items() if k in self.sizes}}
         per = {}
-        dense = other = 0.0
+        tot = dense_raw = other_raw = 0.0
         for t in self.tables:
             ms = t.at(w)
             per[t.unit.name] = per.get(t.unit.name, 0.0) + ms
+            tot += ms
+            raw = t.at(w, raw=True)
             if t.unit.kind == DENSE:
-                dense += ms
+                dense_raw += raw
             else:
-                other += ms
-        tot = dense + other
-        return self.overhead_ms + tot, (dense / tot if tot > 0 else 1.0), per
+                other_raw += raw
+        prof = dense_raw + other_raw + self.extra_other_ms
+        return self.overhead_ms + tot, (dense_raw / prof if prof > 0 else 1.0), per
+
+    def with_op_mix(self, dense_fraction: float) -> CostModel:
+        """A copy whose dense share at full width equals ``dense_fraction`` (``bench``'s op mix of the dense
+        model): the non-dense profiled time the units do not see (layout reorders, ...) is set from it and
+        kept fixed at every width."""
+        if not 0 < dense_fraction <= 1:
+            raise BadInput(f"dense fraction {dense_fraction}: expected in (0, 1]")
+        w = dict(self.sizes)
+        dense_raw = sum(t.at(w, raw=True) for t in self.tables if t.unit.kind == DENSE)
+        other_raw = sum(t.at(w, raw=True) for t in self.tables if t.unit.kind != DENSE)
+        out = copy.copy(self)
+        out.extra_other_ms = max(0.0, dense_raw / dense_fraction - dense_raw - other_raw)
+        return out
 
     def latency(self, widths: Mapping[str, int]) -> float:
         host, d, _ = self.host_latency(widths)
@@ -901,7 +930,7 @@ class CostModel:
     def describe(self) -> dict[str, Any]:
         return {"runtime": RUNTIME, "runtime_version": self.runtime_version, "threads": self.threads,
                 "profile": self.profile_id, "width_multiple": self.width_multiple, "overhead_ms": self.overhead_ms,
-                "units": len(self.tables), "channel_groups": dict(self.sizes),
+                "extra_other_ms": self.extra_other_ms, "units": len(self.tables), "channel_groups": dict(self.sizes),
                 "memory_model": {"base_mb": self.memory.base_mb, "alpha": self.memory.alpha,
                                  "alpha_conv": self.memory.alpha_conv, "gamma": self.memory.gamma,
                                  "beta": self.memory.beta,
@@ -922,4 +951,5 @@ def widths_of(model: nn.Module, specs: Sequence[ChannelGroupSpec]) -> dict[str, 
     return out
 
 
-__all__ = ["CostModel", "MemoryModel", "Prediction", "Unit", "cache_dir", "grid_widths", "memory_model", "widths_of"]
+__all__ = ["CostModel", "MemoryModel", "Prediction", "Unit", "cache_dir", "grid_widths", "memory_model", "nchwc_block",
+           "widths_of"]

@@ -99,6 +99,28 @@ def test_greedy_prefers_the_cheapest_objective_per_latency_saved():
     assert steps[0]["objective_cost"] == pytest.approx(4.0)
 
 
+def test_channel_block_leaves_out_widths_between_blocks():
+    assert B.allowed_widths(64, 4) == list(range(4, 65, 4))
+    assert B.allowed_widths(64, 4, 16) == [4, 8, 16, 32, 48, 64]
+    assert B.allowed_widths(16, 4, 16) == [4, 8, 16] and B.allowed_widths(24, 8, 16) == [8, 16, 24]
+    assert B.allowed_widths(64, 4, 0) == B.allowed_widths(64, 4)
+    m = tiny_resnet()
+    cs = channel_structure(m, torch.rand(1, 3, 32, 32))
+    cm = FakeCostModel(cs.sizes)
+    target = {"latency_ms": 0.55 * cm.latency({})}
+    for block in (None, 16):
+        crit = B.NormCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), torch.rand(cs.groups.num_groups))
+        widths, _ = B.greedy_widths(cm, cs, crit, target, {}, 4, block=block)
+        assert cm.latency(widths) <= target["latency_ms"]
+        if block:
+            assert all(w in B.allowed_widths(cs.sizes[g], 4, 16) for g, w in widths.items())
+    uni = B.uniform_widths(cm, cs, target, {}, 4, 16)
+    assert all(w in B.allowed_widths(cs.sizes[g], 4, 16) for g, w in uni.items())
+    loose = {"latency_ms": 0.8 * cm.latency({})}
+    assert 12 in B.uniform_widths(cm, cs, loose, {}, 4).values()  # between blocks: allowed without the block
+    assert 12 not in B.uniform_widths(cm, cs, loose, {}, 4, 16).values()
+
+
 def test_uniform_widths_is_the_largest_common_fraction():
     m = tiny_resnet()
     cs = channel_structure(m, torch.rand(1, 3, 32, 32))
@@ -184,6 +206,101 @@ def test_verification_tightens_after_a_miss(monkeypatch):
     assert len(calls) >= 2 and calls[-1] <= limit  # the first try missed, the tightened one meets it
     assert res.passed and res.met["latency_ms"]
     assert [s["missed"] for s in res.stages if "verify" in s][0] == ["latency_ms"]
+
+
+def test_data_without_test_images_verifies_with_random_parity_inputs(monkeypatch):
+    prof = load_profile("phone-mid-sd670")
+    m = tiny_resnet()
+    full = synthetic_data(32)
+    data = Dataset("calibration only", full.x_train, full.y_train, full.x_train[:0], full.y_train[:0])
+    cs = channel_structure(m, data.x_train[:1])
+    cm = FakeCostModel(cs.sizes)
+    seen = []
+
+    def fake_measure(model, x, profile, path, *, parity_inputs=None, **kw):
+        from chita_edge.costmodel import widths_of
+
+        seen.append(parity_inputs)
+        return {"latency_ms": cm.latency(widths_of(model, cs.specs)), "memory_mb": 1.0, "file_mb": 0.1,
+                "file": str(path)}
+
+    monkeypatch.setattr(B, "measure_model", fake_measure)
+    budgets = with_budgets(prof, latency_ms=0.8 * cm.latency({}), memory_mb=100, file_mb=100)
+    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, dense_anchor=True)
+    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    assert res.passed and len(seen) >= 2 and all(p is None for p in seen)  # not an empty batch
+
+
+def test_verification_stops_when_the_measured_floor_is_over_the_budget(monkeypatch):
+    prof = load_profile("phone-mid-sd670")
+    m = tiny_resnet()
+    data = synthetic_data(32)
+    cs = channel_structure(m, data.x_train[:1])
+    cm = FakeCostModel(cs.sizes)
+    floor = cm.latency(B.min_widths(cs.sizes, 4))
+    calls = []
+
+    def fake_measure(model, x, profile, path, **kw):  # the device is 3x slower than the cost model says
+        from chita_edge.costmodel import widths_of
+
+        lat = 3.0 * cm.latency(widths_of(model, cs.specs))
+        calls.append(lat)
+        return {"latency_ms": lat, "memory_mb": 1.0, "file_mb": 0.1, "file": str(path)}
+
+    monkeypatch.setattr(B, "measure_model", fake_measure)
+    limit = 1.5 * floor  # reachable as predicted (no dense anchor), not at 3x the predicted floor
+    budgets = with_budgets(prof, latency_ms=limit, memory_mb=100, file_mb=100)
+    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False, max_tighten=2)
+    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    assert len(calls) == 1  # no second round of pruning towards a budget it cannot reach
+    assert not res.passed
+    verify = [s for s in res.stages if "verify" in s]
+    assert verify[-1]["unreachable"]["latency_ms"] == pytest.approx(floor * calls[0] / res.predicted["latency_ms"])
+    with pytest.raises(GateFailed, match="smallest reachable at latency_ms"):
+        B.raise_if_missed({"passed": False, "profile": prof.id, "out": "p.pt", "stages": res.stages,
+                           "checks": [{"budget": "latency_ms.p50", "limit": limit, "measured": calls[0], "unit": "ms",
+                                       "met": False}]})
+
+
+def test_dense_measurement_anchors_the_op_mix(monkeypatch, tmp_path):
+    import chita_edge.exporters as exp_mod
+
+    import chita_edge.bench as bench_mod
+
+    prof = load_profile("phone-mid-sd670")
+    fracs = iter([0.9, 0.7, 0.8])
+
+    def fake_bench(path, profiles, cfg):
+        return {"latency_ms": {"p50": 1.0}, "peak_memory_mb": 5.0, "file_mb": 0.5,
+                "device_estimates": {prof.id: {"available": True, "latency_ms": {"p50": 2.0}, "provenance": "est",
+                                               "dense_fraction": next(fracs)}}}
+
+    monkeypatch.setattr(exp_mod, "export_model", lambda *a, **k: None)
+    monkeypatch.setattr(bench_mod, "benchmark", fake_bench)
+    meas = B.measure_model(nn.Linear(2, 2), torch.rand(1, 2), prof, tmp_path / "m.onnx", percentile="p50", runs=1,
+                           repeats=3)
+    assert meas["dense_fraction"] == pytest.approx(0.8) and meas["latency_ms"] == 2.0
+
+    m = tiny_resnet()
+    data = synthetic_data(32)
+    cs = channel_structure(m, data.x_train[:1])
+    seen = []
+
+    class Anchored(FakeCostModel):
+        def with_op_mix(self, d):
+            seen.append(d)
+            return FakeCostModel(self.sizes, {g: 0.5 for g in self.sizes})  # the anchored model: half the cost
+
+    dense = {"latency_ms": 0.5 * FakeCostModel(cs.sizes).latency({}), "memory_mb": 1.0, "file_mb": 0.1,
+             "dense_fraction": 0.8}
+    budgets = with_budgets(prof, latency_ms=0.9 * dense["latency_ms"], memory_mb=100, file_mb=100)
+    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, verify=False)
+    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=Anchored(cs.sizes),
+                            dense_measured=dense)
+    assert seen == [0.8]
+    # the correction is taken against the anchored model's dense prediction (it matches the measurement)
+    assert res.cost_model["correction"]["latency_ms"] == pytest.approx(dense["latency_ms"] / (0.01 + 0.5 * sum(
+        cs.sizes.values())), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------------------- the command

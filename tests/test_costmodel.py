@@ -5,6 +5,7 @@ No timed assertions: timings are only checked for being measured, cached and reu
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -169,6 +170,31 @@ def test_device_latency_uses_the_profile_fit(tmp_path, monkeypatch, fake_memory)
     p = cm.predict({})
     assert p.latency_ms == pytest.approx(3.0 * host * (d + 2.0 * (1 - d)))
     assert p.provenance.startswith("cost-model estimate (calibrated")
+
+
+def test_op_mix_anchor_moves_the_dense_share_with_widths(tmp_path, monkeypatch, fake_memory):
+    monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(C, "_time_file", lambda *a, **k: (0.02, 1))
+    cm = CostModel.build(Chain().eval(), torch.rand(1, 3, 4, 4), None, width_multiple=4, runs=1)
+    for t in cm.tables:  # raw profiled time: dense units scale with the product of their widths, others fixed
+        if t.unit.kind == C.DENSE:
+            t.raw = np.array([[0.001 * np.prod(c) for c in itertools.product(*t.grid)]]).reshape(t.ms.shape)
+        else:
+            t.raw = np.full(t.ms.shape, 0.002)
+    D = lambda w: sum(t.at(w, raw=True) for t in cm.tables if t.unit.kind == C.DENSE)  # noqa: E731
+    Oth = lambda w: sum(t.at(w, raw=True) for t in cm.tables if t.unit.kind != C.DENSE)  # noqa: E731
+    full, small = dict(cm.sizes), {"c1": 4, "c2": 4}
+    assert cm.host_latency({})[1] == pytest.approx(D(full) / (D(full) + Oth(full)))
+    anchored = cm.with_op_mix(0.8)
+    assert cm.extra_other_ms == 0.0  # a copy: the shared model is unchanged
+    assert anchored.host_latency({})[1] == pytest.approx(0.8)
+    extra = anchored.extra_other_ms
+    assert extra == pytest.approx(D(full) / 0.8 - D(full) - Oth(full)) and extra > 0
+    d_small = anchored.host_latency(small)[1]
+    assert d_small == pytest.approx(D(small) / (D(small) + Oth(small) + extra)) and d_small < 0.8
+    assert anchored.host_latency(small)[0] == pytest.approx(cm.host_latency(small)[0])  # host time unchanged
+    with pytest.raises(Exception, match="dense fraction"):
+        cm.with_op_mix(0.0)
 
 
 def test_memory_model_fit_recovers_the_coefficients(tmp_path, monkeypatch):
