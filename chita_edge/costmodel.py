@@ -44,8 +44,7 @@ import operator
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +57,7 @@ from torch import fx, nn
 from chita_edge.errors import BadInput, RuntimeFailure
 from chita_edge.io import atomic_write_text
 from chita_edge.profiles import Profile
-from chita_edge.structure import ChannelGroupSpec, channel_groups
+from chita_edge.structure import ChannelGroupSpec, channel_groups, eval_no_grad
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -139,22 +138,10 @@ def _is_add(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in _ADD_FUNCTIONS) or (n.op == "call_method" and n.target in ("add", "add_"))
 
 
-@contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, t in flags:
-            m.training = t
-
-
 def _trace(model: nn.Module, example: torch.Tensor, specs: Sequence[ChannelGroupSpec]) -> _Graph:
     from torch.fx.passes.shape_prop import ShapeProp
 
-    with _eval(model):
+    with eval_no_grad(model):
         try:
             gm = fx.symbolic_trace(model)
         except Exception as e:

@@ -251,7 +251,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 
 @contextmanager
-def _eval_no_grad(model: nn.Module) -> Iterator[None]:
+def eval_no_grad(model: nn.Module) -> Iterator[None]:
     """Eval mode and no_grad for the duration; every module's own training flag is restored afterwards."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -553,7 +553,7 @@ class _Walker:
 
 
 def _analyse(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, list[ChannelGroupSpec]]:
-    with _eval_no_grad(model):  # traced in eval mode: a `self.training` read in forward() is baked in
+    with eval_no_grad(model):  # traced in eval mode: a `self.training` read in forward() is baked in
         gm = _trace(model)
         rec = _Recorder(gm)
         try:
@@ -642,7 +642,7 @@ def _zero_plan(model: nn.Module, example_input: Any, tol: float) -> tuple[dict[s
         return plan, folds
     consumers = frozenset(m.module for g in groups if g.id in candidates for m in g.consumers)
     rec = _Recorder(gm, consumers)
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         rec.run(*_as_args(example_input))
     add_bias: set[str] = set()
     for g in groups:
@@ -846,7 +846,7 @@ def compact_model(model: nn.Module, example_input: Any, *, tol: float = 0.0) -> 
             mod.bias.add_(delta.to(mod.bias.dtype))
     apply_plan(new, plan, where="compact_model")
     args = _as_args(example_input)
-    with _eval_no_grad(model), _eval_no_grad(new):
+    with eval_no_grad(model), eval_no_grad(new):
         ref, got = _leaves(model(*args)), _leaves(new(*args))
     if len(ref) != len(got):
         raise RuntimeFailure(f"compact_model: the compacted model returns {len(got)} tensors, not {len(ref)}")
@@ -894,7 +894,7 @@ def count_macs(model: nn.Module, example_input: Any) -> dict[str, int]:
         if isinstance(mod, (nn.Linear, *_CONV)):
             handles.append(mod.register_forward_hook(hook(name, mod)))
     try:
-        with _eval_no_grad(model):
+        with eval_no_grad(model):
             model(*args)
     except Exception as e:
         raise BadInput(f"{type(model).__name__}: the example input does not run through the model "
