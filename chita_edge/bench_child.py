@@ -77,6 +77,18 @@ def runtime_version(runtime: str) -> str:
         return "?"
 
 
+def timed_runs(sess: Any, x: np.ndarray, *, warmup: int, runs: int) -> list[float]:
+    """``warmup`` untimed calls, then the wall time of each of ``runs`` calls of ``sess.run(x)``, in ms."""
+    for _ in range(warmup):
+        sess.run(x)
+    samples = []
+    for _ in range(runs):
+        t = time.perf_counter_ns()
+        sess.run(x)
+        samples.append((time.perf_counter_ns() - t) / 1e6)
+    return samples
+
+
 def _stats(samples: list[float]) -> dict[str, float]:
     a = np.asarray(samples, dtype=np.float64)
     return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
@@ -120,13 +132,7 @@ def measure(path: str, *, runtime: str | None = None, threads: int = 1, warmup: 
     if not np.all(np.isfinite(first)):
         hint = " (sparse TFLite weights under XNNPACK do this: run with --no-xnnpack)" if rt == "litert" else ""
         raise RuntimeFailure(f"{path}: the model returns NaN or Inf on a random input{hint}")
-    for _ in range(warmup):
-        sess.run(x)
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter_ns()
-        sess.run(x)
-        samples.append((time.perf_counter_ns() - t) / 1e6)
+    samples = timed_runs(sess, x, warmup=warmup, runs=runs)
     hwm = _status_kib("VmHWM")
     if reset and hwm is not None and rss0 is not None:
         peak_mb, method = max(0, hwm - rss0) / 1024, "VmHWM - VmRSS before load (runtime primed, peak reset)"

@@ -42,7 +42,6 @@ import logging
 import math
 import operator
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -402,17 +401,12 @@ class _Chain(nn.Module):
 
 
 def _wall_p50(path: Path, threads: int, runs: int) -> float:
+    from chita_edge.bench_child import timed_runs
     from chita_edge.exporters import load_session
 
     sess = load_session(path, threads)
     x = np.random.default_rng(0).random((1, 8), dtype=np.float32)
-    for _ in range(50):
-        sess.run(x)
-    samples = []
-    for _ in range(runs):
-        t = time.perf_counter_ns()
-        sess.run(x)
-        samples.append((time.perf_counter_ns() - t) / 1e6)
+    samples = timed_runs(sess, x, warmup=50, runs=runs)
     del sess
     return float(np.median(samples))
 
