@@ -284,9 +284,10 @@ def prune_weights(
                 # A weight whose gradient is zero on every sample (its input unit is dead: a removed row of the
                 # layer before, a ReLU that never fires) does nothing; the ridge term alone would keep it and
                 # waste the budget. Keep the others first.
-                useful = G.ne(0).any(0) if allowed is None else (allowed & G.ne(0).any(0))
+                moving = G.ne(0).any(0)
+                useful = moving if allowed is None else (allowed & moving)
                 if int(useful.sum()) >= k and int(useful.sum()) < (p if allowed is None else int(allowed.sum())):
-                    info_inert = p - int(G.ne(0).any(0).sum())
+                    info_inert = p - int(moving.sum())
                     allowed = useful
                 else:
                     info_inert = 0
