@@ -1,4 +1,5 @@
 """The prune engine end to end: zoo checkpoints, magnitude reproduction, CHITA vs baselines, CLI contract."""
+import copy
 
 import numpy as np
 import pytest
@@ -183,6 +184,29 @@ def test_layerwise_refit_keeps_the_support_and_lowers_the_loss():
     assert loss[True] < loss[False]
     # on by default for the data-driven methods only
     assert PruneConfig(sparsity=0.5, method="chita++").refit and not PruneConfig(sparsity=0.5, method="magnitude").refit
+
+
+@pytest.mark.parametrize("checks, kept", [([(1.0, 90.0), (0.9, 90.5)], True),
+                                          ([(1.0, 90.0), (0.9, 89.5)], False),  # lower loss, fewer correct
+                                          ([(1.0, 90.0), (1.1, 91.0)], False)])
+def test_layerwise_refit_is_kept_only_if_loss_drops_and_top1_holds(monkeypatch, checks, kept):
+    from chita_edge.pruning import prune as prune_mod
+
+    torch.set_num_threads(1)
+    ds = load_data("digits")
+    model = _digits_cnn(ds)
+    dense = copy.deepcopy(model)
+    prune(model, PruneConfig(sparsity=0.85, method="bso", n_grads=64, layerwise_refit=False, safeguard=False), ds)
+    pruned = {k: v.clone() for k, v in model.state_dict().items()}
+    seq = iter(checks)
+    monkeypatch.setattr(prune_mod, "_loss_and_top1", lambda m, x, y: next(seq))
+    params = prune_mod.find_prunable(model, prune_mod.default_prunable)
+    info = prune_mod._layerwise_refit(model, dense, params, ds, PruneConfig(sparsity=0.85, method="bso",
+                                                                           refit_samples=256))
+    assert info["kept"] is kept
+    assert info["check_samples"] == min(2000, len(ds.x_train) - 256)  # judged on samples the re-fit did not see
+    same = all(torch.equal(v, pruned[k]) for k, v in model.state_dict().items())
+    assert same is not kept
 
 
 @pytest.mark.parametrize("prune_inert", [True, False])

@@ -163,6 +163,12 @@ def _train_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float(torch.nn.functional.cross_entropy(model(x), y))
 
 
+@torch.no_grad()
+def _loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    out = model(x)
+    return float(torch.nn.functional.cross_entropy(out, y)), 100.0 * float((out.argmax(1) == y).float().mean())
+
+
 def _safeguard(model: nn.Module, params: list[PrunableParam], data: Dataset, w_bar: torch.Tensor, w: torch.Tensor,
                k: int, allowed: torch.Tensor | None, seed: int, samples: int = 2000) -> tuple[torch.Tensor, dict]:
     """The quadratic model is only local, and with few gradients (n << p) its exact refit can overshoot.
@@ -206,7 +212,9 @@ def _activation_bytes_per_sample(model: nn.Module, names: list[str], x: torch.Te
 def _layerwise_refit(model: nn.Module, dense: nn.Module, params: list[PrunableParam], data: Dataset,
                      cfg: PruneConfig) -> dict[str, Any]:
     """Re-fit the pruned layers to the dense model's layer outputs (dense BatchNorm statistics, which those
-    outputs were normalised with); keep the result only if the training loss drops."""
+    outputs were normalised with); keep the result only if, on training samples the re-fit did not see, the
+    loss drops and the top-1 accuracy does not (a lower loss alone can hide fewer correct labels: MLPNet
+    chita++ at 95 %, loss 0.303 -> 0.300 but top-1 91.45 -> 91.15 % on the check set, 92.04 -> 91.37 % on test)."""
     from chita_edge.pruning.structured import LayerStats, layerwise_refit
 
     names = sorted({q.module_name for q in params})
@@ -216,12 +224,17 @@ def _layerwise_refit(model: nn.Module, dense: nn.Module, params: list[PrunablePa
     idx = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(30_000 + cfg.seed))[:n]
     x = data.x_train[idx]
     g = torch.Generator().manual_seed(10_000 + cfg.seed)
-    li = torch.randperm(len(data.x_train), generator=g)[:2000]
+    li = torch.randperm(len(data.x_train), generator=g)
+    seen = torch.zeros(len(data.x_train), dtype=torch.bool)
+    seen[idx] = True
+    li = li[~seen[li]][:2000]
+    if len(li) == 0:  # every training sample was used for the re-fit: judge on them
+        li = idx[:2000]
     xl, yl = data.x_train[li], data.y_train[li]
     was = model.training
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss_before = _train_loss(model, xl, yl)
+    loss_before, top1_before = _loss_and_top1(model, xl, yl)
     dense_bufs = dict(dense.named_buffers())
     with torch.no_grad():
         for name, buf in model.named_buffers():
@@ -229,13 +242,13 @@ def _layerwise_refit(model: nn.Module, dense: nn.Module, params: list[PrunablePa
                 buf.copy_(dense_bufs[name])
     errs = layerwise_refit(model, dense, x, damp=cfg.refit_damp, stats=LayerStats(dense, x, names=names),
                            elementwise=True)
-    loss_after = _train_loss(model, xl, yl)
-    kept = loss_after < loss_before
+    loss_after, top1_after = _loss_and_top1(model, xl, yl)
+    kept = loss_after < loss_before and top1_after >= top1_before
     if not kept:
         model.load_state_dict(before)
     model.train(was)
-    return {"samples": n, "loss_before": loss_before, "loss_after": loss_after, "kept": kept,
-            "relative_error": errs}
+    return {"samples": n, "check_samples": len(li), "loss_before": loss_before, "loss_after": loss_after,
+            "top1_before": top1_before, "top1_after": top1_after, "kept": kept, "relative_error": errs}
 
 
 def prune_weights(
