@@ -184,6 +184,8 @@ def run_budget(name: str, m: dict[str, Any], prof, frac: float, method: str, wd:
                memory_budget=res.budgets.get("memory_mb"), file_mb=meas.get("file_mb"),
                file_budget=res.budgets.get("file_mb"), met=res.passed, met_each=res.met, accuracy=acc,
                widths=res.widths, verify_rounds=sum(1 for s in res.stages if "verify" in s),
+               rounds="+".join(s.get("kind", "?")[0] for s in res.stages if "verify" in s),
+               dropped=res.dropped, tightened=res.cost_model.get("tightened"),
                seconds=time.perf_counter() - t0, latency_samples=meas.get("latency_samples"))
     log(f"[B] {name} {prof.id} {frac} {method}: {row}")
     return row
@@ -275,11 +277,12 @@ def main() -> int:
             results["budgets"] = rows
             table(f"B. Budgets ({PCT} device estimate; met = measured <= 1.05 x budget; load average after: {load()})",
                   ["model", "profile", "x dense", "dense ms", "budget ms", "predicted ms", "measured ms",
-                   "measured/budget", "memory MB", "file MB", "met", "accuracy %"],
+                   "measured/budget", "rounds", "blocks removed", "memory MB", "file MB", "met", "accuracy %", "load"],
                   [[r["model"], r["profile"], r["fraction"], r["dense_ms"], r["budget_ms"], r.get("predicted_ms", "-"),
-                    r.get("measured_ms", "-"), r.get("ratio", "-"), r.get("memory_mb", "-"), r.get("file_mb", "-"),
+                    r.get("measured_ms", "-"), r.get("ratio", "-"), r.get("rounds", "-"),
+                    " ".join(r.get("dropped") or []) or "-", r.get("memory_mb", "-"), r.get("file_mb", "-"),
                     "yes" if r.get("met") else f"NO {r.get('error', '')[:80]}",
-                    "-" if r.get("accuracy") is None else r["accuracy"]] for r in rows])
+                    "-" if r.get("accuracy") is None else r["accuracy"], r["load"]] for r in rows])
         if "C" not in args.skip and "resnet20" in ms:
             prof = profs[0]
             rows = []
@@ -296,12 +299,13 @@ def main() -> int:
             results["dense_accuracy"] = dense_acc
             table(f"C. ResNet20 one-shot accuracy at equal latency budgets ({prof.id}; dense {dense_acc:.2f} % on "
                   f"{len(ms['resnet20']['data'].x_test)} test images; load average after: {load()})",
-                  ["x dense", "method", "budget ms", "measured ms", "measured/budget", "accuracy %", "CHITA margin (points)"],
+                  ["x dense", "method", "budget ms", "measured ms", "measured/budget", "rounds", "blocks removed",
+                   "accuracy %", "CHITA margin (points)", "load"],
                   [[r["fraction"], r["method"], r["budget_ms"], r.get("measured_ms", "-"), r.get("ratio", "-"),
-                    r.get("accuracy", "-"),
+                    r.get("rounds", "-"), " ".join(r.get("dropped") or []) or "-", r.get("accuracy", "-"),
                     "-" if r["method"] == "chita" or r.get("accuracy") is None else
                     next(c["accuracy"] for c in rows if c["fraction"] == r["fraction"] and c["method"] == "chita")
-                    - r["accuracy"]] for r in rows])
+                    - r["accuracy"], r["load"]] for r in rows])
         if "D" not in args.skip and "mlpnet" in ms:
             rows = mlp_section(ms["mlpnet"], profs[0], wd, args, cms, dense_meas)
             results["mlpnet"] = rows

@@ -6,11 +6,14 @@ layout through ``chita_edge.export_api.export_checkpoint`` (what ``chita-edge ex
 default). Prints the top-1 agreement with PyTorch on the parity inputs (the first 1000 test images; the
 fallback is chosen on 1000 held-out training images after the 200 calibration ones), the layers kept in
 float32 and their share of MACs; then ONNX Runtime latency of the dense-layout files -- fp32, all-int8,
-int8 + fallback -- batch 1, one thread, medians of interleaved rounds (ratios vs fp32 in the same run).
+int8 + fallback -- batch 1, one thread, medians of interleaved rounds (ratios vs fp32 in the same run;
+``--rounds 0`` skips them). With the checkpoint's data set at hand, each row also gives the top-1 accuracy of
+the PyTorch model and of the int8 file on the parity images, and the checkpoint's ``qat`` flag (quantisation-
+aware fine-tuning, ``chita-edge finetune --qat``).
 
     python benchmarks/export_int8.py --ckpt r20=R20.pt --ckpt mlpnet=MLP.pt [--layouts dense,compact,sparse,auto]
         [--formats onnx,tflite] [--fallback-layouts L,...] [--max-float-macs F] [--parity-samples N]
-        [--rounds 15] [--per-round 50] [--json-out results.json]
+        [--rounds 15 (0: no latency)] [--per-round 50] [--json-out results.json]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from chita_edge.export_api import export_checkpoint  # noqa: E402
 
 
 def run_one(ck: Path, fmt: str, layout: str, out: Path, fallback: bool, max_float_macs: float = 0.2,
-            parity_samples: int = 1000) -> dict:
+            parity_samples: int = 1000, labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     t0 = time.perf_counter()
     try:
         r = export_checkpoint(ck, out=out, fmt=fmt, layout=layout, quantize="int8", int8_fallback=fallback,
@@ -43,7 +46,14 @@ def run_one(ck: Path, fmt: str, layout: str, out: Path, fallback: bool, max_floa
     except ChitaError as e:
         return {"error": str(e), "seconds": time.perf_counter() - t0}
     fb = r.get("int8_fallback") or {}
-    return {"agreement": r["parity"]["top1_agreement"], "samples": r["parity"]["samples"],
+    acc = None
+    if labelled is not None:  # top-1 of the int8 file on the parity images (the same ones, in the same order)
+        from chita_edge.exporters import load_session
+
+        x, y = labelled
+        acc = 100.0 * float((torch.from_numpy(load_session(out, threads=1).run(x.numpy())).argmax(1) == y)
+                            .float().mean())
+    return {"int8_accuracy": acc, "agreement": r["parity"]["top1_agreement"], "samples": r["parity"]["samples"],
             "kept": [k["param"] or k["op"] for k in fb.get("kept", [])],
             "float_mac_fraction": fb.get("float_mac_fraction", 0.0), "holdout_int8": fb.get("agreement_int8"),
             "holdout": fb.get("agreement"), "zeros_kept": r["zeros"]["zeros_kept"],
@@ -69,32 +79,49 @@ def main() -> None:
     print(f"export_int8: torch {torch.__version__}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results: dict = {}
+    from chita_edge.checkpoint import read_weights
+    from chita_edge.data import load_data
+    from chita_edge.evaluate import accuracy
+    from chita_edge.models import load_model
+
     with tempfile.TemporaryDirectory(prefix="export-int8-") as d:
         tmp = Path(d)
         for spec in args.ckpt:
             name, path = spec.split("=", 1)
             ck = Path(path)
-            print(f"\n## {name} ({ck.name}): int8 top-1 agreement with PyTorch on the parity inputs")
-            print("| format | layout | all-int8 | int8 + fallback | float32 layers (share of MACs) | zeros kept |")
-            print("|---|---|---|---|---|---|")
+            meta = read_weights(ck)[1] or {}
+            labelled, acc_f = None, None
+            if meta.get("data"):
+                ds = load_data(meta["data"])
+                labelled = (ds.x_test[:args.parity_samples], ds.y_test[:args.parity_samples])
+                acc_f = accuracy(load_model(None, ck).module, *labelled)
+            print(f"\n## {name} ({ck.name}, qat: {bool(meta.get('qat'))}): int8 top-1 agreement with PyTorch on the "
+                  f"parity inputs; PyTorch top-1 {acc_f if acc_f is None else f'{acc_f:.2f} %'}")
+            print("| format | layout | all-int8 | int8 top-1 | int8 + fallback | float32 layers (share of MACs) | "
+                  "zeros kept |")
+            print("|---|---|---|---|---|---|---|")
             for fmt in args.formats.split(","):
                 for layout in args.layouts.split(","):
                     suffix = ".onnx" if fmt == "onnx" else ".tflite"
                     plain = run_one(ck, fmt, layout, tmp / f"{name}-{layout}-int8{suffix}", False,
-                                    parity_samples=args.parity_samples)
+                                    parity_samples=args.parity_samples, labelled=labelled)
                     fb = (run_one(ck, fmt, layout, tmp / f"{name}-{layout}-fb{suffix}", True, args.max_float_macs,
                                   args.parity_samples)
                           if layout in args.fallback_layouts.split(",") else {"error": "not run"})
                     results[f"{name}/{fmt}/{layout}"] = {"int8": plain, "fallback": fb}
                     a0 = f"{plain['agreement']:.2%}" if "agreement" in plain else "error"
+                    t0 = f"{plain['int8_accuracy']:.2f} %" if plain.get("int8_accuracy") is not None else "-"
                     if "agreement" in fb:
                         a1 = f"{fb['agreement']:.2%} ({fb['samples']})"
                         kept = (", ".join(fb["kept"]) + f" ({fb['float_mac_fraction']:.1%})") if fb["kept"] else "none"
                         zk = f"{fb['zeros_kept']} ({fb['zero_fraction_file']:.1%} zeros)"
                     else:
                         a1, kept, zk = "FAILED", fb["error"][:120], "-"
-                    print(f"| {fmt} | {layout} | {a0} | {a1} | {kept} | {zk} |", flush=True)
+                    print(f"| {fmt} | {layout} | {a0} | {t0} | {a1} | {kept} | {zk} |", flush=True)
                     print(f"<!-- {json.dumps(results[f'{name}/{fmt}/{layout}'])} -->", flush=True)
+            results[f"{name}/pytorch_accuracy"], results[f"{name}/qat"] = acc_f, bool(meta.get("qat"))
+            if args.rounds <= 0:
+                continue
             # latency of the dense-layout ONNX files: fp32 vs all-int8 vs int8 + fallback
             fp32 = tmp / f"{name}-fp32.onnx"
             export_checkpoint(ck, out=fp32, fmt="onnx", layout="dense", threads=1)

@@ -58,6 +58,7 @@ from chita_edge.pruning.structured import (
     StructuredConfig,
     allowed_widths,
     apply_keep,
+    block_costs,
     channel_saliency,
     channel_structure,
     gradients,
@@ -69,9 +70,10 @@ from chita_edge.pruning.structured import (
     reestimate_bn,
     removal_curves,
     solve_groups,
+    zero_block,
 )
 from chita_edge.solvers.group_chita import coordinate_mask, select_groups
-from chita_edge.structure import compact_model
+from chita_edge.structure import ResidualBlock, compact_model, residual_blocks
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -98,6 +100,9 @@ class BudgetConfig:
     verify: bool = True  # export + benchmark the result (and tighten on a miss)
     dense_anchor: bool = True  # with verify: measure the dense model first and correct the cost model by it
     max_tighten: int = 2
+    depth: bool = True  # method chita: removing a whole residual block (identity shortcut) is one more move
+    relax_below: float = 0.9  # after a tightening round lands below this fraction of a budget: relax (bisection)
+    relax_steps: int = 2  # bisection steps between the last missing and the tightened correction
     bench_runs: int = 100
     bench_repeats: int = 3  # benchmark processes per measurement; the median is used
     bn_batches: int = 16  # BatchNorm re-estimation batches when it is on
@@ -126,6 +131,8 @@ class BudgetConfig:
             raise BadInput("margin must be in (0, 1] and slack in [0, 1)")
         if self.bench_runs < 1 or self.bench_repeats < 1:
             raise BadInput("bench_runs and bench_repeats must be >= 1")
+        if not 0 < self.relax_below <= 1 or self.relax_steps < 0 or self.max_tighten < 0:
+            raise BadInput("relax_below must be in (0, 1], relax_steps and max_tighten >= 0")
 
     @property
     def do_refit(self) -> bool:
@@ -157,6 +164,7 @@ class BudgetResult:
     cost_model: dict[str, Any] = field(default_factory=dict)
     export: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # residual blocks removed whole (also in plan["drop"])
 
     @property
     def passed(self) -> bool:
@@ -167,8 +175,10 @@ class BudgetResult:
                                            "measured", "dense_measured", "dense_predicted", "met", "stages",
                                            "cost_model", "export", "timings")}
         d["passed"] = self.passed
+        d["dropped_blocks"] = list(self.dropped)
         d["layers"] = [{"group": g, "width": self.widths[g], "of": self.sizes[g],
-                        "kept_fraction": self.widths[g] / self.sizes[g]} for g in self.sizes]
+                        "kept_fraction": self.widths[g] / self.sizes[g]} for g in self.sizes
+                       if g in self.widths]
         return d
 
 
@@ -290,26 +300,50 @@ class NormCriterion(_Criterion):
         return float(self.norms[chans].max()), chans
 
 
+@dataclass
+class BlockMoves:
+    """Residual blocks as moves of the width search: ``costs[id]`` is the objective cost of removing block
+    ``id`` (same units as the channel criterion's costs: ``block_costs``' output divergence); ``dropped``
+    holds the blocks removed so far (the greedy adds to it)."""
+
+    costs: dict[str, float]
+    dropped: set[str] = field(default_factory=set)
+
+
 def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: _Criterion, targets: Mapping[str, float],
                   corr: Mapping[str, float], multiple: int, *, per_resource: bool = True,
-                  max_jump: int = 4, block: int | None = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
+                  max_jump: int = 4, block: int | None = None,
+                  blocks: BlockMoves | None = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Step groups down until every (corrected) predicted resource meets its target; ``crit`` picks channels.
 
     ``per_resource``: rank steps by objective cost per unit of (normalised) resource saved (NetAdapt); False
-    ranks by the objective cost alone (the global-norm baseline). Returns the widths and the steps taken.
+    ranks by the objective cost alone (the global-norm baseline). ``blocks``: removing one of these residual
+    blocks is one more candidate step, ranked by the same score (its cost per resource saved, the saving
+    predicted by the cost model without the block's units). Returns the widths and the steps taken.
     """
     sizes = cs.sizes
     widths = {s.id: int(crit.alive[cs.channels(f)].sum()) for f, s in enumerate(cs.specs)}
     steps: list[dict[str, Any]] = []
+    dropped = blocks.dropped if blocks is not None else set()
 
-    def res(w: Mapping[str, int]) -> dict[str, float]:
-        p = _resources(cm.predict(w)) if ("memory_mb" in targets or "file_mb" in targets) else {
-            "latency_ms": cm.latency(w)}
+    def res(w: Mapping[str, int], d: set[str]) -> dict[str, float]:
+        p = _resources(cm.predict(w, dropped=frozenset(d))) if ("memory_mb" in targets or "file_mb" in targets) \
+            else {"latency_ms": cm.latency(w, dropped=frozenset(d))}
         return {k: p[k] * corr.get(k, 1.0) for k in p}
 
-    cur = res(widths)
+    cur = res(widths, dropped)
     while any(cur[k] > targets[k] for k in targets):
         best = None
+        for b, cost in (blocks.costs.items() if blocks is not None else ()):
+            if b in dropped or not math.isfinite(cost):
+                continue
+            r = res(widths, dropped | {b})
+            gain = sum((cur[k] - r[k]) / targets[k] for k in targets if cur[k] > targets[k])
+            if gain <= 1e-12:
+                continue
+            score = max(cost, 0.0) / gain
+            if best is None or score < best[0]:
+                best = (score, None, b, None, r, cost)
         for f, s in enumerate(cs.specs):
             lower = [w for w in allowed_widths(sizes[s.id], multiple, block) if w < widths[s.id]]
             # every lower width is a candidate step (not only the next one): the latency of a kernel is flat
@@ -319,7 +353,7 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: _Criterion, targets
                 if not math.isfinite(cost):
                     continue
                 trial = {**widths, s.id: new_w}
-                r = res(trial)
+                r = res(trial, dropped)
                 gain = sum((cur[k] - r[k]) / targets[k] for k in targets if cur[k] > targets[k])
                 if gain <= 1e-12:
                     continue
@@ -329,6 +363,11 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: _Criterion, targets
         if best is None:
             break  # nothing left to remove that helps: unreachable from here
         _, f, new_w, chans, r, cost = best
+        if f is None:  # a residual block goes
+            dropped.add(new_w)
+            steps.append({"block": new_w, "objective_cost": cost, **{k: r[k] for k in r}})
+            cur = r
+            continue
         crit.commit(f, chans)
         gid = cs.specs[f].id
         steps.append({"group": gid, "width": new_w, "objective_cost": cost, **{k: r[k] for k in r}})
@@ -417,7 +456,8 @@ def prune_to_budget(model: nn.Module, example_input: torch.Tensor, data: Dataset
                     budgets: Budgets, cfg: BudgetConfig, *, work_dir: str | os.PathLike | None = None,
                     cost_model: CostModel | None = None, dense_measured: dict[str, Any] | None = None,
                     progress: Progress | None = None) -> BudgetResult:
-    """Prune ``model`` in place (zeroed channels) to meet ``budgets`` on ``profile``; returns the compacted model.
+    """Prune ``model`` in place (zeroed channels, zeroed residual blocks) to meet ``budgets`` on ``profile``;
+    returns the compacted model.
 
     ``data`` (training images and labels) is needed for ``method="chita"`` (gradients, BatchNorm statistics).
     ``cost_model`` / ``dense_measured`` may be passed in to share them between runs on the same model.
@@ -452,6 +492,11 @@ def _search(model: nn.Module, x1: torch.Tensor, data: Dataset | None, profile: P
     dense_pred = _resources(cm.predict({}))
     # parity inputs for the exports: test images where there are some (else the exporter's random inputs)
     parity = data.x_test[:16] if data is not None and len(data.x_test) else None
+    # residual blocks the search may remove whole (structured CHITA only; the baselines prune channels)
+    blocks = residual_blocks(model, x1) if cfg.depth and cfg.method == "chita" else []
+    known = set(getattr(cm, "blocks", {}) or {})
+    blocks = [b for b in blocks if b.id in known]
+    all_blocks = frozenset(b.id for b in blocks)
     # Step 1: anchor the cost model to the measured dense model.
     if cfg.verify and cfg.dense_anchor and dense_measured is None:
         dense_measured = measure_model(model, x1, profile, wd / "dense.onnx", percentile=pct, runs=cfg.bench_runs,
@@ -463,17 +508,19 @@ def _search(model: nn.Module, x1: torch.Tensor, data: Dataset | None, profile: P
         dense_pred = _resources(cm.predict({}))
     corr = {k: (dense_measured[k] / dense_pred[k]) if dense_measured else 1.0 for k in RESOURCES}
     # Step 2: an impossible budget fails now, naming what is reachable.
-    floor = _resources(cm.predict(min_widths(sizes, mult)))
+    floor = _resources(cm.predict(min_widths(sizes, mult), dropped=all_blocks))
     floor_c = {k: floor[k] * corr[k] for k in floor}
     impossible = [k for k in limits if floor_c[k] > limits[k] * (1 + cfg.slack)]
     if impossible:
         unit = {"latency_ms": "ms", "memory_mb": "MB", "file_mb": "MB"}
         parts = [f"{k} {limits[k]:.4g} {unit[k]} is below the smallest reachable {floor_c[k]:.4g} {unit[k]}"
                  for k in impossible]
-        raise GateFailed(f"budget cannot be met on {profile.id} by channel pruning: {'; '.join(parts)} (every "
-                         f"channel group at its narrowest width of {mult}; smallest reachable: latency "
-                         f"{floor_c['latency_ms']:.4g} ms at {pct}, peak memory {floor_c['memory_mb']:.4g} MB, file "
-                         f"{floor_c['file_mb']:.4g} MB); raise the budget or lower --width-multiple")
+        how = "channel pruning" + (f" and removing {len(all_blocks)} residual blocks" if all_blocks else "")
+        raise GateFailed(f"budget cannot be met on {profile.id} by {how}: {'; '.join(parts)} (every "
+                         f"channel group at its narrowest width of {mult}"
+                         f"{', every removable residual block removed' if all_blocks else ''}; smallest reachable: "
+                         f"latency {floor_c['latency_ms']:.4g} ms at {pct}, peak memory {floor_c['memory_mb']:.4g} MB, "
+                         f"file {floor_c['file_mb']:.4g} MB); raise the budget or lower --width-multiple")
     targets = {k: limits[k] * cfg.margin for k in limits}
     stages_info: list[dict[str, Any]] = []
     dense = copy.deepcopy(model).eval()
@@ -481,55 +528,136 @@ def _search(model: nn.Module, x1: torch.Tensor, data: Dataset | None, profile: P
     if cfg.do_refit and data is not None and cfg.method in ("chita", "l1-uniform", "norm-global"):
         stats = LayerStats(dense, calibration_images(data, cfg.calib_samples, cfg.seed))
         stats.gram = {n: stats.dense_H(n) for n in stats.names}  # the model is still the dense one
-    alive = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+    st = _State(alive=torch.ones(cs.groups.num_groups, dtype=torch.bool), dropped=set())
     scfg = cfg.structured()
-    measured = None
-    stage_no = 0
-    for attempt in range(cfg.max_tighten + 1):
-        start = {k: _resources(cm.predict(cs.widths(alive)))[k] * corr[k] for k in targets}
-        n_st = cfg.stages if attempt == 0 else 1
+
+    def run_stages(n_st: int, c: Mapping[str, float]) -> None:
+        start = {k: _resources(cm.predict(cs.widths(st.alive), dropped=frozenset(st.dropped)))[k] * c[k]
+                 for k in targets}
         if cfg.method in ("l1-uniform", "norm-global"):
             n_st = 1
         for tgt in _schedule(start, targets, n_st):
-            alive = _stage(model, dense, stats, data, cs, cm, cfg, scfg, alive, tgt, corr, mult, stage_no,
-                           stages_info, progress)
-            stage_no += 1
+            st.alive = _stage(model, dense, stats, data, cs, cm, cfg, scfg, st, tgt, c, mult, st.stage_no,
+                              stages_info, progress, blocks)
+            st.stage_no += 1
             if progress:
-                progress("stages", stage_no, cfg.stages)
-        widths = cs.widths(alive)
-        pred = {k: v * corr[k] for k, v in _resources(cm.predict(widths)).items()}
+                progress("stages", st.stage_no, cfg.stages)
+
+    def verify(label: str, c: Mapping[str, float]) -> dict[str, Any]:
+        widths = cs.widths(st.alive)
+        pred = {k: v * c[k] for k, v in _resources(cm.predict(widths, dropped=frozenset(st.dropped))).items()}
         new, plan = compact_model(model, x1)
+        out = {"pred": pred, "new": new, "plan": plan, "measured": None, "missed": {}, "corr": dict(c)}
         if not cfg.verify:
-            break
+            return out
         ts = time.perf_counter()
-        measured = measure_model(new, x1, profile, wd / f"pruned-{attempt}.onnx", percentile=pct, runs=cfg.bench_runs,
-                                 repeats=cfg.bench_repeats, parity_inputs=parity, progress=progress)
+        n = sum(1 for r in stages_info if "verify" in r)
+        m = measure_model(new, x1, profile, wd / f"pruned-{n}.onnx", percentile=pct, runs=cfg.bench_runs,
+                          repeats=cfg.bench_repeats, parity_inputs=parity, progress=progress)
         timings["verify_s"] = timings.get("verify_s", 0.0) + time.perf_counter() - ts
-        missed = {k: measured[k] / limits[k] for k in limits if measured[k] > limits[k] * (1 + cfg.slack)}
-        stages_info.append({"verify": attempt, "measured": {k: measured[k] for k in RESOURCES},
-                            "predicted": pred, "missed": sorted(missed)})
-        if not missed or attempt == cfg.max_tighten:
+        missed = {k: m[k] / limits[k] for k in limits if m[k] > limits[k] * (1 + cfg.slack)}
+        stages_info.append({"verify": n, "kind": label, "measured": {k: m[k] for k in RESOURCES},
+                            "predicted": pred, "missed": sorted(missed), "dropped": sorted(st.dropped),
+                            "measured_over_budget": {k: m[k] / limits[k] for k in limits}})
+        out.update(measured=m, missed=missed)
+        return out
+
+    run_stages(cfg.stages, corr)
+    res = verify("first", corr)
+    best = None if res["missed"] else (res, st.snapshot(model, stats))
+    tightened = False
+    for _ in range(cfg.max_tighten if cfg.verify else 0):
+        if not res["missed"]:
             break
-        # Step 5: correct each missed prediction by the miss and prune further to the same target.
-        for k in missed:
-            corr[k] *= measured[k] / max(pred[k], 1e-12)
+        # Step 5: correct each missed prediction by the miss, proportionally (measured / predicted), and prune
+        # one more stage to the same target -- from a snapshot, so that an over-shoot can be relaxed.
+        new_corr = dict(corr)
+        for k in res["missed"]:
+            new_corr[k] *= res["measured"][k] / max(res["pred"][k], 1e-12)
         # With the corrected predictions, a budget below the smallest reachable value cannot be met by pruning
         # further: stop here (the result reports the miss) instead of pruning to the narrowest widths for nothing.
-        floor_now = {k: floor[k] * corr[k] for k in missed}
-        beyond = {k: floor_now[k] for k in missed if floor_now[k] > limits[k] * (1 + cfg.slack)}
+        beyond = {k: floor[k] * new_corr[k] for k in res["missed"]
+                  if floor[k] * new_corr[k] > limits[k] * (1 + cfg.slack)}
         if beyond:
             stages_info[-1]["unreachable"] = beyond
             log.info("measurement missed %s, below the smallest reachable (%s) after correction; not pruning further",
-                     ", ".join(missed), ", ".join(f"{k} {v:.4g}" for k, v in beyond.items()))
+                     ", ".join(res["missed"]), ", ".join(f"{k} {v:.4g}" for k, v in beyond.items()))
             break
-        log.info("measurement missed %s; tightening and pruning further", ", ".join(missed))
+        log.info("measurement missed %s; tightening and pruning further", ", ".join(res["missed"]))
+        before = st.snapshot(model, stats)
+        lo_corr, corr = corr, new_corr
+        run_stages(1, corr)
+        res = verify("tighten", corr)
+        tightened = True
+        if res["missed"]:
+            continue
+        best = (res, st.snapshot(model, stats))
+        # Relax: a tightening round that lands far below the budget over-pruned (the miss it corrected came from
+        # widths it no longer has); bisect the correction between the missing and the met one, from the same
+        # snapshot, and keep the least pruned result that meets every budget.
+        hi_corr = corr
+        tight = [k for k in limits if corr[k] != lo_corr[k]]  # the resources this round tightened
+        for _step in range(cfg.relax_steps):
+            if not tight or max(best[0]["measured"][k] / limits[k] for k in tight) >= cfg.relax_below:
+                break
+            mid = {k: math.sqrt(lo_corr[k] * hi_corr[k]) for k in corr}
+            if all(abs(mid[k] / hi_corr[k] - 1) < 0.01 for k in corr):
+                break
+            st.restore(model, stats, before)
+            run_stages(1, mid)
+            trial = verify("relax", mid)
+            if trial["missed"]:
+                lo_corr = mid
+            else:
+                hi_corr = mid
+                best = (trial, st.snapshot(model, stats))
+        st.restore(model, stats, best[1])
+        res = best[0]
+        break
+    if res["missed"] and best is not None:  # an earlier round met every budget: that one is the result
+        res = best[0]
+        st.restore(model, stats, best[1])
+    measured, pred = res["measured"], res["pred"]
     met = {k: (measured[k] <= limits[k] * (1 + cfg.slack)) if measured else (pred[k] <= limits[k]) for k in limits}
     timings["total_s"] = time.perf_counter() - t0
-    return BudgetResult(model=new, plan=plan, widths=cs.widths(alive), sizes=dict(sizes), budgets=limits,
+    gone = _groups_inside(cs, st.dropped)
+    widths = {g: w for g, w in cs.widths(st.alive).items() if g not in gone}
+    return BudgetResult(model=res["new"], plan=res["plan"], widths=widths, sizes=dict(sizes), budgets=limits,
                         percentile=pct, predicted=pred, measured=measured, dense_measured=dense_measured,
-                        dense_predicted={k: dense_pred[k] * corr.get(k, 1.0) for k in dense_pred},
-                        met=met, stages=stages_info, cost_model={**cm.describe(), "correction": corr, "channel_block": resolve_block(cfg)},
-                        export=measured["file"] if measured else None, timings=timings)
+                        dense_predicted={k: dense_pred[k] * res["corr"].get(k, 1.0) for k in dense_pred},
+                        met=met, stages=stages_info,
+                        cost_model={**cm.describe(), "correction": res["corr"], "channel_block": resolve_block(cfg),
+                                    "tightened": tightened},
+                        export=measured["file"] if measured else None, timings=timings,
+                        dropped=sorted(st.dropped))
+
+
+@dataclass
+class _State:
+    """The search's mutable state: alive channels, removed blocks, stage counter; snapshots for relaxing."""
+
+    alive: torch.Tensor
+    dropped: set[str]
+    stage_no: int = 0
+
+    def snapshot(self, model: nn.Module, stats: LayerStats | None) -> dict[str, Any]:
+        return {"sd": {k: v.detach().clone() for k, v in model.state_dict().items()}, "alive": self.alive.clone(),
+                "dropped": set(self.dropped), "gram": dict(stats.gram) if stats is not None else None}
+
+    def restore(self, model: nn.Module, stats: LayerStats | None, snap: dict[str, Any]) -> None:
+        model.load_state_dict(snap["sd"])
+        self.alive = snap["alive"].clone()
+        self.dropped = set(snap["dropped"])
+        if stats is not None and snap["gram"] is not None:
+            stats.gram = dict(snap["gram"])
+
+
+def _groups_inside(cs: ChannelStructure, dropped: set[str]) -> set[str]:
+    """Channel groups every member of which lies inside a removed block (they go with it)."""
+    def inside(module: str) -> bool:
+        return any(module == b or module.startswith(b + ".") for b in dropped)
+
+    return {s.id for s in cs.specs if dropped and all(inside(m.module) for m in s.members)}
 
 
 def calibration_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
@@ -540,11 +668,15 @@ def calibration_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
 
 
 def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: Dataset | None,
-           cs: ChannelStructure, cm: CostModel, cfg: BudgetConfig, scfg: StructuredConfig, alive: torch.Tensor,
+           cs: ChannelStructure, cm: CostModel, cfg: BudgetConfig, scfg: StructuredConfig, st: _State,
            tgt: Mapping[str, float], corr: Mapping[str, float], mult: int, stage_no: int,
-           info: list[dict[str, Any]], progress: Progress | None) -> torch.Tensor:
-    """One stage: choose widths for ``tgt`` and the channels, solve, write back. Returns the new alive mask."""
+           info: list[dict[str, Any]], progress: Progress | None,
+           blocks: list[ResidualBlock] | None = None) -> torch.Tensor:
+    """One stage: choose widths (and residual blocks to remove) for ``tgt`` and the channels, solve, write
+    back. Returns the new alive mask; removed blocks are added to ``st.dropped``."""
     ts = time.perf_counter()
+    alive = st.alive
+    gone = _groups_inside(cs, st.dropped)
     block = resolve_block(cfg)
     params = list(cs.params)
     rec: dict[str, Any] = {"stage": stage_no, "targets": dict(tgt)}
@@ -557,6 +689,9 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
         assert stats is not None
         probes = {}
         for f, s in enumerate(cs.specs):
+            if s.id in gone:  # inside a removed block: nothing to gain
+                probes[f] = []
+                continue
             w_now = int(alive[cs.channels(f)].sum())
             lower = [w for w in allowed_widths(s.size, mult, block) if w < w_now]
             if len(lower) > cfg.max_probes:  # spread the probes, always including the narrowest width
@@ -566,9 +701,15 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
         pcal = xcal[: cfg.probe_samples]
         curves = probe_curves(model, cs, pcal, curves, stats, probes=probes, damp=cfg.damp)
         crit: _Criterion = CurveCriterion(cs, alive, curves)
-        widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult, block=block)
+        todo = [b for b in (blocks or []) if b.id not in st.dropped]
+        # a block's cost: the same output divergence, measured with the block removed from the current model
+        moves = BlockMoves({b.id: c for b, c in zip(todo, block_costs(model, todo, pcal), strict=True)},
+                           set(st.dropped)) if todo else BlockMoves({}, set(st.dropped))
+        widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult, block=block, blocks=moves)
         keep = crit.alive
-        rec["n_steps"] = len(steps)
+        new_blocks = sorted(moves.dropped - st.dropped)
+        rec.update(n_steps=len(steps), block_costs={k: round(v, 6) for k, v in moves.costs.items()},
+                   dropped=new_blocks)
     elif cfg.method == "chita-fisher":
         assert data is not None
         G = gradients(model, params, data, scfg, stage_no, progress=progress)
@@ -595,19 +736,24 @@ def _stage(model: nn.Module, dense: nn.Module, stats: LayerStats | None, data: D
         widths, steps = greedy_widths(cm, cs, crit, tgt, corr, mult, per_resource=False, block=block)
         keep = crit.alive
     apply_keep(model, cs, keep)
+    if cfg.method == "chita":
+        for b in blocks or []:
+            if b.id in moves.dropped and b.id not in st.dropped:
+                zero_block(model, b)  # f := 0; compact_model removes the block
+                st.dropped.add(b.id)
     if cfg.do_refit and xcal is not None:
         # Step 4: re-fit every layer to the dense model's outputs (consumers' input slices included).
         errs = layerwise_refit(model, dense, xcal, damp=cfg.damp, stats=stats)
         rec["refit_error"] = {k: round(v, 5) for k, v in errs.items()}
     if cfg.do_bn and data is not None and cfg.bn_batches > 0:
         reestimate_bn(model, data, scfg, stage_no)
-    rec.update(widths=cs.widths(keep), seconds=time.perf_counter() - ts)
+    rec.update(widths=cs.widths(keep), seconds=time.perf_counter() - ts, all_dropped=sorted(st.dropped))
     info.append(rec)
-    log.info("stage %d: widths %s", stage_no, rec["widths"])
+    log.info("stage %d: widths %s, residual blocks removed %s", stage_no, rec["widths"], rec["all_dropped"] or "none")
     return keep
 
 
-__all__ = ["METHODS", "STRUCTURES", "BlockConfig", "BudgetConfig", "prune_blocks_checkpoint", "BudgetResult", "budget_targets", "calibration_images",
+__all__ = ["METHODS", "STRUCTURES", "BlockConfig", "BlockMoves", "BudgetConfig", "prune_blocks_checkpoint", "BudgetResult", "budget_targets", "calibration_images",
            "greedy_widths", "measure_model", "min_widths", "prune_budget_checkpoint", "prune_to_budget",
            "raise_if_missed", "uniform_widths"]
 

@@ -43,7 +43,7 @@ import math
 import operator
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from torch import fx, nn
 from chita_edge.errors import BadInput, RuntimeFailure
 from chita_edge.io import atomic_write_text
 from chita_edge.profiles import Profile
-from chita_edge.structure import ChannelGroupSpec, channel_groups, eval_no_grad
+from chita_edge.structure import ChannelGroupSpec, channel_groups, eval_no_grad, residual_blocks
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -692,8 +692,11 @@ class CostModel:
     """
 
     def __init__(self, *, graph: _Graph, tables: list[_UnitTable], overhead_ms: float, fit: Any, memory: MemoryModel,
-                 profile_id: str | None, threads: int, width_multiple: int, runtime_version: str):
+                 profile_id: str | None, threads: int, width_multiple: int, runtime_version: str,
+                 blocks: Mapping[str, frozenset[str]] | None = None):
         self._g = graph
+        # removable residual blocks: id -> the trace's node names that go with the block (``residual_blocks``)
+        self.blocks = dict(blocks or {})
         self.tables = tables
         self.overhead_ms = overhead_ms
         self.fit = fit
@@ -778,17 +781,31 @@ class CostModel:
 
             fit = fit_profile(profile, host_calibration(RUNTIME, threads, progress=progress))
         mem = memory_model(threads, progress=progress)
+        blocks = {b.id: frozenset(b.nodes) for b in residual_blocks(model, example_input[:1])}
         return cls(graph=g, tables=tables, overhead_ms=float(cache.overhead_ms or 0.0), fit=fit, memory=mem,
                    profile_id=profile.id if profile is not None else None, threads=threads, width_multiple=mult,
-                   runtime_version=version)
+                   runtime_version=version, blocks=blocks)
 
     # -- prediction
-    def _weight_terms(self) -> list[tuple[str | None, int, str | None, int, int, bool, bool]]:
-        """(in space, fixed in, out space, fixed out, kernel elements, bias) per Conv/Linear unit head."""
+    def _live(self, dropped: Collection[str]) -> list[bool]:
+        """Per unit table: False when a dropped residual block removes it (its first node goes with the block;
+        an activation the block leaves in place is not timed)."""
+        if not dropped:
+            return [True] * len(self.tables)
+        unknown = [b for b in dropped if b not in self.blocks]
+        if unknown:
+            raise BadInput(f"block '{unknown[0]}': not a removable residual block of this model "
+                           f"(blocks: {', '.join(self.blocks) or 'none'})")
+        gone = frozenset().union(*(self.blocks[b] for b in dropped))
+        return [t.unit.nodes[0] not in gone for t in self.tables]
+
+    def _weight_terms(self) -> list[tuple[str | None, int, str | None, int, int, bool, bool, int]]:
+        """(in space, fixed in, out space, fixed out, kernel elements, bias, conv, unit index) per Conv/Linear
+        unit head."""
         out = []
         g = self._g
         byname = {n.name: n for n in g.gm.graph.nodes}
-        for t in self.tables:
+        for ti, t in enumerate(self.tables):
             head = byname[t.unit.nodes[0]]
             if head.op != "call_module":
                 continue
@@ -800,20 +817,24 @@ class CostModel:
             fo, _ = g.fam.get(head.name, (None, 1))
             has_bias = mod.bias is not None or any(_is_bn(g.gm, byname[n]) for n in t.unit.nodes[1:])
             if isinstance(mod, nn.Linear):
-                out.append((fi, mod.in_features if fi is None else ri, fo, mod.out_features, 1, has_bias, False))
+                out.append((fi, mod.in_features if fi is None else ri, fo, mod.out_features, 1, has_bias, False, ti))
             elif _is_depthwise(mod):
-                out.append((None, 1, fi, mod.out_channels, math.prod(mod.kernel_size), has_bias, True))
+                out.append((None, 1, fi, mod.out_channels, math.prod(mod.kernel_size), has_bias, True, ti))
             else:
                 cin_per_group = mod.in_channels // mod.groups
                 out.append((fi, cin_per_group if fi is None else 1, fo, mod.out_channels,
-                            math.prod(mod.kernel_size), has_bias, True))
+                            math.prod(mod.kernel_size), has_bias, True, ti))
         return out
 
-    def weight_bytes(self, widths: Mapping[str, int], *, split: bool = False) -> tuple[int, ...]:
-        """(bytes, tensors) of the fp32 weights and biases (BatchNorm folded) at ``widths``; with ``split``,
-        (Linear bytes, conv bytes, largest conv layer bytes, tensors)."""
+    def weight_bytes(self, widths: Mapping[str, int], *, split: bool = False,
+                     dropped: Collection[str] = ()) -> tuple[int, ...]:
+        """(bytes, tensors) of the fp32 weights and biases (BatchNorm folded) at ``widths`` without the
+        ``dropped`` residual blocks; with ``split``, (Linear bytes, conv bytes, largest conv layer bytes, tensors)."""
         fc = conv = tensors = largest = 0
-        for fi, cin, fo, cout, k, bias, is_conv in self._weights:
+        live = self._live(dropped)
+        for fi, cin, fo, cout, k, bias, is_conv, ti in self._weights:
+            if not live[ti]:
+                continue
             ci = widths.get(fi, self.sizes[fi]) * cin if fi is not None else cin
             co = widths.get(fo, self.sizes[fo]) if fo is not None else cout
             n = (ci * co * k + (co if bias else 0)) * 4
@@ -825,12 +846,14 @@ class CostModel:
             tensors += 2 if bias else 1
         return (fc, conv, largest, tensors) if split else (fc + conv, tensors)
 
-    def activation_bytes(self, widths: Mapping[str, int]) -> int:
+    def activation_bytes(self, widths: Mapping[str, int], dropped: Collection[str] = ()) -> int:
         """Peak of the live unit outputs (plus the model input) over the execution order, fp32; conv outputs are
-        padded to the NCHWc block, other tensors (the input, element-wise ops on it) are not."""
+        padded to the NCHWc block, other tensors (the input, element-wise ops on it) are not. Units of
+        ``dropped`` residual blocks are left out."""
         g = self._g
         w = {**self.sizes, **{k: v for k, v in widths.items() if k in self.sizes}}
-        unit_of = {n: i for i, t in enumerate(self.tables) for n in t.unit.nodes}
+        live = self._live(dropped)
+        unit_of = {n: i for i, t in enumerate(self.tables) for n in t.unit.nodes if live[i]}
         step = {i: max(g.order[n] for n in t.unit.nodes) for i, t in enumerate(self.tables)}
         tensors: list[tuple[int, int, int]] = []  # (start, end, bytes)
         block = self.memory.block
@@ -855,7 +878,8 @@ class CostModel:
             peak = max(peak, sum(b for s, e, b in tensors if s <= t <= e))
         return peak
 
-    def host_latency(self, widths: Mapping[str, int]) -> tuple[float, float, dict[str, float]]:
+    def host_latency(self, widths: Mapping[str, int],
+                     dropped: Collection[str] = ()) -> tuple[float, float, dict[str, float]]:
         """(host ms, dense share, per-unit ms). The dense share is the one ``bench`` measures and scales its
         device estimate by: the share of dense nodes in the profiler's per-node times, which carry the
         profiler's own per-node cost, plus ``extra_other_ms`` of non-dense time outside the units. Pruning
@@ -863,7 +887,9 @@ class CostModel:
         w = {**self.sizes, **{k: v for k, v in widths.items() if k in self.sizes}}
         per = {}
         tot = dense_raw = other_raw = 0.0
-        for t in self.tables:
+        for t, alive in zip(self.tables, self._live(dropped), strict=True):
+            if not alive:
+                continue
             ms = t.at(w)
             per[t.unit.name] = per.get(t.unit.name, 0.0) + ms
             tot += ms
@@ -888,19 +914,20 @@ class CostModel:
         out.extra_other_ms = max(0.0, dense_raw / dense_fraction - dense_raw - other_raw)
         return out
 
-    def latency(self, widths: Mapping[str, int]) -> float:
-        host, d, _ = self.host_latency(widths)
+    def latency(self, widths: Mapping[str, int], dropped: Collection[str] = ()) -> float:
+        host, d, _ = self.host_latency(widths, dropped)
         return self.fit.predict(host, d) if self.fit is not None else host
 
-    def predict(self, widths: Mapping[str, int] | None = None) -> Prediction:
+    def predict(self, widths: Mapping[str, int] | None = None, dropped: Collection[str] = ()) -> Prediction:
+        """Latency, memory and file size at ``widths`` with the residual blocks ``dropped`` removed."""
         widths = widths or {}
         for k, v in widths.items():
             if k in self.sizes and not 1 <= v <= self.sizes[k]:
                 raise BadInput(f"width {v} of channel group '{k}': expected 1..{self.sizes[k]}")
-        host, d, per = self.host_latency(widths)
-        fc, conv, largest, nt = self.weight_bytes(widths, split=True)
+        host, d, per = self.host_latency(widths, dropped)
+        fc, conv, largest, nt = self.weight_bytes(widths, split=True, dropped=dropped)
         wb = fc + conv
-        ab = self.activation_bytes(widths)
+        ab = self.activation_bytes(widths, dropped)
         if self.fit is not None:
             lat, prov = self.fit.predict(host, d), self.fit.provenance.replace("estimated-device", "cost-model estimate")
         else:
@@ -911,6 +938,7 @@ class CostModel:
     def describe(self) -> dict[str, Any]:
         return {"runtime": RUNTIME, "runtime_version": self.runtime_version, "threads": self.threads,
                 "profile": self.profile_id, "width_multiple": self.width_multiple, "overhead_ms": self.overhead_ms,
+                "residual_blocks": sorted(self.blocks),
                 "extra_other_ms": self.extra_other_ms, "units": len(self.tables), "channel_groups": dict(self.sizes),
                 "memory_model": {"base_mb": self.memory.base_mb, "alpha": self.memory.alpha,
                                  "alpha_conv": self.memory.alpha_conv, "gamma": self.memory.gamma,

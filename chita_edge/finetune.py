@@ -13,6 +13,11 @@ One verb, ``finetune(model, data, FinetuneConfig) -> FinetuneReport``:
    from a state file ends with bit-identical weights to an uninterrupted one.
 5. At the end, BatchNorm running statistics are re-estimated on training batches (cumulative average).
 
+With ``cfg.qat`` the forward pass runs through ``chita_edge.qat.QATModel``: int8 weights and activations are
+simulated where the exporters quantise (straight-through gradients), BatchNorm stays frozen in eval mode and is
+not re-estimated at the end (its statistics are what the exporters fold); the model itself stays a plain float
+module and the per-epoch history adds the simulated-int8 test accuracy.
+
 ``finetune_checkpoint`` is the same on files: a pruned chita-edge checkpoint in, a checkpoint out that keeps the
 input's metadata (model spec, structural plan, ...) and adds the fine-tuning record.
 """
@@ -74,6 +79,10 @@ class FinetuneConfig:
     bn_batches: int = 100  # batches for re-estimating BatchNorm statistics at the end (0: keep them)
     eval_each_epoch: bool = True  # test accuracy in the per-epoch history
     seed: int = 0
+    qat: bool = False  # quantisation-aware: train through simulated int8 (chita_edge.qat), BatchNorm frozen
+    qat_calibration: int = 200  # first training samples whose min/max start the activation ranges (as export)
+    qat_ema: float = 0.01  # per-step moving-average weight of the batch min/max in the activation ranges
+    qat_agreement: float = 0.0  # > 0: loss = (L(float) + L(int8)) / 2 + this x KL(p_float || p_int8)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -96,6 +105,11 @@ class FinetuneConfig:
             raise BadInput(f"--distill-weight {self.distill_weight}: expected a fraction in [0, 1]")
         if self.crop_padding < 0 or self.bn_batches < 0:
             raise BadInput("crop padding and BatchNorm batches must be >= 0")
+        if self.qat_agreement < 0 or not math.isfinite(self.qat_agreement):
+            raise BadInput(f"QAT agreement weight {self.qat_agreement}: expected >= 0")
+        if self.qat_calibration < 1 or not (0 <= self.qat_ema <= 1):
+            raise BadInput(f"QAT calibration samples {self.qat_calibration} (expected >= 1) / EMA weight "
+                           f"{self.qat_ema} (expected in [0, 1])")
 
 
 @dataclass
@@ -110,6 +124,7 @@ class FinetuneReport:
     resumed_from: dict[str, int] | None
     timings: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
+    qat: dict[str, Any] | None = None  # simulated-int8 accuracy before / after, quantisation points (cfg.qat)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -365,28 +380,47 @@ def finetune(
         return {"format": STATE_FORMAT, "config": asdict(cfg), "n_train": n, "epoch": epoch, "step": step,
                 "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
-                "masks": masks, "history": history, "running": dict(run), "initial_accuracy": initial_acc}
+                "masks": masks, "history": history, "running": dict(run), "initial_accuracy": initial_acc,
+                **({"qat_ranges": net.ranges()} if cfg.qat else {})}
 
     stop = _StopFlag()
     apply_masks(model, masks)
+    net: nn.Module = model
+    qat_info: dict[str, Any] | None = None
+    if cfg.qat:
+        from chita_edge.qat import QATModel
+
+        net = QATModel(model, x[:cfg.qat_calibration], ema=cfg.qat_ema)
+        qat_info = {"points": list(net.points), "calibration": min(n, cfg.qat_calibration), "ema": cfg.qat_ema,
+                    "initial_int8_accuracy": accuracy(net, data.x_test, data.y_test)}
+        if resume:
+            net.load_ranges(st["qat_ranges"])
     with stop.installed(), torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
         torch.set_rng_state(rng0)
         while epoch < cfg.epochs:
             t_epoch = time.perf_counter()
-            model.train()
+            net.train()
             perm = torch.randperm(n, generator=_generator(cfg.seed, epoch))
             while step < steps_per_epoch:
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 xb, yb = x[idx], y[idx]
                 if augment:
                     xb = augment_batch(xb, _generator(cfg.seed, epoch, step), cfg.crop_padding, cfg.flip)
-                out = model(xb)
+                out = net(xb)
+                t_out = None
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = teacher(xb)
                     loss = distillation_loss(out, t_out, yb, cfg.temperature, cfg.distill_weight)
                 else:
                     loss = F.cross_entropy(out, yb)
+                if cfg.qat and cfg.qat_agreement > 0:  # the float model is the reference the int8 file must match
+                    out_f = model(xb)
+                    loss_f = (F.cross_entropy(out_f, yb) if t_out is None else
+                              distillation_loss(out_f, t_out, yb, cfg.temperature, cfg.distill_weight))
+                    kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(out_f, 1), log_target=True,
+                                  reduction="batchmean")
+                    loss = 0.5 * (loss + loss_f) + cfg.qat_agreement * kl
                 if not torch.isfinite(loss):
                     raise BadInput(f"the loss became {float(loss)} at epoch {epoch + 1} step {step + 1}; "
                                    f"lower --lr (now {cfg.lr})")
@@ -414,6 +448,8 @@ def finetune(
                    "train_accuracy": 100.0 * run["correct"] / run["seen"],
                    "test_accuracy": accuracy(model, data.x_test, data.y_test) if cfg.eval_each_epoch else None,
                    "seconds": time.perf_counter() - t_epoch}
+            if cfg.qat:
+                rec["int8_test_accuracy"] = accuracy(net, data.x_test, data.y_test) if cfg.eval_each_epoch else None
             history.append(rec)
             epoch, step = epoch + 1, 0
             run = {"loss_sum": 0.0, "correct": 0, "seen": 0}
@@ -427,8 +463,13 @@ def finetune(
                 progress("epochs", epoch, cfg.epochs)
 
     t_train = time.perf_counter() - t0
-    bn = reestimate_batchnorm(model, x, batches=cfg.bn_batches, batch_size=cfg.batch_size, seed=cfg.seed,
-                              augment=augment, crop_padding=cfg.crop_padding, flip=cfg.flip)
+    if qat_info is not None:  # frozen BatchNorm: the statistics QAT trained with are the ones export folds
+        bn = False
+        net.snap_weights()
+        qat_info["int8_accuracy"] = accuracy(net, data.x_test, data.y_test)
+    else:
+        bn = reestimate_batchnorm(model, x, batches=cfg.bn_batches, batch_size=cfg.batch_size, seed=cfg.seed,
+                                  augment=augment, crop_padding=cfg.crop_padding, flip=cfg.flip)
     model.eval()
     acc = accuracy(model, data.x_test, data.y_test)
     s, off = _sparsity(masks)
@@ -436,6 +477,7 @@ def finetune(
         epochs=cfg.epochs, initial_accuracy=initial_acc, accuracy=acc, sparsity=s, masked_weights=off,
         history=history, bn_reestimated=bn, resumed_from=resumed_from,
         timings={"train_s": t_train, "total_s": time.perf_counter() - t0}, config={**asdict(cfg), "augment": augment},
+        qat=qat_info,
     )
 
 
@@ -515,8 +557,12 @@ def finetune_checkpoint(
               # the epochs' wall-clock seconds stay in the report, out of the file: equal weights and settings
               # give equal bytes, so an export that records this file's sha256 is reproducible
               "history": [{k: v for k, v in h.items() if k != "seconds"} for h in report.history],
-              "config": report.config, "previous": meta.get("finetune")}
+              "config": report.config, "qat": report.qat, "previous": meta.get("finetune")}
     meta["finetune"] = record
+    if cfg.qat:  # the weights were trained for the exporters' int8; a later float fine-tune drops the flag
+        meta["qat"] = True
+    else:
+        meta.pop("qat", None)
     meta["accuracy"] = report.accuracy
     meta["pruned_accuracy"] = report.initial_accuracy
     save_checkpoint(out, lm.module.state_dict(), meta)

@@ -22,13 +22,26 @@ Three pieces, all plain data:
                        {"module": "layer1.0.conv2", "kind": "in",  "repeat": 1}]}},
         "add_bias": []}                                           # consumers that gained a (folded) bias
 
-   Only groups that lose channels appear. The plan names modules, so it can be replayed on a fresh model
+   Only groups that lose channels appear. A plan that also removes residual blocks (see 4.) has
+   ``"version": 2`` and ``"drop": {"layer1.1": "identity"}`` (module path -> what replaces it); a plan
+   without dropped blocks stays version 1. The plan names modules, so it can be replayed on a fresh model
    without tracing or an example input; ``apply_plan`` shrinks the Conv/Linear/BatchNorm modules in place
    (same objects, same names, so the state-dict keys are unchanged) and a structurally pruned state dict then
    loads with ``strict=True``.
 
-3. **Compaction** (``compact_model``): a deep copy with every removable channel physically removed, whose
-   output equals the original's.
+3. **Compaction** (``compact_model``): a deep copy with every removable channel and every removable residual
+   block physically removed, whose output equals the original's.
+
+4. **Residual blocks** (``residual_blocks``). A submodule ``M`` whose forward is ``y = x + f(x)`` (optionally
+   ``act(x + f(x))``) with the shortcut the identity -- ``x`` is ``M``'s only input, ``f`` is computed from ``x``
+   alone, every path from ``x`` to ``f(x)`` passes a Conv/Linear, nothing inside ``f`` is used outside ``M``,
+   and the shapes of ``x`` and ``f(x)`` match -- can be removed whole (``f := 0``): ``M`` becomes
+   ``nn.Identity`` (or the activation alone when ``act(x) != x``; ``relu(relu(z)) = relu(z)``, so a ReLU after
+   the add goes too when ``x`` is itself a ReLU output). Found from the same fx trace, never by module names:
+   ResNet20 has 6 such blocks (its 3 downsampling blocks have a 1x1-conv shortcut and are not). A pruner marks a
+   block removed by zeroing every Conv/Linear weight and bias and every BatchNorm gamma/beta of ``f``;
+   ``compact_model`` removes a block when every Conv/Linear of ``f`` is zero and ``f(x)`` measured on the example
+   input is zero (then it is zero for every input).
 
 When is a channel removable? (what ``plan_from_zeros`` decides)
    A channel ``c`` of a group is a candidate when every producer (``kind == "out"``) has an all-zero output
@@ -74,6 +87,8 @@ __all__ = [
     "PLAN_VERSION",
     "ChannelGroupSpec",
     "Member",
+    "ResidualBlock",
+    "residual_blocks",
     "apply_plan",
     "channel_groups",
     "channel_weight_indices",
@@ -82,7 +97,8 @@ __all__ = [
     "plan_from_zeros",
 ]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 1  # plans without dropped blocks; a plan with a "drop" field is version 2
+PLAN_VERSIONS = (1, 2)
 KINDS = ("out", "in", "dw", "bn")
 
 # Absolute slack when deciding that a measured channel value is zero / constant (float rounding only).
@@ -268,18 +284,24 @@ def _as_args(example_input: Any) -> tuple[Any, ...]:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the traced graph, recording each tensor result's shape and the inputs of chosen modules."""
+    """Runs the traced graph, recording each tensor result's shape, the inputs of chosen modules and the values
+    of chosen nodes (by node name)."""
 
-    def __init__(self, gm: fx.GraphModule, capture: frozenset[str] = frozenset()):
+    def __init__(self, gm: fx.GraphModule, capture: frozenset[str] = frozenset(),
+                 values: frozenset[str] = frozenset()):
         super().__init__(gm)
         self.capture = capture
+        self.value_names = values
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
         self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.values: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         if isinstance(result, torch.Tensor):
             self.shapes[n] = tuple(result.shape)
+            if n.name in self.value_names:
+                self.values[n.name] = result.detach().clone()
         return result
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -575,6 +597,221 @@ def channel_groups(model: nn.Module, example_input: Any) -> list[ChannelGroupSpe
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Residual blocks
+
+
+@dataclass(frozen=True)
+class ResidualBlock:
+    """A submodule computing ``[act](x + f(x))`` with an identity shortcut; removable whole (``f := 0``).
+
+    id: the submodule's path (``"layer1.1"``), which a dropped block's plan entry names;
+    replacement: what the submodule becomes when dropped: ``"identity"`` or an activation (``"relu"``, ...);
+    nodes: names of the ``torch.fx.symbolic_trace`` nodes that disappear with it (``f``, the add, and the
+        activation when the replacement is the identity), for a cost model built on the same trace;
+    modules: the Conv/Linear/BatchNorm modules of ``f`` (what a pruner zeroes to mark the block removed);
+    output: the name of the node computing ``f(x)`` (the add's operand).
+    """
+
+    id: str
+    replacement: str
+    nodes: tuple[str, ...]
+    modules: tuple[str, ...]
+    output: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "replacement": self.replacement, "modules": list(self.modules)}
+
+
+_REPLACEMENTS: dict[str, type[nn.Module]] = {
+    "identity": nn.Identity, "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh, "hardswish": nn.Hardswish,
+}
+_IDEMPOTENT = frozenset({"relu", "relu6"})  # act(act(z)) == act(z)
+_ACT_MODULE_NAMES: tuple[tuple[type[nn.Module], str], ...] = (
+    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"),
+    (nn.Hardswish, "hardswish"),
+)
+_ACT_FUNCTION_NAMES = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", torch.sigmoid: "sigmoid",
+                       F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish"}
+_ACT_METHOD_NAMES = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _act_name(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """The activation ``n`` applies to its first argument (a name of ``_REPLACEMENTS``), or None."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return next((name for cls, name in _ACT_MODULE_NAMES if type(m) is cls), None)
+    if n.op == "call_function":
+        return _ACT_FUNCTION_NAMES.get(n.target)
+    if n.op == "call_method":
+        return _ACT_METHOD_NAMES.get(n.target)
+    return None
+
+
+def _module_paths(n: fx.Node) -> list[str]:
+    """The module paths ``n`` was traced inside, outermost first (from the tracer's nn_module_stack)."""
+    stack = n.meta.get("nn_module_stack") or {}
+    out = []
+    for k, v in stack.items():
+        path = v[0] if isinstance(v, tuple) and v and isinstance(v[0], str) else k
+        out.append(path)
+    return out
+
+
+def _branch(y: fx.Node, x: fx.Node, dynamic: dict[fx.Node, bool]) -> set[fx.Node] | None:
+    """The input-dependent nodes computing ``y`` from ``x`` alone, or None when ``y`` also depends on another
+    input-dependent tensor (a path to the model input that avoids ``x``)."""
+    out: set[fx.Node] = set()
+    todo = [y]
+    while todo:
+        n = todo.pop()
+        if n is x or n in out or not dynamic.get(n, False):
+            continue
+        if n.op == "placeholder":
+            return None
+        out.add(n)
+        todo.extend(n.all_input_nodes)
+    return out
+
+
+def _blocks_of(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]],
+               module_names: set[str]) -> list[ResidualBlock]:
+    nodes = list(gm.graph.nodes)
+    dynamic: dict[fx.Node, bool] = {}
+    for n in nodes:
+        dynamic[n] = n.op == "placeholder" or any(dynamic.get(a, False) for a in n.all_input_nodes)
+    paths = {n: _module_paths(n) for n in nodes}
+    found: list[ResidualBlock] = []
+    for add in nodes:
+        is_add = (add.op == "call_function" and add.target in _ADDS) or (
+            add.op == "call_method" and add.target in ("add", "add_"))
+        if not is_add or add.kwargs or len(add.args) != 2 or add not in shapes:
+            continue
+        a, b = add.args
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        for x, y in ((a, b), (b, a)):
+            if shapes.get(x) != shapes[add] or shapes.get(y) != shapes[add]:
+                continue
+            br = _branch(y, x, dynamic)
+            if not br or any(u not in br and u is not add for n in br for u in n.users):
+                continue  # not f(x) alone, or a value of f is used elsewhere
+            heavy = {n for n in br if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (nn.Linear, *_CONV))}
+            # every path from x to y passes a Conv/Linear: zeroing them makes f(x) a constant
+            todo, seen, leaks = [y], set(), False
+            while todo and not leaks:
+                n = todo.pop()
+                if n in seen or n in heavy or n not in br and n is not x:
+                    continue
+                seen.add(n)
+                if n is x:
+                    leaks = True
+                    break
+                todo.extend(n.all_input_nodes)
+            if not heavy or leaks:
+                continue
+            act = next(iter(add.users)) if len(add.users) == 1 else None
+            act_name = _act_name(gm, act) if act is not None and act.args and act.args[0] is add else None
+            if act_name is None:
+                act = None
+            # the enclosing submodule: the deepest module path shared by f and the add
+            common = paths[add]
+            for n in br:
+                pn = paths[n]
+                k = 0
+                while k < min(len(common), len(pn)) and common[k] == pn[k]:
+                    k += 1
+                common = common[:k]
+            if not common or common[-1] not in module_names:
+                continue
+            mpath = common[-1]
+            inside = {n for n in nodes if mpath in paths[n]}
+            body = br | {add}
+            with_act = act is not None and act in inside
+            if with_act:
+                body = body | {act}
+            if inside != body:
+                continue  # the submodule computes more than [act](x + f(x))
+            if with_act:
+                assert act_name is not None
+                same = _act_name(gm, x) == act_name if x.op in ("call_module", "call_function", "call_method") else False
+                repl = "identity" if act_name in _IDEMPOTENT and same else act_name
+            else:
+                repl = "identity"
+            gone = body if repl == "identity" else body - {act}
+            order = {n: i for i, n in enumerate(nodes)}
+            mods = sorted({n.target for n in br if n.op == "call_module" and isinstance(
+                gm.get_submodule(n.target), (nn.Linear, *_CONV, *_BN))}, key=lambda t: min(
+                    order[n] for n in br if n.op == "call_module" and n.target == t))
+            found.append(ResidualBlock(mpath, repl, tuple(n.name for n in sorted(gone, key=order.__getitem__)),
+                                       tuple(mods), y.name))
+            break
+    # nested blocks: an outer block removes the inner ones with it; both stay candidates
+    return found
+
+
+def residual_blocks(model: nn.Module, example_input: Any) -> list[ResidualBlock]:
+    """Every removable residual block of ``model`` (identity shortcut), in execution order; see the module
+    docstring, section 4. Raises ``BadInput`` when the model cannot be traced."""
+    gm, shapes = _shapes(model, example_input)
+    return _blocks_of(gm, {n: s for n, s in shapes.items()}, {n for n, _ in model.named_modules() if n})
+
+
+def _shapes(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, dict[fx.Node, tuple[int, ...]]]:
+    with eval_no_grad(model):
+        gm = _trace(model)
+        rec = _Recorder(gm)
+        try:
+            rec.run(*_as_args(example_input))
+        except Exception as e:
+            raise BadInput(f"{type(model).__name__}: the example input does not run through the model "
+                           f"({type(e).__name__}: {_first_line(e)})") from None
+    return gm, rec.shapes
+
+
+def _zero_blocks(model: nn.Module, example_input: Any, tol: float) -> dict[str, str]:
+    """{block path: replacement} of the residual blocks whose f is exactly zero (every Conv/Linear of f zero,
+    f(x) zero on ``example_input``); nested ones left out when their outer block goes."""
+    gm, shapes = _shapes(model, example_input)
+    blocks = _blocks_of(gm, shapes, {n for n, _ in model.named_modules() if n})
+    if not blocks:
+        return {}
+    mods = dict(model.named_modules())
+    cand = []
+    with torch.no_grad():
+        for b in blocks:
+            zero = True
+            for name in b.modules:
+                m = mods[name]
+                if isinstance(m, (nn.Linear, *_CONV)):
+                    zero &= bool(m.weight.detach().abs().max() <= tol) if m.weight.numel() else True
+                    if m.bias is not None and m.bias.numel():
+                        zero &= bool(m.bias.detach().abs().max() <= tol)
+            if zero:
+                cand.append(b)
+    if not cand:
+        return {}
+    rec = _Recorder(gm, values=frozenset(b.output for b in cand))
+    with eval_no_grad(model):
+        rec.run(*_as_args(example_input))
+    out: dict[str, str] = {}
+    for b in sorted(cand, key=lambda b: b.id.count(".")):
+        v = rec.values.get(b.output)
+        if v is None or (v.numel() and float(v.abs().max()) > tol + _ACT_ATOL):
+            continue
+        if any(b.id.startswith(o + ".") for o in out):
+            continue
+        out[b.id] = b.replacement
+    return out
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Plans
 
 
@@ -692,13 +929,35 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _resolve_drop(model: nn.Module, plan: dict[str, Any], where: str) -> dict[str, str]:
+    """The plan's dropped blocks {module path: replacement}, checked against ``model``."""
+    drop = plan.get("drop", {})
+    if plan.get("version") == 1 and drop:
+        raise _bad(where, "field 'drop' needs version 2")
+    if not isinstance(drop, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in drop.items()):
+        raise _bad(where, "field 'drop' must be an object (module path -> replacement)")
+    mods = dict(model.named_modules())
+    for path, repl in drop.items():
+        if not path or path not in mods:
+            raise _bad(where, f"drop names module '{path}', which this model does not have (applied already?)")
+        if repl not in _REPLACEMENTS:
+            raise _bad(where, f"drop['{path}'] = {repl!r}: expected one of {', '.join(sorted(_REPLACEMENTS))}")
+        if isinstance(mods[path], _REPLACEMENTS[repl]) and not any(True for _ in mods[path].parameters()):
+            raise _bad(where, f"drop['{path}']: the block is already removed (plan applied twice?)")
+        if any(path.startswith(o + ".") for o in drop):
+            raise _bad(where, f"drop['{path}'] lies inside another dropped block")
+    return dict(drop)
+
+
 def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, dict[str, list[int]]], list[str]]:
-    """Validate ``plan`` against ``model``; returns {module: {kind: kept indices along its dim}}, add_bias."""
+    """Validate ``plan`` against ``model``; returns {module: {kind: kept indices along its dim}}, add_bias.
+    Modules inside the plan's dropped blocks do not count as the model's (the channel part is applied after
+    the drops)."""
     if not isinstance(plan, dict):
         raise _bad(where, f"must be a JSON object with 'version', 'keep' and 'groups', got {type(plan).__name__}")
-    if plan.get("version") != PLAN_VERSION:
-        raise _bad(where, f"version {plan.get('version')!r} is not supported (expected {PLAN_VERSION}); "
-                          f"re-create the plan with this chita-edge")
+    if plan.get("version") not in PLAN_VERSIONS:
+        raise _bad(where, f"version {plan.get('version')!r} is not supported (expected one of "
+                          f"{', '.join(map(str, PLAN_VERSIONS))}); re-create the plan with this chita-edge")
     keep, groups, add_bias = plan.get("keep"), plan.get("groups"), plan.get("add_bias", [])
     if not isinstance(keep, dict) or not isinstance(groups, dict):
         raise _bad(where, "fields 'keep' and 'groups' must be objects (group id -> ...)")
@@ -707,7 +966,8 @@ def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, di
         raise _bad(where, f"group '{odd[0]}' must appear in both 'keep' and 'groups'")
     if not isinstance(add_bias, list) or not all(isinstance(n, str) for n in add_bias):
         raise _bad(where, "field 'add_bias' must be a list of module names")
-    mods = dict(model.named_modules())
+    drop = _resolve_drop(model, plan, where)
+    mods = {n: m for n, m in model.named_modules() if not any(n == d or n.startswith(d + ".") for d in drop)}
     sel: dict[str, dict[str, list[int]]] = {}
     for gid, entry in groups.items():
         size = entry.get("size") if isinstance(entry, dict) else None
@@ -778,7 +1038,8 @@ def _set_param(mod: nn.Module, name: str, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: Any, where: str = "plan") -> None:
-    """Shrink ``model``'s Conv/Linear/BatchNorm modules in place to the channels ``plan`` keeps.
+    """Shrink ``model``'s Conv/Linear/BatchNorm modules in place to the channels ``plan`` keeps, after replacing
+    the residual blocks the plan drops (``"drop"``) by ``nn.Identity`` (or their activation).
 
     The modules stay the same objects under the same names, so the state-dict keys are unchanged; a state dict
     saved from the compacted model then loads with ``strict=True``. Existing weights are sliced (on a fresh
@@ -786,6 +1047,8 @@ def apply_plan(model: nn.Module, plan: Any, where: str = "plan") -> None:
     raises ``BadInput`` naming ``where`` (e.g. the checkpoint path).
     """
     sel, add_bias = _resolve_plan(model, plan, where)
+    for path, repl in plan.get("drop", {}).items():
+        _set_submodule(model, path, _REPLACEMENTS[repl]())
     mods = dict(model.named_modules())
     for name in add_bias:
         mod = mods[name]
@@ -829,14 +1092,19 @@ def _leaves(x: Any) -> list[torch.Tensor]:
 def compact_model(model: nn.Module, example_input: Any, *, tol: float = 0.0) -> tuple[nn.Module, dict[str, Any]]:
     """A deep copy of ``model`` with every removable channel physically removed, and the plan that did it.
 
-    Step 1: find the removable channels (``plan_from_zeros``) and the bias folds they need.
-    Step 2: on a deep copy, add the folds to the consumers' biases (creating a bias where the plan says so).
-    Step 3: ``apply_plan`` on the copy.
+    Step 0: on a deep copy, replace every residual block whose f is exactly zero (``residual_blocks``) by
+            ``nn.Identity`` or its activation.
+    Step 1: find the removable channels of the copy (``plan_from_zeros``) and the bias folds they need.
+    Step 2: add the folds to the consumers' biases (creating a bias where the plan says so).
+    Step 3: ``apply_plan`` on the copy (the channel part; the plan records the drops as well).
     Step 4: check that the copy's output on ``example_input`` equals the original's (``RuntimeFailure`` if not).
     ``model`` itself is not changed. A model without zero channels comes back as an unchanged copy.
     """
-    plan, folds = _zero_plan(model, example_input, tol)
+    drop = _zero_blocks(model, example_input, tol)
     new = copy.deepcopy(model)
+    for path, repl in drop.items():
+        _set_submodule(new, path, _REPLACEMENTS[repl]())
+    plan, folds = _zero_plan(new, example_input, tol)
     with torch.no_grad():
         for name, delta in folds.items():
             mod = new.get_submodule(name)
@@ -845,6 +1113,8 @@ def compact_model(model: nn.Module, example_input: Any, *, tol: float = 0.0) -> 
                 mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
             mod.bias.add_(delta.to(mod.bias.dtype))
     apply_plan(new, plan, where="compact_model")
+    if drop:
+        plan = {**plan, "version": 2, "drop": drop}
     args = _as_args(example_input)
     with eval_no_grad(model), eval_no_grad(new):
         ref, got = _leaves(model(*args)), _leaves(new(*args))

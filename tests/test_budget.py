@@ -29,19 +29,23 @@ torch.set_num_threads(1)
 
 
 class FakeCostModel:
-    """latency = 0.01 + sum over channel groups of cost_g * width_g (ms); memory/file from parameters."""
+    """latency = 0.01 + sum over channel groups of cost_g * width_g - the savings of removed residual blocks (ms);
+    memory/file from parameters."""
 
-    def __init__(self, sizes: dict[str, int], costs: dict[str, float] | None = None):
+    def __init__(self, sizes: dict[str, int], costs: dict[str, float] | None = None,
+                 blocks: dict[str, float] | None = None):
         self.sizes = dict(sizes)
         self.costs = costs or {g: 1.0 for g in sizes}
+        self.block_ms = dict(blocks or {})
+        self.blocks = {b: frozenset() for b in self.block_ms}
 
-    def latency(self, widths):
+    def latency(self, widths, dropped=()):
         w = {**self.sizes, **widths}
-        return 0.01 + sum(self.costs[g] * w[g] for g in self.sizes)
+        return 0.01 + sum(self.costs[g] * w[g] for g in self.sizes) - sum(self.block_ms[b] for b in dropped)
 
-    def predict(self, widths=None):
+    def predict(self, widths=None, dropped=()):
         widths = widths or {}
-        lat = self.latency(widths)
+        lat = self.latency(widths, dropped)
         w = {**self.sizes, **widths}
         wb = 4 * sum(w[g] * 10 for g in self.sizes)
         return Prediction(lat, lat, 1.0, 1.0 + wb / 2**20, wb / 2**20, wb, 0, "fake")
@@ -422,3 +426,133 @@ def test_cli_block_structure_prunes_linear_weights_in_1x4_blocks(tmp_path):
     w = lm.module[1].weight.detach().reshape(16, 16, 4)
     assert bool(((w == 0).all(-1) | (w != 0).any(-1)).all())
     assert int((w != 0).any(-1).sum()) + int((lm.module[3].weight.detach().reshape(10, 4, 4) != 0).any(-1).sum()) == d["blocks_kept"]
+
+
+# ------------------------------------------------------------------------------ depth: removing residual blocks
+
+
+def _unit_curves(cs):
+    """Every channel of every group costs 1 (objective units)."""
+    curves = []
+    for f, s in enumerate(cs.specs):
+        order = torch.arange(s.size - 1) + cs.first[f]
+        curves.append((order, torch.arange(1, s.size, dtype=torch.float64)))
+    return curves
+
+
+def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
+    from chita_edge.structure import residual_blocks
+
+    m = tiny_resnet()
+    x = torch.rand(1, 3, 32, 32)
+    cs = channel_structure(m, x)
+    ids = [b.id for b in residual_blocks(m, x)]
+    assert ids == ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
+    cm = FakeCostModel(cs.sizes, blocks={b: 10.0 for b in ids})
+    floor = cm.latency(B.min_widths(cs.sizes, 4))
+
+    def run(target, costs):
+        crit = B.CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), _unit_curves(cs))
+        moves = B.BlockMoves(dict(costs))
+        widths, steps = B.greedy_widths(cm, cs, crit, {"latency_ms": target}, {}, 4, blocks=moves)
+        assert cm.latency(widths, moves.dropped) <= target
+        return moves.dropped, steps
+
+    # reachable by widths, blocks expensive: channels only
+    dropped, steps = run(0.7 * cm.latency({}), {b: 1e6 for b in ids})
+    assert not dropped and all("group" in s for s in steps)
+    # below the narrowest widths: only removing blocks reaches it, even expensive ones
+    dropped, steps = run(floor - 15.0, {b: 1e6 for b in ids})
+    assert len(dropped) == 2 and sum("block" in s for s in steps) == 2
+    # a cheap block (cost 1 for 10 ms) beats channels (cost 1 per ms): taken first
+    dropped, steps = run(cm.latency({}) - 9.0, {**{b: 1e6 for b in ids}, "layer2.1": 1.0})
+    assert dropped == {"layer2.1"} and steps[0]["block"] == "layer2.1" and len(steps) == 1
+
+
+def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_replays(tmp_path):
+    from chita_edge.structure import residual_blocks
+
+    prof = load_profile("phone-mid-sd670")
+    m = tiny_resnet()
+    data = synthetic_data()
+    x1 = data.x_train[:1]
+    cs = channel_structure(m, x1)
+    ids = [b.id for b in residual_blocks(m, x1)]
+    cm = FakeCostModel(cs.sizes, blocks={b: 12.0 for b in ids})
+    floor = cm.latency(B.min_widths(cs.sizes, 4))
+    limit = floor - 20.0  # two blocks at least
+    budgets = with_budgets(prof, latency_ms=limit, memory_mb=1000, file_mb=1000)
+    cfg = B.BudgetConfig(method="chita", stages=2, verify=False, calib_samples=32, width_multiple=4)
+    res = B.prune_to_budget(m, x1, data, prof, budgets, cfg, cost_model=cm)
+    assert res.passed and len(res.dropped) >= 2
+    assert set(res.plan["drop"]) == set(res.dropped) and res.plan["version"] == 2
+    assert res.to_dict()["dropped_blocks"] == res.dropped
+    assert all(isinstance(res.model.get_submodule(b), nn.Identity) for b in res.dropped)
+    assert not any(g.startswith(b + ".") for b in res.dropped for g in res.widths)  # their groups went with them
+    # the plan is data: JSON round trip, replay on a fresh model, strict load, same outputs as the masked model
+    plan = json.loads(json.dumps(res.plan))
+    fresh = tiny_resnet()
+    apply_plan(fresh, plan)
+    fresh.load_state_dict(res.model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.allclose(fresh(data.x_test[:4]), m(data.x_test[:4]), atol=1e-4)
+    # with depth off the same budget is refused before pruning
+    with pytest.raises(GateFailed, match="smallest reachable"):
+        B.prune_to_budget(tiny_resnet(), x1, data, prof, budgets,
+                          B.BudgetConfig(method="chita", verify=False, width_multiple=4, depth=False), cost_model=cm)
+
+
+# --------------------------------------------------------------------- tightening: proportional, then relaxed
+
+
+def _relax_setup(monkeypatch, factors):
+    """A device whose n-th measurement is factors[n] x the cost model (the last factor repeats)."""
+    from chita_edge.costmodel import widths_of
+
+    prof = load_profile("phone-mid-sd670")
+    m = tiny_resnet()
+    data = synthetic_data(32)
+    cs = channel_structure(m, data.x_train[:1])
+    cm = FakeCostModel(cs.sizes)
+    calls = []
+
+    def fake_measure(model, x, profile, path, **kw):
+        lat = factors[min(len(calls), len(factors) - 1)] * cm.latency(widths_of(model, cs.specs))
+        calls.append(lat)
+        return {"latency_ms": lat, "memory_mb": 1.0, "file_mb": 0.1, "file": str(path)}
+
+    monkeypatch.setattr(B, "measure_model", fake_measure)
+    limit = 0.6 * cm.latency({})
+    budgets = with_budgets(prof, latency_ms=limit, memory_mb=100, file_mb=100)
+    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False, channel_block=0)
+    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    return m, cs, cm, calls, limit, res
+
+
+def test_tightening_over_shoot_is_relaxed_by_bisection(monkeypatch):
+    # the first widths measure 1.4x the model (e.g. layout reorders), every later model 1.0x: the proportional
+    # tightening (correction 1.4) lands far below the budget; bisection brings it back towards the budget
+    m, cs, cm, calls, limit, res = _relax_setup(monkeypatch, [1.4, 1.0])
+    kinds = [s["kind"] for s in res.stages if "verify" in s]
+    assert kinds[:2] == ["first", "tighten"] and "relax" in kinds
+    assert calls[0] > limit and calls[1] < 0.9 * limit  # missed, then over-shot
+    assert res.passed and res.measured["latency_ms"] == max(c for c in calls if c <= limit)
+    assert res.measured["latency_ms"] > calls[1]  # less pruned than the tightened round
+    # the returned (compacted) model and the masked model in place are the chosen round's
+    from chita_edge.costmodel import widths_of
+
+    assert cm.latency(widths_of(res.model, cs.specs)) == pytest.approx(res.measured["latency_ms"])
+    assert cs.widths(alive_channels(m, cs)) == res.widths
+
+
+def test_a_relaxed_round_that_misses_keeps_the_tightened_result(monkeypatch):
+    # every measurement but the tightened one is 1.4x: each relax trial misses, the tightened result stays
+    m, cs, cm, calls, limit, res = _relax_setup(monkeypatch, [1.4, 1.0, 1.4])
+    kinds = [s["kind"] for s in res.stages if "verify" in s]
+    assert kinds[:2] == ["first", "tighten"] and kinds.count("relax") >= 1
+    assert all(c > limit for i, c in enumerate(calls) if i != 1)
+    assert res.passed and res.measured["latency_ms"] == calls[1]
+    from chita_edge.costmodel import widths_of
+
+    assert cm.latency(widths_of(res.model, cs.specs)) == pytest.approx(calls[1])
+    assert cs.widths(alive_channels(m, cs)) == res.widths

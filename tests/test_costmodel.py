@@ -222,3 +222,52 @@ def test_memory_model_fit_recovers_the_coefficients(tmp_path, monkeypatch):
     monkeypatch.setattr("chita_edge.bench.run_child", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
     assert C.memory_model(1).alpha == pytest.approx(1.8)
     assert math.isfinite(mm.base_mb)
+
+
+class Res(nn.Module):
+    """stem conv -> two identity-shortcut blocks -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.blocks = nn.Sequential(*[_Block() for _ in range(2)])
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(torch.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+def test_dropped_blocks_remove_their_units_weights_and_activations(tmp_path, monkeypatch, fake_memory):
+    monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(C, "_time_file", lambda *a, **k: (0.05, 1))
+    m = Res().eval()
+    x = torch.rand(1, 3, 8, 8)
+    cm = CostModel.build(m, x, None, width_multiple=4, runs=1)
+    assert sorted(cm.blocks) == ["blocks.0", "blocks.1"]
+    full, one, both = cm.predict({}), cm.predict({}, dropped={"blocks.1"}), cm.predict({}, dropped={"blocks.0", "blocks.1"})
+    # each block is two units (conv+bn+relu; conv+bn+add+relu), every unit timed the same
+    per_unit = {t.unit.name: t.at(cm.sizes) for t in cm.tables}
+    assert per_unit["blocks.1.c1"] > 0
+    assert full.host_ms - one.host_ms == pytest.approx(per_unit["blocks.1.c1"] + per_unit["blocks.1.c2"])
+    assert one.host_ms - both.host_ms == pytest.approx(full.host_ms - one.host_ms)
+    assert set(full.units) - set(one.units) == {"blocks.1.c1", "blocks.1.c2"}
+    # their weights (BatchNorm folded into a bias) go too: 2 x (8x8x3x3 + 8) floats per block
+    assert full.weight_bytes - one.weight_bytes == 4 * 2 * (8 * 8 * 9 + 8)
+    assert both.activation_bytes <= full.activation_bytes
+    # the same at other widths: the saving shrinks with the stream's width
+    w = {"stem": 4}
+    assert 0 < cm.latency(w) - cm.latency(w, dropped={"blocks.0"}) <= full.host_ms - one.host_ms + 1e-12
+    with pytest.raises(Exception, match="not a removable residual block"):
+        cm.predict({}, dropped={"fc"})

@@ -400,7 +400,11 @@ def _mlp_plan() -> dict:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda p: p.update(version=2), "version 2 is not supported"),
+    (lambda p: p.update(version=3), "version 3 is not supported"),
+    (lambda p: p.update(drop={"fc1": "identity"}), "'drop' needs version 2"),
+    (lambda p: p.update(version=2, drop={"fc9": "identity"}), "drop names module 'fc9'"),
+    (lambda p: p.update(version=2, drop={"fc1": "softmax"}), "expected one of"),
+    (lambda p: p.update(version=2, drop=["fc1"]), "'drop' must be an object"),
     (lambda p: p.pop("keep"), "'keep' and 'groups' must be objects"),
     (lambda p: p["groups"]["fc1"]["members"][1].update(module="fc9"), "does not have"),
     (lambda p: p["keep"]["fc1"].append(40), "index 40 is out of range 0..39"),
@@ -474,3 +478,136 @@ def test_count_macs_drop_after_compaction():
     # layer1.0.conv1 lost 2 of 16 output channels: 32x32 positions x 16 inputs x 9 each
     assert a["layer1.0.conv1"] - b["layer1.0.conv1"] == 2 * 32 * 32 * 16 * 9
     assert a["fc"] - b["fc"] == 10 and b["fc"] == 63 * 10
+
+
+# ----------------------------------------------------------------------------------------- residual blocks
+
+
+class ResBlock(nn.Module):
+    """relu(x + bn(conv(relu(bn(conv(x))))))"""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.c2, self.b2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.b2(self.c2(torch.relu(self.b1(self.c1(x))))))
+
+
+class PreAct(nn.Module):
+    """x + conv(x), no activation after the add."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.c(x)
+
+
+class NoConv(nn.Module):
+    def forward(self, x):
+        return x + torch.sigmoid(x)  # f without a Conv/Linear: never zero, not a block
+
+
+class Leaky(nn.Module):
+    """x + f(x) where f also uses x directly (a path from x to the add that avoids the conv)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.c = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return x + self.c(x) * torch.sigmoid(x)
+
+
+class TinyDeep(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stem_bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.r1, self.r2 = ResBlock(8), ResBlock(8)
+        self.pre = PreAct(8)
+        self.tanh_in = nn.Conv2d(8, 8, 1)
+        self.r3 = ResBlock(8)  # its input is a tanh output: relu(x) != x, the ReLU stays
+        self.noconv, self.leaky = NoConv(), Leaky(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        x = self.pre(self.r2(self.r1(x)))
+        x = self.r3(torch.tanh(self.tanh_in(x)))
+        x = self.leaky(self.noconv(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def _zero_block(model, block):
+    from chita_edge.pruning.structured import zero_block
+
+    zero_block(model, block)
+
+
+def test_residual_blocks_are_found_from_the_graph():
+    from chita_edge.structure import residual_blocks
+
+    m = TinyDeep().eval()
+    blocks = {b.id: b for b in residual_blocks(m, torch.rand(1, 3, 8, 8))}
+    assert list(blocks) == ["r1", "r2", "pre", "r3"]  # noconv (no conv) and leaky (x bypasses the conv): not
+    assert blocks["r1"].replacement == "identity" and blocks["r2"].replacement == "identity"  # relu of a relu
+    assert blocks["pre"].replacement == "identity"
+    assert blocks["r3"].replacement == "relu"  # its input is a tanh output
+    assert blocks["r1"].modules == ("r1.c1", "r1.b1", "r1.c2", "r1.b2")
+    rn = [b.id for b in residual_blocks(ResNet20(), torch.rand(1, 3, 32, 32))]
+    assert rn == ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]  # not the
+    # three blocks with a 1x1-conv shortcut
+    assert residual_blocks(MobileNetV1(), torch.rand(1, 3, 32, 32)) == []
+    assert residual_blocks(MLPNet(), torch.rand(1, 1, 28, 28)) == []
+
+
+def test_dropped_blocks_compact_export_and_replay(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    from chita_edge.exporters import ExportConfig, export_model
+
+    from chita_edge.structure import residual_blocks
+
+    torch.manual_seed(0)
+    m = TinyDeep().eval()
+    randomize_bn(m)
+    x = torch.rand(8, 3, 8, 8)
+    blocks = {b.id: b for b in residual_blocks(m, x[:1])}
+    dense_small, _ = compact_model(m, x[:1])
+    assert "drop" not in _  # nothing zero: nothing dropped
+    for b in ("r2", "r3"):
+        _zero_block(m, blocks[b])
+    small, plan = compact_model(m, x[:1])
+    assert plan["version"] == 2 and plan["drop"] == {"r2": "identity", "r3": "relu"}
+    assert isinstance(small.r2, nn.Identity) and isinstance(small.r3, nn.ReLU)
+    assert n_params(small) < n_params(m) - 2 * 8 * 8 * 9
+    with torch.no_grad():
+        ref = m(x)
+        assert torch.allclose(small(x), ref, atol=1e-5)
+    # the plan replays on a fresh model (JSON round trip) and the compact state dict loads strictly
+    fresh = TinyDeep()
+    apply_plan(fresh, json.loads(json.dumps(plan)), where="test")
+    fresh.load_state_dict(small.state_dict(), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(x), ref, atol=1e-5)
+    with pytest.raises(BadInput, match="already removed"):
+        apply_plan(fresh, plan, where="test")
+    # the compact ONNX export physically drops the block's convs, BatchNorms and Add, with parity
+    counts = {}
+    for name, model in (("dense", dense_small), ("dropped", m)):
+        out = tmp_path / f"{name}.onnx"
+        export_model(model, ExportConfig(format="onnx", layout="compact"), example_input=x[:1], out=out,
+                     parity_inputs=x)
+        ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+        counts[name] = (ops.count("Conv"), ops.count("Add"))
+        if name == "dropped":
+            sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+            np_ref = ref.numpy()
+            assert abs(got - np_ref).max() < 1e-4
+    assert counts["dropped"][0] == counts["dense"][0] - 4  # 2 convs per removed block
+    assert counts["dropped"][1] == counts["dense"][1] - 2  # and their residual adds

@@ -40,6 +40,14 @@ def finetune_cmd(
                                                                                "for 3-channel images).")] = None,
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Batches for re-estimating BatchNorm "
                                                                  "statistics at the end (0: off).")] = 100,
+    qat: Annotated[bool, typer.Option("--qat", help="Quantisation-aware: train through simulated int8 weights "
+                                                    "and activations as `export --quantize int8` quantises "
+                                                    "(BatchNorm frozen); start from a fine-tuned model, small "
+                                                    "--lr, 1-3 epochs.")] = False,
+    qat_agreement: Annotated[float, typer.Option("--qat-agreement", help="With --qat: also train the float "
+                                                                         "model and add this weight x "
+                                                                         "KL(float || int8), so that the int8 "
+                                                                         "file agrees with it (0: off).")] = 0.0,
     out: Annotated[Path | None, typer.Option("--out", help="Output checkpoint (default: PRUNED.ft.pt; never "
                                                            "the input).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.state.")] = False,
@@ -56,16 +64,21 @@ def finetune_cmd(
     """
     api.set_threads(threads)
     target = out or default_out(pruned)
+    if qat_agreement and not qat:
+        raise BadInput("--qat-agreement is only used with --qat")
     if teacher is not None and not distill:
         raise BadInput("--teacher is only used with --distill")
     cfg = ft.FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                             weight_decay=weight_decay, augment=augment, temperature=temperature,
-                            distill_weight=distill_weight, bn_batches=bn_batches, seed=seed)
+                            distill_weight=distill_weight, bn_batches=bn_batches, seed=seed, qat=qat,
+                            qat_agreement=qat_agreement)
     cfg.validate()
 
     def on_epoch(rec: dict[str, Any]) -> None:
         if not json_out:
             test = f", test {rec['test_accuracy']:.2f} %" if rec.get("test_accuracy") is not None else ""
+            if rec.get("int8_test_accuracy") is not None:
+                test += f" (simulated int8 {rec['int8_test_accuracy']:.2f} %)"
             ui.info(f"epoch {rec['epoch']}/{epochs}: loss {rec['loss']:.4f}, train {rec['train_accuracy']:.2f} %"
                     f"{test}, lr {rec['lr']:.2e}, {rec['seconds']:.1f} s")
 
@@ -77,4 +90,7 @@ def finetune_cmd(
     else:
         ui.info(f"fine-tuned {result['epochs']} epochs: accuracy {result['initial_accuracy']:.2f} % -> "
                 f"{result['accuracy']:.2f} %, sparsity {result['sparsity']:.4f} kept -> {result['out']}")
+        if result.get("qat"):
+            ui.info(f"QAT: simulated int8 accuracy {result['qat']['initial_int8_accuracy']:.2f} % -> "
+                    f"{result['qat']['int8_accuracy']:.2f} % ({len(result['qat']['points'])} activation tensors)")
 

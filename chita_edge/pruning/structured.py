@@ -40,7 +40,7 @@ from chita_edge.solvers.group_chita import (
     group_removal_cost,
     group_sq_norms,
 )
-from chita_edge.structure import ChannelGroupSpec, channel_groups, channel_weight_indices
+from chita_edge.structure import ChannelGroupSpec, ResidualBlock, channel_groups, channel_weight_indices
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -184,6 +184,44 @@ def apply_keep(model: nn.Module, cs: ChannelStructure, keep: torch.Tensor) -> No
                     t = getattr(mod, pname, None)
                     if t is not None:
                         t[rows] = 0.0
+
+
+@torch.no_grad()
+def zero_block(model: nn.Module, block: ResidualBlock) -> None:
+    """Mark a residual block removed (f := 0): zero every Conv/Linear weight and bias and every BatchNorm gamma
+    and beta of its branch, so that ``structure.compact_model`` drops the block and ``layerwise_refit`` (zero
+    rows stay zero) keeps it dropped."""
+    mods = dict(model.named_modules())
+    for name in block.modules:
+        m = mods[name]
+        for pname in ("weight", "bias"):
+            t = getattr(m, pname, None)
+            if isinstance(t, torch.Tensor):
+                t.zero_()
+
+
+@torch.no_grad()
+def block_costs(model: nn.Module, blocks: list[ResidualBlock], x: torch.Tensor, batch: int = 128) -> list[float]:
+    """Per residual block: the KL divergence of the model's outputs on ``x`` after removing the block
+    (``zero_block``) from the model's current outputs -- the same loss proxy ``probe_curves`` measures for
+    channel removals, so that the width search can trade a block against channels."""
+    def outputs(m: nn.Module) -> torch.Tensor:
+        return torch.cat([m(x[i:i + batch]) for i in range(0, len(x), batch)]).double().log_softmax(1)
+
+    was = model.training
+    model.eval()
+    try:
+        ref = outputs(model)
+        out = []
+        for b in blocks:
+            trial = copy.deepcopy(model)
+            zero_block(trial, b)
+            trial.eval()
+            lp = outputs(trial)
+            out.append(max(float((ref.exp() * (ref - lp)).sum(1).mean()), 0.0))
+    finally:
+        model.train(was)
+    return out
 
 
 def alive_channels(model: nn.Module, cs: ChannelStructure) -> torch.Tensor:
@@ -666,6 +704,7 @@ __all__ = [
     "allowed_widths",
     "alive_channels",
     "apply_keep",
+    "block_costs",
     "block_structure",
     "channel_saliency",
     "channel_structure",
@@ -676,4 +715,5 @@ __all__ = [
     "reestimate_bn",
     "round_width",
     "solve_groups",
+    "zero_block",
 ]
