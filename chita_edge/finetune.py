@@ -83,6 +83,7 @@ class FinetuneConfig:
     qat_calibration: int = 200  # first training samples whose min/max start the activation ranges (as export)
     qat_ema: float = 0.01  # per-step moving-average weight of the batch min/max in the activation ranges
     qat_agreement: float = 0.0  # > 0: loss = (L(float) + L(int8)) / 2 + this x KL(p_float || p_int8)
+    qat_dither: bool = False  # activations rounded on randomly shifted grids while training (chita_edge.qat)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -390,8 +391,9 @@ def finetune(
     if cfg.qat:
         from chita_edge.qat import QATModel
 
-        net = QATModel(model, x[:cfg.qat_calibration], ema=cfg.qat_ema)
+        net = QATModel(model, x[:cfg.qat_calibration], ema=cfg.qat_ema, dither=cfg.qat_dither)
         qat_info = {"points": list(net.points), "calibration": min(n, cfg.qat_calibration), "ema": cfg.qat_ema,
+                    "agreement": cfg.qat_agreement, "dither": cfg.qat_dither,
                     "initial_int8_accuracy": accuracy(net, data.x_test, data.y_test)}
         if resume:
             net.load_ranges(st["qat_ranges"])

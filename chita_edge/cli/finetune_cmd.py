@@ -48,6 +48,9 @@ def finetune_cmd(
                                                                          "model and add this weight x "
                                                                          "KL(float || int8), so that the int8 "
                                                                          "file agrees with it (0: off).")] = 0.0,
+    qat_dither: Annotated[bool, typer.Option("--qat-dither", help="With --qat: round activations on randomly "
+                                                                  "shifted int8 grids while training (robust to "
+                                                                  "the runtimes' own rounding).")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Output checkpoint (default: PRUNED.ft.pt; never "
                                                            "the input).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from OUT.state.")] = False,
@@ -64,14 +67,14 @@ def finetune_cmd(
     """
     api.set_threads(threads)
     target = out or default_out(pruned)
-    if qat_agreement and not qat:
-        raise BadInput("--qat-agreement is only used with --qat")
+    if (qat_agreement or qat_dither) and not qat:
+        raise BadInput("--qat-agreement and --qat-dither are only used with --qat")
     if teacher is not None and not distill:
         raise BadInput("--teacher is only used with --distill")
     cfg = ft.FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                             weight_decay=weight_decay, augment=augment, temperature=temperature,
                             distill_weight=distill_weight, bn_batches=bn_batches, seed=seed, qat=qat,
-                            qat_agreement=qat_agreement)
+                            qat_agreement=qat_agreement, qat_dither=qat_dither)
     cfg.validate()
 
     def on_epoch(rec: dict[str, Any]) -> None:
