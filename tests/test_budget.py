@@ -373,7 +373,10 @@ def test_cli_missed_budget_exits_1_after_writing(tmp_path, monkeypatch):
     assert json.loads(r.stdout)["passed"] is False
     assert "latency_ms.p90 1.4 ms > 1 ms" in r.stderr
     assert seen["profile"] == "watch-a55-dual" and seen["latency_ms"] == 1.0 and seen["memory_mb"] is None
-    assert seen["cfg"].structure == "auto" and seen["cfg"].width_multiple is None
+    assert seen["cfg"].structure == "auto" and seen["cfg"].width_multiple is None and seen["cfg"].depth
+    r = run_cli("prune", spec, "--data", data, "--out", tmp_path / "p.pt", "--profile", "watch-a55-dual",
+                "--latency-ms", "1", "--no-depth", "--json")
+    assert r.code == 1 and seen["cfg"].depth is False
 
 
 def test_cli_budget_usage_errors(tmp_path):
@@ -385,6 +388,8 @@ def test_cli_budget_usage_errors(tmp_path):
     assert r.code == 2 and "need --profile" in r.stderr
     r = run_cli("prune", spec, "--data", data, "--out", out)
     assert r.code == 2 and "--sparsity is required" in r.stderr
+    r = run_cli("prune", spec, "--data", data, "--out", out, "--sparsity", "0.5", "--no-depth")
+    assert r.code == 2 and "--depth need --profile" in r.stderr
     r = run_cli("prune", spec, "--data", data, "--out", out, "--profile", "no-such-phone")
     assert r.code == 2 and "unknown id" in r.stderr
     r = run_cli("prune", spec, "--data", data, "--out", out, "--profile", "phone-mid-sd670", "--latency-ms", "-1")

@@ -39,6 +39,7 @@ def prune_cmd(
     structure: Annotated[str | None, typer.Option("--structure", help="auto, channel, block or unstructured (budget mode: channel).")] = None,
     width_multiple: Annotated[int | None, typer.Option("--width-multiple", help="Round channel counts to this multiple (default: the profile's).")] = None,
     export: Annotated[Path | None, typer.Option("--export", help="Budget mode: also keep the verified ONNX file here.")] = None,
+    depth: Annotated[bool | None, typer.Option("--depth/--no-depth", help="Budget mode: may remove whole residual blocks with an identity shortcut (default: on).")] = None,
     gradual: Annotated[bool, typer.Option("--gradual", help="Prune in steps (cubic schedule from 50 %) with masked fine-tuning between them.")] = False,
     epochs: Annotated[int, typer.Option("--epochs", help="--gradual: fine-tuning epochs in all.")] = 5,
     prune_every: Annotated[int, typer.Option("--prune-every", help="--gradual: a pruning step every K epochs.")] = 1,
@@ -54,7 +55,7 @@ def prune_cmd(
     api.set_threads(threads)
     if profile is not None or structure == "channel":
         _prune_budget(model, data, out, weights, profile, latency_ms, memory_mb, file_mb, structure or "auto",
-                      width_multiple, export, stages, grads, seed, json_out)
+                      width_multiple, export, stages, grads, seed, json_out, depth)
         return
     if sparsity is None:
         raise BadInput("--sparsity is required (or give --profile to prune to a device budget)")
@@ -71,8 +72,8 @@ def prune_cmd(
         return
     if structure in ("auto", "unstructured"):
         structure = None
-    if any(v is not None for v in (latency_ms, memory_mb, file_mb, width_multiple, export, structure)):
-        raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple and --export need --profile")
+    if any(v is not None for v in (latency_ms, memory_mb, file_mb, width_multiple, export, structure, depth)):
+        raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple, --export and --depth need --profile")
     cfg = api.PruneConfig(sparsity=sparsity, method=method, stages=stages, n_grads=grads, fisher_batch=fisher_batch,
                           l2=l2, first_order=first_order, block_size=block_size, seed=seed, layerwise_refit=refit)
     gcfg = None
@@ -93,13 +94,14 @@ def prune_cmd(
 def _prune_budget(model: str, data: str, out: Path, weights: Path | None, profile: str | None,
                   latency_ms: float | None, memory_mb: float | None, file_mb: float | None, structure: str,
                   width_multiple: int | None, export: Path | None, stages: int, grads: int, seed: int,
-                  json_out: bool) -> None:
+                  json_out: bool, depth: bool | None = None) -> None:
     if profile is None:
         raise BadInput(f"--structure {structure}: structured pruning prunes to a device budget; give --profile "
                        "(e.g. --profile phone-mid-sd670, with --latency-ms to override its budget)")
     # --stages defaults to CHITA++'s long schedule; the budget search takes at most 8 (its own default: 4)
     cfg = budget.BudgetConfig(structure=structure, width_multiple=width_multiple,
-                              stages=stages if stages <= 8 else budget.BudgetConfig().stages, n_grads=grads, seed=seed)
+                              stages=stages if stages <= 8 else budget.BudgetConfig().stages, n_grads=grads, seed=seed,
+                              depth=budget.BudgetConfig().depth if depth is None else depth)
     with ui.progress() as cb:
         result = budget.prune_budget_checkpoint(model, weights, data, profile=profile, out=out, cfg=cfg,
                                                 latency_ms=latency_ms, memory_mb=memory_mb, file_mb=file_mb,
