@@ -575,15 +575,8 @@ class _Walker:
 
 
 def _analyse(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, list[ChannelGroupSpec]]:
-    with eval_no_grad(model):  # traced in eval mode: a `self.training` read in forward() is baked in
-        gm = _trace(model)
-        rec = _Recorder(gm)
-        try:
-            rec.run(*_as_args(example_input))
-        except Exception as e:
-            raise BadInput(f"{type(model).__name__}: the example input does not run through the model "
-                           f"({type(e).__name__}: {_first_line(e)})") from None
-    return gm, _Walker(gm, rec.shapes).run()
+    gm, shapes = _shapes(model, example_input)
+    return gm, _Walker(gm, shapes).run()
 
 
 def channel_groups(model: nn.Module, example_input: Any) -> list[ChannelGroupSpec]:
@@ -759,7 +752,8 @@ def residual_blocks(model: nn.Module, example_input: Any) -> list[ResidualBlock]
 
 
 def _shapes(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, dict[fx.Node, tuple[int, ...]]]:
-    with eval_no_grad(model):
+    """The traced graph and every node's output shape on ``example_input``."""
+    with eval_no_grad(model):  # traced in eval mode: a `self.training` read in forward() is baked in
         gm = _trace(model)
         rec = _Recorder(gm)
         try:
