@@ -26,6 +26,7 @@ import torch
 from chita_edge.data import load_data
 from chita_edge.evaluate import accuracy
 from chita_edge.finetune import FinetuneConfig, finetune
+from chita_edge.gradual import GradualConfig, gradual_prune
 from chita_edge.models import load_model
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.pruning.prune import PruneConfig, prune_weights
@@ -67,17 +68,28 @@ def run(name: str, args: argparse.Namespace) -> list[dict]:
         pcfg = PruneConfig(method=method, sparsity=s["sparsity"],
                            **({k: v for k, v in (("n_grads", args.grads), ("stages", args.stages), ("l2", args.l2))
                                if v is not None} if method.startswith("chita") else {}))
+        teacher = copy.deepcopy(dense.module) if args.distill else None
+
+        def on_epoch(r: dict, _m: str = method) -> None:
+            log(f"  {_m} {'step ' + str(r['step']) + ' ' if 'step' in r else ''}epoch {r['epoch']}: loss "
+                f"{r['loss']:.4f} train {r['train_accuracy']:.2f} % test {r['test_accuracy']:.2f} % ({r['seconds']:.0f} s)")
+
+        if args.gradual_start is not None:  # gradual pruning: the same epochs in all, pruning steps between them
+            gcfg = GradualConfig(epochs=ft_cfg.epochs, prune_every=args.prune_every,
+                                 start_sparsity=args.gradual_start, finetune=ft_cfg)
+            t = time.perf_counter()
+            gr = gradual_prune(lm.module, ds, pcfg, gcfg, filter_fn=lm.prunable, teacher=teacher, on_epoch=on_epoch)
+            rows.append(dict(model=name, method=f"gradual {method}", sparsity=gr.sparsity, dense=dense_acc,
+                             one_shot=float("nan"), finetuned=gr.accuracy, target=s["target"],
+                             prune_s=sum(st["prune_s"] for st in gr.steps), finetune_s=time.perf_counter() - t,
+                             epochs=ft_cfg.epochs, history=gr.steps, finetune_config=gr.config["gradual"],
+                             prune_config=gr.config["prune"]))
+            continue
         t = time.perf_counter()
         rep = prune_weights(lm.module, params, ds, pcfg)
         t_prune = time.perf_counter() - t
         one_shot = accuracy(lm.module, ds.x_test, ds.y_test)
         log(f"{name} {method}: sparsity {rep.sparsity:.4f}, one-shot {one_shot:.2f} % ({t_prune:.0f} s)")
-        teacher = copy.deepcopy(dense.module) if args.distill else None
-
-        def on_epoch(r: dict, _m: str = method) -> None:
-            log(f"  {_m} epoch {r['epoch']}: loss {r['loss']:.4f} train {r['train_accuracy']:.2f} % "
-                f"test {r['test_accuracy']:.2f} % ({r['seconds']:.0f} s)")
-
         fr = finetune(lm.module, ds, ft_cfg, masks=None, filter_fn=lm.prunable, teacher=teacher, on_epoch=on_epoch)
         rows.append(dict(model=name, method=method, sparsity=rep.sparsity, dense=dense_acc, one_shot=one_shot,
                          finetuned=fr.accuracy, target=s["target"], prune_s=t_prune,
@@ -101,6 +113,10 @@ def main() -> None:
     ap.add_argument("--grads", type=int, help="chita++: gradient rows n (default PruneConfig's)")
     ap.add_argument("--stages", type=int, help="chita++: stages T (default PruneConfig's)")
     ap.add_argument("--l2", type=float, help="chita++: ridge l2 (default PruneConfig's)")
+    ap.add_argument("--gradual-start", type=float,
+                    help="gradual pruning instead of one-shot + fine-tuning: cubic schedule from this sparsity, "
+                         "a pruning step every --prune-every epochs (the acceptance item is one-shot; this is the paper's setting)")
+    ap.add_argument("--prune-every", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json-out", type=Path)
@@ -112,12 +128,12 @@ def main() -> None:
     for name in (SETUPS if args.model == "all" else [args.model]):
         rows += run(name, args)
     base = {(r["model"]): r["finetuned"] for r in rows if r["method"] == "magnitude"}
-    print(f"{'model':9} {'method':10} {'sparsity':>8} {'dense':>6} {'one-shot':>8} {'fine-tuned':>10} "
+    print(f"{'model':9} {'method':18} {'sparsity':>8} {'dense':>6} {'one-shot':>8} {'fine-tuned':>10} "
           f"{'vs magnitude':>12} {'target':>6} {'ok':>3} {'epochs':>6} {'prune s':>8} {'tune s':>7}")
     for r in rows:
         d = r["finetuned"] - base[r["model"]] if r["model"] in base else float("nan")
         ok = "yes" if r["finetuned"] >= r["target"] else "no"
-        print(f"{r['model']:9} {r['method']:10} {r['sparsity']:8.4f} {r['dense']:6.2f} {r['one_shot']:8.2f} "
+        print(f"{r['model']:9} {r['method']:18} {r['sparsity']:8.4f} {r['dense']:6.2f} {r['one_shot']:8.2f} "
               f"{r['finetuned']:10.2f} {d:+12.2f} {r['target']:6.1f} {ok:>3} {r['epochs']:6d} "
               f"{r['prune_s']:8.0f} {r['finetune_s']:7.0f}")
     if args.json_out:
