@@ -159,10 +159,6 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, samples: int = 2
 
 
 @torch.no_grad()
-def _train_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float(torch.nn.functional.cross_entropy(model(x), y))
-
-
 @torch.no_grad()
 def _loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     out = model(x)
@@ -185,7 +181,7 @@ def _safeguard(model: nn.Module, params: list[PrunableParam], data: Dataset, w_b
     losses = {}
     for name, c in cands.items():
         set_weights(model, params, c)
-        losses[name] = _train_loss(model, x, y)
+        losses[name] = _loss_and_top1(model, x, y)[0]
     model.train(was)
     best = min(losses, key=lambda n: losses[n])
     return cands[best], {"chosen": best, "losses": losses}
