@@ -10,11 +10,11 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import TINY, run_cli
 from torch import nn
 
 from chita_edge.checkpoint import read_weights, save_checkpoint
-from chita_edge.data import Dataset, load_digits_dataset
+from chita_edge.data import Dataset
 from chita_edge.errors import Interrupted
 from chita_edge.finetune import (
     FinetuneConfig,
@@ -29,25 +29,6 @@ from chita_edge.io import sha256_file
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.pruning.prune import PruneConfig, cubic_schedule, prune, prune_weights
 from chita_edge.zoo import default_prunable
-
-TINY = '''
-import torch
-from torch import nn
-
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-def cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(6 * 64, 10))
-'''
-
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    return load_digits_dataset()
 
 
 def tiny_mlp() -> nn.Module:

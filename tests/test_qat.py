@@ -9,30 +9,15 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import TINY, run_cli
 from torch import nn
 
 from chita_edge.checkpoint import read_weights, save_checkpoint
-from chita_edge.data import Dataset, load_digits_dataset
+from chita_edge.data import Dataset
 from chita_edge.finetune import FinetuneConfig, finetune, masks_from_zeros
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.qat import QATModel, act_qparams, fake_quant_weight
 from chita_edge.zoo import ZOO, default_prunable
-
-TINY = '''
-import torch
-from torch import nn
-
-def cnn():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(6 * 64, 10))
-'''
-
-
-@pytest.fixture(scope="module")
-def digits() -> Dataset:
-    return load_digits_dataset()
 
 
 def tiny_cnn() -> nn.Module:
