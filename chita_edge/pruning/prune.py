@@ -159,7 +159,6 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, samples: int = 2
 
 
 @torch.no_grad()
-@torch.no_grad()
 def _loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     out = model(x)
     return float(torch.nn.functional.cross_entropy(out, y)), 100.0 * float((out.argmax(1) == y).float().mean())
