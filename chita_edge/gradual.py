@@ -58,7 +58,7 @@ class GradualConfig:
         if self.prune_every < 1:
             raise BadInput(f"--prune-every {self.prune_every}: expected >= 1")
         if not (0 <= self.start_sparsity < 1):
-            raise BadInput(f"start sparsity {self.start_sparsity}: expected a fraction in [0, 1)")
+            raise BadInput(f"--gradual-start {self.start_sparsity}: expected a fraction in [0, 1)")
         dataclasses.replace(self.finetune, epochs=1).validate()
         if not (0 <= target < 1):
             raise BadInput(f"--sparsity {target}: expected a fraction in [0, 1)")

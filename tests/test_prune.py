@@ -151,6 +151,16 @@ def test_prune_gradual_cli_keeps_masks_and_reaches_the_target(tmp_path):
     zeros = sum(int((sd[k] == 0).sum()) for k in ("1.weight", "3.weight"))
     assert zeros / (64 * 32 + 32 * 10) == pytest.approx(j["sparsity"])
     assert j["accuracy"] > 65.0  # measured 71.7; magnitude one-shot gives 26
+    assert j["gradual_steps"][0]["sparsity"] == pytest.approx(0.5, abs=2e-3)  # the cubic schedule's default start
+
+    r = run_cli("prune", f"{tmp_path / 'm.py'}:mlp", "--weights", tmp_path / "w.pt", "--data", "digits",
+                "--sparsity", "0.8", "--method", "magnitude", "--gradual", "--epochs", "2", "--gradual-start", "0.7",
+                "--out", tmp_path / "g7.pt", "--json")
+    assert r.code == 0, r.stderr
+    assert [round(s["sparsity"], 2) for s in r.json()["gradual_steps"]] == [0.7, 0.8]
+    r = run_cli("prune", f"{tmp_path / 'm.py'}:mlp", "--weights", tmp_path / "w.pt", "--data", "digits",
+                "--sparsity", "0.8", "--gradual", "--gradual-start", "1.5", "--out", tmp_path / "g8.pt")
+    assert r.code == 2 and "--gradual-start 1.5: expected a fraction" in r.stderr and not (tmp_path / "g8.pt").exists()
 
 
 def _digits_cnn(ds):
