@@ -200,25 +200,31 @@ def zero_block(model: nn.Module, block: ResidualBlock) -> None:
                 t.zero_()
 
 
+def _log_probs(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Log-softmax of ``model``'s outputs on ``x`` (float64), in batches."""
+    return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]).double().log_softmax(1)
+
+
+def _kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    """Mean KL(p_ref || p) over the samples, from log-probabilities; clamped at 0 against rounding."""
+    return max(float((ref.exp() * (ref - lp)).sum(1).mean()), 0.0)
+
+
 @torch.no_grad()
 def block_costs(model: nn.Module, blocks: list[ResidualBlock], x: torch.Tensor, batch: int = 128) -> list[float]:
     """Per residual block: the KL divergence of the model's outputs on ``x`` after removing the block
     (``zero_block``) from the model's current outputs -- the same loss proxy ``probe_curves`` measures for
     channel removals, so that the width search can trade a block against channels."""
-    def outputs(m: nn.Module) -> torch.Tensor:
-        return torch.cat([m(x[i:i + batch]) for i in range(0, len(x), batch)]).double().log_softmax(1)
-
     was = model.training
     model.eval()
     try:
-        ref = outputs(model)
+        ref = _log_probs(model, x, batch)
         out = []
         for b in blocks:
             trial = copy.deepcopy(model)
             zero_block(trial, b)
             trial.eval()
-            lp = outputs(trial)
-            out.append(max(float((ref.exp() * (ref - lp)).sum(1).mean()), 0.0))
+            out.append(_kl(ref, _log_probs(trial, x, batch)))
     finally:
         model.train(was)
     return out
@@ -526,12 +532,9 @@ def probe_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, curves
     """
     from chita_edge.solvers.group_chita import layer_backsolve
 
-    def outputs(m: nn.Module) -> torch.Tensor:
-        return torch.cat([m(x[i:i + batch]) for i in range(0, len(x), batch)]).double().log_softmax(1)
-
     was = model.training
     model.eval()
-    ref = outputs(model)
+    ref = _log_probs(model, x, batch)
     mods = dict(model.named_modules())
     out = []
     for f, (order, _) in enumerate(curves):
@@ -561,9 +564,7 @@ def probe_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, curves
                 Wn[Wz.abs().sum(1) == 0] = 0.0
                 mod.weight.copy_(Wn.reshape(mod.weight.shape).to(mod.weight.dtype))
             trial.eval()
-            lp = outputs(trial)
-            kl = float((ref.exp() * (ref - lp)).sum(1).mean())
-            pts.append((k, max(kl, 0.0)))
+            pts.append((k, _kl(ref, _log_probs(trial, x, batch))))
         kk = torch.tensor([p[0] for p in pts], dtype=torch.float64)
         vv = torch.tensor([p[1] for p in pts], dtype=torch.float64)
         vv = torch.cummax(vv, 0).values  # removing more never costs less
