@@ -620,10 +620,7 @@ _REPLACEMENTS: dict[str, type[nn.Module]] = {
     "tanh": nn.Tanh, "hardswish": nn.Hardswish,
 }
 _IDEMPOTENT = frozenset({"relu", "relu6"})  # act(act(z)) == act(z)
-_ACT_MODULE_NAMES: tuple[tuple[type[nn.Module], str], ...] = (
-    (nn.ReLU, "relu"), (nn.ReLU6, "relu6"), (nn.SiLU, "silu"), (nn.Sigmoid, "sigmoid"), (nn.Tanh, "tanh"),
-    (nn.Hardswish, "hardswish"),
-)
+_ACT_MODULE_NAMES = tuple((cls, name) for name, cls in _REPLACEMENTS.items() if name != "identity")
 _ACT_FUNCTION_NAMES = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", torch.sigmoid: "sigmoid",
                        F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish"}
 _ACT_METHOD_NAMES = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
@@ -675,6 +672,7 @@ def _blocks_of(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]],
     for n in nodes:
         dynamic[n] = n.op == "placeholder" or any(dynamic.get(a, False) for a in n.all_input_nodes)
     paths = {n: _module_paths(n) for n in nodes}
+    order = {n: i for i, n in enumerate(nodes)}
     found: list[ResidualBlock] = []
     for add in nodes:
         is_add = (add.op == "call_function" and add.target in _ADDS) or (
@@ -733,7 +731,6 @@ def _blocks_of(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]],
             else:
                 repl = "identity"
             gone = body if repl == "identity" else body - {act}
-            order = {n: i for i, n in enumerate(nodes)}
             mods = sorted({n.target for n in br if n.op == "call_module" and isinstance(
                 gm.get_submodule(n.target), (nn.Linear, *_CONV, *_BN))}, key=lambda t: min(
                     order[n] for n in br if n.op == "call_module" and n.target == t))
@@ -747,8 +744,12 @@ def _blocks_of(gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]],
 def residual_blocks(model: nn.Module, example_input: Any) -> list[ResidualBlock]:
     """Every removable residual block of ``model`` (identity shortcut), in execution order; see the module
     docstring, section 4. Raises ``BadInput`` when the model cannot be traced."""
+    return _traced_blocks(model, example_input)[1]
+
+
+def _traced_blocks(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, list[ResidualBlock]]:
     gm, shapes = _shapes(model, example_input)
-    return _blocks_of(gm, {n: s for n, s in shapes.items()}, {n for n, _ in model.named_modules() if n})
+    return gm, _blocks_of(gm, shapes, {n for n, _ in model.named_modules() if n})
 
 
 def _shapes(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, dict[fx.Node, tuple[int, ...]]]:
@@ -767,8 +768,7 @@ def _shapes(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, dict[
 def _zero_blocks(model: nn.Module, example_input: Any, tol: float) -> dict[str, str]:
     """{block path: replacement} of the residual blocks whose f is exactly zero (every Conv/Linear of f zero,
     f(x) zero on ``example_input``); nested ones left out when their outer block goes."""
-    gm, shapes = _shapes(model, example_input)
-    blocks = _blocks_of(gm, shapes, {n for n, _ in model.named_modules() if n})
+    gm, blocks = _traced_blocks(model, example_input)
     if not blocks:
         return {}
     mods = dict(model.named_modules())
