@@ -8,8 +8,9 @@ form; ``exporters/tflite_format.py``: ai-edge-quantizer ``static_wi8_ai8``):
   weight is quantised here and the frozen (eval-mode) BatchNorm applied after it is the fold;
 - activations per tensor, asymmetric int8 in [-128, 127] over [min(lo, 0), max(hi, 0)] calibrated by min/max,
   at the tensors the runtimes' QDQ graphs quantise after their fusions: the input of every Conv / Linear (e.g.
-  the normalised image), the output of every Conv(+BN)(+ReLU), Linear(+ReLU), residual Add(+ReLU) and average
-  pooling (a ReLU after them is fused: its output is quantised once).
+  the normalised image), the output of every Conv(+BN)(+ReLU), Linear(+ReLU) and residual Add(+ReLU) (a ReLU
+  after them is fused: its output is quantised once); average pooling runs in float in both exported files, so
+  its output is quantised, on a range of its own, only as the input of the next Conv / Linear.
 
 ``QATModel(model, calibration)`` traces ``model`` with ``torch.fx``, inserts ``FakeQuantAct`` observers at those
 tensors and routes every Conv / Linear through ``FakeQuantWeight`` (straight-through estimators:
@@ -41,10 +42,6 @@ _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _RELU_MODULES = (nn.ReLU, nn.ReLU6)
 _RELU_FUNCS = {F.relu, torch.relu, F.relu6}
 _ADD_FUNCS = {operator.add, torch.add, operator.iadd}
-_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                 nn.AdaptiveAvgPool3d)
-_POOL_FUNCS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-               F.adaptive_avg_pool3d}
 _SHAPE_FUNCS = {torch.flatten, torch.reshape}
 _SHAPE_METHODS = {"flatten", "view", "reshape"}
 _SHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)  # no new tensor values in an exported (eval) graph
@@ -110,22 +107,6 @@ class FakeQuantAct(nn.Module):
         return f"{self.name}, range [{float(self.lo):.4g}, {float(self.hi):.4g}]"
 
 
-class SharedFakeQuant(nn.Module):
-    """Fake quantisation with another tensor's range: average pooling's output keeps its input's scale and zero
-    point in both runtimes (ONNX Runtime's QDQ AveragePool, TFLite's int8 AVERAGE_POOL_2D)."""
-
-    def __init__(self, src: FakeQuantAct):
-        super().__init__()
-        self._src = (src,)  # a tuple: not registered as a submodule (its range belongs to the source)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        src = self._src[0]
-        if src.calibrating:
-            return x
-        scale, zp = act_qparams(src.lo, src.hi)
-        return fake_quant_act(x, scale, zp, src.dither and self.training)
-
-
 class FakeQuantWeight(nn.Module):
     """A Conv / Linear run with its weight fake-quantised; the wrapped module (and its parameters) is shared."""
 
@@ -170,15 +151,10 @@ class QATModel(nn.Module):
         fq = nn.ModuleDict()
         graph = gm.graph
 
-        def insert_after(node: fx.Node, name: str, shared: FakeQuantAct | None = None) -> fx.Node:
-            if shared is None:
-                key = f"qat_act_q{len(fq)}"
-                fq[key[8:]] = FakeQuantAct(name, ema, dither)
-                gm.add_submodule(key, fq[key[8:]])
-            else:
-                key = f"qat_shared_{len(self.points)}"
-                gm.add_submodule(key, SharedFakeQuant(shared))
-                name = f"{name} (range of {shared.name})"
+        def insert_after(node: fx.Node, name: str) -> fx.Node:
+            key = f"qat_act_q{len(fq)}"
+            fq[key[8:]] = FakeQuantAct(name, ema, dither)
+            gm.add_submodule(key, fq[key[8:]])
             with graph.inserting_after(node):
                 q = graph.call_module(key, (node,))
             node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
@@ -206,7 +182,7 @@ class QATModel(nn.Module):
         for node in list(graph.nodes):
             if node in quantised:
                 continue
-            anchor, pool = None, False
+            anchor = None
             if _is_module(gm, node, _CONV + (nn.Linear,)):
                 inp = node.args[0]
                 if isinstance(inp, fx.Node) and source(inp) not in quantised:
@@ -219,15 +195,10 @@ class QATModel(nn.Module):
             elif node.op == "call_function" and node.target in _ADD_FUNCS and all(
                     isinstance(a, fx.Node) for a in node.args[:2]):
                 anchor, allow_bn, label = node, False, f"{node.name}"
-            elif _is_module(gm, node, _POOL_MODULES) or (node.op == "call_function" and node.target in _POOL_FUNCS):
-                anchor, allow_bn, label = node, False, str(node.target) if node.op == "call_module" else node.name
-                pool = True
             if anchor is not None:
                 end = chain_end(anchor, allow_bn)
-                src = source(node.args[0]) if node.args else None
-                shared = gm.get_submodule(src.target) if pool and src in quantised and end is node else None
                 if end not in quantised:
-                    insert_after(end, label, shared if isinstance(shared, FakeQuantAct) else None)
+                    insert_after(end, label)
         if wrapped == 0:
             raise BadInput("--qat: the model has no Conv / Linear layer to quantise")
         graph.lint()

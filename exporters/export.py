@@ -96,6 +96,7 @@ class ExportReport:
     zeros: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     int8_fallback: dict[str, Any] | None = None  # int8: layers left in float and the measurements behind them
+    int8_float_pooling: list[str] = field(default_factory=list)  # int8: averaging nodes / scopes run in float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,10 +209,16 @@ def export_model(
     calib, hold = (None if a is None else np.asarray(a.float().numpy() if isinstance(a, torch.Tensor) else a,
                                                      dtype=np.float32) for a in (calibration, holdout))
     fallback: dict[str, Any] | None = None
+    float_pooling: list[str] = []
 
     def int8(q: Any) -> Any:
         """All-int8, or int8 with the measured float fallback (exporters/mixed.py)."""
         nonlocal fallback
+        float_pooling.extend(q.float_pooling)
+        if q.float_pooling:
+            notes.append(f"int8: {len(q.float_pooling)} average pooling op(s) run in float32, so that the next "
+                         f"layer quantises their output on its own int8 range (int8 average pooling keeps its "
+                         f"input's, much coarser, scale)")
         if not cfg.int8_fallback:
             return q.quantize(())
         from chita_edge.exporters import mixed
@@ -283,6 +290,8 @@ def export_model(
     }
     if fallback is not None:
         meta["int8_fallback"] = fallback
+    if float_pooling:
+        meta["int8_float_pooling"] = float_pooling
 
     with atomic_path(out) as tmp:
         if cfg.format == "onnx":
@@ -312,7 +321,7 @@ def export_model(
         size = tmp.stat().st_size
     return ExportReport(out=str(out), format=cfg.format, layout=cfg.layout, quantize=cfg.quantize, bytes=size,
                         exporter=exporter, requires=req, layers=layers, compact=compact, parity=parity,
-                        zeros=zeros, notes=notes, int8_fallback=fallback)
+                        zeros=zeros, notes=notes, int8_fallback=fallback, int8_float_pooling=float_pooling)
 
 
 __all__ = ["FORMATS", "LAYOUTS", "QUANTIZE", "ExportConfig", "ExportReport", "Parity", "export_model"]

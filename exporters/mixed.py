@@ -45,6 +45,8 @@ class Candidate:
 
 
 class Int8Backend(Protocol):
+    float_pooling: list[str]  # averaging nodes / scopes that every quantisation leaves in float
+
     def candidates(self) -> list[Candidate]: ...
 
     def quantize(self, keep_float: Sequence[str] = ()) -> Any: ...

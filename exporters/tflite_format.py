@@ -18,6 +18,7 @@ flatbuffer after conversion with the schema bindings shipped in ``ai_edge_litert
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -151,14 +152,19 @@ def quantize(buf: bytes, mode: str, calibration: np.ndarray | None = None) -> by
 
 
 _FALLBACK_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "ADD", "MUL", "SUB",
-                 "CONCATENATION", "MEAN", "AVERAGE_POOL_2D")  # ops that can be left in float
+                 "CONCATENATION")  # ops that can be left in float
+_AVERAGING_OPS = ("AVERAGE_POOL_2D", "MEAN")  # always float in int8 (``Int8Quantizer.float_pooling``)
 
 
 class Int8Quantizer:
     """ai-edge-quantizer ``static_wi8_ai8``, calibrated once with the true min/max over all calibration samples
     (the quantizer's default moving average of per-sample ranges clips the extremes): ``quantize(keep_float)``
     quantises again with the ops of the named scopes (their output tensor names) left in float32; the
-    ``mixed.Int8Backend`` of TFLite."""
+    ``mixed.Int8Backend`` of TFLite.
+
+    Averaging ops (``float_pooling``) are always left in float, so that the layer after them quantises the
+    averages on their own calibrated range: int8 AVERAGE_POOL_2D must keep its input's scale, far too coarse for
+    averages (see ``onnx_format.Int8Quantizer``)."""
 
     def __init__(self, buf: bytes, calibration: np.ndarray, params: dict[str, tuple[int, ...]] | None = None):
         cs = self._cs = _converter_stack()
@@ -175,6 +181,11 @@ class Int8Quantizer:
                 self._qsvs = cal.get_model_qsvs()
         except Exception as e:
             raise RuntimeFailure(f"LiteRT int8 calibration failed ({_first_line(e)})") from None
+        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tu
+
+        fg = (fm := read(buf)).subgraphs[0]
+        self.float_pooling = list(dict.fromkeys(tu.get_op_scope(op, fg.tensors) for op in fg.operators
+                                                if _op_name(fm, op) in _AVERAGING_OPS))
 
     def candidates(self) -> list[mixed.Candidate]:
         from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tu
@@ -204,11 +215,13 @@ class Int8Quantizer:
         try:
             with _quiet():
                 q.load_quantization_recipe(cs.recipe.static_wi8_ai8())
-                for scope in keep_float:  # later configs win over the '.*' one
+                for scope in dict.fromkeys([*self.float_pooling, *keep_float]):  # later configs win
                     q.update_quantization_recipe(regex="^" + re.escape(scope) + "$",
                                                  operation_name=cs.qtyping.TFLOperationName.ALL_SUPPORTED,
                                                  algorithm_key=cs.algorithm_manager.AlgorithmName.NO_QUANTIZE)
-                qbuf = bytes(q.quantize(self._qsvs, enable_progress_report=False).quantized_model)
+                # a copy: the quantizer writes scale constraints (an int8 AVERAGE_POOL_2D's output range := its
+                # input's) into the ranges it is given, which would leak into every later trial
+                qbuf = bytes(q.quantize(copy.deepcopy(self._qsvs), enable_progress_report=False).quantized_model)
         except Exception as e:
             raise RuntimeFailure(f"LiteRT int8 quantisation failed ({_first_line(e)})") from None
         qm = read(qbuf)

@@ -479,6 +479,39 @@ def test_int8_without_sensitive_layers_stays_all_int8(tiny, digits, tmp_path):
     assert r.json()["int8_fallback"]["inputs"] == "held-out" and r.json()["int8_fallback"]["samples"] == 1000
 
 
+def pooled_cnn(pool: nn.Module) -> tuple[nn.Module, float, float]:
+    """The trained tiny CNN with ``pool`` as its pooling, the int8 step of its pooled features' own range and the
+    (coarser) step of the pooling's input on the calibration inputs ``export_int8`` uses."""
+    cnn = copy.deepcopy(_trained_cnn())
+    cnn[6] = pool
+    with torch.no_grad():
+        a = cnn[:6](_digits().x_train[:100])
+        p = cnn[6](a)
+    own, coarse = (float(t.max() - min(float(t.min()), 0.0)) / 255 for t in (p, a))
+    assert own < 0.5 * coarse
+    return cnn, own, coarse
+
+
+@pytest.mark.parametrize("pool", [nn.AvgPool2d(8), nn.AdaptiveAvgPool2d(1)], ids=["avgpool", "adaptive"])
+def test_onnx_int8_average_pooling_is_float_and_the_classifier_gets_its_own_grid(pool, digits, tmp_path):
+    """QDQ AveragePool would re-quantise the averages on its input's grid; run in float, the Gemm after it
+    quantises them on their own range."""
+    from onnx import numpy_helper
+
+    cnn, own, _ = pooled_cnn(pool)
+    r = export_int8(cnn, "onnx", tmp_path / "q.onnx", digits, int8_fallback=False, min_agreement=0.9)
+    g = onnx.load(str(tmp_path / "q.onnx")).graph
+    producer = {o: n for n in g.node for o in n.output}
+    pools = [n for n in g.node if n.op_type in ("AveragePool", "GlobalAveragePool", "ReduceMean")]
+    assert len(pools) == 1 and r.int8_float_pooling == [pools[0].name] and r.parity.passed
+    assert producer[pools[0].input[0]].op_type == "DequantizeLinear"  # a float op between int8 ones
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] == pools[0].output[0] for n in g.node)
+    dq = producer[next(n for n in g.node if n.op_type == "Gemm").input[0]]
+    scales = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    assert dq.op_type == "DequantizeLinear" and float(scales[dq.input[1]]) == pytest.approx(own, rel=0.01)
+    assert any("average pooling" in n for n in r.notes)
+
+
 def test_onnx_runtime_sessions_are_opened_in_one_place():
     """chita_edge.runtimes profiles and primes ONNX Runtime through onnx_format (one set of session options)."""
     import ast

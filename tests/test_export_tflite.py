@@ -14,6 +14,8 @@ from test_export import (  # noqa: F401  (fixtures shared with the ONNX tests)
     _export,
     check_fallback_keeps_the_classifier,
     digits,
+    export_int8,
+    pooled_cnn,
     tiny,
 )
 
@@ -132,3 +134,37 @@ def test_int8_repairs_all_zero_channels_that_carry_a_bias(tiny, digits, tmp_path
 def test_int8_keeps_exactly_the_sensitive_layer_in_float(tiny, digits, tmp_path):  # noqa: F811
     check_fallback_keeps_the_classifier("tflite", tiny, digits, tmp_path)
     assert load_session(tmp_path / "q.tflite").xnnpack is True  # float and int8 ops both run under XNNPACK
+
+
+@pytest.mark.parametrize("pool", [torch.nn.AvgPool2d(8), torch.nn.AdaptiveAvgPool2d(1)], ids=["avgpool", "adaptive"])
+def test_int8_average_pooling_is_float_and_the_classifier_gets_its_own_grid(pool, digits, tmp_path):  # noqa: F811
+    """int8 AVERAGE_POOL_2D keeps its input's scale; run in float, the classifier after it quantises the averages
+    on their own range (the FULLY_CONNECTED's int32 bias scale follows its input scale)."""
+    from chita_edge.exporters import tflite_format
+
+    cnn, own, coarse = pooled_cnn(pool)
+    r = export_int8(cnn, "tflite", tmp_path / "q.tflite", digits, int8_fallback=False, min_agreement=0.9)
+    assert r.parity.passed and len(r.int8_float_pooling) == 1
+    m = tflite_format.load(tmp_path / "q.tflite")
+    g = m.subgraphs[0]
+    ops = {tflite_format._op_name(m, op): op for op in g.operators}
+    pooling = ops.get("AVERAGE_POOL_2D") or ops["MEAN"]
+    assert g.tensors[int(pooling.inputs[0])].type == 0  # float32: DEQUANTIZE -> pooling -> QUANTIZE
+    x, w, b = (g.tensors[int(i)] for i in ops["FULLY_CONNECTED"].inputs[:3])
+    xs = float(np.asarray(x.quantization.scale).reshape(-1)[0])
+    assert xs == pytest.approx(own, rel=0.01) and xs < 0.5 * coarse
+    assert np.allclose(np.asarray(b.quantization.scale), np.asarray(w.quantization.scale) * xs, rtol=1e-5)
+
+
+def test_int8_quantising_leaves_the_calibrated_ranges_alone(digits):  # noqa: F811
+    """The quantizer writes scale constraints into the ranges it is given (an int8 AVERAGE_POOL_2D's output range
+    becomes its input's); each fallback trial must start from the calibrated ranges, so each gets a copy."""
+    from chita_edge.exporters import tflite_format
+
+    cnn, _, _ = pooled_cnn(torch.nn.AvgPool2d(8))
+    q = tflite_format.Int8Quantizer(tflite_format.convert(cnn, digits.x_test[:1]), digits.x_train[:100].numpy())
+    before = {k: {f: np.asarray(v).copy() for f, v in d.items()} for k, d in q._qsvs.items()}
+    q.float_pooling = []  # the pooling in int8: the constrained op whose range the quantizer rewrites
+    first = q.quantize(())
+    assert all(np.array_equal(before[k][f], np.asarray(v)) for k, d in q._qsvs.items() for f, v in d.items())
+    assert q.quantize(()) == first
