@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,29 @@ class Parity:
     criterion: str
     passed: bool
     xnnpack: bool
+    flips: int = 0  # inputs whose top-1 class differs from PyTorch's
+    logit_rmse: float = 0.0  # root-mean-square error of the outputs
+    flip_margin_max: float | None = None  # the largest PyTorch top-2 margin among the flipped inputs
+    agreement_interval: tuple[float, float] = (0.0, 1.0)  # 95 % Wilson interval of the top-1 agreement
+    summary: str = field(init=False, default="")  # how many decisions changed, how sure, how close to a tie
+
+    def __post_init__(self) -> None:
+        lo, hi = self.agreement_interval
+        text = (f"{self.flips} of {self.samples} top-1 decisions changed (95 % interval of the agreement "
+                f"{lo:.1%}-{hi:.1%})")
+        if self.flips and self.flip_margin_max is not None:
+            text += (f"; PyTorch's top-2 margin on them <= {self.flip_margin_max:.3g}, output rms error "
+                     f"{self.logit_rmse:.3g}")
+        object.__setattr__(self, "summary", text)
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p, zz = k / n, z * z / n
+    mid, half = (p + zz / 2) / (1 + zz), z * math.sqrt(p * (1 - p) / n + zz / (4 * n)) / (1 + zz)
+    return max(0.0, mid - half), min(1.0, mid + half)
 
 
 @dataclass(frozen=True)
@@ -150,12 +174,19 @@ def _check_parity(cfg: ExportConfig, ref: np.ndarray, got: np.ndarray, inputs: s
         return Parity(n, inputs, float("inf"), 0.0, f"output shape {got.shape} vs PyTorch {ref.shape}", False, xnnpack)
     finite = bool(np.isfinite(got).all())
     err = float(np.abs(got.astype(np.float64) - ref).max()) if finite and n else (0.0 if n == 0 else float("inf"))
-    agree = float((got.argmax(1) == ref.argmax(1)).mean()) if finite and n else 0.0
+    flipped = (got.argmax(1) != ref.argmax(1)) if finite and n else np.ones(n, dtype=bool)
+    agree = 1.0 - float(flipped.mean()) if finite and n else 0.0
+    rmse = float(np.sqrt(np.mean((got.astype(np.float64) - ref) ** 2))) if finite and n else float("inf")
+    margin = None
+    if finite and flipped.any() and ref.shape[1] > 1:
+        top2 = np.sort(ref[flipped], axis=1)[:, -2:]
+        margin = float((top2[:, 1] - top2[:, 0]).max())
     if cfg.quantize == "none":
         crit, ok = f"max abs error <= {cfg.atol:g}", finite and err <= cfg.atol
     else:
         crit, ok = f"top-1 agreement >= {cfg.min_agreement:.0%}", finite and agree >= cfg.min_agreement
-    return Parity(n, inputs, err, agree, crit, ok, xnnpack)
+    return Parity(n, inputs, err, agree, crit, ok, xnnpack, int(flipped.sum()), rmse, margin,
+                  _wilson(n - int(flipped.sum()), n))
 
 
 def export_model(
@@ -317,7 +348,8 @@ def export_model(
             raise RuntimeFailure(
                 f"parity check failed for the {cfg.format} {cfg.layout}/{cfg.quantize} export on "
                 f"{parity.samples} {parity_source} inputs: max abs error {parity.max_abs_error:.3g}, top-1 "
-                f"agreement {parity.top1_agreement:.2%} (needs {parity.criterion}){fb}; nothing written to {out}")
+                f"agreement {parity.top1_agreement:.2%} (needs {parity.criterion}): {parity.summary}{fb}; "
+                f"nothing written to {out}")
         size = tmp.stat().st_size
     return ExportReport(out=str(out), format=cfg.format, layout=cfg.layout, quantize=cfg.quantize, bytes=size,
                         exporter=exporter, requires=req, layers=layers, compact=compact, parity=parity,

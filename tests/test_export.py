@@ -243,6 +243,22 @@ def test_onnx_int8_is_static_qdq_keeps_zeros_and_agrees(tiny, digits, tmp_path):
     assert r.zeros["layers"][0]["zero_fraction_file"] >= r.zeros["layers"][0]["zero_fraction_torch"] > 0.4
 
 
+def test_parity_counts_flips_their_margins_and_the_interval():
+    from chita_edge.exporters.export import _check_parity
+
+    ref = np.array([[2.0, 1.9, 0.0], [5.0, 0.0, 0.0], [0.0, 3.0, 2.5], [1.0, 0.0, 0.0]])
+    got = np.array([[1.8, 2.0, 0.0], [5.0, 0.1, 0.0], [0.0, 2.4, 2.6], [1.0, 0.0, 0.0]], dtype=np.float32)
+    p = _check_parity(ExportConfig(format="onnx", quantize="int8", min_agreement=0.5), ref, got, "data", False)
+    assert p.passed and p.flips == 2 and p.top1_agreement == 0.5
+    assert p.flip_margin_max == pytest.approx(0.5)  # the larger of the flipped rows' margins 0.1 and 0.5
+    assert p.logit_rmse == pytest.approx(np.sqrt(np.mean((got - ref) ** 2)), rel=1e-6)
+    lo, hi = p.agreement_interval
+    assert 0.15 < lo < 0.5 < hi < 0.85  # Wilson 95 % for 2 of 4: 15.0 % - 85.0 %
+    assert "2 of 4 top-1 decisions changed (95 % interval of the agreement 15.0%-85.0%)" in p.summary
+    same = _check_parity(ExportConfig(format="onnx", quantize="int8"), ref, ref.astype(np.float32), "data", False)
+    assert same.flips == 0 and same.flip_margin_max is None and same.agreement_interval[1] == 1.0
+
+
 def test_onnx_fp16_halves_the_file(tiny, digits, tmp_path):
     x = digits.x_test[:100]
     r = _export(tiny["cnn"], "onnx", "dense", tmp_path / "h.onnx", x, quantize="fp16")
@@ -434,7 +450,8 @@ def check_fallback_keeps_the_classifier(fmt, tiny, digits, tmp_path):
     in float32, says so in the report, the file's metadata and ``inspect``, and the parity check passes."""
     m = hostile_cnn(_trained_cnn())
     out = tmp_path / f"q.{fmt}"
-    with pytest.raises(RuntimeFailure, match="parity check failed"):
+    with pytest.raises(RuntimeFailure, match=r"parity check failed.* top-1 decisions changed \(95 % interval .*"
+                                             r"top-2 margin on them <= "):
         export_int8(m, fmt, out, digits, int8_fallback=False)
     assert not out.exists()
     r = export_int8(m, fmt, out, digits)

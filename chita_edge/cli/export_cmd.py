@@ -73,6 +73,8 @@ def export_cmd(
     req = "" if r["requires"].get("xnnpack", True) or r["format"] != "tflite" else "; requires: no XNNPACK"
     ui.info(f"wrote {r['out']} ({_kb(r['bytes'])}); parity on {p['samples']} {p['inputs']} inputs: max abs error "
             f"{p['max_abs_error']:.2g}, top-1 agreement {p['top1_agreement']:.2%} ({p['criterion']}){req}")
+    if r["quantize"] != "none":
+        ui.info(f"parity: {p['summary']}")
     if r.get("compact"):
         c = r["compact"]
         ui.info(f"compact: {c['removed_channels']} channels removed, parameters {c['params_before']} -> "
