@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,27 +46,38 @@ def quantizer(fmt: str, model: torch.nn.Module, example: torch.Tensor, calib: np
     return F.Int8Quantizer(F.convert(model, example), calib, params), F
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def load(spec: str) -> tuple[str, Path, torch.nn.Module, Any]:
+    """``NAME=PATH`` of a chita-edge checkpoint -> its name, path, model (eval mode) and data set."""
+    name, path = spec.split("=", 1)
+    meta = read_weights(Path(path))[1] or {}
+    return name, Path(path), load_model(None, Path(path)).module.eval(), load_data(meta["data"])
+
+
+def start(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options both int8 scripts share (``--ckpt``, ``--formats``, ``--parity-samples``), parsed; one thread;
+    the header line."""
     ap.add_argument("--ckpt", action="append", required=True, help="NAME=PATH of a chita-edge checkpoint")
     ap.add_argument("--formats", default="onnx,tflite")
     ap.add_argument("--parity-samples", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--per-round", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"int8_pooling: torch {torch.__version__}, {os.cpu_count()} CPUs, load average "
+    print(f"{Path(sys.argv[0]).stem}: torch {torch.__version__}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return args
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--per-round", type=int, default=50)
+    args = start(ap)
     with tempfile.TemporaryDirectory(prefix="int8-pooling-") as d:
         for spec in args.ckpt:
-            name, path = spec.split("=", 1)
-            meta = read_weights(Path(path))[1] or {}
-            model = load_model(None, Path(path)).module.eval()
-            ds = load_data(meta["data"])
+            name, path, model, ds = load(spec)
             x = ds.x_test[:args.parity_samples]
             with torch.no_grad():
                 ref = model(x).numpy().astype(np.float64)
-            print(f"\n## {name} ({Path(path).name}): all-int8, {len(x)} test images")
+            print(f"\n## {name} ({path.name}): all-int8, {len(x)} test images")
             print("| format | pooling | top-1 agreement | changed decisions (95 % interval) | output rms error | "
                   "vs int8 pooling | latency ms | vs int8 pooling |")
             print("|---|---|---|---|---|---|---|---|")
