@@ -51,7 +51,7 @@ def main() -> None:
                     fb = mixed.select_float_fallback(q, hold.numpy(), ref_hold, target=target,
                                                      max_float_macs=args.max_float_macs)
                 except ChitaError as e:
-                    print(f"| {fmt} | {target:.1%} | not reached: {str(e).split(';')[0]} | - | - | - | - |", flush=True)
+                    print(f"| {fmt} | {target:.1%} | not reached: {str(e).split('; use ')[0]} | - | - | - | - |", flush=True)
                     continue
                 p = _check_parity(ExportConfig(format=fmt, quantize="int8"), ref, q.run(fb.model, x.numpy()),
                                   "data", True)
