@@ -163,7 +163,7 @@ def inspect_file(path: str | os.PathLike, runtime: str | None = None) -> dict[st
         "quantize": meta.get("quantize"), "source": meta.get("source"), "requires": requires,
         "compact": meta.get("compact"), "zero_fraction": zf, "macs": total, "sparse_macs": sparse_macs,
         "sparse_mac_share": share, "predicted_latency_ratio": predicted, "weights": rows,
-        "mixed_precision": mixed, "verdict": v,
+        "mixed_precision": mixed, "int8_float_pooling": meta.get("int8_float_pooling", []), "verdict": v,
     }
 
 

@@ -527,6 +527,7 @@ def test_onnx_int8_average_pooling_is_float_and_the_classifier_gets_its_own_grid
     scales = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     assert dq.op_type == "DequantizeLinear" and float(scales[dq.input[1]]) == pytest.approx(own, rel=0.01)
     assert any("average pooling" in n for n in r.notes)
+    assert inspect_file(tmp_path / "q.onnx")["int8_float_pooling"] == [pools[0].name]  # from the file's metadata
 
 
 def test_onnx_runtime_sessions_are_opened_in_one_place():
