@@ -111,6 +111,7 @@ def select_float_fallback(backend: Int8Backend, x: np.ndarray, ref: np.ndarray, 
     order = sorted(cands, key=lambda c: (alone[c.name][1] >= e0, alone[c.name][1], -alone[c.name][0]))
     kept: list[Candidate] = []
     best = (a0, e0, q0)
+    peak = (a0, 0)  # the best held-out agreement seen on the way, and with how many float layers
     evaluated = 1 + len(cands)
     for c in order:
         if (sum(k.macs for k in kept) + c.macs) / total_macs > max_float_macs:
@@ -121,6 +122,7 @@ def select_float_fallback(backend: Int8Backend, x: np.ndarray, ref: np.ndarray, 
         y = backend.run(q, x)
         evaluated += 1
         best = (agreement(ref, y), logit_mse(ref, y), q)
+        peak = max(peak, (best[0], -len(kept)))
         if best[0] >= target:
             break
     frac = sum(k.macs for k in kept) / total_macs
@@ -128,8 +130,9 @@ def select_float_fallback(backend: Int8Backend, x: np.ndarray, ref: np.ndarray, 
         raise RuntimeFailure(
             f"int8: top-1 agreement {a0:.2%} on {len(x)} held-out inputs with every layer in int8; leaving the "
             f"{len(kept)} most sensitive layers in float ({frac:.1%} of MACs, at most {max_float_macs:.0%}) "
-            f"reaches only {best[0]:.2%} (needs {target:.2%}); use --quantize fp16, or allow more float layers "
-            f"(--max-float-macs) or a lower --min-agreement")
+            f"reaches only {best[0]:.2%} (needs {target:.2%}; the best on the way: {peak[0]:.2%} with {-peak[1]} "
+            f"float layer(s)); use --quantize fp16, or allow more float layers (--max-float-macs) or a lower "
+            f"--min-agreement")
     rows = [{"name": k.name, "op": k.op, "param": k.param, "tensor": k.tensor, "macs": k.macs,
              "mac_fraction": round(k.macs / total_macs, 6), "agreement_alone": alone[k.name][0],
              "logit_mse_alone": alone[k.name][1],

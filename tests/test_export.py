@@ -545,3 +545,42 @@ def test_onnx_runtime_sessions_are_opened_in_one_place():
     so = onnx_format.session_options(1, profile_prefix="p")
     assert so.enable_profiling and so.intra_op_num_threads == 1
     assert rt.prime_runtime("onnxruntime") is True
+
+
+class _ScriptedBackend:
+    """A ``mixed.Int8Backend`` whose held-out outputs are scripted per set of float layers: the agreement is the
+    fraction of rows whose argmax stays class 0."""
+
+    float_pooling: list[str] = []
+
+    def __init__(self, agreement_of: dict[tuple[str, ...], float], n: int = 100):
+        self.agreement_of, self.n = agreement_of, n
+
+    def candidates(self):
+        from chita_edge.exporters.mixed import Candidate
+
+        return [Candidate(name=k, op="Conv", macs=10) for k in ("a", "b", "c")]
+
+    def quantize(self, keep_float=()):
+        return tuple(keep_float)
+
+    def run(self, model, x):
+        flips = round((1 - self.agreement_of[model]) * self.n)
+        y = np.zeros((self.n, 2), dtype=np.float32)
+        y[:, 0] = 1.0
+        y[:flips, 1] = 2.0 + 0.01 * len(model)  # a flip; later float sets lower the logit error a little
+        return y
+
+
+def test_fallback_failure_names_the_best_agreement_seen_on_the_way():
+    """The held-out agreement is not monotone in the float layers: a failed selection says where it peaked."""
+    from chita_edge.exporters.mixed import select_float_fallback
+
+    scripted = {(): 0.90, ("a",): 0.95, ("b",): 0.91, ("c",): 0.91, ("a", "b"): 0.93, ("a", "b", "c"): 0.92}
+    backend = _ScriptedBackend(scripted)
+    ref = np.tile(np.array([[1.0, 0.0]]), (100, 1))
+    with pytest.raises(RuntimeFailure, match=r"reaches only 92.00% \(needs 99.00%; the best on the way: 95.00% "
+                                             r"with 1 float layer\(s\)\)"):
+        select_float_fallback(backend, np.zeros((100, 1), np.float32), ref, target=0.99, max_float_macs=1.0)
+    fb = select_float_fallback(backend, np.zeros((100, 1), np.float32), ref, target=0.95, max_float_macs=1.0)
+    assert [k["name"] for k in fb.kept] == ["a"] and fb.agreement == pytest.approx(0.95)
