@@ -83,6 +83,7 @@ class Parity:
     flips: int = 0  # inputs whose top-1 class differs from PyTorch's
     logit_rmse: float = 0.0  # root-mean-square error of the outputs
     flip_margin_max: float | None = None  # the largest PyTorch top-2 margin among the flipped inputs
+    margin_median: float | None = None  # the median PyTorch top-2 margin over all inputs
     agreement_interval: tuple[float, float] = (0.0, 1.0)  # 95 % Wilson interval of the top-1 agreement
     summary: str = field(init=False, default="")  # how many decisions changed, how sure, how close to a tie
 
@@ -91,8 +92,8 @@ class Parity:
         text = (f"{self.flips} of {self.samples} top-1 decisions changed (95 % interval of the agreement "
                 f"{lo:.1%}-{hi:.1%})")
         if self.flips and self.flip_margin_max is not None:
-            text += (f"; PyTorch's top-2 margin on them <= {self.flip_margin_max:.3g}, output rms error "
-                     f"{self.logit_rmse:.3g}")
+            text += (f"; PyTorch's top-2 margin on them <= {self.flip_margin_max:.3g} (median over all inputs "
+                     f"{self.margin_median:.3g}), output rms error {self.logit_rmse:.3g}")
         object.__setattr__(self, "summary", text)
 
 
@@ -177,15 +178,17 @@ def _check_parity(cfg: ExportConfig, ref: np.ndarray, got: np.ndarray, inputs: s
     flipped = (got.argmax(1) != ref.argmax(1)) if finite and n else np.ones(n, dtype=bool)
     agree = 1.0 - float(flipped.mean()) if finite and n else 0.0
     rmse = float(np.sqrt(np.mean((got.astype(np.float64) - ref) ** 2))) if finite and n else float("inf")
-    margin = None
-    if finite and flipped.any() and ref.shape[1] > 1:
-        top2 = np.sort(ref[flipped], axis=1)[:, -2:]
-        margin = float((top2[:, 1] - top2[:, 0]).max())
+    margin = median = None
+    if finite and n and ref.shape[1] > 1:
+        top2 = np.sort(ref, axis=1)[:, -2:]
+        margins = top2[:, 1] - top2[:, 0]
+        median = float(np.median(margins))
+        margin = float(margins[flipped].max()) if flipped.any() else None
     if cfg.quantize == "none":
         crit, ok = f"max abs error <= {cfg.atol:g}", finite and err <= cfg.atol
     else:
         crit, ok = f"top-1 agreement >= {cfg.min_agreement:.0%}", finite and agree >= cfg.min_agreement
-    return Parity(n, inputs, err, agree, crit, ok, xnnpack, int(flipped.sum()), rmse, margin,
+    return Parity(n, inputs, err, agree, crit, ok, xnnpack, int(flipped.sum()), rmse, margin, median,
                   _wilson(n - int(flipped.sum()), n))
 
 

@@ -251,6 +251,8 @@ def test_parity_counts_flips_their_margins_and_the_interval():
     p = _check_parity(ExportConfig(format="onnx", quantize="int8", min_agreement=0.5), ref, got, "data", False)
     assert p.passed and p.flips == 2 and p.top1_agreement == 0.5
     assert p.flip_margin_max == pytest.approx(0.5)  # the larger of the flipped rows' margins 0.1 and 0.5
+    assert p.margin_median == pytest.approx(0.75)  # margins 0.1, 5, 0.5, 1
+    assert "top-2 margin on them <= 0.5 (median over all inputs 0.75)" in p.summary
     assert p.logit_rmse == pytest.approx(np.sqrt(np.mean((got - ref) ** 2)), rel=1e-6)
     lo, hi = p.agreement_interval
     assert 0.15 < lo < 0.5 < hi < 0.85  # Wilson 95 % for 2 of 4: 15.0 % - 85.0 %
