@@ -251,3 +251,25 @@ def test_qat_resume_is_bit_identical(digits, pruned_cnn, tmp_path):
     assert rep.resumed_from == {"epoch": 1, "step": 0}
     sa, sb = fresh.state_dict(), ref.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_simulated_quantisation_points_and_scales_are_the_exported_files(tmp_path):
+    """Every activation the int8 ONNX file quantises (its QuantizeLinear nodes) is a point of the simulation, with
+    the same scale -- average pooling included: in float, its output quantised once, on its own range, as the
+    classifier's input."""
+    import onnx
+    from chita_edge.exporters import ExportConfig, export_model
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    r20 = ZOO["resnet20"].factory().eval()
+    x = torch.rand(24, 3, 32, 32)
+    export_model(r20, ExportConfig(format="onnx", quantize="int8", min_agreement=0.01, int8_fallback=False),
+                 example_input=x[:1], out=tmp_path / "q.onnx", parity_inputs=x[:4], calibration=x)
+    g = onnx.load(str(tmp_path / "q.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    file_scales = sorted(float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear")
+    q = QATModel(r20, x)
+    sim_scales = sorted(act_qparams(m.lo, m.hi)[0] for m in q.fq.values())
+    assert len(file_scales) == len(sim_scales) == len(q.points)
+    assert np.allclose(file_scales, sim_scales, rtol=3e-3)
