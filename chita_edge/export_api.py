@@ -118,8 +118,10 @@ def export_checkpoint(
         ds = None
         notes.append("the checkpoint's data set does not match its input shape; parity on random inputs")
     test = ds if ds is not None else calib_ds
+    labels = None
     if test is not None:
         parity_inputs, parity_source = test.x_test[:parity_samples], "data"
+        labels = test.y_test[:parity_samples]
     else:
         g = torch.Generator().manual_seed(0)
         parity_inputs = torch.rand((min(parity_samples, RANDOM_PARITY_SAMPLES), *shape), generator=g)
@@ -138,7 +140,8 @@ def export_checkpoint(
               "method": meta.get("method"), "sparsity": meta.get("sparsity"),
               "dense_sha256": meta.get("source_sha256")}
     report = export_model(lm.module, cfg, example_input=example, out=out, parity_inputs=parity_inputs,
-                          parity_source=parity_source, calibration=calib, holdout=hold, source=source,
+                          parity_source=parity_source, parity_labels=labels, calibration=calib, holdout=hold,
+                          source=source,
                           progress=progress)
     result = report.to_dict()
     result["notes"] = notes + result["notes"]

@@ -85,6 +85,8 @@ class Parity:
     flip_margin_max: float | None = None  # the largest PyTorch top-2 margin among the flipped inputs
     margin_median: float | None = None  # the median PyTorch top-2 margin over all inputs
     agreement_interval: tuple[float, float] = (0.0, 1.0)  # 95 % Wilson interval of the top-1 agreement
+    accuracy_torch: float | None = None  # top-1 accuracy on the inputs' labels, when given: PyTorch
+    accuracy_file: float | None = None  # ... and the exported file
     summary: str = field(init=False, default="")  # how many decisions changed, how sure, how close to a tie
 
     def __post_init__(self) -> None:
@@ -94,6 +96,8 @@ class Parity:
         if self.flips and self.flip_margin_max is not None:
             text += (f"; PyTorch's top-2 margin on them <= {self.flip_margin_max:.3g} (median over all inputs "
                      f"{self.margin_median:.3g}), output rms error {self.logit_rmse:.3g}")
+        if self.accuracy_torch is not None and self.accuracy_file is not None:
+            text += f"; top-1 accuracy on them: PyTorch {self.accuracy_torch:.2%}, file {self.accuracy_file:.2%}"
         object.__setattr__(self, "summary", text)
 
 
@@ -169,7 +173,8 @@ def _zeros_report(model: nn.Module, ws: list[L.Weight]) -> dict[str, Any]:
             "layers": rows}
 
 
-def _check_parity(cfg: ExportConfig, ref: np.ndarray, got: np.ndarray, inputs: str, xnnpack: bool) -> Parity:
+def _check_parity(cfg: ExportConfig, ref: np.ndarray, got: np.ndarray, inputs: str, xnnpack: bool,
+                  labels: np.ndarray | None = None) -> Parity:
     n = len(ref)
     if got.shape != ref.shape:
         return Parity(n, inputs, float("inf"), 0.0, f"output shape {got.shape} vs PyTorch {ref.shape}", False, xnnpack)
@@ -188,8 +193,13 @@ def _check_parity(cfg: ExportConfig, ref: np.ndarray, got: np.ndarray, inputs: s
         crit, ok = f"max abs error <= {cfg.atol:g}", finite and err <= cfg.atol
     else:
         crit, ok = f"top-1 agreement >= {cfg.min_agreement:.0%}", finite and agree >= cfg.min_agreement
+    acc_ref = acc_got = None
+    if labels is not None and len(labels) == n and n:
+        labels = np.asarray(labels).reshape(-1)
+        acc_ref = float((ref.argmax(1) == labels).mean())
+        acc_got = float((got.argmax(1) == labels).mean()) if finite else 0.0
     return Parity(n, inputs, err, agree, crit, ok, xnnpack, int(flipped.sum()), rmse, margin, median,
-                  _wilson(n - int(flipped.sum()), n))
+                  _wilson(n - int(flipped.sum()), n), acc_ref, acc_got)
 
 
 def export_model(
@@ -200,6 +210,7 @@ def export_model(
     out: str | os.PathLike,
     parity_inputs: torch.Tensor,
     parity_source: str = "data",
+    parity_labels: torch.Tensor | np.ndarray | None = None,
     calibration: torch.Tensor | np.ndarray | None = None,
     holdout: torch.Tensor | np.ndarray | None = None,
     source: dict[str, Any] | None = None,
@@ -207,7 +218,8 @@ def export_model(
 ) -> ExportReport:
     """Export ``model`` as ``cfg`` says to ``out`` and prove it with a parity check (see the module docstring).
 
-    ``example_input``: one batch (N >= 1) of the model's input; ``parity_inputs``: the inputs to compare on;
+    ``example_input``: one batch (N >= 1) of the model's input; ``parity_inputs``: the inputs to compare on
+    (``parity_labels``: their classes, if known: the parity report then gives both top-1 accuracies);
     ``calibration``: inputs for static int8 (required for ``quantize="int8"``); ``holdout``: inputs, disjoint
     from ``parity_inputs``, on which int8's float fallback is chosen (default: the calibration inputs);
     ``source``: provenance recorded in the file's metadata (e.g. ``{"sha256": ..., "name": ...}``).
@@ -340,7 +352,8 @@ def export_model(
         got = sess.run(parity_inputs.float().numpy())
         del sess
         parity = _check_parity(cfg, ref, got.reshape(len(got), -1) if len(got) else got, parity_source,
-                               bool(req.get("xnnpack", False)) and cfg.format == "tflite")
+                               bool(req.get("xnnpack", False)) and cfg.format == "tflite",
+                               None if parity_labels is None else np.asarray(parity_labels))
         cb("parity", 1, 1)
         if not parity.passed:
             fb = ""

@@ -257,6 +257,11 @@ def test_parity_counts_flips_their_margins_and_the_interval():
     lo, hi = p.agreement_interval
     assert 0.15 < lo < 0.5 < hi < 0.85  # Wilson 95 % for 2 of 4: 15.0 % - 85.0 %
     assert "2 of 4 top-1 decisions changed (95 % interval of the agreement 15.0%-85.0%)" in p.summary
+    labelled = _check_parity(ExportConfig(format="onnx", quantize="int8"), ref, got, "data", False,
+                             labels=np.array([0, 0, 2, 1]))
+    assert (labelled.accuracy_torch, labelled.accuracy_file) == (0.5, 0.5)  # rows 0, 1 vs rows 1, 2 right
+    assert labelled.summary.endswith("top-1 accuracy on them: PyTorch 50.00%, file 50.00%")
+    assert p.accuracy_torch is None and "accuracy" not in p.summary
     same = _check_parity(ExportConfig(format="onnx", quantize="int8"), ref, ref.astype(np.float32), "data", False)
     assert same.flips == 0 and same.flip_margin_max is None and same.agreement_interval[1] == 1.0
 
@@ -303,6 +308,7 @@ def test_cli_export_checkpoint_json(tiny, tmp_path):
     assert r.code == 0, r.stderr
     j = r.json()
     assert j["parity"]["passed"] and j["parity"]["inputs"] == "data" and j["parity"]["samples"] == 300
+    assert j["parity"]["accuracy_file"] == j["parity"]["accuracy_torch"] > 0  # on the test labels (digits)
     assert j["format"] == "onnx" and j["source"]["sha256"] == sha256_file(tiny["mlp_ckpt"])
     assert out.exists() and inspect_file(out)["source"]["sha256"] == sha256_file(tiny["mlp_ckpt"])
 
