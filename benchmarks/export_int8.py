@@ -37,7 +37,7 @@ from chita_edge.export_api import export_checkpoint  # noqa: E402
 
 
 def run_one(ck: Path, fmt: str, layout: str, out: Path, fallback: bool, max_float_macs: float = 0.2,
-            parity_samples: int = 1000, labelled: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+            parity_samples: int = 1000) -> dict:
     t0 = time.perf_counter()
     try:
         r = export_checkpoint(ck, out=out, fmt=fmt, layout=layout, quantize="int8", int8_fallback=fallback,
@@ -46,14 +46,9 @@ def run_one(ck: Path, fmt: str, layout: str, out: Path, fallback: bool, max_floa
     except ChitaError as e:
         return {"error": str(e), "seconds": time.perf_counter() - t0}
     fb = r.get("int8_fallback") or {}
-    acc = None
-    if labelled is not None:  # top-1 of the int8 file on the parity images (the same ones, in the same order)
-        from chita_edge.exporters import load_session
-
-        x, y = labelled
-        acc = 100.0 * float((torch.from_numpy(load_session(out, threads=1).run(x.numpy())).argmax(1) == y)
-                            .float().mean())
-    return {"int8_accuracy": acc, "agreement": r["parity"]["top1_agreement"], "samples": r["parity"]["samples"],
+    acc = r["parity"]["accuracy_file"]  # on the parity images' labels (None without a data set)
+    return {"int8_accuracy": None if acc is None else 100.0 * acc, "agreement": r["parity"]["top1_agreement"],
+            "samples": r["parity"]["samples"],
             "kept": [k["param"] or k["op"] for k in fb.get("kept", [])],
             "float_mac_fraction": fb.get("float_mac_fraction", 0.0), "holdout_int8": fb.get("agreement_int8"),
             "holdout": fb.get("agreement"), "zeros_kept": r["zeros"]["zeros_kept"],
@@ -90,11 +85,11 @@ def main() -> None:
             name, path = spec.split("=", 1)
             ck = Path(path)
             meta = read_weights(ck)[1] or {}
-            labelled, acc_f = None, None
+            acc_f = None
             if meta.get("data"):
                 ds = load_data(meta["data"])
-                labelled = (ds.x_test[:args.parity_samples], ds.y_test[:args.parity_samples])
-                acc_f = accuracy(load_model(None, ck).module, *labelled)
+                acc_f = accuracy(load_model(None, ck).module, ds.x_test[:args.parity_samples],
+                                 ds.y_test[:args.parity_samples])
             print(f"\n## {name} ({ck.name}, qat: {bool(meta.get('qat'))}): int8 top-1 agreement with PyTorch on the "
                   f"parity inputs; PyTorch top-1 {acc_f if acc_f is None else f'{acc_f:.2f} %'}")
             print("| format | layout | all-int8 | int8 top-1 | int8 + fallback | float32 layers (share of MACs) | "
@@ -104,7 +99,7 @@ def main() -> None:
                 for layout in args.layouts.split(","):
                     suffix = ".onnx" if fmt == "onnx" else ".tflite"
                     plain = run_one(ck, fmt, layout, tmp / f"{name}-{layout}-int8{suffix}", False,
-                                    parity_samples=args.parity_samples, labelled=labelled)
+                                    parity_samples=args.parity_samples)
                     fb = (run_one(ck, fmt, layout, tmp / f"{name}-{layout}-fb{suffix}", True, args.max_float_macs,
                                   args.parity_samples)
                           if layout in args.fallback_layouts.split(",") else {"error": "not run"})
