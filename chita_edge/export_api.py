@@ -141,8 +141,7 @@ def export_checkpoint(
               "dense_sha256": meta.get("source_sha256")}
     report = export_model(lm.module, cfg, example_input=example, out=out, parity_inputs=parity_inputs,
                           parity_source=parity_source, parity_labels=labels, calibration=calib, holdout=hold,
-                          source=source,
-                          progress=progress)
+                          source=source, progress=progress)
     result = report.to_dict()
     result["notes"] = notes + result["notes"]
     result["source"] = source

@@ -181,24 +181,25 @@ class Int8Quantizer:
                 self._qsvs = cal.get_model_qsvs()
         except Exception as e:
             raise RuntimeFailure(f"LiteRT int8 calibration failed ({_first_line(e)})") from None
+        self.float_pooling = list(dict.fromkeys(scope for name, scope, _ in self._scoped_ops(read(buf))
+                                                if name in _AVERAGING_OPS))
+
+    @staticmethod
+    def _scoped_ops(fm: Any) -> list[tuple[str, str, Any]]:
+        """(op name, scope -- what the quantizer's recipes match --, op) for each op of ``fm``'s main graph."""
         from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tu
 
-        fg = (fm := read(buf)).subgraphs[0]
-        self.float_pooling = list(dict.fromkeys(tu.get_op_scope(op, fg.tensors) for op in fg.operators
-                                                if _op_name(fm, op) in _AVERAGING_OPS))
+        g = fm.subgraphs[0]
+        return [(_op_name(fm, op), tu.get_op_scope(op, g.tensors), op) for op in g.operators]
 
     def candidates(self) -> list[mixed.Candidate]:
-        from ai_edge_quantizer.utils import tfl_flatbuffer_utils as tu
-
         fm = read(self._buf)
         g = fm.subgraphs[0]
         ws = {w.name: w for w in weights(fm, self._params)[0]}
         by_scope: dict[str, mixed.Candidate] = {}
-        for op in g.operators:
-            name = _op_name(fm, op)
+        for name, scope, op in self._scoped_ops(fm):
             if name not in _FALLBACK_OPS:
                 continue
-            scope = tu.get_op_scope(op, g.tensors)
             w = None
             if name in _WEIGHT_OPS and op.inputs is not None and len(op.inputs) > 1:
                 w = ws.get(_name(g.tensors[int(op.inputs[1])]))
