@@ -35,15 +35,20 @@ from chita_edge.data import load_data  # noqa: E402
 from chita_edge.models import load_model  # noqa: E402
 
 
-def quantizer(fmt: str, model: torch.nn.Module, example: torch.Tensor, calib: np.ndarray):
+def float_file(fmt: str, model: torch.nn.Module, example: torch.Tensor) -> tuple[Any, Any, tuple]:
+    """The format module, the float file the export quantises, and the quantiser's extra arguments."""
     if fmt == "onnx":
         from chita_edge.exporters import onnx_format as F
 
-        return F.Int8Quantizer(F.export(model, example)[0], calib), F
+        return F, F.export(model, example)[0], ()
     from chita_edge.exporters import tflite_format as F  # type: ignore[no-redef]
 
-    params = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2}
-    return F.Int8Quantizer(F.convert(model, example), calib, params), F
+    return F, F.convert(model, example), ({n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2},)
+
+
+def quantizer(fmt: str, model: torch.nn.Module, example: torch.Tensor, calib: np.ndarray):
+    F, art, extra = float_file(fmt, model, example)
+    return F.Int8Quantizer(art, calib, *extra), F
 
 
 def load(spec: str) -> tuple[str, Path, torch.nn.Module, Any]:
