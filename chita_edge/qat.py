@@ -26,7 +26,6 @@ Pure torch; imported by ``chita_edge.finetune`` only.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -34,14 +33,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from chita_edge.errors import BadInput
+from chita_edge.structure import _ADDS, _act_name
 
 QMIN, QMAX = -128, 127  # activations: int8, asymmetric
 WMAX = 127  # weights: symmetric int8 [-127, 127], zero point 0
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_RELU_MODULES = (nn.ReLU, nn.ReLU6)
-_RELU_FUNCS = {F.relu, torch.relu, F.relu6}
-_ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 _SHAPE_FUNCS = {torch.flatten, torch.reshape}
 _SHAPE_METHODS = {"flatten", "view", "reshape"}
 _SHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)  # no new tensor values in an exported (eval) graph
@@ -126,8 +123,8 @@ def _is_module(gm: fx.GraphModule, n: fx.Node, types: tuple[type, ...]) -> bool:
 
 
 def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return (_is_module(gm, n, _RELU_MODULES) or (n.op == "call_function" and n.target in _RELU_FUNCS)
-            or (n.op == "call_method" and n.target == "relu"))
+    """A ReLU / ReLU6 (module, function or method): the runtimes fuse it into the op before it."""
+    return _act_name(gm, n) in ("relu", "relu6")
 
 
 def _is_shape(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -192,7 +189,7 @@ class QATModel(nn.Module):
                 gm.add_submodule(wname, FakeQuantWeight(gm.get_submodule(node.target)))
                 anchor, allow_bn, label = node, True, str(node.target)
                 node.target = wname
-            elif node.op == "call_function" and node.target in _ADD_FUNCS and all(
+            elif node.op == "call_function" and node.target in _ADDS and all(
                     isinstance(a, fx.Node) for a in node.args[:2]):
                 anchor, allow_bn, label = node, False, f"{node.name}"
             if anchor is not None:
