@@ -101,6 +101,15 @@ class Parity:
         object.__setattr__(self, "summary", text)
 
 
+def _shortfall(p: Parity, target: float) -> str:
+    """Whether a top-1 agreement below ``target`` is within the sampling noise of the parity inputs."""
+    lo, hi = p.agreement_interval
+    if hi >= target:
+        return (f"the 95 % interval reaches {target:.0%}, so on {p.samples} inputs the shortfall is within sampling "
+                f"noise: check on more inputs (--parity-samples) or accept it (--min-agreement)")
+    return f"the whole 95 % interval is below {target:.0%}: the file does worse than the gate, not by chance"
+
+
 def _wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95 % Wilson score interval of a proportion k / n."""
     if n == 0:
@@ -364,7 +373,8 @@ def export_model(
             raise RuntimeFailure(
                 f"parity check failed for the {cfg.format} {cfg.layout}/{cfg.quantize} export on "
                 f"{parity.samples} {parity_source} inputs: max abs error {parity.max_abs_error:.3g}, top-1 "
-                f"agreement {parity.top1_agreement:.2%} (needs {parity.criterion}): {parity.summary}{fb}; "
+                f"agreement {parity.top1_agreement:.2%} (needs {parity.criterion}): {parity.summary}{fb}"
+                f"{'' if cfg.quantize == 'none' else '; ' + _shortfall(parity, cfg.min_agreement)}; "
                 f"nothing written to {out}")
         size = tmp.stat().st_size
     return ExportReport(out=str(out), format=cfg.format, layout=cfg.layout, quantize=cfg.quantize, bytes=size,
