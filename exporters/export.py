@@ -106,7 +106,8 @@ def _shortfall(p: Parity, target: float) -> str:
     lo, hi = p.agreement_interval
     if hi >= target:
         return (f"the 95 % interval reaches {target:.0%}, so on {p.samples} inputs the shortfall is within sampling "
-                f"noise: more inputs would tell (--parity-samples, up to the test split's size), or accept it with --min-agreement")
+                f"noise: more inputs would tell (--parity-samples, up to the test split's size), or accept it with "
+                f"--min-agreement")
     return f"the whole 95 % interval is below {target:.0%}: the file does worse than the gate, not by chance"
 
 
