@@ -190,7 +190,8 @@ def _check_parity(cfg: ExportConfig, ref: np.ndarray, got: np.ndarray, inputs: s
         return Parity(n, inputs, float("inf"), 0.0, f"output shape {got.shape} vs PyTorch {ref.shape}", False, xnnpack)
     finite = bool(np.isfinite(got).all())
     err = float(np.abs(got.astype(np.float64) - ref).max()) if finite and n else (0.0 if n == 0 else float("inf"))
-    flipped = (got.argmax(1) != ref.argmax(1)) if finite and n else np.ones(n, dtype=bool)
+    top_ref, top_got = ref.argmax(1), got.argmax(1)
+    flipped = (top_got != top_ref) if finite and n else np.ones(n, dtype=bool)
     agree = 1.0 - float(flipped.mean()) if finite and n else 0.0
     rmse = float(np.sqrt(np.mean((got.astype(np.float64) - ref) ** 2))) if finite and n else float("inf")
     margin = median = None
@@ -206,8 +207,8 @@ def _check_parity(cfg: ExportConfig, ref: np.ndarray, got: np.ndarray, inputs: s
     acc_ref = acc_got = None
     if labels is not None and len(labels) == n and n:
         labels = np.asarray(labels).reshape(-1)
-        acc_ref = float((ref.argmax(1) == labels).mean())
-        acc_got = float((got.argmax(1) == labels).mean()) if finite else 0.0
+        acc_ref = float((top_ref == labels).mean())
+        acc_got = float((top_got == labels).mean()) if finite else 0.0
     return Parity(n, inputs, err, agree, crit, ok, xnnpack, int(flipped.sum()), rmse, margin, median,
                   _wilson(n - int(flipped.sum()), n), acc_ref, acc_got)
 
