@@ -35,17 +35,17 @@ from typing import Any
 
 import torch
 
-from chita_edge.budget import BudgetConfig, measure_model, prune_to_budget
-from chita_edge.costmodel import CostModel
-from chita_edge.data import Dataset, load_data
-from chita_edge.errors import GateFailed
-from chita_edge.evaluate import accuracy
-from chita_edge.models import load_model
-from chita_edge.profiles import load_profile, with_budgets
+from chita_edge.budget.costmodel import CostModel
+from chita_edge.budget.search import BudgetConfig, measure_model, prune_to_budget
+from chita_edge.core.data import Dataset, load_data
+from chita_edge.core.errors import GateFailed
+from chita_edge.core.evaluate import accuracy
+from chita_edge.devices.profiles import load_profile, with_budgets
+from chita_edge.graph.structure import compact_model
+from chita_edge.models.loading import load_model
+from chita_edge.models.zoo import MobileNetV1
 from chita_edge.pruning.structured import apply_keep, channel_structure
 from chita_edge.solvers.group_chita import select_groups
-from chita_edge.structure import compact_model
-from chita_edge.zoo import MobileNetV1
 
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 # Profiles with a width multiple of 4: with phone-mid-sd670's 8, ResNet20's smallest reachable latency is ~0.5x of
@@ -211,7 +211,7 @@ def mlp_section(m: dict[str, Any], prof, wd: Path, args, cms: dict, dense_meas: 
         meas = measure_model(un, data.x_train[:1], prof, p, percentile=PCT, runs=args.runs, repeats=args.repeats,
                              parity_inputs=data.x_test[:16]) if layout == "dense" else None
         if meas is None:
-            from chita_edge.bench import BenchConfig, benchmark, best_latency
+            from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
 
             lat = [float(best_latency(benchmark(p, [prof], BenchConfig(runs=args.runs)), prof.id)[0][PCT])
                    for _ in range(args.repeats)]

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from chita_edge.bench import run_child
-from chita_edge.calibration import fit_profile, host_calibration, leave_one_out
-from chita_edge.profiles import load_all
+from chita_edge.devices.calibration import fit_profile, host_calibration, leave_one_out
+from chita_edge.devices.child import run_child
+from chita_edge.devices.profiles import load_all
 
 TOL = 0.35
 
@@ -49,7 +49,7 @@ def loo_summary(rows: list[dict]) -> tuple[int, int]:
 def export_examples(out: Path) -> list[Path]:
     from chita_edge.exporters import onnx_format
 
-    from chita_edge.zoo import MobileNetV1, ResNet20
+    from chita_edge.models.zoo import MobileNetV1, ResNet20
 
     files = []
     for name, module, shape in (("resnet20", ResNet20(), (1, 3, 32, 32)),

@@ -1,7 +1,7 @@
 """int8 parity of the paper's pruned models in every layout, with and without the measured float fallback.
 
 For each checkpoint (chita-edge checkpoints carrying their data set), exports int8 ONNX and TFLite in every
-layout through ``chita_edge.export_api.export_checkpoint`` (what ``chita-edge export`` runs): once all-int8
+layout through ``chita_edge.workflows.export.export_checkpoint`` (what ``chita-edge export`` runs): once all-int8
 (``--no-int8-fallback``, written with the gate lowered so it can be measured) and once with the fallback (the
 default). Prints the top-1 agreement with PyTorch on the parity inputs (the first 1000 test images; the
 fallback is chosen on 1000 held-out training images after the 200 calibration ones), the layers kept in
@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_layouts import latencies  # noqa: E402
 
-from chita_edge.errors import ChitaError  # noqa: E402
-from chita_edge.export_api import export_checkpoint  # noqa: E402
+from chita_edge.core.errors import ChitaError  # noqa: E402
+from chita_edge.workflows.export import export_checkpoint  # noqa: E402
 
 
 def run_one(ck: Path, fmt: str, layout: str, out: Path, fallback: bool, max_float_macs: float = 0.2,
@@ -74,10 +74,10 @@ def main() -> None:
     print(f"export_int8: torch {torch.__version__}, {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results: dict = {}
-    from chita_edge.checkpoint import read_weights
-    from chita_edge.data import load_data
-    from chita_edge.evaluate import accuracy
-    from chita_edge.models import load_model
+    from chita_edge.core.checkpoint import read_weights
+    from chita_edge.core.data import load_data
+    from chita_edge.core.evaluate import accuracy
+    from chita_edge.models.loading import load_model
 
     with tempfile.TemporaryDirectory(prefix="export-int8-") as d:
         tmp = Path(d)

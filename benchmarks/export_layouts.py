@@ -34,9 +34,9 @@ import torch
 from chita_edge.exporters import ExportConfig, export_model, load_session
 from torch import nn
 
-from chita_edge.data import load_data
-from chita_edge.evaluate import accuracy
-from chita_edge.zoo import BasicBlock, MLPNet, ResNet20
+from chita_edge.core.data import load_data
+from chita_edge.core.evaluate import accuracy
+from chita_edge.models.zoo import BasicBlock, MLPNet, ResNet20
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", ROOT.parent / "shared"))
@@ -205,7 +205,7 @@ def case_mlp1024(tmp: Path, args: argparse.Namespace) -> list[dict]:
 def case_mlpnet(tmp: Path, args: argparse.Namespace) -> list[dict] | None:
     ckpt, mnist = SHARED / "checkpoints" / "mlpnet_mnist.pt", SHARED / "data" / "mnist.npz"
     if args.mlpnet:
-        from chita_edge.models import load_model
+        from chita_edge.models.loading import load_model
 
         model = load_model(None, args.mlpnet).module
         how = f"checkpoint {args.mlpnet}"

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from chita_edge.data import load_data
-from chita_edge.evaluate import accuracy
-from chita_edge.finetune import FinetuneConfig, finetune
-from chita_edge.gradual import GradualConfig, gradual_prune
-from chita_edge.models import load_model
+from chita_edge.core.data import load_data
+from chita_edge.core.evaluate import accuracy
+from chita_edge.models.loading import load_model
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.pruning.prune import PruneConfig, prune_weights
+from chita_edge.training.finetune import FinetuneConfig, finetune
+from chita_edge.training.gradual import GradualConfig, gradual_prune
 
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 

@@ -26,7 +26,7 @@ from chita_edge.exporters import ExportConfig, mixed  # noqa: E402
 from chita_edge.exporters.export import _check_parity  # noqa: E402
 from int8_pooling import load, quantizer, start  # noqa: E402
 
-from chita_edge.errors import ChitaError  # noqa: E402
+from chita_edge.core.errors import ChitaError  # noqa: E402
 
 
 def main() -> None:

@@ -30,9 +30,9 @@ from chita_edge.exporters import ExportConfig  # noqa: E402
 from chita_edge.exporters.export import _check_parity  # noqa: E402
 from export_layouts import latencies  # noqa: E402
 
-from chita_edge.checkpoint import read_weights  # noqa: E402
-from chita_edge.data import load_data  # noqa: E402
-from chita_edge.models import load_model  # noqa: E402
+from chita_edge.core.checkpoint import read_weights  # noqa: E402
+from chita_edge.core.data import load_data  # noqa: E402
+from chita_edge.models.loading import load_model  # noqa: E402
 
 
 def float_file(fmt: str, model: torch.nn.Module, example: torch.Tensor) -> tuple[Any, Any, tuple]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from chita_edge.data import load_data
-from chita_edge.evaluate import accuracy
-from chita_edge.models import load_model
+from chita_edge.core.data import load_data
+from chita_edge.core.evaluate import accuracy
+from chita_edge.models.loading import load_model
 from chita_edge.pruning.prune import PruneConfig, prune
 
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))

@@ -227,8 +227,10 @@ def main() -> int:
         shutil.rmtree(work / old, ignore_errors=True)
     pipe = args.pipeline.resolve() if args.pipeline else pipeline_file(work)
     run_dir = work / "run"
-    from chita_edge.pipeline import load_pipeline  # the profile ids, as the run will name their folders
-    from chita_edge.profiles import load_profile
+    from chita_edge.devices.profiles import load_profile
+    from chita_edge.workflows.pipeline import (
+        load_pipeline,  # the profile ids, as the run will name their folders
+    )
 
     profile = load_profile(load_pipeline(pipe).profiles[0]).id
     cmd = command(pipe, run_dir)

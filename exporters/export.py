@@ -1,6 +1,6 @@
 """One verb: ``export_model(model, ExportConfig(...), ...)`` writes an ONNX or TFLite file that passed parity.
 
-Step 1: (``compact``/``auto``) physically remove all-zero channels with ``chita_edge.structure.compact_model``.
+Step 1: (``compact``/``auto``) physically remove all-zero channels with ``chita_edge.graph.structure.compact_model``.
 Step 2: convert (torch.onnx / litert-torch), then quantise (static int8 with calibration data, or fp16).
 Step 3: describe every weight of the converted file and choose its encoding (``layouts.plan_onnx`` /
         ``plan_tflite``: the measured rules), write the encodings and the metadata.
@@ -26,8 +26,8 @@ from chita_edge.exporters import layouts as L
 from torch import nn
 
 from chita_edge._version import __version__
-from chita_edge.errors import BadInput, RuntimeFailure
-from chita_edge.io import atomic_path
+from chita_edge.core.errors import BadInput, RuntimeFailure
+from chita_edge.core.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def _batched(model: nn.Module, x: torch.Tensor, bs: int = 256) -> np.ndarray:
 
 
 def _compact(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
-    from chita_edge.structure import compact_model, count_macs
+    from chita_edge.graph.structure import compact_model, count_macs
 
     new, plan = compact_model(model, example)
     removed = sum(g["size"] - len(plan["keep"][gid]) for gid, g in plan["groups"].items())

@@ -18,7 +18,7 @@ from typing import Any
 from chita_edge.exporters import layouts as L
 from chita_edge.exporters.runtime import RUNTIME_OF, detect_format
 
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
 
 RUNTIMES = ("onnxruntime", "litert")
 

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from chita_edge.errors import RuntimeFailure
+from chita_edge.core.errors import RuntimeFailure
 
 Progress = Callable[[str, int, int], None]
 

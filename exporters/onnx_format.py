@@ -25,7 +25,7 @@ from chita_edge.exporters import layouts as L
 from chita_edge.exporters import mixed
 from onnx import helper, numpy_helper
 
-from chita_edge.errors import BadInput, RuntimeFailure
+from chita_edge.core.errors import BadInput, RuntimeFailure
 
 log = logging.getLogger(__name__)
 

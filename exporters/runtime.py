@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from chita_edge.errors import BadInput
-from chita_edge.io import require_file
+from chita_edge.core.errors import BadInput
+from chita_edge.core.io import require_file
 
 FORMATS = ("onnx", "tflite")
 RUNTIME_OF = {"onnx": "onnxruntime", "tflite": "litert"}

@@ -35,7 +35,7 @@ import torch
 from chita_edge.exporters import layouts as L
 from chita_edge.exporters import mixed
 
-from chita_edge.errors import BadInput, MissingExtra, RuntimeFailure
+from chita_edge.core.errors import BadInput, MissingExtra, RuntimeFailure
 
 log = logging.getLogger(__name__)
 

@@ -85,6 +85,6 @@ def cnn():
 @pytest.fixture(scope="module")
 def digits():
     """scikit-learn's 8x8 digits as a chita-edge Dataset."""
-    from chita_edge.data import load_digits_dataset
+    from chita_edge.core.data import load_digits_dataset
 
     return load_digits_dataset()

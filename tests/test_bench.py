@@ -14,9 +14,10 @@ import torch
 from conftest import run_cli
 from torch import nn
 
-from chita_edge.bench import BenchConfig, benchmark, best_latency, run_child
-from chita_edge.bench_child import measure
-from chita_edge.calibration import (
+from chita_edge.core.errors import BadInput, RuntimeFailure
+from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
+from chita_edge.devices.bench_child import measure
+from chita_edge.devices.calibration import (
     REFERENCE_MODELS,
     HostCalibration,
     anchors_for,
@@ -25,8 +26,8 @@ from chita_edge.calibration import (
     host_calibration,
     leave_one_out,
 )
-from chita_edge.errors import BadInput, RuntimeFailure
-from chita_edge.profiles import load_all, load_profile, parse_profile
+from chita_edge.devices.child import run_child
+from chita_edge.devices.profiles import load_all, load_profile, parse_profile
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""chita_edge.budget: the greedy width search, the stages, impossible budgets, checkpoints and the CLI.
+"""chita_edge.budget.search: the greedy width search, the stages, impossible budgets, checkpoints and the CLI.
 
 The cost model is replaced by an analytic stand-in (MACs-like latency, exact weight bytes) and the benchmark by a
 stand-in measurement, so that these tests check the search and its plumbing, not this machine's timings.
@@ -15,15 +15,15 @@ import torch
 from conftest import run_cli
 from torch import nn
 
-from chita_edge import budget as B
-from chita_edge.costmodel import Prediction
-from chita_edge.data import Dataset
-from chita_edge.errors import GateFailed
-from chita_edge.models import load_model
-from chita_edge.profiles import load_profile, with_budgets
+from chita_edge.budget.costmodel import Prediction
+from chita_edge.budget import search as B
+from chita_edge.core.data import Dataset
+from chita_edge.core.errors import GateFailed
+from chita_edge.devices.profiles import load_profile, with_budgets
+from chita_edge.graph.structure import apply_plan
+from chita_edge.models.loading import load_model
+from chita_edge.models.zoo import ResNet20
 from chita_edge.pruning.structured import alive_channels, channel_structure
-from chita_edge.structure import apply_plan
-from chita_edge.zoo import ResNet20
 
 torch.set_num_threads(1)
 
@@ -196,7 +196,7 @@ def test_verification_tightens_after_a_miss(monkeypatch):
     calls = []
 
     def fake_measure(model, x, profile, path, **kw):  # the device is 20 % slower than the cost model says
-        from chita_edge.costmodel import widths_of
+        from chita_edge.budget.costmodel import widths_of
 
         lat = 1.2 * cm.latency(widths_of(model, cs.specs))
         calls.append(lat)
@@ -222,7 +222,7 @@ def test_data_without_test_images_verifies_with_random_parity_inputs(monkeypatch
     seen = []
 
     def fake_measure(model, x, profile, path, *, parity_inputs=None, **kw):
-        from chita_edge.costmodel import widths_of
+        from chita_edge.budget.costmodel import widths_of
 
         seen.append(parity_inputs)
         return {"latency_ms": cm.latency(widths_of(model, cs.specs)), "memory_mb": 1.0, "file_mb": 0.1,
@@ -245,7 +245,7 @@ def test_verification_stops_when_the_measured_floor_is_over_the_budget(monkeypat
     calls = []
 
     def fake_measure(model, x, profile, path, **kw):  # the device is 3x slower than the cost model says
-        from chita_edge.costmodel import widths_of
+        from chita_edge.budget.costmodel import widths_of
 
         lat = 3.0 * cm.latency(widths_of(model, cs.specs))
         calls.append(lat)
@@ -269,7 +269,7 @@ def test_verification_stops_when_the_measured_floor_is_over_the_budget(monkeypat
 def test_dense_measurement_anchors_the_op_mix(monkeypatch, tmp_path):
     import chita_edge.exporters as exp_mod
 
-    import chita_edge.bench as bench_mod
+    import chita_edge.devices.bench as bench_mod
 
     prof = load_profile("phone-mid-sd670")
     fracs = iter([0.9, 0.7, 0.8])
@@ -312,7 +312,7 @@ def test_dense_measurement_anchors_the_op_mix(monkeypatch, tmp_path):
 
 def _write_model_and_data(tmp_path):
     (tmp_path / "tiny.py").write_text(
-        "from chita_edge.zoo import ResNet20\nimport torch\n\n"
+        "from chita_edge.models.zoo import ResNet20\nimport torch\n\n"
         "def make():\n    torch.manual_seed(0)\n    return ResNet20(widths=(8, 16, 16))\n")
     g = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=g.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8),
@@ -332,7 +332,7 @@ def test_cli_budget_mode_writes_a_reloadable_checkpoint(tmp_path, monkeypatch):
     full = sum(s.size for s in specs)
 
     def fake_measure(model, x, profile, path, **kw):  # latency: 1 ms for the dense model, linear in the widths
-        from chita_edge.costmodel import widths_of
+        from chita_edge.budget.costmodel import widths_of
 
         path.write_bytes(b"onnx")
         lat = sum(widths_of(model, specs).values()) / full
@@ -446,7 +446,7 @@ def _unit_curves(cs):
 
 
 def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
-    from chita_edge.structure import residual_blocks
+    from chita_edge.graph.structure import residual_blocks
 
     m = tiny_resnet()
     x = torch.rand(1, 3, 32, 32)
@@ -475,7 +475,7 @@ def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
 
 
 def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_replays(tmp_path):
-    from chita_edge.structure import residual_blocks
+    from chita_edge.graph.structure import residual_blocks
 
     prof = load_profile("phone-mid-sd670")
     m = tiny_resnet()
@@ -512,7 +512,7 @@ def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_repla
 
 def _relax_setup(monkeypatch, factors):
     """A device whose n-th measurement is factors[n] x the cost model (the last factor repeats)."""
-    from chita_edge.costmodel import widths_of
+    from chita_edge.budget.costmodel import widths_of
 
     prof = load_profile("phone-mid-sd670")
     m = tiny_resnet()
@@ -544,7 +544,7 @@ def test_tightening_over_shoot_is_relaxed_by_bisection(monkeypatch):
     assert res.passed and res.measured["latency_ms"] == max(c for c in calls if c <= limit)
     assert res.measured["latency_ms"] > calls[1]  # less pruned than the tightened round
     # the returned (compacted) model and the masked model in place are the chosen round's
-    from chita_edge.costmodel import widths_of
+    from chita_edge.budget.costmodel import widths_of
 
     assert cm.latency(widths_of(res.model, cs.specs)) == pytest.approx(res.measured["latency_ms"])
     assert cs.widths(alive_channels(m, cs)) == res.widths
@@ -557,7 +557,7 @@ def test_a_relaxed_round_that_misses_keeps_the_tightened_result(monkeypatch):
     assert kinds[:2] == ["first", "tighten"] and kinds.count("relax") >= 1
     assert all(c > limit for i, c in enumerate(calls) if i != 1)
     assert res.passed and res.measured["latency_ms"] == calls[1]
-    from chita_edge.costmodel import widths_of
+    from chita_edge.budget.costmodel import widths_of
 
     assert cm.latency(widths_of(res.model, cs.specs)) == pytest.approx(calls[1])
     assert cs.widths(alive_channels(m, cs)) == res.widths

@@ -1,4 +1,4 @@
-"""chita_edge.costmodel: units as ONNX Runtime fuses them, interpolation, caching, memory and weight accounting.
+"""chita_edge.budget.costmodel: units as ONNX Runtime fuses them, interpolation, caching, memory and weight accounting.
 
 No timed assertions: timings are only checked for being measured, cached and reused.
 """
@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from chita_edge import costmodel as C
-from chita_edge.costmodel import CostModel, MemoryModel, grid_widths
-from chita_edge.structure import channel_groups, compact_model
-from chita_edge.zoo import MobileNetV1, ResNet20
+from chita_edge.budget.costmodel import CostModel, MemoryModel, grid_widths
+from chita_edge.budget import costmodel as C
+from chita_edge.graph.structure import channel_groups, compact_model
+from chita_edge.models.zoo import MobileNetV1, ResNet20
 
 torch.set_num_threads(1)
 
@@ -213,13 +213,13 @@ def test_memory_model_fit_recovers_the_coefficients(tmp_path, monkeypatch):
         return {"peak_memory_mb": 3.5 + 1.8 * f + 2.0 * c + 2.5 * l_ + 2.1 * a}
 
     monkeypatch.setattr(C, "_memory_series", fake_series)
-    monkeypatch.setattr("chita_edge.bench.run_child", fake_child)
+    monkeypatch.setattr("chita_edge.devices.child.run_child", fake_child)
     mm = C.memory_model(1)
     assert (mm.base_mb, mm.alpha, mm.alpha_conv, mm.gamma, mm.beta) == pytest.approx((3.5, 1.8, 2.0, 2.5, 2.1),
                                                                                       rel=1e-6)
     assert mm.predict(C.MiB, C.MiB, C.MiB, 2 * C.MiB) == pytest.approx(3.5 + 1.8 + 2.0 + 2.5 + 4.2)
     # cached: a second fit does not measure
-    monkeypatch.setattr("chita_edge.bench.run_child", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
+    monkeypatch.setattr("chita_edge.devices.child.run_child", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
     assert C.memory_model(1).alpha == pytest.approx(1.8)
     assert math.isfinite(mm.base_mb)
 

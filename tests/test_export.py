@@ -22,10 +22,10 @@ from chita_edge.exporters import layouts as L
 from conftest import run_cli
 from torch import nn
 
-from chita_edge.checkpoint import save_checkpoint
-from chita_edge.data import load_data
-from chita_edge.errors import MissingExtra, RuntimeFailure
-from chita_edge.io import sha256_file
+from chita_edge.core.checkpoint import save_checkpoint
+from chita_edge.core.data import load_data
+from chita_edge.core.errors import MissingExtra, RuntimeFailure
+from chita_edge.core.io import sha256_file
 
 torch.set_num_threads(1)
 
@@ -124,7 +124,7 @@ def tiny(tmp_path_factory):
                 "method": "magnitude", "sparsity": 0.9}
         save_checkpoint(d / f"{name}.pt", m.state_dict(), meta)
         out[f"{name}_ckpt"] = d / f"{name}.pt"
-    from chita_edge.zoo import MLPNet
+    from chita_edge.models.zoo import MLPNet
 
     torch.manual_seed(0)
     torch.save(MLPNet().state_dict(), d / "plain.pt")  # a plain state dict, as users have them
@@ -557,10 +557,10 @@ def test_onnx_int8_average_pooling_is_float_and_the_classifier_gets_its_own_grid
 
 
 def test_onnx_runtime_sessions_are_opened_in_one_place():
-    """chita_edge.runtimes profiles and primes ONNX Runtime through onnx_format (one set of session options)."""
+    """chita_edge.devices.runtimes profiles and primes ONNX Runtime through onnx_format (one set of session options)."""
     import ast
 
-    import chita_edge.runtimes as rt
+    import chita_edge.devices.runtimes as rt
 
     tree = ast.parse(Path(rt.__file__).read_text())
     mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | {

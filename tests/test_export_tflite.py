@@ -19,8 +19,8 @@ from test_export import (  # noqa: F401  (fixtures shared with the ONNX tests)
     tiny,
 )
 
-from chita_edge.errors import BadInput
-from chita_edge.zoo import MLPNet
+from chita_edge.core.errors import BadInput
+from chita_edge.models.zoo import MLPNet
 
 pytestmark = pytest.mark.tflite
 pytest.importorskip("litert_torch", reason="needs the tflite extra (litert-torch)")

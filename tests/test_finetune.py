@@ -13,10 +13,15 @@ import torch.nn.functional as F
 from conftest import TINY, run_cli
 from torch import nn
 
-from chita_edge.checkpoint import read_weights, save_checkpoint
-from chita_edge.data import Dataset
-from chita_edge.errors import Interrupted
-from chita_edge.finetune import (
+from chita_edge.core.checkpoint import read_weights, save_checkpoint
+from chita_edge.core.data import Dataset
+from chita_edge.core.errors import Interrupted
+from chita_edge.core.io import sha256_file
+from chita_edge.models.zoo import default_prunable
+from chita_edge.pruning.layers import find_prunable
+from chita_edge.pruning.prune import PruneConfig, prune, prune_weights
+from chita_edge.pruning.schedule import cubic_schedule
+from chita_edge.training.finetune import (
     FinetuneConfig,
     augment_batch,
     distillation_loss,
@@ -24,11 +29,7 @@ from chita_edge.finetune import (
     masks_from_zeros,
     reestimate_batchnorm,
 )
-from chita_edge.gradual import GradualConfig, gradual_prune, gradual_schedule
-from chita_edge.io import sha256_file
-from chita_edge.pruning.layers import find_prunable
-from chita_edge.pruning.prune import PruneConfig, cubic_schedule, prune, prune_weights
-from chita_edge.zoo import default_prunable
+from chita_edge.training.gradual import GradualConfig, gradual_prune, gradual_schedule
 
 
 def tiny_mlp() -> nn.Module:
@@ -154,7 +155,7 @@ def test_resume_refuses_other_settings(digits, tmp_path):
     state = tmp_path / "ft.state"
     with pytest.raises(Interrupted):
         finetune(m, digits, _cnn_cfg(), state_path=state, should_stop=lambda: True)
-    from chita_edge.errors import BadInput
+    from chita_edge.core.errors import BadInput
 
     with pytest.raises(BadInput, match="lr 0.05 -> 0.1"):
         finetune(_pruned_cnn(digits), digits, dataclasses.replace(_cnn_cfg(), lr=0.1), state_path=state, resume=True)
@@ -373,7 +374,7 @@ def test_cli_interrupted_run_resumes(pruned_ckpt, tmp_path, monkeypatch):
     ref = tmp_path / "ref.pt"
     assert run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--out", ref).code == 0
 
-    import chita_edge.finetune as ftmod
+    import chita_edge.training.finetune as ftmod
 
     real = ftmod.finetune
 
@@ -409,8 +410,8 @@ def test_cli_plain_state_dict_needs_model_spec(digits, dense_mlp, tmp_path):
 
 def test_cli_keeps_structural_plan(digits, tmp_path):
     """A structurally pruned (compacted) checkpoint stays compacted: its plan is kept and the output reloads."""
-    from chita_edge.models import load_model
-    from chita_edge.structure import compact_model
+    from chita_edge.graph.structure import compact_model
+    from chita_edge.models.loading import load_model
 
     (tmp_path / "tiny.py").write_text(TINY)
     spec = f"{tmp_path / 'tiny.py'}:cnn"

@@ -11,9 +11,9 @@ from conftest import run_cli, shared_path
 from test_bench import NanNet, calib_env, export_onnx, tiny_onnx  # noqa: F401  (fixtures)
 from torch import nn
 
-from chita_edge.errors import GateFailed
-from chita_edge.gate import Check, evaluate, junit_xml, raise_if_failed, summary_markdown
-from chita_edge.profiles import load_profile, parse_profile, with_budgets
+from chita_edge.core.errors import GateFailed
+from chita_edge.devices.gate import Check, evaluate, junit_xml, raise_if_failed, summary_markdown
+from chita_edge.devices.profiles import load_profile, parse_profile, with_budgets
 
 torch.set_num_threads(1)
 
@@ -43,7 +43,7 @@ def board(tmp_path: Path, lat=1000, pct="p90", mem=500, file=50, calibrated_like
         d["calibration"] = src.calibration.model_dump(exclude_none=True)
         d["clusters"], d["threads"] = [c.model_dump() for c in src.clusters], src.threads
         d["runtimes"] = src.runtimes.model_dump(exclude_none=True)
-        import yaml  # test-only: the product reads YAML only in chita_edge.profiles
+        import yaml  # test-only: the product reads YAML only in chita_edge.devices.profiles
 
         text = yaml.safe_dump(d, sort_keys=False)
     f = tmp_path / f"board-{lat}-{file}.yaml"
@@ -129,7 +129,7 @@ def test_cli_check_bad_input_and_runtime_failure(tiny_onnx, tmp_path):  # noqa: 
 
 
 def _digits_mlp(tmp_path: Path) -> Path:
-    from chita_edge.data import load_data
+    from chita_edge.core.data import load_data
 
     ds = load_data("digits")
     torch.manual_seed(0)
@@ -157,8 +157,8 @@ def test_accuracy_floor_is_checked_with_the_runtime(tmp_path):
 
 @pytest.mark.shared
 def test_acceptance_dense_resnet20_breaks_the_budget_compact_passes(tmp_path, calib_env):  # noqa: F811
-    from chita_edge.checkpoint import read_weights
-    from chita_edge.zoo import ResNet20
+    from chita_edge.core.checkpoint import read_weights
+    from chita_edge.models.zoo import ResNet20
 
     sd, _ = read_weights(shared_path("checkpoints/resnet20_cifar10.pt"))
     dense_m = ResNet20()

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from chita_edge import pipeline
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
+from chita_edge.workflows import pipeline
 
 DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "demo.py"
 
@@ -29,7 +29,7 @@ def write(tmp: Path, lat: float = 1000, **over: str) -> Path:
     (tmp / "tiny-board.yaml").write_text(PROFILE.replace("LAT", str(lat)))
     w = tmp.parent / "w.pt"  # shared by the runs of one test: the same weights (the key holds their path)
     if not w.exists():
-        from chita_edge.demo import DigitsCNN
+        from chita_edge.workflows.demo import DigitsCNN
 
         torch.manual_seed(0)
         torch.save(DigitsCNN().state_dict(), w)
@@ -109,7 +109,7 @@ def test_killed_mid_finetuning_resumes_to_the_same_manifest_and_files(tmp_path, 
     """Issue 7: a run killed after fine-tuning's first epoch, then one that crashes in the export, then one
     that finishes, in the same place: each resumes where the last stopped, skips what was done, and the end is
     the uninterrupted run's manifest and files, bit for bit."""
-    from chita_edge import finetune
+    from chita_edge.training import finetune
 
     p = write(tmp_path, finetune="{epochs: 2, lr: 0.01, batch_size: 256, bn_batches: 2}")
     out = tmp_path / "out"
@@ -180,7 +180,7 @@ def test_a_model_file_gets_the_same_module_name_in_every_process():
     import subprocess
     import sys
 
-    code = f"from chita_edge.models import _from_file; print(type(_from_file('{DEMO}:digits_cnn')).__module__)"
+    code = f"from chita_edge.models.loading import _from_file; print(type(_from_file('{DEMO}:digits_cnn')).__module__)"
     names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
     assert len(names) == 1 and next(iter(names)).startswith("chita_edge_user_"), names

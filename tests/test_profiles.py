@@ -7,9 +7,16 @@ import re
 import pytest
 from conftest import SHARED, run_cli
 
-from chita_edge.calibration import ANCHOR_KIND, anchors_for
-from chita_edge.errors import BadInput
-from chita_edge.profiles import bundled_ids, dump_yaml, load_all, load_profile, parse_profile, with_budgets
+from chita_edge.core.errors import BadInput
+from chita_edge.devices.calibration import ANCHOR_KIND, anchors_for
+from chita_edge.devices.profiles import (
+    bundled_ids,
+    dump_yaml,
+    load_all,
+    load_profile,
+    parse_profile,
+    with_budgets,
+)
 
 REQUIRED = {"phone-flagship-sd8g2", "phone-upper-2019-sd855", "phone-mid-sd670", "phone-low-a53",
             "watch-a55-dual", "watch-a53-quad", "sbc-rpi4", "sbc-rpi5"}

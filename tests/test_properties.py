@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from chita_edge.errors import BadInput
-from chita_edge.profiles import (
+from chita_edge.core.errors import BadInput
+from chita_edge.devices.profiles import (
     MAX_FILE_MB,
     MAX_LATENCY_MS,
     MAX_MEMORY_MB,
@@ -129,7 +129,7 @@ def test_profile_fuzz_rejects_what_it_should():
 
 # ------------------------------------------------------------------------------------------ pipeline schema
 def _pipeline_parser():
-    mod = pytest.importorskip("chita_edge.pipeline", reason="chita_edge.pipeline (issue 7) has not landed yet")
+    mod = pytest.importorskip("chita_edge.workflows.pipeline", reason="chita_edge.workflows.pipeline (issue 7) has not landed yet")
     import tempfile
 
     def parse(text: str, where: str):
@@ -191,8 +191,8 @@ def test_pruned_weights_survive_onnx_export(tmp_path_factory, seed, sparsity, la
 @given(seed=st.integers(0, 2**31 - 1), density=st.floats(0.0, 1.0), optimizer=st.sampled_from(["sgd", "adam"]),
        weight_decay=st.sampled_from([0.0, 1e-2]))
 def test_any_mask_survives_finetuning(seed, density, optimizer, weight_decay):
-    from chita_edge.data import Dataset
-    from chita_edge.finetune import FinetuneConfig, finetune
+    from chita_edge.core.data import Dataset
+    from chita_edge.training.finetune import FinetuneConfig, finetune
 
     g = torch.Generator().manual_seed(seed)
     m = _tiny()

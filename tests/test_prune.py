@@ -6,11 +6,12 @@ import pytest
 import torch
 from conftest import run_cli, shared_path
 
-from chita_edge.checkpoint import read_weights
-from chita_edge.data import load_data
-from chita_edge.evaluate import accuracy
-from chita_edge.models import load_model
-from chita_edge.pruning.prune import PruneConfig, cubic_schedule, keep_count, prune
+from chita_edge.core.checkpoint import read_weights
+from chita_edge.core.data import load_data
+from chita_edge.core.evaluate import accuracy
+from chita_edge.models.loading import load_model
+from chita_edge.pruning.prune import PruneConfig, keep_count, prune
+from chita_edge.pruning.schedule import cubic_schedule
 
 
 @pytest.fixture(scope="module")

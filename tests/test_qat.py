@@ -1,4 +1,4 @@
-"""Quantisation-aware fine-tuning (chita_edge.qat, `finetune --qat`): the fake quantisation is the exporters'
+"""Quantisation-aware fine-tuning (chita_edge.training.qat, `finetune --qat`): the fake quantisation is the exporters'
 int8, it sits where ONNX Runtime's QDQ graph quantises, masks stay exact, the checkpoint stays a plain float one
 that exports, and training through it changes what the int8 file does."""
 
@@ -12,12 +12,12 @@ import torch
 from conftest import TINY, run_cli
 from torch import nn
 
-from chita_edge.checkpoint import read_weights, save_checkpoint
-from chita_edge.data import Dataset
-from chita_edge.finetune import FinetuneConfig, finetune, masks_from_zeros
+from chita_edge.core.checkpoint import read_weights, save_checkpoint
+from chita_edge.core.data import Dataset
+from chita_edge.models.zoo import ZOO, default_prunable
 from chita_edge.pruning.layers import find_prunable
-from chita_edge.qat import QATModel, act_qparams, fake_quant_weight
-from chita_edge.zoo import ZOO, default_prunable
+from chita_edge.training.finetune import FinetuneConfig, finetune, masks_from_zeros
+from chita_edge.training.qat import QATModel, act_qparams, fake_quant_weight
 
 
 def tiny_cnn() -> nn.Module:
@@ -187,7 +187,7 @@ def test_cli_finetune_qat_checkpoint_exports(tmp_path, digits, pruned_cnn):
 
 
 def test_dither_rounds_on_shifted_grids_in_training_only():
-    from chita_edge.qat import FakeQuantAct
+    from chita_edge.training.qat import FakeQuantAct
 
     fq = FakeQuantAct("t", ema=0.0, dither=True)
     fq.lo.fill_(-1.0)

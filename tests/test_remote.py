@@ -15,8 +15,8 @@ import pytest
 from conftest import run_cli
 from test_bench import tiny_onnx  # noqa: F401  (fixture)
 
-from chita_edge.bench import parse_remote
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
+from chita_edge.devices.bench import parse_remote
 
 SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.path.exists(p)), None)
 SSH_KEYGEN = shutil.which("ssh-keygen")

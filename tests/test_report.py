@@ -16,8 +16,8 @@ import pytest
 from conftest import run_cli
 from test_bench import tiny_onnx  # noqa: F401  (fixture)
 
-from chita_edge.profiles import load_profile
-from chita_edge.report import BAD, OK, pareto_points, render_html, render_markdown, write_report
+from chita_edge.devices.profiles import load_profile
+from chita_edge.devices.report import BAD, OK, pareto_points, render_html, render_markdown, write_report
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 

@@ -12,11 +12,11 @@ import torch
 from conftest import run_cli
 from torch import nn
 
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
+from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning.gradients import collect_gradients
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.solvers import chita as solver
-from chita_edge.zoo import default_prunable
 
 TINY = textwrap.dedent("""
     import torch

@@ -1,4 +1,4 @@
-"""chita_edge.structure: channel groups, plans, compaction, MAC counts."""
+"""chita_edge.graph.structure: channel groups, plans, compaction, MAC counts."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from chita_edge.checkpoint import save_checkpoint
-from chita_edge.errors import BadInput
-from chita_edge.models import load_model
-from chita_edge.structure import (
+from chita_edge.core.checkpoint import save_checkpoint
+from chita_edge.core.errors import BadInput
+from chita_edge.graph.structure import (
     apply_plan,
     channel_groups,
     channel_weight_indices,
@@ -19,7 +18,8 @@ from chita_edge.structure import (
     count_macs,
     plan_from_zeros,
 )
-from chita_edge.zoo import MLPNet, MobileNetV1, ResNet20
+from chita_edge.models.loading import load_model
+from chita_edge.models.zoo import MLPNet, MobileNetV1, ResNet20
 
 torch.set_num_threads(1)
 
@@ -548,7 +548,7 @@ def _zero_block(model, block):
 
 
 def test_residual_blocks_are_found_from_the_graph():
-    from chita_edge.structure import residual_blocks
+    from chita_edge.graph.structure import residual_blocks
 
     m = TinyDeep().eval()
     blocks = {b.id: b for b in residual_blocks(m, torch.rand(1, 3, 8, 8))}
@@ -569,7 +569,7 @@ def test_dropped_blocks_compact_export_and_replay(tmp_path):
     import onnxruntime as ort
     from chita_edge.exporters import ExportConfig, export_model
 
-    from chita_edge.structure import residual_blocks
+    from chita_edge.graph.structure import residual_blocks
 
     torch.manual_seed(0)
     m = TinyDeep().eval()

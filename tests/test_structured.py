@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from chita_edge.data import Dataset
+from chita_edge.core.data import Dataset
+from chita_edge.graph.structure import compact_model
+from chita_edge.models.zoo import ResNet20
 from chita_edge.pruning.layers import find_prunable, flatten_weights
 from chita_edge.pruning.structured import (
     BlockConfig,
@@ -38,8 +40,6 @@ from chita_edge.solvers.group_chita import (
     obs_removal_order,
     select_groups,
 )
-from chita_edge.structure import compact_model
-from chita_edge.zoo import ResNet20
 
 torch.set_num_threads(1)
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chita_edge import calibration
-from chita_edge.calibration import HostCalibration
-from chita_edge.sweep import COLUMNS, table_rows
+from chita_edge.devices import calibration
+from chita_edge.devices.calibration import HostCalibration
+from chita_edge.workflows.sweep import COLUMNS, table_rows
 
 torch.set_num_threads(1)
 
@@ -21,7 +21,7 @@ PROFILE = "phone-mid-sd670"
 @pytest.fixture
 def fake_host(monkeypatch):
     """Host timings of the reference models given, not measured (the real calibration takes a minute): the
-    device estimates are still computed by chita_edge.calibration.estimate from them."""
+    device estimates are still computed by chita_edge.devices.calibration.estimate from them."""
     refs = {m: {"p50_ms": v[0], "dense": v[1], "p50_spread": 0.0}
             for m, v in {"mobilenet_v1": (10.0, 0.75), "mobilenet_v2": (8.0, 0.6), "resnet18": (30.0, 0.98)}.items()}
     host = HostCalibration("onnxruntime", "test", 1, 224, {"cpu": "test"}, refs, "time")
@@ -30,7 +30,7 @@ def fake_host(monkeypatch):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:
-    from chita_edge.demo import DigitsCNN, train_digits_cnn
+    from chita_edge.workflows.demo import DigitsCNN, train_digits_cnn
 
     assert DigitsCNN  # the tiny model of the demo: 8x8 digits, ~15 k weights
     w = tmp_path_factory.mktemp("sweep") / "w.pt"
@@ -64,7 +64,7 @@ def test_sweep_table_json_and_report(tmp_path, cli, weights, fake_host):
     for p in pts[1:]:
         assert p["accuracy"] == pytest.approx(p["torch_accuracy"], abs=0.5)
     assert pts[0]["accuracy"] == pytest.approx(doc["dense_torch_accuracy"], abs=0.5)
-    # the report: chita_edge.report's files with the sweep added, one Pareto chart for the device
+    # the report: chita_edge.devices.report's files with the sweep added, one Pareto chart for the device
     for name in ("report.json", "report.md", "report.html"):
         assert (out / name).is_file()
     rep = json.loads((out / "report.json").read_text())

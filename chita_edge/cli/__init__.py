@@ -13,7 +13,7 @@ import click
 
 from chita_edge.cli import commands  # noqa: F401  (registers the commands)
 from chita_edge.cli.app import app
-from chita_edge.errors import ChitaError
+from chita_edge.core.errors import ChitaError
 
 try:  # typer >= 0.2x vendors its own click: its usage errors are not click's classes
     from typer._click import exceptions as _typer_click

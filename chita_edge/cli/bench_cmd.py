@@ -28,7 +28,7 @@ SSH_OPT = Annotated[list[str] | None, typer.Option("--ssh-option", help="Extra s
 
 def _cfg(runtime: str | None, threads: int | None, warmup: int, runs: int, xnnpack: bool | None,
          remote: str | None, remote_python: str, ssh_option: list[str] | None) -> Any:
-    from chita_edge.bench import BenchConfig
+    from chita_edge.devices.bench import BenchConfig
 
     return BenchConfig(runtime=runtime, threads=threads, warmup=warmup, runs=runs, xnnpack=xnnpack, remote=remote,
                        remote_python=remote_python, ssh_options=tuple(ssh_option or ()))
@@ -72,9 +72,9 @@ def bench_cmd(
 
     Example: chita-edge bench model.onnx --profile sbc-rpi4 --runs 100 --report out/ --json
     """
-    from chita_edge.bench import benchmark_many
-    from chita_edge.profiles import load_profile
-    from chita_edge.report import write_report
+    from chita_edge.devices.bench import benchmark_many
+    from chita_edge.devices.profiles import load_profile
+    from chita_edge.devices.report import write_report
 
     profs = [load_profile(p) for p in profile or []]
     cfg = _cfg(runtime, threads, warmup, runs, xnnpack, remote, remote_python, ssh_option)
@@ -120,9 +120,9 @@ def check_cmd(
 
     Example: chita-edge check model.onnx --profile watch-a55-dual --latency-ms 20 --junit budgets.xml
     """
-    from chita_edge.gate import raise_if_failed, run_check
-    from chita_edge.profiles import load_profile
-    from chita_edge.report import write_report
+    from chita_edge.devices.gate import raise_if_failed, run_check
+    from chita_edge.devices.profiles import load_profile
+    from chita_edge.devices.report import write_report
 
     prof = load_profile(profile)
     cfg = _cfg(runtime, threads, warmup, runs, xnnpack, remote, remote_python, ssh_option)

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from chita_edge import export_api
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
+from chita_edge.workflows import export as export_api
 
 JSON = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 

@@ -7,11 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-from chita_edge import api
-from chita_edge import finetune as ft
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
+from chita_edge.training import finetune as ft
+from chita_edge.workflows import jobs as api
 
 
 def default_out(pruned: Path) -> Path:

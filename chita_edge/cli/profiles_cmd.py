@@ -22,7 +22,7 @@ def list_cmd(json_out: JSON = False) -> None:
 
     Example: chita-edge profiles list --json
     """
-    from chita_edge.profiles import load_all
+    from chita_edge.devices.profiles import load_all
 
     profs = load_all()
     if json_out:
@@ -41,7 +41,7 @@ def show_cmd(
 
     Example: chita-edge profiles show sbc-rpi4
     """
-    from chita_edge.profiles import dump_yaml, load_profile
+    from chita_edge.devices.profiles import dump_yaml, load_profile
 
     p = load_profile(profile)
     if json_out:
@@ -59,7 +59,7 @@ def validate_cmd(
 
     Example: chita-edge profiles validate my-board.yaml
     """
-    from chita_edge.profiles import load_profile
+    from chita_edge.devices.profiles import load_profile
 
     p = load_profile(file if file.endswith((".yaml", ".yml")) or "/" in file else f"./{file}")
     if json_out:
@@ -80,8 +80,8 @@ def calibrate_cmd(
 
     Example: chita-edge profiles calibrate sbc-rpi4 --refresh
     """
-    from chita_edge.calibration import fit_profile, host_calibration
-    from chita_edge.profiles import load_all, load_profile
+    from chita_edge.devices.calibration import fit_profile, host_calibration
+    from chita_edge.devices.profiles import load_all, load_profile
 
     profs = [load_profile(p) for p in profile] if profile else load_all()
     with ui.progress() as cb:

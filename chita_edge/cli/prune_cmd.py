@@ -7,10 +7,11 @@ from typing import Annotated
 
 import typer
 
-from chita_edge import api, budget
+from chita_edge.budget import search as budget
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
+from chita_edge.workflows import jobs as api
 
 JSON = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
@@ -79,8 +80,8 @@ def prune_cmd(
                           l2=l2, first_order=first_order, block_size=block_size, seed=seed, layerwise_refit=refit)
     gcfg = None
     if gradual:
-        from chita_edge.finetune import FinetuneConfig
-        from chita_edge.gradual import GradualConfig
+        from chita_edge.training.finetune import FinetuneConfig
+        from chita_edge.training.gradual import GradualConfig
 
         gcfg = GradualConfig(epochs=epochs, prune_every=prune_every, start_sparsity=gradual_start,
                              finetune=FinetuneConfig(lr=lr, seed=seed))

@@ -9,7 +9,7 @@ import typer
 
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
 
 JSON = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
@@ -55,7 +55,7 @@ def run_cmd(
 
     Example: chita-edge run examples/pipeline-digits.yaml --out runs/digits
     """
-    from chita_edge.pipeline import load_pipeline, raise_if_failed, run_pipeline
+    from chita_edge.workflows.pipeline import load_pipeline, raise_if_failed, run_pipeline
 
     spec = load_pipeline(pipeline)
     with ui.progress() as cb:
@@ -80,8 +80,8 @@ def demo_cmd(
 
     Example: chita-edge demo --out /tmp/demo
     """
-    from chita_edge.demo import run_demo
-    from chita_edge.pipeline import raise_if_failed
+    from chita_edge.workflows.demo import run_demo
+    from chita_edge.workflows.pipeline import raise_if_failed
 
     with ui.progress() as cb:
         summary = run_demo(out, tflite=tflite, progress=cb, on_event=_event_printer(json_out))
@@ -133,7 +133,7 @@ def sweep_cmd(
 
     Example: chita-edge sweep zoo:mlpnet --weights mlpnet.pt --data npz:mnist.npz --profiles phone-mid-sd670,watch-a55-dual --sparsities 0.5,0.7,0.9 --out sweep
     """
-    from chita_edge.sweep import COLUMNS, SweepConfig, run_sweep, table_rows
+    from chita_edge.workflows.sweep import COLUMNS, SweepConfig, run_sweep, table_rows
 
     cfg = SweepConfig(sparsities=_fractions(sparsities, "--sparsities"),
                       latency_fractions=_fractions(latency_fractions, "--latency-fractions"), method=method,

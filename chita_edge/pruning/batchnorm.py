@@ -43,3 +43,18 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, order: torch.Tensor,
             m.momentum = mom
         model.train(was)
     return True
+
+
+def keyed_generator(*key: int) -> torch.Generator:
+    """A generator whose stream depends on the key only (seed, epoch, step, ...)."""
+    h = 0x9E3779B97F4A7C15
+    for k in key:
+        h = (h * 1_000_003 + int(k) + 0x632BE59BD9B4E019) % (1 << 63)
+    return torch.Generator().manual_seed(h)
+
+
+def reestimate_on_random_batches(model: nn.Module, x: torch.Tensor, *, batches: int, batch_size: int, seed: int,
+                                 transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> bool:
+    """``reestimate_batchnorm`` over ``batches`` random training batches in the order keyed by ``seed``."""
+    order = torch.randperm(len(x), generator=keyed_generator(seed, -1))
+    return reestimate_batchnorm(model, x, order, batch_size=batch_size, batches=batches, transform=transform)

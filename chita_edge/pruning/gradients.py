@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from chita_edge.errors import BadInput, Interrupted
+from chita_edge.core.errors import BadInput, Interrupted
 from chita_edge.pruning.layers import PrunableParam, num_weights
 
 Progress = Callable[[str, int, int], None]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from chita_edge.data import Dataset
-from chita_edge.errors import BadInput, RuntimeFailure
+from chita_edge.core.data import Dataset
+from chita_edge.core.errors import BadInput, RuntimeFailure
+from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning.batchnorm import reestimate_batchnorm
 from chita_edge.pruning.gradients import collect_gradients, gradient_memory_bytes
 from chita_edge.pruning.layers import (
@@ -28,8 +29,8 @@ from chita_edge.pruning.layers import (
     layer_sparsity,
     set_weights,
 )
+from chita_edge.pruning.schedule import cubic_schedule
 from chita_edge.solvers import chita as solver
-from chita_edge.zoo import default_prunable
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,6 @@ def keep_count(s: float, p: int) -> int:
     """k = floor((1 - s) p) in floating point, exactly as the CHITA reference computes it (so that
     magnitude pruning reproduces its published accuracies: at s = 0.9, p = 32360 this gives 3235)."""
     return int(math.floor((1.0 - s) * p))
-
-
-def cubic_schedule(s: float, stages: int, s0: float = 0.1) -> list[float]:
-    """s_t = s + (s0 - s)(1 - t/(T-1))^3, t = 0..T-1 (ends exactly at s)."""
-    if stages <= 1 or s <= s0:
-        return [s]
-    return [s + (s0 - s) * (1 - t / (stages - 1)) ** 3 for t in range(stages)]
 
 
 def _magnitude_uniform(w: torch.Tensor, params: list[PrunableParam], s: float, allowed: torch.Tensor | None) -> torch.Tensor:

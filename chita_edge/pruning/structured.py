@@ -4,7 +4,7 @@ The solver (``chita_edge.solvers.group_chita``) sees only G, w_bar and a ``Group
 builds that incidence from a model and writes solutions back:
 
 * ``channel_structure(model, example_input)``: one family per prunable channel space of
-  ``chita_edge.structure.channel_groups`` (a conv's output channels with the matching BatchNorm entries, depthwise
+  ``chita_edge.graph.structure.channel_groups`` (a conv's output channels with the matching BatchNorm entries, depthwise
   filters and the input slice of every consumer; residual streams are one family), one group per channel. The
   groups' coordinates are the producers' output slices, the depthwise slices and the consumers' input slices
   (``structure.channel_weight_indices``), mapped to offsets in w. w holds every Conv/Linear weight (biases and
@@ -29,10 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from chita_edge.data import Dataset
-from chita_edge.errors import BadInput
+from chita_edge.core.data import Dataset
+from chita_edge.core.errors import BadInput
+from chita_edge.graph.structure import ChannelGroupSpec, ResidualBlock, channel_groups, channel_weight_indices
+from chita_edge.pruning.batchnorm import reestimate_on_random_batches
 from chita_edge.pruning.gradients import collect_gradients
 from chita_edge.pruning.layers import PrunableParam, find_prunable, flatten_weights, num_weights, set_weights
+from chita_edge.pruning.schedule import cubic_schedule
 from chita_edge.solvers.group_chita import (
     Groups,
     coordinate_mask,
@@ -40,7 +43,6 @@ from chita_edge.solvers.group_chita import (
     group_removal_cost,
     group_sq_norms,
 )
-from chita_edge.structure import ChannelGroupSpec, ResidualBlock, channel_groups, channel_weight_indices
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -329,10 +331,8 @@ def reestimate_bn(model: nn.Module, data: Dataset, cfg: StructuredConfig, stage:
     """BatchNorm running statistics re-estimated on ``cfg.bn_batches`` training batches (no-op without BN)."""
     if cfg.bn_batches <= 0:
         return False
-    from chita_edge.finetune import reestimate_batchnorm
-
-    return reestimate_batchnorm(model, data.x_train, batches=cfg.bn_batches, batch_size=cfg.bn_batch_size,
-                                seed=cfg.seed + 104729 + stage)
+    return reestimate_on_random_batches(model, data.x_train, batches=cfg.bn_batches, batch_size=cfg.bn_batch_size,
+                                        seed=cfg.seed + 104729 + stage)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,7 +361,6 @@ def prune_blocks(model: nn.Module, data: Dataset, cfg: BlockConfig, filter_fn: C
     in place. Stage t keeps k_t blocks (cubic schedule), G recomputed at the current weights, blocks removed
     at an earlier stage stay removed. Returns the per-stage objectives and the block sparsity reached."""
     cfg.validate()
-    from chita_edge.pruning.prune import cubic_schedule
     from chita_edge.solvers.group_chita import select_groups
 
     params = find_prunable(model, filter_fn)

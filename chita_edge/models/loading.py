@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from chita_edge.checkpoint import read_weights
-from chita_edge.errors import BadInput
-from chita_edge.io import require_file
-from chita_edge.zoo import ZOO, default_prunable
+from chita_edge.core.checkpoint import read_weights
+from chita_edge.core.errors import BadInput
+from chita_edge.core.io import require_file
+from chita_edge.models.zoo import ZOO, default_prunable
 
 
 @dataclass
@@ -107,7 +107,7 @@ def load_model(spec: str | None, weights: str | os.PathLike | None = None) -> Lo
         spec = meta["model"]
     lm = build_model(spec)
     if meta and meta.get("plan"):
-        from chita_edge.structure import apply_plan
+        from chita_edge.graph.structure import apply_plan
 
         apply_plan(lm.module, meta["plan"], where=str(weights))
     if sd is not None:
@@ -115,3 +115,20 @@ def load_model(spec: str | None, weights: str | os.PathLike | None = None) -> Lo
     lm.module.eval()
     lm.meta, lm.weights_path = meta, (str(Path(weights)) if weights is not None else None)
     return lm
+
+
+def check_fits(lm: LoadedModel, x: torch.Tensor, where: str, labels: tuple[torch.Tensor, ...] = ()) -> None:
+    """Run one example through the model; a shape mismatch, or a label the model has no output for, becomes
+    one BadInput line."""
+    try:
+        with torch.no_grad():
+            out = lm.module(x[:1])
+    except Exception as e:
+        raise BadInput(f"{where}: data of shape {tuple(x.shape[1:])} does not fit the model "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    if out.dim() != 2:
+        raise BadInput(f"{where}: the model returns shape {tuple(out.shape)}; expected (batch, classes) logits")
+    top = max((int(y.max()) for y in labels if len(y)), default=-1)
+    if top >= out.shape[1]:
+        raise BadInput(f"{where}: label {top} is out of range for a model with {out.shape[1]} outputs; "
+                       f"expected labels 0..{out.shape[1] - 1}")

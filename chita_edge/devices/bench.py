@@ -7,22 +7,21 @@ Every latency carries its provenance: ``measured-host`` (this machine), ``measur
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shlex
 import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chita_edge.errors import BadInput, ChitaError, RuntimeFailure
+from chita_edge.core.errors import BadInput, ChitaError, RuntimeFailure
+from chita_edge.core.io import require_file, sha256_file
+from chita_edge.devices.child import child_args, parse_child, run_child
+from chita_edge.devices.profiles import Profile
 from chita_edge.exporters.runtime import RUNTIME_OF, detect_format, file_requirements
-from chita_edge.io import require_file, sha256_file
-from chita_edge.profiles import Profile
 
 RUNTIMES = ("onnxruntime", "litert")
 
@@ -53,47 +52,6 @@ class BenchConfig:
             raise BadInput(f"--warmup {self.warmup}: expected 0..100000")
         if self.threads is not None and not 1 <= self.threads <= 256:
             raise BadInput(f"--threads {self.threads}: expected 1..256")
-
-
-def _child_args(path: str, runtime: str | None, threads: int, warmup: int, runs: int, xnnpack: bool | None,
-                profile_runs: int) -> list[str]:
-    xnn = "auto" if xnnpack is None else "on" if xnnpack else "off"
-    a = [path, "--threads", str(threads), "--warmup", str(warmup), "--runs", str(runs),
-         "--xnnpack", xnn, "--profile-runs", str(profile_runs)]
-    if runtime:
-        a += ["--runtime", runtime]
-    return a
-
-
-def _parse_child(stdout: str, stderr: str, rc: int, where: str) -> dict[str, Any]:
-    line = next((ln for ln in reversed(stdout.strip().splitlines()) if ln.startswith("{")), None)
-    if line is None:
-        tail = " | ".join(stderr.strip().splitlines()[-3:])[:400]
-        if "No module named chita_edge" in stderr:
-            raise RuntimeFailure(f"{where}: chita-edge is not installed for that Python "
-                                 "(pip install chita-edge there, or pass --remote-python)")
-        raise RuntimeFailure(f"{where}: the benchmark process ended with exit {rc} and no result ({tail or 'no output'})")
-    try:
-        result = json.loads(line)
-    except ValueError:
-        raise RuntimeFailure(f"{where}: the benchmark process printed unreadable JSON") from None
-    if "error" in result:
-        cls = BadInput if result.get("exit_code") == 2 else RuntimeFailure
-        raise cls(result["error"])
-    return result
-
-
-def run_child(path: str | os.PathLike, *, runtime: str | None = None, threads: int = 1, warmup: int = 10,
-              runs: int = 50, xnnpack: bool | None = None, profile_runs: int = 5,
-              timeout_s: float = 900.0) -> dict[str, Any]:
-    """Benchmark ``path`` in a fresh ``python -m chita_edge.bench_child`` process; its JSON result."""
-    cmd = [sys.executable, "-m", "chita_edge.bench_child",
-           *_child_args(str(path), runtime, threads, warmup, runs, xnnpack, profile_runs)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        raise RuntimeFailure(f"{path}: the benchmark took longer than {timeout_s:.0f} s; use fewer --runs") from None
-    return _parse_child(p.stdout, p.stderr, p.returncode, str(path))
 
 
 def runtime_of(path: str | os.PathLike, runtime: str | None = None) -> str:
@@ -166,7 +124,7 @@ def run_remote(path: str | os.PathLike, target: SshTarget, *, python: str = "pyt
                ssh_options: Sequence[str] = (), runtime: str | None = None, threads: int = 1, warmup: int = 10,
                runs: int = 50, xnnpack: bool | None = None, profile_runs: int = 5,
                timeout_s: float = 900.0) -> dict[str, Any]:
-    """Copy ``path`` to the device, run ``python -m chita_edge.bench_child`` there, bring the JSON back."""
+    """Copy ``path`` to the device, run ``python -m chita_edge.devices.bench_child`` there, bring the JSON back."""
     base = _ssh_options(ssh_options)
     ssh = ["ssh", *base, "-p", str(target.port), target.dest]
     scp = ["scp", "-q", *base, "-P", str(target.port)]
@@ -182,10 +140,10 @@ def run_remote(path: str | os.PathLike, target: SshTarget, *, python: str = "pyt
         c = _run([*scp, str(path), f"{target.scp_dest}:{remote_file}"], timeout_s, where)
         if c.returncode != 0:
             raise RuntimeFailure(f"{where}: copying {path} failed ({c.stderr.strip()[:300]})")
-        args = _child_args(remote_file, runtime, threads, warmup, runs, xnnpack, profile_runs)
-        remote_cmd = " ".join(shlex.quote(a) for a in [python, "-m", "chita_edge.bench_child", *args])
+        args = child_args(remote_file, runtime, threads, warmup, runs, xnnpack, profile_runs)
+        remote_cmd = " ".join(shlex.quote(a) for a in [python, "-m", "chita_edge.devices.bench_child", *args])
         r = _run([*ssh, remote_cmd], timeout_s, where)
-        result = _parse_child(r.stdout, r.stderr, r.returncode, where)
+        result = parse_child(r.stdout, r.stderr, r.returncode, where)
     finally:
         try:
             _run([*ssh, f"rm -rf {shlex.quote(tmp)}"], 60, where)
@@ -203,7 +161,7 @@ def accuracy_of_file(path: str | os.PathLike, data: str, *, threads: int = 1,
     """Top-1 accuracy (percent) of an exported file on ``data``'s test set, run by its runtime."""
     import numpy as np
 
-    from chita_edge.data import load_data
+    from chita_edge.core.data import load_data
     from chita_edge.exporters import load_session
 
     ds = load_data(data)
@@ -225,7 +183,7 @@ def accuracy_of_file(path: str | os.PathLike, data: str, *, threads: int = 1,
 
 def _estimates(result: dict[str, Any], profiles: Sequence[Profile], threads: int,
                progress: Progress | None) -> dict[str, dict[str, Any]]:
-    from chita_edge.calibration import estimate, host_calibration
+    from chita_edge.devices.calibration import estimate, host_calibration
 
     out: dict[str, dict[str, Any]] = {}
     host = None

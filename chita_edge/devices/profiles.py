@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
 
 PERCENTILES = ("p50", "p90", "p99")
 # Limits beyond which a budget is certainly a typo (one minute per inference, 64 GiB, 16 GiB of weights).

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from chita_edge.errors import BadInput
+from chita_edge.core.errors import BadInput
 
 # Disk full, file too large (RLIMIT_FSIZE), quota, read-only file system, permission denied, not a directory.
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR)

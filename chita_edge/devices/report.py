@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from chita_edge.bench import best_latency
-from chita_edge.errors import BadInput
-from chita_edge.io import atomic_write_text
-from chita_edge.profiles import Profile
+from chita_edge.core.errors import BadInput
+from chita_edge.core.io import atomic_write_text
+from chita_edge.devices.bench import best_latency
+from chita_edge.devices.profiles import Profile
 
 PALETTE = ["#3366cc", "#dc7633", "#28a745", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d", "#d4ac0d"]
 OK, BAD = "#2e8b57", "#c0392b"

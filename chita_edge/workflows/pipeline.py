@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chita_edge.errors import BadInput, GateFailed
-from chita_edge.io import atomic_write_text, sha256_file
+from chita_edge.core.errors import BadInput, GateFailed
+from chita_edge.core.io import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -176,8 +176,8 @@ def load_pipeline(path: str | os.PathLike) -> PipelineSpec:
     """Read and validate pipeline.yaml; a problem is one BadInput 'FILE:LINE: field F: expected ...'."""
     import yaml  # the one yaml.safe_load of the pipeline; the line lookup reuses the profiles' helpers
 
-    from chita_edge.io import require_file
-    from chita_edge.profiles import _expected, _key_node, _node_at
+    from chita_edge.core.io import require_file
+    from chita_edge.devices.profiles import _expected, _key_node, _node_at
 
     p = require_file(path, "pipeline file")
     try:
@@ -258,7 +258,7 @@ class _Hashes:
 
 
 def _tensor_digest(path: str | os.PathLike) -> str:
-    from chita_edge.checkpoint import read_weights
+    from chita_edge.core.checkpoint import read_weights
 
     sd, _ = read_weights(path)
     h = hashlib.sha256(b"chita-edge/tensors-v1")
@@ -271,7 +271,7 @@ def _tensor_digest(path: str | os.PathLike) -> str:
 
 def data_identity(spec: str, hashes: _Hashes) -> dict[str, str]:
     if spec.startswith("npz:"):
-        from chita_edge.io import require_file
+        from chita_edge.core.io import require_file
 
         return {"data": spec, "sha256": hashes(require_file(spec[4:], "data file"))}
     return {"data": spec}
@@ -382,7 +382,7 @@ class StageRunner:
 
 # -------------------------------------------------------------------------------------------- the stages
 def _prune_stage(spec: PipelineSpec, profile: str, runner: StageRunner, progress: Progress | None) -> dict[str, Any]:
-    from chita_edge.profiles import load_profile
+    from chita_edge.devices.profiles import load_profile
 
     pr = spec.prune
     w = {"weights": spec.weights, "sha256": runner.hashes(spec.weights)} if spec.weights else None
@@ -398,7 +398,7 @@ def _prune_stage(spec: PipelineSpec, profile: str, runner: StageRunner, progress
     def run(d: Path) -> dict[str, Any]:
         out = d / "pruned.pt"
         if pr.structure == "channel":
-            from chita_edge import budget
+            from chita_edge.budget import search as budget
 
             cfg = budget.BudgetConfig(method="chita" if pr.method in ("chita", "chita++") else pr.method,
                                       n_grads=pr.grads, fisher_batch=pr.fisher_batch, l2=pr.l2, seed=pr.seed)
@@ -409,13 +409,13 @@ def _prune_stage(spec: PipelineSpec, profile: str, runner: StageRunner, progress
             return {k: r.get(k) for k in ("method", "accuracy", "dense_accuracy", "params_before", "params_after",
                                           "passed")}
         if pr.structure == "block":
-            from chita_edge import budget
+            from chita_edge.budget import search as budget
 
             bcfg = budget.BlockConfig(sparsity=settings["sparsity"], n_grads=pr.grads, fisher_batch=pr.fisher_batch,
                                       l2=pr.l2, seed=pr.seed)
             r = budget.prune_blocks_checkpoint(spec.model, spec.weights, spec.data, bcfg, out, progress=progress)
             return {k: r.get(k) for k in ("sparsity", "accuracy", "dense_accuracy")}
-        from chita_edge.api import PruneConfig, prune_checkpoint
+        from chita_edge.workflows.jobs import PruneConfig, prune_checkpoint
 
         cfg = PruneConfig(sparsity=settings["sparsity"], method=pr.method, stages=pr.stages, n_grads=pr.grads,
                           fisher_batch=pr.fisher_batch, l2=pr.l2, block_size=pr.block_size, seed=pr.seed)
@@ -427,7 +427,7 @@ def _prune_stage(spec: PipelineSpec, profile: str, runner: StageRunner, progress
 
 def _finetune_stage(spec: PipelineSpec, profile: str, pruned: Path, runner: StageRunner,
                     progress: Progress | None) -> dict[str, Any]:
-    from chita_edge.finetune import FinetuneConfig, finetune_checkpoint, state_path_for
+    from chita_edge.training.finetune import FinetuneConfig, finetune_checkpoint, state_path_for
 
     ft = spec.finetune
     assert ft is not None
@@ -458,7 +458,7 @@ def _finetune_stage(spec: PipelineSpec, profile: str, pruned: Path, runner: Stag
 
 def _export_stage(name: str, ckpt: Path, fmt: str, filename: str, ex: ExportSpec, runner: StageRunner,
                   progress: Progress | None, model: str | None = None) -> dict[str, Any]:
-    from chita_edge.export_api import export_checkpoint
+    from chita_edge.workflows.export import export_checkpoint
 
     settings = {"format": fmt, "layout": ex.layout, "quantize": ex.quantize, "parity_samples": ex.parity_samples,
                 "model": model}
@@ -475,9 +475,9 @@ def _export_stage(name: str, ckpt: Path, fmt: str, filename: str, ex: ExportSpec
 def _bench_stage(name: str, path: Path, gate_profile: Any | None, profiles: list[Any], spec: PipelineSpec,
                  runner: StageRunner, progress: Progress | None) -> dict[str, Any]:
     """Benchmark ``path`` (estimated on every profile) and, with ``gate_profile``, check its budgets."""
-    from chita_edge.bench import BenchConfig, benchmark
-    from chita_edge.gate import evaluate, junit_xml
-    from chita_edge.profiles import with_budgets
+    from chita_edge.devices.bench import BenchConfig, benchmark
+    from chita_edge.devices.gate import evaluate, junit_xml
+    from chita_edge.devices.profiles import with_budgets
 
     ck = spec.checks
     inputs = {"file": runner.hashes(path), "data": data_identity(spec.data, runner.hashes),
@@ -520,7 +520,7 @@ def run_pipeline(spec: PipelineSpec, *, out: str | os.PathLike | None = None, fo
                  source: str | None = None) -> dict[str, Any]:
     """Run every stage of ``spec`` (paths already resolved); returns the summary with ``passed``. Does not
     raise on a broken budget: call ``raise_if_failed``."""
-    from chita_edge.profiles import load_profile
+    from chita_edge.devices.profiles import load_profile
 
     out_dir = Path(out or spec.out or f"{spec.name}.out").resolve()
     profiles = [load_profile(p) for p in spec.profiles]
@@ -591,11 +591,10 @@ def _dense_checkpoint(spec: PipelineSpec, runner: StageRunner) -> Path:
               "data": data_identity(spec.data, runner.hashes)}
 
     def run(d: Path) -> dict[str, Any]:
-        from chita_edge.api import check_fits
-        from chita_edge.checkpoint import save_checkpoint
-        from chita_edge.data import load_data
-        from chita_edge.evaluate import accuracy
-        from chita_edge.models import load_model
+        from chita_edge.core.checkpoint import save_checkpoint
+        from chita_edge.core.data import load_data
+        from chita_edge.core.evaluate import accuracy
+        from chita_edge.models.loading import check_fits, load_model
 
         lm = load_model(spec.model, spec.weights)
         ds = load_data(spec.data)
@@ -616,7 +615,7 @@ def _step_summary(verdicts: list[dict[str, Any]]) -> None:
     path = os.environ.get("GITHUB_STEP_SUMMARY")
     if not path:
         return
-    from chita_edge.gate import summary_markdown
+    from chita_edge.devices.gate import summary_markdown
 
     try:
         with open(path, "a", encoding="utf-8") as f:  # GitHub's protocol: append
@@ -629,11 +628,11 @@ def _step_summary(verdicts: list[dict[str, Any]]) -> None:
 def write_comparative_report(out_dir: Path, results: list[dict[str, Any]], profiles: list[Any],
                              checks: list[dict[str, Any]], verdicts: list[dict[str, Any]],
                              title: str) -> dict[str, str]:
-    """report.json/.md/.html (chita_edge.report) plus index.html: the verdict per target and one
+    """report.json/.md/.html (chita_edge.devices.report) plus index.html: the verdict per target and one
     accuracy-vs-latency Pareto chart per device, every file estimated on every profile."""
     import html as H
 
-    from chita_edge.report import CSS, pareto_svg, write_report
+    from chita_edge.devices.report import CSS, pareto_svg, write_report
 
     paths = write_report(out_dir, results, profiles, checks or None)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>chita-edge: {H.escape(title)}"

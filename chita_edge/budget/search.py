@@ -46,10 +46,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from chita_edge.costmodel import CostModel, Prediction, nchwc_block
-from chita_edge.data import Dataset
-from chita_edge.errors import BadInput, GateFailed
-from chita_edge.profiles import Budgets, Profile
+from chita_edge.budget.costmodel import CostModel, Prediction, nchwc_block
+from chita_edge.core.data import Dataset
+from chita_edge.core.errors import BadInput, GateFailed
+from chita_edge.devices.profiles import Budgets, Profile
+from chita_edge.graph.structure import ResidualBlock, compact_model, residual_blocks
 from chita_edge.pruning.layers import flatten_weights
 from chita_edge.pruning.structured import (
     BlockConfig,
@@ -73,7 +74,6 @@ from chita_edge.pruning.structured import (
     zero_block,
 )
 from chita_edge.solvers.group_chita import coordinate_mask, select_groups
-from chita_edge.structure import ResidualBlock, compact_model, residual_blocks
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -413,7 +413,7 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
     for ``profile``; medians of the latency at ``percentile`` (device estimate), peak memory and file size."""
     import statistics
 
-    from chita_edge.bench import BenchConfig, benchmark, best_latency
+    from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
     from chita_edge.exporters import ExportConfig, export_model
 
     px = parity_inputs if parity_inputs is not None else example_input
@@ -770,13 +770,12 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
                             progress: Progress | None = None) -> dict[str, Any]:
     """What ``chita-edge prune --profile P`` does; returns the JSON-able report (``passed`` says whether every
     budget was met when measured). Raises ``GateFailed`` before pruning when the budget is unreachable."""
-    from chita_edge.api import check_fits
-    from chita_edge.checkpoint import save_checkpoint
-    from chita_edge.data import load_data
-    from chita_edge.evaluate import accuracy
-    from chita_edge.io import atomic_path, sha256_file
-    from chita_edge.models import load_model
-    from chita_edge.profiles import load_profile, with_budgets
+    from chita_edge.core.checkpoint import save_checkpoint
+    from chita_edge.core.data import load_data
+    from chita_edge.core.evaluate import accuracy
+    from chita_edge.core.io import atomic_path, sha256_file
+    from chita_edge.devices.profiles import load_profile, with_budgets
+    from chita_edge.models.loading import check_fits, load_model
 
     cfg.validate()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -862,12 +861,11 @@ def raise_if_missed(result: dict[str, Any]) -> None:
 def prune_blocks_checkpoint(model_spec: str, weights: str | os.PathLike | None, data: str, cfg: BlockConfig,
                             out: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:
     """What ``chita-edge prune --structure block --sparsity S`` does: 1x4 blocks of the Linear weights."""
-    from chita_edge.api import check_fits
-    from chita_edge.checkpoint import save_checkpoint
-    from chita_edge.data import load_data
-    from chita_edge.evaluate import accuracy
-    from chita_edge.io import sha256_file
-    from chita_edge.models import load_model
+    from chita_edge.core.checkpoint import save_checkpoint
+    from chita_edge.core.data import load_data
+    from chita_edge.core.evaluate import accuracy
+    from chita_edge.core.io import sha256_file
+    from chita_edge.models.loading import check_fits, load_model
 
     cfg.validate()
     lm = load_model(model_spec, weights)

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from chita_edge.checkpoint import read_weights
-from chita_edge.data import Dataset, load_data
-from chita_edge.errors import BadInput
+from chita_edge.core.checkpoint import read_weights
+from chita_edge.core.data import Dataset, load_data
+from chita_edge.core.errors import BadInput
+from chita_edge.core.io import require_file, sha256_file
 from chita_edge.exporters import ExportConfig, export_model, inspect_file
 from chita_edge.exporters.export import SUFFIX, Progress
-from chita_edge.io import require_file, sha256_file
-from chita_edge.models import load_model
+from chita_edge.models.loading import load_model
 
 RANDOM_PARITY_SAMPLES = 100
 HOLDOUT_SAMPLES = 1000  # int8 float fallback: training inputs after the calibration ones, never the test split

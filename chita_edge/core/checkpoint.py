@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from chita_edge.errors import BadInput
-from chita_edge.io import atomic_path, require_file
+from chita_edge.core.errors import BadInput
+from chita_edge.core.io import atomic_path, require_file
 
 FORMAT = "chita-edge/checkpoint-v1"
 

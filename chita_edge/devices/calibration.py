@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from chita_edge.errors import BadInput, MissingExtra, RuntimeFailure
-from chita_edge.io import atomic_write_text
-from chita_edge.profiles import Profile, load_all
-from chita_edge.zoo import BasicBlock, MobileNetV1
+from chita_edge.core.errors import BadInput, MissingExtra, RuntimeFailure
+from chita_edge.core.io import atomic_write_text
+from chita_edge.devices.profiles import Profile, load_all
+from chita_edge.models.zoo import BasicBlock, MobileNetV1
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -172,7 +172,7 @@ class HostCalibration:
 
 def _host_fingerprint(runtime: str, version: str, threads: int, settings: dict[str, Any]) -> str:
     """Host, runtime and every calibration setting: a reduced calibration never serves as the full one."""
-    from chita_edge.bench_child import host_info
+    from chita_edge.devices.bench_child import host_info
 
     h = host_info()
     key = json.dumps([h["machine"], h["cpu"], h["cores"], h["system"], runtime, version, threads,
@@ -181,7 +181,7 @@ def _host_fingerprint(runtime: str, version: str, threads: int, settings: dict[s
 
 
 def _runtime_version(runtime: str) -> str:
-    from chita_edge.bench_child import runtime_version
+    from chita_edge.devices.bench_child import runtime_version
 
     v = runtime_version(runtime)
     if runtime == "litert" and v == "?":
@@ -211,7 +211,7 @@ def _export_reference(name: str, runtime: str, resolution: int, out_dir: Path) -
 def host_calibration(runtime: str = "onnxruntime", threads: int = 1, *, refresh: bool = False,
                      progress: Progress | None = None) -> HostCalibration:
     """Time the reference models on this host (cached per host, runtime, threads and resolution)."""
-    from chita_edge.bench import run_child
+    from chita_edge.devices.child import run_child
 
     st = calibration_settings()
     version = _runtime_version(runtime)

@@ -4,7 +4,7 @@ Latency: the model's graph (``torch.fx``) is cut into *units* the way ONNX Runti
 Linear with the BatchNorm, activation and residual add that follow it (ONNX Runtime folds BatchNorm into the
 conv and fuses Conv+Add+ReLU in its NCHWc kernels), a depthwise conv with its BatchNorm and activation, and
 every other op on its own. Each unit is rebuilt alone at several widths of the channel spaces it touches
-(``chita_edge.structure`` channel groups), exported to ONNX and timed on this host with ONNX Runtime's own
+(``chita_edge.graph.structure`` channel groups), exported to ONNX and timed on this host with ONNX Runtime's own
 profiler (the kernel times of the unit's nodes, not the layout reorders around a lone op), with the thread count
 the benchmark uses on this host. The tables are cached per host, runtime and threads in ``$CHITA_EDGE_CACHE``
 (else ``~/.cache/chita-edge``). A width between the measured ones is interpolated (multilinear), so
@@ -13,7 +13,7 @@ the benchmark uses on this host. The tables are cached per host, runtime and thr
     device_ms(widths) = scale * (d + rho * (1 - d)) * host_ms,   d = dense share of the unit time
 
 with ``overhead`` the per-inference cost of a call into the runtime (timed on a trivial model) and
-``scale``/``rho`` the profile's host-to-device fit (``chita_edge.calibration``): exactly the estimate that
+``scale``/``rho`` the profile's host-to-device fit (``chita_edge.devices.calibration``): exactly the estimate that
 ``chita-edge bench`` makes from a measured host latency.
 
 Memory (what ``bench`` measures: the peak resident-set growth of a process that loads and runs the file):
@@ -53,10 +53,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from chita_edge.errors import BadInput, RuntimeFailure
-from chita_edge.io import atomic_write_text
-from chita_edge.profiles import Profile
-from chita_edge.structure import ChannelGroupSpec, channel_groups, eval_no_grad, residual_blocks
+from chita_edge.core.errors import BadInput, RuntimeFailure
+from chita_edge.core.io import atomic_write_text
+from chita_edge.devices.profiles import Profile
+from chita_edge.graph.structure import ChannelGroupSpec, channel_groups, eval_no_grad, residual_blocks
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -83,7 +83,7 @@ _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 def cache_dir() -> Path:
     """$CHITA_EDGE_CACHE, else ~/.cache/chita-edge (shared with the host calibration)."""
-    from chita_edge.calibration import cache_dir as cd
+    from chita_edge.devices.calibration import cache_dir as cd
 
     return cd()
 
@@ -380,7 +380,7 @@ def _export(module: nn.Module, inputs: list[torch.Tensor], path: Path) -> None:
 def _time_file(path: Path, x: np.ndarray, threads: int, runs: int) -> tuple[float, int]:
     """(median kernel time in ms summed over the file's nodes, number of nodes), layout reorders excluded, from
     ONNX Runtime's profiler."""
-    from chita_edge.runtimes import profile_onnx
+    from chita_edge.devices.runtimes import profile_onnx
 
     layers, _ = profile_onnx(path, x, threads=threads, runs=runs)
     nodes = [lc for lc in layers if lc.op not in _REORDER_OPS]
@@ -401,7 +401,7 @@ class _Chain(nn.Module):
 
 
 def _wall_p50(path: Path, threads: int, runs: int) -> float:
-    from chita_edge.bench_child import timed_runs
+    from chita_edge.devices.bench_child import timed_runs
     from chita_edge.exporters import load_session
 
     sess = load_session(path, threads)
@@ -417,7 +417,7 @@ def _time_overhead(threads: int, runs: int = 400) -> tuple[float, float, str]:
     profiler's per-node time exceeds a node's real share of the wall time (its timestamps have microsecond
     resolution and their own cost): the slope of profiled time minus the slope of wall time over chains of 2
     and 60 trivial nodes. Unit timings are corrected by it, per node."""
-    from chita_edge.bench_child import runtime_version
+    from chita_edge.devices.bench_child import runtime_version
 
     with tempfile.TemporaryDirectory(prefix="chita-edge-cost-") as td:
         p = Path(td) / "trivial.onnx"
@@ -438,7 +438,7 @@ def _time_overhead(threads: int, runs: int = 400) -> tuple[float, float, str]:
 
 
 def _fingerprint(version: str, threads: int) -> str:
-    from chita_edge.bench_child import host_info
+    from chita_edge.devices.bench_child import host_info
 
     h = host_info()
     key = json.dumps([h["machine"], h["cpu"], h["cores"], h["system"], RUNTIME, version, threads])
@@ -582,9 +582,9 @@ def _nnls(A: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def memory_model(threads: int = 1, *, refresh: bool = False, progress: Progress | None = None) -> MemoryModel:
     """Fit (cached per host/runtime/threads) the peak-memory model on synthetic models measured like ``bench``."""
-    from chita_edge import bench_child
-    from chita_edge.bench import run_child
-    from chita_edge.bench_child import runtime_version
+    from chita_edge.devices import bench_child
+    from chita_edge.devices.bench_child import runtime_version
+    from chita_edge.devices.child import run_child
 
     method = hashlib.sha256(Path(bench_child.__file__).read_bytes() + MEMORY_FORMAT.encode()).hexdigest()[:8]
     path = cache_dir() / f"memory-{RUNTIME}-t{threads}-{_fingerprint(runtime_version(RUNTIME), threads)}-{method}.json"
@@ -724,7 +724,7 @@ class CostModel:
             specs = channel_groups(model, example_input[:1])
         g = _trace(model, example_input, specs)
         units = _units(g)
-        from chita_edge.bench_child import runtime_version
+        from chita_edge.devices.bench_child import runtime_version
 
         version = runtime_version(RUNTIME)
         cache = _Cache(cache_dir() / f"layer-latency-v2-{RUNTIME}-t{threads}-{_fingerprint(version, threads)}.json",
@@ -777,7 +777,7 @@ class CostModel:
             tables.append(_UnitTable(u, grid, ms, raw))
         fit = None
         if profile is not None and profile.calibration is not None:
-            from chita_edge.calibration import fit_profile, host_calibration
+            from chita_edge.devices.calibration import fit_profile, host_calibration
 
             fit = fit_profile(profile, host_calibration(RUNTIME, threads, progress=progress))
         mem = memory_model(threads, progress=progress)

@@ -2,16 +2,16 @@
 
 Two ways to place the points:
 
-* ``sparsities``: prune the dense model once per sparsity (unstructured, ``chita_edge.api.prune_checkpoint``),
-  export each pruned checkpoint (``chita_edge.export_api.export_checkpoint``), benchmark the file on this host
-  and estimate it on every profile (``chita_edge.bench.benchmark``); the same files are points of every device.
+* ``sparsities``: prune the dense model once per sparsity (unstructured, ``chita_edge.workflows.jobs.prune_checkpoint``),
+  export each pruned checkpoint (``chita_edge.workflows.export.export_checkpoint``), benchmark the file on this host
+  and estimate it on every profile (``chita_edge.devices.bench.benchmark``); the same files are points of every device.
 * ``latency_fractions``: per profile, prune to a latency budget of ``fraction`` x the dense model's estimated
-  p50 on that profile (structured, ``chita_edge.budget.prune_budget_checkpoint``), then export and benchmark the
+  p50 on that profile (structured, ``chita_edge.budget.search.prune_budget_checkpoint``), then export and benchmark the
   result for that profile; every device gets its own files.
 
 The dense model is always exported and benchmarked too: the reference point of every frontier. Each point's
 accuracy is the exported file's top-1 on the data set's test split, run by its runtime. With ``out`` the files
-stay in ``out/files`` and ``report.json`` / ``report.md`` / ``report.html`` (``chita_edge.report``, plus the
+stay in ``out/files`` and ``report.json`` / ``report.md`` / ``report.html`` (``chita_edge.devices.report``, plus the
 sweep table and one Pareto chart per device) are written into ``out``.
 """
 
@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chita_edge.errors import BadInput
-from chita_edge.io import atomic_write_text
+from chita_edge.core.errors import BadInput
+from chita_edge.core.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -83,12 +83,11 @@ def _ext(fmt: str) -> str:
 
 def _dense_checkpoint(model: str, weights: str | None, data: str, out: Path) -> dict[str, Any]:
     """The dense model as a chita-edge checkpoint (what the exporter reads), with its torch accuracy."""
-    from chita_edge.api import check_fits
-    from chita_edge.checkpoint import save_checkpoint
-    from chita_edge.data import load_data
-    from chita_edge.evaluate import accuracy
-    from chita_edge.io import sha256_file
-    from chita_edge.models import load_model
+    from chita_edge.core.checkpoint import save_checkpoint
+    from chita_edge.core.data import load_data
+    from chita_edge.core.evaluate import accuracy
+    from chita_edge.core.io import sha256_file
+    from chita_edge.models.loading import check_fits, load_model
 
     lm = load_model(model, weights)
     ds = load_data(data)
@@ -105,7 +104,7 @@ def _dense_checkpoint(model: str, weights: str | None, data: str, out: Path) -> 
 
 def _point(profile_id: str, label: str, value: float | None, sparsity: float, bench: dict[str, Any],
            extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    from chita_edge.bench import best_latency
+    from chita_edge.devices.bench import best_latency
 
     lat, prov = best_latency(bench, profile_id)
     est = (bench.get("device_estimates") or {}).get(profile_id, {})
@@ -120,7 +119,7 @@ def run_sweep(model: str, weights: str | os.PathLike | None, data: str, profiles
               *, out: str | os.PathLike | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Prune, export, benchmark and evaluate at every point of ``cfg`` for every profile; returns the JSON-able
     sweep (``points``: one row per (profile, point), dense first). ``out``: keep the files and write the report."""
-    from chita_edge.profiles import load_profile
+    from chita_edge.devices.profiles import load_profile
 
     cfg.validate()
     if not profiles:
@@ -160,8 +159,8 @@ def run_sweep(model: str, weights: str | os.PathLike | None, data: str, profiles
 
 def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: SweepConfig, work: Path,
            progress: Progress | None) -> dict[str, Any]:
-    from chita_edge.bench import BenchConfig, benchmark, best_latency
-    from chita_edge.export_api import export_checkpoint
+    from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
+    from chita_edge.workflows.export import export_checkpoint
 
     bcfg = BenchConfig(threads=1, warmup=cfg.warmup, runs=cfg.runs)
     ext = _ext(cfg.format)
@@ -185,7 +184,7 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
     results: list[dict[str, Any]] = [dense]
     points = [_point(p.id, "dense", None, 0.0, dense) for p in profs]
     if cfg.mode == "sparsity":
-        from chita_edge.api import PruneConfig, prune_checkpoint
+        from chita_edge.workflows.jobs import PruneConfig, prune_checkpoint
 
         for s in cfg.sparsities:
             ckpt = work / f"s{s:.2f}.pt"
@@ -197,8 +196,8 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
                               {"torch_accuracy": r["accuracy"]}) for p in profs]
             step()
     else:
-        from chita_edge import budget
-        from chita_edge.profiles import Budgets
+        from chita_edge.budget import search as budget
+        from chita_edge.devices.profiles import Budgets
 
         bm = "chita" if cfg.method in ("chita", "chita++") else cfg.method
         bc = budget.BudgetConfig(method=bm, n_grads=cfg.n_grads, stages=min(cfg.stages, 4), seed=cfg.seed,
@@ -240,9 +239,9 @@ def table_rows(doc: dict[str, Any]) -> list[list[str]]:
 
 def write_sweep_report(out_dir: Path, doc: dict[str, Any], results: list[dict[str, Any]],
                        profs: list[Any]) -> dict[str, str]:
-    """report.json/.md/.html (``chita_edge.report.write_report``) with the sweep's table and points added, and
+    """report.json/.md/.html (``chita_edge.devices.report.write_report``) with the sweep's table and points added, and
     one accuracy-vs-latency Pareto chart per device in the HTML."""
-    from chita_edge.report import pareto_svg, write_report
+    from chita_edge.devices.report import pareto_svg, write_report
 
     paths = write_report(out_dir, results, profs)
     rep = json.loads(Path(paths["json"]).read_text(encoding="utf-8"))

@@ -21,7 +21,7 @@ exponential moving average of the training batches' min/max (``ema``) in train m
 BatchNorm stays in eval mode (frozen running statistics) while the wrapper trains, so that the fold the
 exporters make is the normalisation the model was trained with.
 
-Pure torch; imported by ``chita_edge.finetune`` only.
+Pure torch; imported by ``chita_edge.training.finetune`` only.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from chita_edge.errors import BadInput
-from chita_edge.structure import _ADDS, _act_name
+from chita_edge.core.errors import BadInput
+from chita_edge.graph.structure import _ADDS, _act_name
 
 QMIN, QMAX = -128, 127  # activations: int8, asymmetric
 WMAX = 127  # weights: symmetric int8 [-127, 127], zero point 0

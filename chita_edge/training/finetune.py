@@ -13,7 +13,7 @@ One verb, ``finetune(model, data, FinetuneConfig) -> FinetuneReport``:
    from a state file ends with bit-identical weights to an uninterrupted one.
 5. At the end, BatchNorm running statistics are re-estimated on training batches (cumulative average).
 
-With ``cfg.qat`` the forward pass runs through ``chita_edge.qat.QATModel``: int8 weights and activations are
+With ``cfg.qat`` the forward pass runs through ``chita_edge.training.qat.QATModel``: int8 weights and activations are
 simulated where the exporters quantise (straight-through gradients), BatchNorm stays frozen in eval mode and is
 not re-estimated at the end (its statistics are what the exporters fold); the model itself stays a plain float
 module and the per-epoch history adds the simulated-int8 test accuracy.
@@ -41,14 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chita_edge.checkpoint import save_checkpoint
-from chita_edge.data import Dataset
-from chita_edge.errors import BadInput, Interrupted
-from chita_edge.evaluate import accuracy
-from chita_edge.io import atomic_path, sha256_file
+from chita_edge.core.checkpoint import save_checkpoint
+from chita_edge.core.data import Dataset
+from chita_edge.core.errors import BadInput, Interrupted
+from chita_edge.core.evaluate import accuracy
+from chita_edge.core.io import atomic_path, sha256_file
+from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning import batchnorm
+from chita_edge.pruning.batchnorm import keyed_generator
 from chita_edge.pruning.layers import PrunableParam, find_prunable
-from chita_edge.zoo import default_prunable
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,11 @@ class FinetuneConfig:
     bn_batches: int = 100  # batches for re-estimating BatchNorm statistics at the end (0: keep them)
     eval_each_epoch: bool = True  # test accuracy in the per-epoch history
     seed: int = 0
-    qat: bool = False  # quantisation-aware: train through simulated int8 (chita_edge.qat), BatchNorm frozen
+    qat: bool = False  # quantisation-aware: train through simulated int8 (chita_edge.training.qat), BatchNorm frozen
     qat_calibration: int = 200  # first training samples whose min/max start the activation ranges (as export)
     qat_ema: float = 0.01  # per-step moving-average weight of the batch min/max in the activation ranges
     qat_agreement: float = 0.0  # > 0: loss = (L(float) + L(int8)) / 2 + this x KL(p_float || p_int8)
-    qat_dither: bool = False  # activations rounded on randomly shifted grids while training (chita_edge.qat)
+    qat_dither: bool = False  # activations rounded on randomly shifted grids while training (chita_edge.training.qat)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -159,12 +160,6 @@ def _check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
                            f"got {m.dtype} {tuple(m.shape)}")
 
 
-def _generator(*key: int) -> torch.Generator:
-    """A generator whose stream depends on the key only (seed, epoch, step, ...)."""
-    h = 0x9E3779B97F4A7C15
-    for k in key:
-        h = (h * 1_000_003 + int(k) + 0x632BE59BD9B4E019) % (1 << 63)
-    return torch.Generator().manual_seed(h)
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, padding: int, flip: bool) -> torch.Tensor:
@@ -212,13 +207,11 @@ def reestimate_batchnorm(model: nn.Module, x: torch.Tensor, *, batches: int, bat
     random training batches (train-mode forward), augmented as in training when ``augment`` (the weights were
     trained on augmented batch statistics; clean ones would shift every normalisation). Returns False when
     there is no BatchNorm."""
-    order = torch.randperm(len(x), generator=_generator(seed, -1))
-
     def aug(xb: torch.Tensor, b: int) -> torch.Tensor:
-        return augment_batch(xb, _generator(seed, -1, b), crop_padding, flip)
+        return augment_batch(xb, keyed_generator(seed, -1, b), crop_padding, flip)
 
-    return batchnorm.reestimate_batchnorm(model, x, order, batch_size=batch_size, batches=batches,
-                                          transform=aug if augment else None)
+    return batchnorm.reestimate_on_random_batches(model, x, batches=batches, batch_size=batch_size, seed=seed,
+                                                  transform=aug if augment else None)
 
 
 class _StopFlag:
@@ -357,7 +350,7 @@ def finetune(
     epoch, step = 0, 0
     run = {"loss_sum": 0.0, "correct": 0, "seen": 0}
     resumed_from = None
-    rng0 = _generator(cfg.seed, -2).get_state()  # the global RNG (dropout, ...) during training, from the seed
+    rng0 = keyed_generator(cfg.seed, -2).get_state()  # the global RNG (dropout, ...) during training, from the seed
     initial_acc = accuracy(model, data.x_test, data.y_test)
     if resume:
         assert state_file is not None
@@ -389,7 +382,7 @@ def finetune(
     net: nn.Module = model
     qat_info: dict[str, Any] | None = None
     if cfg.qat:
-        from chita_edge.qat import QATModel
+        from chita_edge.training.qat import QATModel
 
         net = QATModel(model, x[:cfg.qat_calibration], ema=cfg.qat_ema, dither=cfg.qat_dither)
         qat_info = {"points": list(net.points), "calibration": min(n, cfg.qat_calibration), "ema": cfg.qat_ema,
@@ -402,12 +395,12 @@ def finetune(
         while epoch < cfg.epochs:
             t_epoch = time.perf_counter()
             net.train()
-            perm = torch.randperm(n, generator=_generator(cfg.seed, epoch))
+            perm = torch.randperm(n, generator=keyed_generator(cfg.seed, epoch))
             while step < steps_per_epoch:
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 xb, yb = x[idx], y[idx]
                 if augment:
-                    xb = augment_batch(xb, _generator(cfg.seed, epoch, step), cfg.crop_padding, cfg.flip)
+                    xb = augment_batch(xb, keyed_generator(cfg.seed, epoch, step), cfg.crop_padding, cfg.flip)
                 out = net(xb)
                 t_out = None
                 if teacher is not None:
@@ -492,7 +485,7 @@ def state_path_for(out: str | os.PathLike) -> Path:
 def load_teacher(spec: str, meta: dict[str, Any] | None, teacher_weights: str | os.PathLike | None,
                  where: str) -> nn.Module:
     """The dense model ``spec`` to distil from: ``teacher_weights`` or the checkpoint's recorded source weights."""
-    from chita_edge.models import load_model
+    from chita_edge.models.loading import load_model
 
     src = teacher_weights or (meta or {}).get("source_weights")
     if not src:
@@ -524,8 +517,8 @@ def finetune_checkpoint(
     The training state lives in ``OUT.state`` while the run is in progress (removed on success); a state file
     left by an interrupted run must be resumed (``resume=True``) or removed.
     """
-    from chita_edge.data import load_data
-    from chita_edge.models import load_model
+    from chita_edge.core.data import load_data
+    from chita_edge.models.loading import load_model
 
     cfg.validate()
     src = Path(pruned)
@@ -536,7 +529,7 @@ def finetune_checkpoint(
         raise BadInput(f"{out}: directory {out.parent} does not exist; choose another --out")
     lm = load_model(model, src)
     ds = load_data(data)
-    from chita_edge.api import check_fits  # one shape/label check for every command
+    from chita_edge.models.loading import check_fits  # one shape/label check for every command
 
     check_fits(lm, ds.x_train, data, (ds.y_train, ds.y_test))
     state = state_path_for(out)

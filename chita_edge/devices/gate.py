@@ -14,10 +14,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from chita_edge.bench import BenchConfig, benchmark, best_latency
-from chita_edge.errors import BadInput, GateFailed
-from chita_edge.io import atomic_write_text
-from chita_edge.profiles import Budgets, Profile, load_profile, with_budgets
+from chita_edge.core.errors import BadInput, GateFailed
+from chita_edge.core.io import atomic_write_text
+from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
+from chita_edge.devices.profiles import Budgets, Profile, load_profile, with_budgets
 
 Progress = Callable[[str, int, int], None]
 
@@ -120,7 +120,7 @@ def run_check(path: str | os.PathLike, profile: str | Profile, *, latency_ms: fl
         raise BadInput(f"profile {prof.id} has no budgets and none was given (--latency-ms, --memory-mb, --file-mb, "
                        "--accuracy-min)")
     if data:
-        from chita_edge.data import load_data
+        from chita_edge.core.data import load_data
 
         load_data(data)  # a bad --data fails now, not after the measurement
     result = benchmark(path, [prof], cfg, data=data, progress=progress)

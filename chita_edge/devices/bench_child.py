@@ -1,6 +1,6 @@
 """The measuring process of ``chita-edge bench``: one model, one runtime, one JSON object on stdout.
 
-Run as ``python -m chita_edge.bench_child FILE --threads 1 --warmup 10 --runs 50``. It is a fresh process so
+Run as ``python -m chita_edge.devices.bench_child FILE --threads 1 --warmup 10 --runs 50``. It is a fresh process so
 that its memory figures belong to this model alone: the peak resident set (VmHWM, reset just before the model
 is loaded through /proc/self/clear_refs) minus the resident set before loading. The same command runs on a
 device over SSH (``bench --remote``). On failure it prints ``{"error": ..., "exit_code": 2|3}`` and exits
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from chita_edge.errors import BadInput, ChitaError, RuntimeFailure
+from chita_edge.core.errors import BadInput, ChitaError, RuntimeFailure
+from chita_edge.devices.runtimes import LayerCost, op_mix, prime_runtime, profile_onnx, tflite_layers
 from chita_edge.exporters.runtime import RUNTIME_OF, detect_format, load_session
-from chita_edge.runtimes import LayerCost, op_mix, prime_runtime, profile_onnx, tflite_layers
 
 MiB = 1024 * 1024
 
@@ -178,7 +178,7 @@ def measure(path: str, *, runtime: str | None = None, threads: int = 1, warmup: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m chita_edge.bench_child", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m chita_edge.devices.bench_child", description=__doc__.splitlines()[0])
     ap.add_argument("file")
     ap.add_argument("--runtime", choices=("onnxruntime", "litert"))
     ap.add_argument("--threads", type=int, default=1)

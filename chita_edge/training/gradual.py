@@ -29,13 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from chita_edge.data import Dataset
-from chita_edge.errors import BadInput
-from chita_edge.evaluate import accuracy
-from chita_edge.finetune import FinetuneConfig, Progress, finetune, masks_from_zeros, save_state
+from chita_edge.core.data import Dataset
+from chita_edge.core.errors import BadInput
+from chita_edge.core.evaluate import accuracy
+from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning.layers import PrunableParam, find_prunable, layer_sparsity
-from chita_edge.pruning.prune import PruneConfig, cubic_schedule, prune_weights
-from chita_edge.zoo import default_prunable
+from chita_edge.pruning.prune import PruneConfig, prune_weights
+from chita_edge.pruning.schedule import cubic_schedule
+from chita_edge.training.finetune import FinetuneConfig, Progress, finetune, masks_from_zeros, save_state
 
 log = logging.getLogger(__name__)
 

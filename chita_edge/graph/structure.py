@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from chita_edge.errors import BadInput, RuntimeFailure
+from chita_edge.core.errors import BadInput, RuntimeFailure
 
 __all__ = [
     "PLAN_VERSION",

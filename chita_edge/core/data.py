@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from chita_edge.errors import BadInput
-from chita_edge.io import require_file
+from chita_edge.core.errors import BadInput
+from chita_edge.core.io import require_file
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 

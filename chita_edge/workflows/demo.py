@@ -1,7 +1,7 @@
 """``chita-edge demo``: the whole toolchain on scikit-learn's ``digits`` in a few minutes, offline.
 
 1. Train a small CNN (``digits_cnn`` below, 8x8 grey images, about 15 k weights) for a few seconds.
-2. Run a pipeline (``chita_edge.pipeline``) with one phone and one watch profile: prune with CHITA++ (a milder
+2. Run a pipeline (``chita_edge.workflows.pipeline``) with one phone and one watch profile: prune with CHITA++ (a milder
    sparsity for the phone, a stronger one for the watch), fine-tune briefly with the masks, export to ONNX and,
    when the ``tflite`` extra is installed, TFLite; benchmark every file and estimate it on both devices; gate
    each on its own profile's budgets plus an accuracy floor; write the comparative report.
@@ -51,7 +51,7 @@ class DigitsCNN(nn.Module):
 
 
 def digits_cnn() -> nn.Module:
-    """The factory that model specs name: ``path/to/chita_edge/demo.py:digits_cnn``."""
+    """The factory that model specs name: ``path/to/chita_edge/workflows/demo.py:digits_cnn``."""
     return DigitsCNN()
 
 
@@ -61,9 +61,9 @@ def model_spec() -> str:
 
 def train_digits_cnn(out: Path, *, epochs: int = 12, seed: int = 0) -> dict[str, Any]:
     """Train DigitsCNN on digits (Adam, deterministic) and save a chita-edge checkpoint to ``out``."""
-    from chita_edge.checkpoint import save_checkpoint
-    from chita_edge.data import load_data
-    from chita_edge.evaluate import accuracy
+    from chita_edge.core.checkpoint import save_checkpoint
+    from chita_edge.core.data import load_data
+    from chita_edge.core.evaluate import accuracy
 
     t0 = time.perf_counter()
     ds = load_data("digits")
@@ -88,7 +88,7 @@ def train_digits_cnn(out: Path, *, epochs: int = 12, seed: int = 0) -> dict[str,
 
 
 def tflite_available() -> bool:
-    from chita_edge.errors import MissingExtra
+    from chita_edge.core.errors import MissingExtra
     from chita_edge.exporters import tflite_format
 
     try:
@@ -117,7 +117,7 @@ def quick_calibration() -> Iterator[bool]:
 
 
 def demo_spec(weights: Path, out: Path, formats: list[str]) -> Any:
-    from chita_edge.pipeline import PipelineSpec
+    from chita_edge.workflows.pipeline import PipelineSpec
 
     return PipelineSpec.model_validate({
         "name": "digits-demo",
@@ -138,9 +138,9 @@ def run_demo(out: str | os.PathLike = "chita-edge-demo", *, tflite: bool | None 
              progress: Callable[[str, int, int], None] | None = None,
              on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train, prune for a phone and a watch, fine-tune, export, benchmark, check; returns the pipeline summary
-    plus ``notes``. Does not raise on a broken budget (see ``chita_edge.pipeline.raise_if_failed``)."""
-    from chita_edge.errors import MissingExtra
-    from chita_edge.pipeline import run_pipeline
+    plus ``notes``. Does not raise on a broken budget (see ``chita_edge.workflows.pipeline.raise_if_failed``)."""
+    from chita_edge.core.errors import MissingExtra
+    from chita_edge.workflows.pipeline import run_pipeline
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
-from chita_edge.checkpoint import save_checkpoint
-from chita_edge.data import load_data
-from chita_edge.errors import BadInput
-from chita_edge.evaluate import accuracy
-from chita_edge.io import sha256_file
-from chita_edge.models import LoadedModel, load_model
+from chita_edge.core.checkpoint import save_checkpoint
+from chita_edge.core.data import load_data
+from chita_edge.core.errors import BadInput
+from chita_edge.core.evaluate import accuracy
+from chita_edge.core.io import sha256_file
+from chita_edge.models.loading import LoadedModel, check_fits, load_model
 from chita_edge.pruning.layers import find_prunable, layer_sparsity
 from chita_edge.pruning.prune import Progress, PruneConfig, PruneReport, prune_weights
 
@@ -24,23 +24,6 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise BadInput(f"--threads {threads}: expected >= 1")
     torch.set_num_threads(threads)
-
-
-def check_fits(lm: LoadedModel, x: torch.Tensor, where: str, labels: tuple[torch.Tensor, ...] = ()) -> None:
-    """Run one example through the model; a shape mismatch, or a label the model has no output for, becomes
-    one BadInput line."""
-    try:
-        with torch.no_grad():
-            out = lm.module(x[:1])
-    except Exception as e:
-        raise BadInput(f"{where}: data of shape {tuple(x.shape[1:])} does not fit the model "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    if out.dim() != 2:
-        raise BadInput(f"{where}: the model returns shape {tuple(out.shape)}; expected (batch, classes) logits")
-    top = max((int(y.max()) for y in labels if len(y)), default=-1)
-    if top >= out.shape[1]:
-        raise BadInput(f"{where}: label {top} is out of range for a model with {out.shape[1]} outputs; "
-                       f"expected labels 0..{out.shape[1] - 1}")
 
 
 def sparsity_of(lm: LoadedModel) -> tuple[float, dict[str, float]]:
@@ -64,7 +47,7 @@ def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, c
                      gradual: Any = None, resume: bool = False) -> dict[str, Any]:
     """Load, prune, evaluate and save: what ``chita-edge prune`` does.
 
-    ``gradual`` (a ``chita_edge.gradual.GradualConfig``): prune in steps on the cubic schedule from 50 % with
+    ``gradual`` (a ``chita_edge.training.gradual.GradualConfig``): prune in steps on the cubic schedule from 50 % with
     masked fine-tuning between them (state beside ``out`` for ``resume``)."""
     cfg.validate()
     lm = load_model(model, weights)
@@ -74,7 +57,7 @@ def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, c
     params = find_prunable(lm.module, lm.prunable)
     extra: dict[str, Any] = {}
     if gradual is not None:
-        from chita_edge.gradual import gradual_prune
+        from chita_edge.training.gradual import gradual_prune
 
         g = gradual_prune(lm.module, ds, cfg, gradual, filter_fn=lm.prunable, progress=progress,
                           state_path=f"{out}.gradual-state", resume=resume)
