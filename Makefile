@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP)   # ruff, then the suite (which also checks the import contracts of docs/architecture.md)
+	$(BIN)/ruff check chita_edge exporters tests benchmarks docs
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)

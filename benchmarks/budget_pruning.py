@@ -35,16 +35,18 @@ from typing import Any
 
 import torch
 
+from chita_edge.budget.config import BudgetConfig
 from chita_edge.budget.costmodel import CostModel
-from chita_edge.budget.search import BudgetConfig, measure_model, prune_to_budget
+from chita_edge.budget.measure import measure_model
+from chita_edge.budget.search import prune_to_budget
 from chita_edge.core.data import Dataset, load_data
 from chita_edge.core.errors import GateFailed
 from chita_edge.core.evaluate import accuracy
 from chita_edge.devices.profiles import load_profile, with_budgets
-from chita_edge.graph.structure import compact_model
+from chita_edge.graph.compact import compact_model
 from chita_edge.models.loading import load_model
 from chita_edge.models.zoo import MobileNetV1
-from chita_edge.pruning.structured import apply_keep, channel_structure
+from chita_edge.pruning.channels import allowed_widths, apply_keep, channel_structure, l1_filter_norms
 from chita_edge.solvers.group_chita import select_groups
 
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -98,8 +100,6 @@ def models(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def uniform_keep(model, cs, frac: float, mult: int):
-    from chita_edge.pruning.structured import allowed_widths, l1_filter_norms
-
     widths = {}
     for s in cs.specs:
         ws = [w for w in allowed_widths(s.size, mult) if w <= frac * s.size + 1e-9]
@@ -118,8 +118,6 @@ def validate(name: str, m: dict[str, Any], prof, wd: Path, args) -> list[dict[st
     for label, frac in configs + [("random widths", None)]:
         pruned = copy.deepcopy(model)
         if frac is None:
-            from chita_edge.pruning.structured import allowed_widths
-
             widths = {s.id: allowed_widths(s.size, prof.width_multiple)[
                 int(torch.randint(0, len(allowed_widths(s.size, prof.width_multiple)), (1,), generator=g))]
                       for s in cs.specs}

@@ -36,14 +36,16 @@ from chita_edge.models.loading import load_model  # noqa: E402
 
 
 def float_file(fmt: str, model: torch.nn.Module, example: torch.Tensor) -> tuple[Any, Any, tuple]:
-    """The format module, the float file the export quantises, and the quantiser's extra arguments."""
+    """The format's module holding ``Int8Quantizer``, the float file the export quantises, and the quantiser's
+    extra arguments."""
     if fmt == "onnx":
         from chita_edge.exporters import onnx_format as F
 
         return F, F.export(model, example)[0], ()
-    from chita_edge.exporters import tflite_format as F  # type: ignore[no-redef]
+    from chita_edge.exporters import tflite_format
+    from chita_edge.exporters import tflite_quantize as F  # type: ignore[no-redef]
 
-    return F, F.convert(model, example), ({n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2},)
+    return F, tflite_format.convert(model, example), ({n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2},)
 
 
 def quantizer(fmt: str, model: torch.nn.Module, example: torch.Tensor, calib: np.ndarray):

@@ -10,7 +10,8 @@ Exporters take a plain ``nn.Module`` plus an ``ExportConfig``; they never import
 
 Modules: ``export`` (the verb), ``layouts`` (measured per-layer rules, numpy only), ``onnx_format`` (the only
 module importing onnx/onnxruntime), ``tflite_format`` (the only one importing the LiteRT stack, lazily),
-``runtime`` (sessions for both formats), ``lint`` (``inspect``).
+``tflite_quantize`` (fp16 / int8 quantisation, the stack taken from ``tflite_format``), ``runtime`` (sessions
+for both formats), ``lint`` (``inspect``).
 """
 
 from chita_edge.exporters.export import (

@@ -1,6 +1,6 @@
 """One verb: ``export_model(model, ExportConfig(...), ...)`` writes an ONNX or TFLite file that passed parity.
 
-Step 1: (``compact``/``auto``) physically remove all-zero channels with ``chita_edge.graph.structure.compact_model``.
+Step 1: (``compact``/``auto``) physically remove all-zero channels with ``chita_edge.graph.compact.compact_model``.
 Step 2: convert (torch.onnx / litert-torch), then quantise (static int8 with calibration data, or fp16).
 Step 3: describe every weight of the converted file and choose its encoding (``layouts.plan_onnx`` /
         ``plan_tflite``: the measured rules), write the encodings and the metadata.
@@ -151,7 +151,8 @@ def _batched(model: nn.Module, x: torch.Tensor, bs: int = 256) -> np.ndarray:
 
 
 def _compact(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
-    from chita_edge.graph.structure import compact_model, count_macs
+    from chita_edge.graph.compact import compact_model
+    from chita_edge.graph.macs import count_macs
 
     new, plan = compact_model(model, example)
     removed = sum(g["size"] - len(plan["keep"][gid]) for gid, g in plan["groups"].items())
@@ -310,6 +311,7 @@ def export_model(
         mp = F.apply(mp, decisions)
     else:
         from chita_edge.exporters import tflite_format as F  # type: ignore[no-redef]
+        from chita_edge.exporters import tflite_quantize
 
         buf = F.convert(model, example)
         exporter = "litert-torch"
@@ -317,9 +319,9 @@ def export_model(
         params = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2}
         if cfg.quantize == "int8":
             assert calib is not None
-            buf = int8(F.Int8Quantizer(buf, calib, params))
+            buf = int8(tflite_quantize.Int8Quantizer(buf, calib, params))
         elif cfg.quantize != "none":
-            buf = F.quantize(buf, cfg.quantize, calib)
+            buf = tflite_quantize.quantize(buf, cfg.quantize, calib)
         cb("convert", 2, 3)
         mobj = F.read(buf)
         ws, info = F.weights(mobj, params)

@@ -17,7 +17,7 @@ Float, not int16 activations: ONNX Runtime's CPU provider fuses int8 QDQ into QL
 graph with onnxruntime 1.31), i.e. float compute plus conversions; XNNPACK's integer kernels are 8-bit only
 (LiteRT runs 16x8 ops on its built-in kernels; not measured here). A float layer is the cheaper of the two on
 both, and exact for pruned zeros. The format modules provide the backends
-(``onnx_format.Int8Quantizer``, ``tflite_format.Int8Quantizer``); this module is numpy only.
+(``onnx_format.Int8Quantizer``, ``tflite_quantize.Int8Quantizer``); this module is numpy only.
 """
 
 from __future__ import annotations

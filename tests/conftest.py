@@ -1,17 +1,23 @@
-"""Shared fixtures: the ../shared data (skip when absent), a CLI runner, single-threaded torch."""
+"""Shared fixtures: the ../shared data (skip when absent), a CLI runner, single-threaded torch, the tiny test
+models (every test builds them from the factories here) and scikit-learn's digits."""
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
 import sys
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+from chita_edge.models.zoo import ResNet20
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", ROOT.parent / "shared"))
@@ -66,20 +72,75 @@ def cli():
     return run_cli
 
 
-# Tiny models as a user's model file (MODEL = path/tiny.py:mlp or :cnn) for 8x8 single-channel digits.
-TINY = '''
-import torch
-from torch import nn
+# ------------------------------------------------------------------------------------- tiny models, once
+# Each test builds its tiny model from these factories; a test writing a user's model file gets their source
+# through model_file(), so that the file stands alone.
+def tiny_mlp(hidden: int = 32, *, inputs: int = 64, classes: int = 10, seed: int | None = 0) -> nn.Module:
+    """Flatten -> Linear(inputs, hidden) -> ReLU -> Linear(hidden, classes), for 8x8 digits by default.
 
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    ``seed``: ``torch.manual_seed(seed)`` before building; None draws from the current random stream.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
 
-def cnn():
+
+def tiny_cnn(dropout: float = 0.0) -> nn.Module:
+    """One 3x3 conv (6 channels, no bias) + BatchNorm + ReLU [+ Dropout] + a classifier, for 8x8 digits; seed 0."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(6 * 64, 10))
-'''
+    drop = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), *drop,
+                         nn.Flatten(), nn.Linear(6 * 64, 10))
+
+
+def small_cnn(*, pool: int = 1, conv_bias: bool = False, seed: int | None = 0) -> nn.Module:
+    """Two 3x3 convs (8, 16 channels) with BatchNorm + ReLU, average-pooled to pool x pool, a classifier; 8x8 digits.
+
+    ``seed`` as in :func:`tiny_mlp`.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1, bias=conv_bias), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, bias=conv_bias), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(16 * pool * pool, 10))
+
+
+def tiny_resnet(widths: tuple[int, int, int] = (8, 16, 16), *, random_bn: bool = False) -> nn.Module:
+    """ResNet20 (3x32x32 input) with narrow stages, seed 0, in eval mode.
+
+    ``random_bn``: BatchNorm running statistics and biases drawn at random (generator seed 1) instead of the
+    identity, so that folding and re-fitting them is visible.
+    """
+    torch.manual_seed(0)
+    m = ResNet20(widths=widths).eval()
+    if random_bn:
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for mod in m.modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+                    mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
+                    mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
+    return m
+
+
+def model_file(*factories: Callable[..., nn.Module], **entries: str) -> str:
+    """Source of a user's model file (``path.py:NAME``): the given factories above, copied so that the file
+    stands alone, and one zero-argument function per entry ``NAME="expression"`` returning that expression.
+
+    ``model_file(tiny_mlp, mlp="tiny_mlp(16)")`` -> a file whose ``mlp()`` returns ``tiny_mlp(16)``.
+    """
+    head = ["import torch", "from torch import nn"]
+    if tiny_resnet in factories:
+        head.append("from chita_edge.models.zoo import ResNet20")
+    parts = ["\n".join(head) + "\n"] + [inspect.getsource(f) for f in factories]
+    parts += [f"def {name}():\n    return {expr}\n" for name, expr in entries.items()]
+    return "\n\n".join(parts)
+
+
+# The tiny MLP and CNN as a user's model file (MODEL = path/tiny.py:mlp or :cnn) for 8x8 single-channel digits.
+TINY = model_file(tiny_mlp, tiny_cnn, mlp="tiny_mlp()", cnn="tiny_cnn()")
 
 
 @pytest.fixture(scope="module")

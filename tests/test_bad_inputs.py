@@ -21,17 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CliResult, run_cli
+from conftest import CliResult, model_file, run_cli, tiny_mlp
 
 PREVIOUS = b"previous output, must survive\n"
 
-TINY = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-    def mlp():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+TINY = model_file(tiny_mlp, mlp="tiny_mlp(16)") + textwrap.dedent("""
 
     class _NoWeights(nn.Module):
         def __init__(self):

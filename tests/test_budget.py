@@ -1,4 +1,4 @@
-"""chita_edge.budget.search: the greedy width search, the stages, impossible budgets, checkpoints and the CLI.
+"""chita_edge.budget: the greedy width search, the stages, impossible budgets, checkpoints and the CLI.
 
 The cost model is replaced by an analytic stand-in (MACs-like latency, exact weight bytes) and the benchmark by a
 stand-in measurement, so that these tests check the search and its plumbing, not this machine's timings.
@@ -12,18 +12,29 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import model_file, run_cli, tiny_mlp, tiny_resnet
 from torch import nn
 
-from chita_edge.budget.costmodel import Prediction
-from chita_edge.budget import search as B
+from chita_edge.budget import measure, search
+from chita_edge.budget.config import BudgetConfig, min_widths
+from chita_edge.budget.costmodel import CostModel, Prediction
+from chita_edge.budget.criteria import (
+    BlockMoves,
+    CurveCriterion,
+    NormCriterion,
+    greedy_widths,
+    uniform_widths,
+)
+from chita_edge.budget.measure import measure_model
+from chita_edge.budget.search import _schedule, prune_to_budget
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import GateFailed
 from chita_edge.devices.profiles import load_profile, with_budgets
-from chita_edge.graph.structure import apply_plan
+from chita_edge.graph.plan import apply_plan
 from chita_edge.models.loading import load_model
-from chita_edge.models.zoo import ResNet20
-from chita_edge.pruning.structured import alive_channels, channel_structure
+from chita_edge.pruning.channels import alive_channels, allowed_widths, channel_structure
+from chita_edge.workflows import jobs
+from chita_edge.workflows.budget_jobs import raise_if_missed
 
 torch.set_num_threads(1)
 
@@ -54,11 +65,6 @@ class FakeCostModel:
         return {"fake": True}
 
 
-def tiny_resnet() -> nn.Module:
-    torch.manual_seed(0)
-    return ResNet20(widths=(8, 16, 16)).eval()
-
-
 def synthetic_data(n: int = 96) -> Dataset:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(n, 3, 32, 32, generator=g)
@@ -74,9 +80,9 @@ def test_greedy_widths_meets_the_target_in_width_multiples():
     cs = channel_structure(m, torch.rand(1, 3, 32, 32))
     cm = FakeCostModel(cs.sizes)
     dense = cm.latency({})
-    crit = B.NormCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), torch.rand(cs.groups.num_groups))
+    crit = NormCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), torch.rand(cs.groups.num_groups))
     target = {"latency_ms": 0.6 * dense}
-    widths, steps = B.greedy_widths(cm, cs, crit, target, {}, 4)
+    widths, steps = greedy_widths(cm, cs, crit, target, {}, 4)
     assert cm.latency(widths) <= target["latency_ms"]
     assert all(w % 4 == 0 or w == cs.sizes[g] for g, w in widths.items())
     assert steps and steps[-1]["latency_ms"] == pytest.approx(cm.latency(widths))
@@ -97,32 +103,32 @@ def test_greedy_prefers_the_cheapest_objective_per_latency_saved():
     for f, s in enumerate(cs.specs):
         order = torch.arange(s.size - 1) + cs.first[f]
         curves.append((order, torch.arange(1, s.size, dtype=torch.float64)))  # every channel costs 1
-    crit = B.CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), curves)
-    widths, steps = B.greedy_widths(cm, cs, crit, {"latency_ms": cm.latency({}) - 19.0}, {}, 4)
+    crit = CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), curves)
+    widths, steps = greedy_widths(cm, cs, crit, {"latency_ms": cm.latency({}) - 19.0}, {}, 4)
     assert steps[0]["group"] == "layer3.1.conv1" and widths["layer3.1.conv1"] == 12
     assert steps[0]["objective_cost"] == pytest.approx(4.0)
 
 
 def test_channel_block_leaves_out_widths_between_blocks():
-    assert B.allowed_widths(64, 4) == list(range(4, 65, 4))
-    assert B.allowed_widths(64, 4, 16) == [4, 8, 16, 32, 48, 64]
-    assert B.allowed_widths(16, 4, 16) == [4, 8, 16] and B.allowed_widths(24, 8, 16) == [8, 16, 24]
-    assert B.allowed_widths(64, 4, 0) == B.allowed_widths(64, 4)
+    assert allowed_widths(64, 4) == list(range(4, 65, 4))
+    assert allowed_widths(64, 4, 16) == [4, 8, 16, 32, 48, 64]
+    assert allowed_widths(16, 4, 16) == [4, 8, 16] and allowed_widths(24, 8, 16) == [8, 16, 24]
+    assert allowed_widths(64, 4, 0) == allowed_widths(64, 4)
     m = tiny_resnet()
     cs = channel_structure(m, torch.rand(1, 3, 32, 32))
     cm = FakeCostModel(cs.sizes)
     target = {"latency_ms": 0.55 * cm.latency({})}
     for block in (None, 16):
-        crit = B.NormCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), torch.rand(cs.groups.num_groups))
-        widths, _ = B.greedy_widths(cm, cs, crit, target, {}, 4, block=block)
+        crit = NormCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), torch.rand(cs.groups.num_groups))
+        widths, _ = greedy_widths(cm, cs, crit, target, {}, 4, block=block)
         assert cm.latency(widths) <= target["latency_ms"]
         if block:
-            assert all(w in B.allowed_widths(cs.sizes[g], 4, 16) for g, w in widths.items())
-    uni = B.uniform_widths(cm, cs, target, {}, 4, 16)
-    assert all(w in B.allowed_widths(cs.sizes[g], 4, 16) for g, w in uni.items())
+            assert all(w in allowed_widths(cs.sizes[g], 4, 16) for g, w in widths.items())
+    uni = uniform_widths(cm, cs, target, {}, 4, 16)
+    assert all(w in allowed_widths(cs.sizes[g], 4, 16) for g, w in uni.items())
     loose = {"latency_ms": 0.8 * cm.latency({})}
-    assert 12 in B.uniform_widths(cm, cs, loose, {}, 4).values()  # between blocks: allowed without the block
-    assert 12 not in B.uniform_widths(cm, cs, loose, {}, 4, 16).values()
+    assert 12 in uniform_widths(cm, cs, loose, {}, 4).values()  # between blocks: allowed without the block
+    assert 12 not in uniform_widths(cm, cs, loose, {}, 4, 16).values()
 
 
 def test_uniform_widths_is_the_largest_common_fraction():
@@ -130,14 +136,14 @@ def test_uniform_widths_is_the_largest_common_fraction():
     cs = channel_structure(m, torch.rand(1, 3, 32, 32))
     cm = FakeCostModel(cs.sizes)
     target = {"latency_ms": 0.55 * cm.latency({})}
-    w = B.uniform_widths(cm, cs, target, {}, 4)
+    w = uniform_widths(cm, cs, target, {}, 4)
     assert cm.latency(w) <= target["latency_ms"]
     fr = {g: w[g] / cs.sizes[g] for g in w}
     assert max(fr.values()) - min(fr.values()) <= 0.25 + 1e-9  # one common fraction, rounded to multiples of 4
 
 
 def test_schedule_is_geometric_and_ends_at_the_target():
-    sched = B._schedule({"latency_ms": 8.0, "memory_mb": 10.0}, {"latency_ms": 2.0, "memory_mb": 20.0}, 2)
+    sched = _schedule({"latency_ms": 8.0, "memory_mb": 10.0}, {"latency_ms": 2.0, "memory_mb": 20.0}, 2)
     assert sched[0]["latency_ms"] == pytest.approx(4.0) and sched[1]["latency_ms"] == pytest.approx(2.0)
     assert sched[0]["memory_mb"] == 20.0
 
@@ -154,8 +160,8 @@ def test_prune_to_budget_meets_the_predicted_budget_and_compacts(method):
     cs = channel_structure(m, x1)
     cm = FakeCostModel(cs.sizes)
     budgets = with_budgets(prof, latency_ms=0.5 * cm.latency({}), memory_mb=1000, file_mb=1000)
-    cfg = B.BudgetConfig(method=method, stages=2, verify=False, calib_samples=32, width_multiple=4)
-    res = B.prune_to_budget(m, x1, data, prof, budgets, cfg, cost_model=cm)
+    cfg = BudgetConfig(method=method, stages=2, verify=False, calib_samples=32, width_multiple=4)
+    res = prune_to_budget(m, x1, data, prof, budgets, cfg, cost_model=cm)
     assert res.passed and res.measured is None
     assert res.predicted["latency_ms"] <= 0.5 * cm.latency({}) * cfg.margin + 1e-9
     assert len(res.stages) == (2 if method == "chita" else 1)
@@ -178,11 +184,11 @@ def test_impossible_budget_names_the_smallest_reachable():
     data = synthetic_data(32)
     cs = channel_structure(m, data.x_train[:1])
     cm = FakeCostModel(cs.sizes)
-    floor = cm.latency(B.min_widths(cs.sizes, 4))
+    floor = cm.latency(min_widths(cs.sizes, 4))
     budgets = with_budgets(prof, latency_ms=0.5 * floor)
-    cfg = B.BudgetConfig(method="l1-uniform", verify=False, width_multiple=4)
+    cfg = BudgetConfig(method="l1-uniform", verify=False, width_multiple=4)
     with pytest.raises(GateFailed, match=r"smallest reachable: latency ([0-9.]+) ms") as e:
-        B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+        prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
     assert f"{floor:.4g}" in str(e.value)
     assert "peak memory" in str(e.value) and "file" in str(e.value)
 
@@ -202,11 +208,11 @@ def test_verification_tightens_after_a_miss(monkeypatch):
         calls.append(lat)
         return {"latency_ms": lat, "memory_mb": 1.0, "file_mb": 0.1, "file": str(path)}
 
-    monkeypatch.setattr(B, "measure_model", fake_measure)
+    monkeypatch.setattr(search, "measure_model", fake_measure)
     limit = 0.6 * 1.2 * cm.latency({})
     budgets = with_budgets(prof, latency_ms=limit, memory_mb=100, file_mb=100)
-    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False)
-    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    cfg = BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False)
+    res = prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
     assert len(calls) >= 2 and calls[-1] <= limit  # the first try missed, the tightened one meets it
     assert res.passed and res.met["latency_ms"]
     assert [s["missed"] for s in res.stages if "verify" in s][0] == ["latency_ms"]
@@ -228,10 +234,10 @@ def test_data_without_test_images_verifies_with_random_parity_inputs(monkeypatch
         return {"latency_ms": cm.latency(widths_of(model, cs.specs)), "memory_mb": 1.0, "file_mb": 0.1,
                 "file": str(path)}
 
-    monkeypatch.setattr(B, "measure_model", fake_measure)
+    monkeypatch.setattr(search, "measure_model", fake_measure)
     budgets = with_budgets(prof, latency_ms=0.8 * cm.latency({}), memory_mb=100, file_mb=100)
-    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, dense_anchor=True)
-    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    cfg = BudgetConfig(method="norm-global", width_multiple=4, dense_anchor=True)
+    res = prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
     assert res.passed and len(seen) >= 2 and all(p is None for p in seen)  # not an empty batch
 
 
@@ -241,7 +247,7 @@ def test_verification_stops_when_the_measured_floor_is_over_the_budget(monkeypat
     data = synthetic_data(32)
     cs = channel_structure(m, data.x_train[:1])
     cm = FakeCostModel(cs.sizes)
-    floor = cm.latency(B.min_widths(cs.sizes, 4))
+    floor = cm.latency(min_widths(cs.sizes, 4))
     calls = []
 
     def fake_measure(model, x, profile, path, **kw):  # the device is 3x slower than the cost model says
@@ -251,26 +257,22 @@ def test_verification_stops_when_the_measured_floor_is_over_the_budget(monkeypat
         calls.append(lat)
         return {"latency_ms": lat, "memory_mb": 1.0, "file_mb": 0.1, "file": str(path)}
 
-    monkeypatch.setattr(B, "measure_model", fake_measure)
+    monkeypatch.setattr(search, "measure_model", fake_measure)
     limit = 1.5 * floor  # reachable as predicted (no dense anchor), not at 3x the predicted floor
     budgets = with_budgets(prof, latency_ms=limit, memory_mb=100, file_mb=100)
-    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False, max_tighten=2)
-    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    cfg = BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False, max_tighten=2)
+    res = prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
     assert len(calls) == 1  # no second round of pruning towards a budget it cannot reach
     assert not res.passed
     verify = [s for s in res.stages if "verify" in s]
     assert verify[-1]["unreachable"]["latency_ms"] == pytest.approx(floor * calls[0] / res.predicted["latency_ms"])
     with pytest.raises(GateFailed, match="smallest reachable at latency_ms"):
-        B.raise_if_missed({"passed": False, "profile": prof.id, "out": "p.pt", "stages": res.stages,
-                           "checks": [{"budget": "latency_ms.p50", "limit": limit, "measured": calls[0], "unit": "ms",
-                                       "met": False}]})
+        raise_if_missed({"passed": False, "profile": prof.id, "out": "p.pt", "stages": res.stages,
+                         "checks": [{"budget": "latency_ms.p50", "limit": limit, "measured": calls[0], "unit": "ms",
+                                     "met": False}]})
 
 
 def test_dense_measurement_anchors_the_op_mix(monkeypatch, tmp_path):
-    import chita_edge.exporters as exp_mod
-
-    import chita_edge.devices.bench as bench_mod
-
     prof = load_profile("phone-mid-sd670")
     fracs = iter([0.9, 0.7, 0.8])
 
@@ -279,10 +281,10 @@ def test_dense_measurement_anchors_the_op_mix(monkeypatch, tmp_path):
                 "device_estimates": {prof.id: {"available": True, "latency_ms": {"p50": 2.0}, "provenance": "est",
                                                "dense_fraction": next(fracs)}}}
 
-    monkeypatch.setattr(exp_mod, "export_model", lambda *a, **k: None)
-    monkeypatch.setattr(bench_mod, "benchmark", fake_bench)
-    meas = B.measure_model(nn.Linear(2, 2), torch.rand(1, 2), prof, tmp_path / "m.onnx", percentile="p50", runs=1,
-                           repeats=3)
+    monkeypatch.setattr(measure, "export_model", lambda *a, **k: None)
+    monkeypatch.setattr(measure, "benchmark", fake_bench)
+    meas = measure_model(nn.Linear(2, 2), torch.rand(1, 2), prof, tmp_path / "m.onnx", percentile="p50", runs=1,
+                         repeats=3)
     assert meas["dense_fraction"] == pytest.approx(0.8) and meas["latency_ms"] == 2.0
 
     m = tiny_resnet()
@@ -298,9 +300,9 @@ def test_dense_measurement_anchors_the_op_mix(monkeypatch, tmp_path):
     dense = {"latency_ms": 0.5 * FakeCostModel(cs.sizes).latency({}), "memory_mb": 1.0, "file_mb": 0.1,
              "dense_fraction": 0.8}
     budgets = with_budgets(prof, latency_ms=0.9 * dense["latency_ms"], memory_mb=100, file_mb=100)
-    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, verify=False)
-    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=Anchored(cs.sizes),
-                            dense_measured=dense)
+    cfg = BudgetConfig(method="norm-global", width_multiple=4, verify=False)
+    res = prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=Anchored(cs.sizes),
+                          dense_measured=dense)
     assert seen == [0.8]
     # the correction is taken against the anchored model's dense prediction (it matches the measurement)
     assert res.cost_model["correction"]["latency_ms"] == pytest.approx(dense["latency_ms"] / (0.01 + 0.5 * sum(
@@ -311,9 +313,7 @@ def test_dense_measurement_anchors_the_op_mix(monkeypatch, tmp_path):
 
 
 def _write_model_and_data(tmp_path):
-    (tmp_path / "tiny.py").write_text(
-        "from chita_edge.models.zoo import ResNet20\nimport torch\n\n"
-        "def make():\n    torch.manual_seed(0)\n    return ResNet20(widths=(8, 16, 16))\n")
+    (tmp_path / "tiny.py").write_text(model_file(tiny_resnet, make="tiny_resnet().train()"))
     g = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x_train=g.integers(0, 255, (64, 32, 32, 3), dtype=np.uint8),
              y_train=g.integers(0, 10, 64), x_test=g.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
@@ -325,7 +325,7 @@ def _write_model_and_data(tmp_path):
 
 def test_cli_budget_mode_writes_a_reloadable_checkpoint(tmp_path, monkeypatch):
     spec, data, weights = _write_model_and_data(tmp_path)
-    monkeypatch.setattr(B.CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
+    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
                                                           FakeCostModel({s.id: s.size for s in specs})))
 
     specs = channel_structure(tiny_resnet(), torch.rand(1, 3, 32, 32)).specs
@@ -338,7 +338,7 @@ def test_cli_budget_mode_writes_a_reloadable_checkpoint(tmp_path, monkeypatch):
         lat = sum(widths_of(model, specs).values()) / full
         return {"latency_ms": lat, "memory_mb": 5.0, "file_mb": 0.05, "file": str(path), "percentile": "p90"}
 
-    monkeypatch.setattr(B, "measure_model", fake_measure)
+    monkeypatch.setattr(search, "measure_model", fake_measure)
     out = tmp_path / "p.pt"
     r = run_cli("prune", spec, "--weights", weights, "--data", data, "--out", out, "--profile", "phone-mid-sd670",
                 "--latency-ms", "0.6", "--memory-mb", "64", "--width-multiple", "4", "--stages", "1",
@@ -366,7 +366,7 @@ def test_cli_missed_budget_exits_1_after_writing(tmp_path, monkeypatch):
         seen.update(model=model_spec, weights=w, data=d, **kw)
         return canned
 
-    monkeypatch.setattr(B, "prune_budget_checkpoint", fake)
+    monkeypatch.setattr(jobs, "prune_budget_checkpoint", fake)
     r = run_cli("prune", spec, "--data", data, "--out", tmp_path / "p.pt", "--profile", "watch-a55-dual",
                 "--latency-ms", "1", "--json")
     assert r.code == 1
@@ -401,7 +401,7 @@ def test_cli_budget_usage_errors(tmp_path):
 
 def test_cli_impossible_budget_exits_1(tmp_path, monkeypatch):
     spec, data, weights = _write_model_and_data(tmp_path)
-    monkeypatch.setattr(B.CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
+    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
                                                           FakeCostModel({s.id: s.size for s in specs})))
     calls = []
 
@@ -409,7 +409,7 @@ def test_cli_impossible_budget_exits_1(tmp_path, monkeypatch):
         calls.append(path.name)
         return {"latency_ms": 1.0, "memory_mb": 5.0, "file_mb": 0.05, "file": str(path), "percentile": "p90"}
 
-    monkeypatch.setattr(B, "measure_model", fake_measure)
+    monkeypatch.setattr(search, "measure_model", fake_measure)
     r = run_cli("prune", spec, "--data", data, "--out", tmp_path / "p.pt", "--profile", "phone-mid-sd670",
                 "--latency-ms", "0.001", "--width-multiple", "4", "--json")
     assert r.code == 1 and "smallest reachable" in r.stderr
@@ -418,10 +418,7 @@ def test_cli_impossible_budget_exits_1(tmp_path, monkeypatch):
 
 
 def test_cli_block_structure_prunes_linear_weights_in_1x4_blocks(tmp_path):
-    (tmp_path / "mlp.py").write_text(
-        "import torch\nfrom torch import nn\n\n"
-        "def make():\n    torch.manual_seed(0)\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))\n")
+    (tmp_path / "mlp.py").write_text(model_file(tiny_mlp, make="tiny_mlp(16)"))
     r = run_cli("prune", f"{tmp_path / 'mlp.py'}:make", "--data", "digits", "--out", tmp_path / "b.pt",
                 "--structure", "block", "--sparsity", "0.75", "--grads", "50", "--stages", "2", "--json")
     assert r.code == 0, r.stderr
@@ -446,7 +443,7 @@ def _unit_curves(cs):
 
 
 def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
-    from chita_edge.graph.structure import residual_blocks
+    from chita_edge.graph.residual import residual_blocks
 
     m = tiny_resnet()
     x = torch.rand(1, 3, 32, 32)
@@ -454,12 +451,12 @@ def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
     ids = [b.id for b in residual_blocks(m, x)]
     assert ids == ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
     cm = FakeCostModel(cs.sizes, blocks={b: 10.0 for b in ids})
-    floor = cm.latency(B.min_widths(cs.sizes, 4))
+    floor = cm.latency(min_widths(cs.sizes, 4))
 
     def run(target, costs):
-        crit = B.CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), _unit_curves(cs))
-        moves = B.BlockMoves(dict(costs))
-        widths, steps = B.greedy_widths(cm, cs, crit, {"latency_ms": target}, {}, 4, blocks=moves)
+        crit = CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), _unit_curves(cs))
+        moves = BlockMoves(dict(costs))
+        widths, steps = greedy_widths(cm, cs, crit, {"latency_ms": target}, {}, 4, blocks=moves)
         assert cm.latency(widths, moves.dropped) <= target
         return moves.dropped, steps
 
@@ -475,7 +472,7 @@ def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
 
 
 def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_replays(tmp_path):
-    from chita_edge.graph.structure import residual_blocks
+    from chita_edge.graph.residual import residual_blocks
 
     prof = load_profile("phone-mid-sd670")
     m = tiny_resnet()
@@ -484,11 +481,11 @@ def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_repla
     cs = channel_structure(m, x1)
     ids = [b.id for b in residual_blocks(m, x1)]
     cm = FakeCostModel(cs.sizes, blocks={b: 12.0 for b in ids})
-    floor = cm.latency(B.min_widths(cs.sizes, 4))
+    floor = cm.latency(min_widths(cs.sizes, 4))
     limit = floor - 20.0  # two blocks at least
     budgets = with_budgets(prof, latency_ms=limit, memory_mb=1000, file_mb=1000)
-    cfg = B.BudgetConfig(method="chita", stages=2, verify=False, calib_samples=32, width_multiple=4)
-    res = B.prune_to_budget(m, x1, data, prof, budgets, cfg, cost_model=cm)
+    cfg = BudgetConfig(method="chita", stages=2, verify=False, calib_samples=32, width_multiple=4)
+    res = prune_to_budget(m, x1, data, prof, budgets, cfg, cost_model=cm)
     assert res.passed and len(res.dropped) >= 2
     assert set(res.plan["drop"]) == set(res.dropped) and res.plan["version"] == 2
     assert res.to_dict()["dropped_blocks"] == res.dropped
@@ -503,8 +500,8 @@ def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_repla
         assert torch.allclose(fresh(data.x_test[:4]), m(data.x_test[:4]), atol=1e-4)
     # with depth off the same budget is refused before pruning
     with pytest.raises(GateFailed, match="smallest reachable"):
-        B.prune_to_budget(tiny_resnet(), x1, data, prof, budgets,
-                          B.BudgetConfig(method="chita", verify=False, width_multiple=4, depth=False), cost_model=cm)
+        prune_to_budget(tiny_resnet(), x1, data, prof, budgets,
+                        BudgetConfig(method="chita", verify=False, width_multiple=4, depth=False), cost_model=cm)
 
 
 # --------------------------------------------------------------------- tightening: proportional, then relaxed
@@ -526,11 +523,11 @@ def _relax_setup(monkeypatch, factors):
         calls.append(lat)
         return {"latency_ms": lat, "memory_mb": 1.0, "file_mb": 0.1, "file": str(path)}
 
-    monkeypatch.setattr(B, "measure_model", fake_measure)
+    monkeypatch.setattr(search, "measure_model", fake_measure)
     limit = 0.6 * cm.latency({})
     budgets = with_budgets(prof, latency_ms=limit, memory_mb=100, file_mb=100)
-    cfg = B.BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False, channel_block=0)
-    res = B.prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    cfg = BudgetConfig(method="norm-global", width_multiple=4, slack=0.0, dense_anchor=False, channel_block=0)
+    res = prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
     return m, cs, cm, calls, limit, res
 
 

@@ -16,7 +16,8 @@ from torch import nn
 
 from chita_edge.budget.costmodel import CostModel, MemoryModel, grid_widths
 from chita_edge.budget import costmodel as C
-from chita_edge.graph.structure import channel_groups, compact_model
+from chita_edge.graph.channels import channel_groups
+from chita_edge.graph.compact import compact_model
 from chita_edge.models.zoo import MobileNetV1, ResNet20
 
 torch.set_num_threads(1)

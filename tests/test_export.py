@@ -19,7 +19,7 @@ import pytest
 import torch
 from chita_edge.exporters import ExportConfig, export_model, file_requirements, inspect_file, load_session
 from chita_edge.exporters import layouts as L
-from conftest import run_cli
+from conftest import model_file, run_cli, small_cnn, tiny_mlp
 from torch import nn
 
 from chita_edge.core.checkpoint import save_checkpoint
@@ -29,18 +29,7 @@ from chita_edge.core.io import sha256_file
 
 torch.set_num_threads(1)
 
-MODELS_PY = textwrap.dedent('''
-    from torch import nn
-
-    def mlp():
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def cnn():
-        return nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-''')
+MODELS_PY = model_file(tiny_mlp, small_cnn, mlp="tiny_mlp(64, seed=None)", cnn="small_cnn(seed=None)")
 
 
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:

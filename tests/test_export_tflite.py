@@ -159,10 +159,10 @@ def test_int8_average_pooling_is_float_and_the_classifier_gets_its_own_grid(pool
 def test_int8_quantising_leaves_the_calibrated_ranges_alone(digits):  # noqa: F811
     """The quantizer writes scale constraints into the ranges it is given (an int8 AVERAGE_POOL_2D's output range
     becomes its input's); each fallback trial must start from the calibrated ranges, so each gets a copy."""
-    from chita_edge.exporters import tflite_format
+    from chita_edge.exporters import tflite_format, tflite_quantize
 
     cnn, _, _ = pooled_cnn(torch.nn.AvgPool2d(8))
-    q = tflite_format.Int8Quantizer(tflite_format.convert(cnn, digits.x_test[:1]), digits.x_train[:100].numpy())
+    q = tflite_quantize.Int8Quantizer(tflite_format.convert(cnn, digits.x_test[:1]), digits.x_train[:100].numpy())
     before = {k: {f: np.asarray(v).copy() for f, v in d.items()} for k, d in q._qsvs.items()}
     q.float_pooling = []  # the pooling in int8: the constrained op whose range the quantizer rewrites
     first = q.quantize(())

@@ -10,7 +10,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, tiny_cnn, tiny_mlp
 from torch import nn
 
 from chita_edge.core.checkpoint import read_weights, save_checkpoint
@@ -21,26 +21,11 @@ from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.pruning.prune import PruneConfig, prune, prune_weights
 from chita_edge.pruning.schedule import cubic_schedule
-from chita_edge.training.finetune import (
-    FinetuneConfig,
-    augment_batch,
-    distillation_loss,
-    finetune,
-    masks_from_zeros,
-    reestimate_batchnorm,
-)
+from chita_edge.training.augment import augment_batch
+from chita_edge.training.distill import distillation_loss
+from chita_edge.training.finetune import FinetuneConfig, finetune, reestimate_batchnorm
 from chita_edge.training.gradual import GradualConfig, gradual_prune, gradual_schedule
-
-
-def tiny_mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
-
-
-def tiny_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Dropout(0.1), nn.Flatten(), nn.Linear(6 * 64, 10))
+from chita_edge.training.masks import masks_from_zeros
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +84,7 @@ def _cnn_cfg() -> FinetuneConfig:
 
 
 def _pruned_cnn(digits) -> nn.Module:
-    m = tiny_cnn()
+    m = tiny_cnn(dropout=0.1)
     prune(m, PruneConfig(method="magnitude", sparsity=0.7), digits)
     return m
 
@@ -410,7 +395,7 @@ def test_cli_plain_state_dict_needs_model_spec(digits, dense_mlp, tmp_path):
 
 def test_cli_keeps_structural_plan(digits, tmp_path):
     """A structurally pruned (compacted) checkpoint stays compacted: its plan is kept and the output reloads."""
-    from chita_edge.graph.structure import compact_model
+    from chita_edge.graph.compact import compact_model
     from chita_edge.models.loading import load_model
 
     (tmp_path / "tiny.py").write_text(TINY)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, shared_path
+from conftest import run_cli, shared_path, tiny_mlp
 from test_bench import NanNet, calib_env, export_onnx, tiny_onnx  # noqa: F401  (fixtures)
 from torch import nn
 
@@ -132,8 +132,7 @@ def _digits_mlp(tmp_path: Path) -> Path:
     from chita_edge.core.data import load_data
 
     ds = load_data("digits")
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    m = tiny_mlp()
     opt = torch.optim.Adam(m.parameters(), lr=0.02)
     for _ in range(150):
         opt.zero_grad()

@@ -19,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import model_file, tiny_mlp
 
 PREVIOUS = b"previous output, must survive\n"
 
-MODEL = textwrap.dedent("""
+MODEL = model_file(tiny_mlp) + textwrap.dedent("""
+
     import os, time
     import torch
     from torch import nn
@@ -31,7 +33,7 @@ MODEL = textwrap.dedent("""
         '''Marks the first training step and slows training down when CHITA_TEST_SLOW is set.'''
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+            self.net = tiny_mlp(seed=None)
 
         def forward(self, x):
             if self.training and torch.is_grad_enabled() and os.environ.get("CHITA_TEST_SLOW"):

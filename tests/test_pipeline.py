@@ -11,7 +11,7 @@ import torch
 from chita_edge.core.errors import BadInput
 from chita_edge.workflows import pipeline
 
-DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "demo.py"
+DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "workflows" / "demo.py"
 
 # an uncalibrated profile: measured here, no host calibration needed (keeps the tests fast)
 PROFILE = """id: tiny-board

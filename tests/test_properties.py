@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from chita_edge.core.errors import BadInput
 from chita_edge.devices.profiles import (
@@ -152,10 +152,6 @@ def test_pipeline_schema_fuzz(doc):
 
 
 # --------------------------------------------------------------------------------- export round trip
-def _tiny() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 5))
-
-
 @settings(max_examples=20 if FUZZ else 2, deadline=None, suppress_health_check=list(HealthCheck))
 @given(seed=st.integers(0, 2**31 - 1), sparsity=st.floats(0.0, 0.99), layout=st.sampled_from(["dense", "sparse"]))
 def test_pruned_weights_survive_onnx_export(tmp_path_factory, seed, sparsity, layout):
@@ -164,7 +160,7 @@ def test_pruned_weights_survive_onnx_export(tmp_path_factory, seed, sparsity, la
     from chita_edge.exporters import onnx_format as F
 
     torch.manual_seed(seed)
-    m = _tiny().eval()
+    m = tiny_mlp(12, inputs=16, classes=5, seed=None).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for lin in (m[1], m[3]):
@@ -195,7 +191,7 @@ def test_any_mask_survives_finetuning(seed, density, optimizer, weight_decay):
     from chita_edge.training.finetune import FinetuneConfig, finetune
 
     g = torch.Generator().manual_seed(seed)
-    m = _tiny()
+    m = tiny_mlp(12, inputs=16, classes=5, seed=None)
     masks = {}
     with torch.no_grad():
         for name in ("1.weight", "3.weight"):

@@ -4,7 +4,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, shared_path
+from conftest import model_file, run_cli, shared_path, small_cnn, tiny_mlp
 
 from chita_edge.core.checkpoint import read_weights
 from chita_edge.core.data import load_data
@@ -40,20 +40,8 @@ def test_global_magnitude_reproduces_known_accuracies(mnist, s, expected):
     assert rep.sparsity == pytest.approx(s, abs=1e-4)
 
 
-@pytest.mark.shared
-def test_chita_beats_magnitude_and_uniform_at_90_percent(mnist):
-    accs = {}
-    for method in ("magnitude", "magnitude-uniform", "chita"):
-        lm = mlpnet()
-        prune(lm.module, PruneConfig(sparsity=0.9, method=method, n_grads=300), mnist, lm.prunable)
-        accs[method] = accuracy(lm.module, mnist.x_test, mnist.y_test)
-    assert accs["chita"] > accs["magnitude"] + 1.0
-    assert accs["chita"] > accs["magnitude-uniform"]
-
-
 def test_uniform_magnitude_prunes_every_layer_to_the_same_fraction():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 30), torch.nn.ReLU(), torch.nn.Linear(30, 10))
+    model = tiny_mlp(30)
     rep = prune(model, PruneConfig(sparsity=0.5, method="magnitude-uniform"), load_data("digits"))
     assert set(rep.layer_sparsity.values()) == {0.5}
 
@@ -66,8 +54,7 @@ def test_cubic_schedule_and_keep_count():
 
 
 def _digits_mlp(ds):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    model = tiny_mlp()
     opt = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(150):
         opt.zero_grad()
@@ -76,16 +63,48 @@ def _digits_mlp(ds):
     return model
 
 
-def test_chita_plusplus_hits_the_target_and_beats_magnitude_on_digits():
+def test_chita_plusplus_hits_the_target_on_digits():
     ds = load_data("digits")
     model = _digits_mlp(ds)
     rep = prune(model, PruneConfig(sparsity=0.8, method="chita++", stages=4, n_grads=100), ds)
     assert rep.sparsity == pytest.approx(0.8, abs=2e-3)
     assert len(rep.stages) == 4 and [round(s["sparsity"], 3) for s in rep.stages][-1] == 0.8
-    chita_acc = accuracy(model, ds.x_test, ds.y_test)
-    mag = _digits_mlp(ds)
-    prune(mag, PruneConfig(sparsity=0.8, method="magnitude"), ds)
-    assert chita_acc > accuracy(mag, ds.x_test, ds.y_test) + 20.0  # measured 62 vs 26
+
+
+# CHITA vs the magnitude baselines, like with like: the layer-wise re-fit is on by default for CHITA and off for
+# magnitude, and it alone lifts magnitude from 26 % to 84 % here, so each comparison runs every method with the
+# same layerwise_refit. The tiny MLP trained on digits, pruned to 80 %; margins about half the measured ones.
+SOLVER_KW = {"chita++": {"stages": 4, "n_grads": 100}, "chita": {"n_grads": 100}}
+BASELINES = ("magnitude", "magnitude-uniform")
+
+
+@pytest.fixture(scope="module")
+def digits_mlp(digits):
+    return _digits_mlp(digits)
+
+
+def _accuracies(digits_mlp, ds, method: str, refit: bool) -> dict[str, float]:
+    acc = {}
+    for m in (method, *BASELINES):
+        model = copy.deepcopy(digits_mlp)
+        rep = prune(model, PruneConfig(sparsity=0.8, method=m, layerwise_refit=refit, **SOLVER_KW.get(m, {})), ds)
+        assert rep.sparsity == pytest.approx(0.8, abs=2e-3) and (rep.refit is not None) == refit
+        acc[m] = accuracy(model, ds.x_test, ds.y_test)
+    return acc
+
+
+@pytest.mark.parametrize("method, margin", [("chita++", 5.0),  # measured 94.7 vs 83.9 (magnitude), 55.6 (uniform)
+                                            ("chita", 4.0)])  # measured 91.4 vs the same
+def test_chita_beats_magnitude_both_with_layerwise_refit(digits, digits_mlp, method, margin):
+    acc = _accuracies(digits_mlp, digits, method, refit=True)
+    assert acc[method] >= max(acc[b] for b in BASELINES) + margin, acc
+
+
+@pytest.mark.parametrize("method, margin", [("chita++", 20.0),  # measured 66.1 vs 25.8 (magnitude), 27.5 (uniform)
+                                            ("chita", 14.0)])  # measured 55.0 vs the same
+def test_chita_beats_magnitude_both_without_layerwise_refit(digits, digits_mlp, method, margin):
+    acc = _accuracies(digits_mlp, digits, method, refit=False)
+    assert acc[method] >= max(acc[b] for b in BASELINES) + margin, acc
 
 
 @pytest.mark.shared
@@ -134,11 +153,7 @@ def test_prune_bad_inputs_exit_2(tmp_path):
 def test_prune_gradual_cli_keeps_masks_and_reaches_the_target(tmp_path):
     ds = load_data("digits")
     model = _digits_mlp(ds)
-    (tmp_path / "m.py").write_text(
-        "import torch\n"
-        "def mlp():\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),"
-        " torch.nn.Linear(32, 10))\n")
+    (tmp_path / "m.py").write_text(model_file(tiny_mlp, mlp="tiny_mlp(seed=None)"))
     torch.save(model.state_dict(), tmp_path / "w.pt")
     out = tmp_path / "g.pt"
     r = run_cli("prune", f"{tmp_path / 'm.py'}:mlp", "--weights", tmp_path / "w.pt", "--data", "digits",
@@ -165,11 +180,7 @@ def test_prune_gradual_cli_keeps_masks_and_reaches_the_target(tmp_path):
 
 
 def _digits_cnn(ds):
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    model = small_cnn(pool=2, conv_bias=True)
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for _ in range(60):
         idx = torch.randint(0, len(ds.x_train), (128,))

@@ -9,21 +9,16 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, tiny_cnn
 from torch import nn
 
 from chita_edge.core.checkpoint import read_weights, save_checkpoint
 from chita_edge.core.data import Dataset
 from chita_edge.models.zoo import ZOO, default_prunable
 from chita_edge.pruning.layers import find_prunable
-from chita_edge.training.finetune import FinetuneConfig, finetune, masks_from_zeros
+from chita_edge.training.finetune import FinetuneConfig, finetune
+from chita_edge.training.masks import masks_from_zeros
 from chita_edge.training.qat import QATModel, act_qparams, fake_quant_weight
-
-
-def tiny_cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(6 * 64, 10))
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,11 @@ bit-identical pruned weights on the same machine)."""
 from __future__ import annotations
 
 import logging
-import textwrap
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import model_file, run_cli, tiny_mlp
 from torch import nn
 
 from chita_edge.core.errors import BadInput
@@ -18,14 +17,7 @@ from chita_edge.pruning.gradients import collect_gradients
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.solvers import chita as solver
 
-TINY = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-    def mlp():
-        torch.manual_seed(0)
-        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-""")
+TINY = model_file(tiny_mlp, mlp="tiny_mlp(16)")
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +42,7 @@ def test_non_finite_gradients_are_reported():
 
 def test_prune_of_non_finite_weights_is_one_line(ws):
     """A checkpoint with NaN weights: the CLI names the problem (exit 2), writes nothing, no traceback."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    m = tiny_mlp(16)
     sd = m.state_dict()
     sd["1.weight"][0, :5] = float("nan")
     torch.save(sd, ws / "nan_weights.pt")

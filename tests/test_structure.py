@@ -1,4 +1,4 @@
-"""chita_edge.graph.structure: channel groups, plans, compaction, MAC counts."""
+"""chita_edge.graph (channels, residual, plan, compact, macs): channel groups, plans, compaction, MAC counts."""
 
 from __future__ import annotations
 
@@ -10,14 +10,10 @@ from torch import nn
 
 from chita_edge.core.checkpoint import save_checkpoint
 from chita_edge.core.errors import BadInput
-from chita_edge.graph.structure import (
-    apply_plan,
-    channel_groups,
-    channel_weight_indices,
-    compact_model,
-    count_macs,
-    plan_from_zeros,
-)
+from chita_edge.graph.channels import channel_groups, channel_weight_indices
+from chita_edge.graph.compact import compact_model
+from chita_edge.graph.macs import count_macs
+from chita_edge.graph.plan import apply_plan, plan_from_zeros
 from chita_edge.models.loading import load_model
 from chita_edge.models.zoo import MLPNet, MobileNetV1, ResNet20
 
@@ -542,13 +538,13 @@ class TinyDeep(nn.Module):
 
 
 def _zero_block(model, block):
-    from chita_edge.pruning.structured import zero_block
+    from chita_edge.pruning.channels import zero_block
 
     zero_block(model, block)
 
 
 def test_residual_blocks_are_found_from_the_graph():
-    from chita_edge.graph.structure import residual_blocks
+    from chita_edge.graph.residual import residual_blocks
 
     m = TinyDeep().eval()
     blocks = {b.id: b for b in residual_blocks(m, torch.rand(1, 3, 8, 8))}
@@ -569,7 +565,7 @@ def test_dropped_blocks_compact_export_and_replay(tmp_path):
     import onnxruntime as ort
     from chita_edge.exporters import ExportConfig, export_model
 
-    from chita_edge.graph.structure import residual_blocks
+    from chita_edge.graph.residual import residual_blocks
 
     torch.manual_seed(0)
     m = TinyDeep().eval()

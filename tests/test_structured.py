@@ -7,25 +7,23 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_resnet
 from torch import nn
 
 from chita_edge.core.data import Dataset
-from chita_edge.graph.structure import compact_model
-from chita_edge.models.zoo import ResNet20
-from chita_edge.pruning.layers import find_prunable, flatten_weights
-from chita_edge.pruning.structured import (
-    BlockConfig,
+from chita_edge.graph.compact import compact_model
+from chita_edge.pruning.blocks import BlockConfig, block_structure, prune_blocks
+from chita_edge.pruning.channels import (
     alive_channels,
     allowed_widths,
     apply_keep,
-    block_structure,
     channel_structure,
     conv_linear,
-    layerwise_refit,
-    prune_blocks,
-    removal_curves,
     round_width,
 )
+from chita_edge.pruning.layers import find_prunable, flatten_weights
+from chita_edge.pruning.probes import removal_curves
+from chita_edge.pruning.refit import layerwise_refit
 from chita_edge.solvers import chita as scalar
 from chita_edge.solvers.group_chita import (
     Groups,
@@ -242,21 +240,8 @@ def test_obs_removal_cost_equals_the_refit_error():
 # ----------------------------------------------------------------------------------------------- model plumbing
 
 
-def tiny_resnet() -> nn.Module:
-    torch.manual_seed(0)
-    m = ResNet20(widths=(4, 8, 8)).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-                mod.running_var.copy_(torch.rand(mod.num_features, generator=g) + 0.5)
-                mod.bias.copy_(torch.randn(mod.num_features, generator=g) * 0.1)
-    return m
-
-
 def test_channel_structure_covers_producers_and_consumers():
-    m = tiny_resnet()
+    m = tiny_resnet((4, 8, 8), random_bn=True)
     x = torch.rand(2, 3, 32, 32)
     cs = channel_structure(m, x[:1])
     params = find_prunable(m, conv_linear)
@@ -273,7 +258,7 @@ def test_channel_structure_covers_producers_and_consumers():
 
 
 def test_apply_keep_makes_channels_removable_and_compaction_exact():
-    m = tiny_resnet()
+    m = tiny_resnet((4, 8, 8), random_bn=True)
     x = torch.rand(3, 3, 32, 32)
     cs = channel_structure(m, x[:1])
     keep = torch.ones(cs.groups.num_groups, dtype=torch.bool)
@@ -305,9 +290,9 @@ def test_round_and_allowed_widths():
 
 
 def test_removal_curves_and_layerwise_refit_on_a_small_net():
-    m = tiny_resnet()
+    m = tiny_resnet((4, 8, 8), random_bn=True)
     x = torch.rand(16, 3, 32, 32)
-    dense = tiny_resnet()
+    dense = tiny_resnet((4, 8, 8), random_bn=True)
     cs = channel_structure(m, x[:1])
     alive = torch.ones(cs.groups.num_groups, dtype=torch.bool)
     curves = removal_curves(m, cs, x, alive, min_width={s.id: 2 for s in cs.specs})
@@ -331,10 +316,10 @@ def test_removal_curves_and_layerwise_refit_on_a_small_net():
 
 
 def test_layerwise_refit_leaves_an_unpruned_model_unchanged():
-    m = tiny_resnet()
+    m = tiny_resnet((4, 8, 8), random_bn=True)
     x = torch.rand(8, 3, 32, 32)
     w0 = flatten_weights(m, find_prunable(m, conv_linear)).clone()
-    layerwise_refit(m, tiny_resnet(), x)
+    layerwise_refit(m, tiny_resnet((4, 8, 8), random_bn=True), x)
     w1 = flatten_weights(m, find_prunable(m, conv_linear))
     assert torch.allclose(w0, w1, atol=1e-4 * float(w0.abs().max()))
 

@@ -14,7 +14,7 @@ from chita_edge.workflows.sweep import COLUMNS, table_rows
 
 torch.set_num_threads(1)
 
-DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "demo.py"
+DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "workflows" / "demo.py"
 PROFILE = "phone-mid-sd670"
 
 

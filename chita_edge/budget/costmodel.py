@@ -4,7 +4,7 @@ Latency: the model's graph (``torch.fx``) is cut into *units* the way ONNX Runti
 Linear with the BatchNorm, activation and residual add that follow it (ONNX Runtime folds BatchNorm into the
 conv and fuses Conv+Add+ReLU in its NCHWc kernels), a depthwise conv with its BatchNorm and activation, and
 every other op on its own. Each unit is rebuilt alone at several widths of the channel spaces it touches
-(``chita_edge.graph.structure`` channel groups), exported to ONNX and timed on this host with ONNX Runtime's own
+(``chita_edge.graph.channels`` channel groups), exported to ONNX and timed on this host with ONNX Runtime's own
 profiler (the kernel times of the unit's nodes, not the layout reorders around a lone op), with the thread count
 the benchmark uses on this host. The tables are cached per host, runtime and threads in ``$CHITA_EDGE_CACHE``
 (else ``~/.cache/chita-edge``). A width between the measured ones is interpolated (multilinear), so
@@ -40,7 +40,6 @@ import itertools
 import json
 import logging
 import math
-import operator
 import tempfile
 import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -56,7 +55,9 @@ from torch import fx, nn
 from chita_edge.core.errors import BadInput, RuntimeFailure
 from chita_edge.core.io import atomic_write_text
 from chita_edge.devices.profiles import Profile
-from chita_edge.graph.structure import ChannelGroupSpec, channel_groups, eval_no_grad, residual_blocks
+from chita_edge.graph.channels import ChannelGroupSpec, channel_groups
+from chita_edge.graph.residual import residual_blocks
+from chita_edge.graph.trace import BN, is_add_node, is_bn_node, is_conv, is_depthwise, trace_shapes
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -71,14 +72,11 @@ GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 _REORDER_OPS = ("ReorderInput", "ReorderOutput")
 FILE_OVERHEAD_BYTES = 2048  # per weight tensor (names, shapes) + graph, measured ~1-3 KB on ONNX files
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                 nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout)
 _ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.sigmoid, torch.tanh,
                   F.hardswish, F.hardsigmoid, F.hardtanh, F.dropout}
 _ACT_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_"}
-_ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
 def cache_dir() -> Path:
@@ -113,14 +111,6 @@ class _Graph:
     order: dict[str, int]
 
 
-def _is_conv(m: nn.Module) -> bool:
-    return isinstance(m, _CONV) and not getattr(m, "transposed", False)
-
-
-def _is_depthwise(m: nn.Module) -> bool:
-    return _is_conv(m) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
 def _is_act(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
         return isinstance(gm.get_submodule(n.target), _ACT_MODULES)
@@ -129,29 +119,9 @@ def _is_act(gm: fx.GraphModule, n: fx.Node) -> bool:
     return n.op == "call_method" and n.target in _ACT_METHODS
 
 
-def _is_bn(gm: fx.GraphModule, n: fx.Node) -> bool:
-    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), _BN)
-
-
-def _is_add(n: fx.Node) -> bool:
-    return (n.op == "call_function" and n.target in _ADD_FUNCTIONS) or (n.op == "call_method" and n.target in ("add", "add_"))
-
-
 def _trace(model: nn.Module, example: torch.Tensor, specs: Sequence[ChannelGroupSpec]) -> _Graph:
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    with eval_no_grad(model):
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception as e:
-            raise BadInput(f"{type(model).__name__}: the cost model needs a torch.fx-traceable model "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
-        ShapeProp(gm).propagate(example[:1])
-    shapes: dict[str, tuple[int, ...]] = {}
-    for n in gm.graph.nodes:
-        tm = n.meta.get("tensor_meta")
-        if tm is not None and hasattr(tm, "shape"):
-            shapes[n.name] = tuple(int(s) for s in tm.shape)
+    gm, node_shapes = trace_shapes(model, example[:1], needed_by="the cost model")
+    shapes = {n.name: s for n, s in node_shapes.items()}
     out_fam, dw_fam = {}, {}
     for s in specs:
         for m in s.members:
@@ -166,11 +136,11 @@ def _trace(model: nn.Module, example: torch.Tensor, specs: Sequence[ChannelGroup
         order[n.name] = i
         users[n.name] = [u.name for u in n.users]
         ins = [a for a in n.all_input_nodes if a.name in shapes]
-        if n.op == "call_module" and _is_conv(gm.get_submodule(n.target)) and not _is_depthwise(gm.get_submodule(n.target)):
+        if n.op == "call_module" and is_conv(gm.get_submodule(n.target)) and not is_depthwise(gm.get_submodule(n.target)):
             fam[n.name] = (out_fam.get(n.target), 1)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear):
             fam[n.name] = (out_fam.get(n.target), 1)
-        elif n.op == "call_module" and _is_depthwise(gm.get_submodule(n.target)):
+        elif n.op == "call_module" and is_depthwise(gm.get_submodule(n.target)):
             fam[n.name] = (dw_fam.get(n.target), 1)
         elif ins and n.name in shapes:
             src = ins[0]
@@ -199,9 +169,9 @@ def _units(g: _Graph) -> list[Unit]:
         kind = OTHER
         if n.op == "call_module":
             mod = gm.get_submodule(n.target)
-            if _is_depthwise(mod):
+            if is_depthwise(mod):
                 kind = DEPTHWISE
-            elif _is_conv(mod) or isinstance(mod, nn.Linear):
+            elif is_conv(mod) or isinstance(mod, nn.Linear):
                 kind = DENSE
         if kind != OTHER:  # absorb what ONNX Runtime fuses into the kernel
             tail, added = n, False
@@ -210,9 +180,9 @@ def _units(g: _Graph) -> list[Unit]:
                 if u.name in taken or u.name not in g.shapes:
                     break
                 first = next(iter(u.all_input_nodes), None)
-                if _is_bn(gm, u) or (_is_act(gm, u) and first is tail):
+                if is_bn_node(gm, u) or (_is_act(gm, u) and first is tail):
                     pass
-                elif _is_add(u) and kind == DENSE and not added and _is_conv(gm.get_submodule(n.target)):
+                elif is_add_node(u) and kind == DENSE and not added and is_conv(gm.get_submodule(n.target)):
                     added = True
                 else:
                     break
@@ -230,7 +200,7 @@ def _units(g: _Graph) -> list[Unit]:
         for m in members:
             if m.op == "call_module":
                 mod = gm.get_submodule(m.target)
-                if (_is_conv(mod) or isinstance(mod, nn.Linear)) and m is members[0]:
+                if (is_conv(mod) or isinstance(mod, nn.Linear)) and m is members[0]:
                     f = g.fam.get(m.name, (None, 1))[0]
                     if f is not None and f not in axes:
                         axes.append(f)
@@ -250,13 +220,13 @@ def _external_inputs(members: list[fx.Node], g: _Graph) -> list[fx.Node]:
 
 
 def _describe_module(mod: nn.Module) -> str:
-    if _is_conv(mod):
+    if is_conv(mod):
         return (f"{type(mod).__name__}(k={tuple(mod.kernel_size)},s={tuple(mod.stride)},p={mod.padding},"
-                f"d={tuple(mod.dilation)},dw={_is_depthwise(mod)},g={1 if _is_depthwise(mod) else mod.groups},"
+                f"d={tuple(mod.dilation)},dw={is_depthwise(mod)},g={1 if is_depthwise(mod) else mod.groups},"
                 f"b={mod.bias is not None},pm={mod.padding_mode})")
     if isinstance(mod, nn.Linear):
         return f"Linear(b={mod.bias is not None})"
-    if isinstance(mod, _BN):
+    if isinstance(mod, BN):
         return type(mod).__name__
     return repr(mod).replace("\n", "")
 
@@ -285,8 +255,8 @@ def _signature(members: list[fx.Node], g: _Graph) -> str:
 
 
 def _resized(mod: nn.Module, cin: int | None, cout: int | None) -> nn.Module:
-    if _is_conv(mod):
-        dw = _is_depthwise(mod)
+    if is_conv(mod):
+        dw = is_depthwise(mod)
         cin = cin or mod.in_channels
         cout = cin if dw else (cout or mod.out_channels)
         groups = cin if dw else mod.groups
@@ -294,7 +264,7 @@ def _resized(mod: nn.Module, cin: int | None, cout: int | None) -> nn.Module:
                          mod.bias is not None, mod.padding_mode)
     if isinstance(mod, nn.Linear):
         return nn.Linear(cin or mod.in_features, cout or mod.out_features, mod.bias is not None)
-    if isinstance(mod, _BN):
+    if isinstance(mod, BN):
         c = cin or mod.num_features
         bn = type(mod)(c, mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
         with torch.no_grad():
@@ -810,15 +780,15 @@ class CostModel:
             if head.op != "call_module":
                 continue
             mod = g.gm.get_submodule(head.target)
-            if not (_is_conv(mod) or isinstance(mod, nn.Linear)):
+            if not (is_conv(mod) or isinstance(mod, nn.Linear)):
                 continue
             src = next(iter(head.all_input_nodes))
             fi, ri = g.fam.get(src.name, (None, 1))
             fo, _ = g.fam.get(head.name, (None, 1))
-            has_bias = mod.bias is not None or any(_is_bn(g.gm, byname[n]) for n in t.unit.nodes[1:])
+            has_bias = mod.bias is not None or any(is_bn_node(g.gm, byname[n]) for n in t.unit.nodes[1:])
             if isinstance(mod, nn.Linear):
                 out.append((fi, mod.in_features if fi is None else ri, fo, mod.out_features, 1, has_bias, False, ti))
-            elif _is_depthwise(mod):
+            elif is_depthwise(mod):
                 out.append((None, 1, fi, mod.out_channels, math.prod(mod.kernel_size), has_bias, True, ti))
             else:
                 cin_per_group = mod.in_channels // mod.groups
@@ -832,13 +802,13 @@ class CostModel:
         ``dropped`` residual blocks; with ``split``, (Linear bytes, conv bytes, largest conv layer bytes, tensors)."""
         fc = conv = tensors = largest = 0
         live = self._live(dropped)
-        for fi, cin, fo, cout, k, bias, is_conv, ti in self._weights:
+        for fi, cin, fo, cout, k, bias, conv_layer, ti in self._weights:
             if not live[ti]:
                 continue
             ci = widths.get(fi, self.sizes[fi]) * cin if fi is not None else cin
             co = widths.get(fo, self.sizes[fo]) if fo is not None else cout
             n = (ci * co * k + (co if bias else 0)) * 4
-            if is_conv:
+            if conv_layer:
                 conv += n
                 largest = max(largest, n)
             else:

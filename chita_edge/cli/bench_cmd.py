@@ -9,6 +9,11 @@ import typer
 
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
+from chita_edge.devices.bench import BenchConfig, benchmark_many
+from chita_edge.devices.gate import raise_if_failed
+from chita_edge.devices.profiles import load_profile
+from chita_edge.devices.report import write_report
+from chita_edge.workflows import jobs
 
 JSON = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 RUNTIME = Annotated[str | None, typer.Option("--runtime", help="onnxruntime or litert (default: from the file).")]
@@ -27,9 +32,7 @@ SSH_OPT = Annotated[list[str] | None, typer.Option("--ssh-option", help="Extra s
 
 
 def _cfg(runtime: str | None, threads: int | None, warmup: int, runs: int, xnnpack: bool | None,
-         remote: str | None, remote_python: str, ssh_option: list[str] | None) -> Any:
-    from chita_edge.devices.bench import BenchConfig
-
+         remote: str | None, remote_python: str, ssh_option: list[str] | None) -> BenchConfig:
     return BenchConfig(runtime=runtime, threads=threads, warmup=warmup, runs=runs, xnnpack=xnnpack, remote=remote,
                        remote_python=remote_python, ssh_options=tuple(ssh_option or ()))
 
@@ -72,10 +75,6 @@ def bench_cmd(
 
     Example: chita-edge bench model.onnx --profile sbc-rpi4 --runs 100 --report out/ --json
     """
-    from chita_edge.devices.bench import benchmark_many
-    from chita_edge.devices.profiles import load_profile
-    from chita_edge.devices.report import write_report
-
     profs = [load_profile(p) for p in profile or []]
     cfg = _cfg(runtime, threads, warmup, runs, xnnpack, remote, remote_python, ssh_option)
     with ui.progress() as cb:
@@ -120,15 +119,12 @@ def check_cmd(
 
     Example: chita-edge check model.onnx --profile watch-a55-dual --latency-ms 20 --junit budgets.xml
     """
-    from chita_edge.devices.gate import raise_if_failed, run_check
-    from chita_edge.devices.profiles import load_profile
-    from chita_edge.devices.report import write_report
-
     prof = load_profile(profile)
     cfg = _cfg(runtime, threads, warmup, runs, xnnpack, remote, remote_python, ssh_option)
+    job = jobs.CheckJob(file=file, profile=prof, bench=cfg, latency_ms=latency_ms, percentile=percentile,
+                        memory_mb=memory_mb, file_mb=file_mb, accuracy_min=accuracy_min, data=data, junit=junit)
     with ui.progress() as cb:
-        rep = run_check(str(file), prof, latency_ms=latency_ms, percentile=percentile, memory_mb=memory_mb,
-                        file_mb=file_mb, accuracy_min=accuracy_min, data=data, cfg=cfg, junit=junit, progress=cb)
+        rep = jobs.run_check(job, progress=cb).to_dict()
     if report:
         rep["report"] = write_report(report, [rep["benchmark"]], [prof], rep["checks"])
     if json_out:

@@ -9,7 +9,8 @@ import typer
 
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
-from chita_edge.workflows import export as export_api
+from chita_edge.workflows import jobs
+from chita_edge.workflows.export import inspect_export
 
 JSON = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
@@ -59,10 +60,11 @@ def export_cmd(
     Example: chita-edge export pruned.pt --format tflite --layout sparse --out model.tflite
     """
     with ui.progress() as cb:
-        r = export_api.export_checkpoint(pruned, out=out, fmt=fmt, layout=layout, quantize=quantize, model=model,
-                                         calibration_data=calibration_data, parity_samples=parity_samples,
-                                         min_agreement=min_agreement, int8_fallback=int8_fallback,
-                                         max_float_macs=max_float_macs, threads=threads, progress=cb)
+        job = jobs.ExportJob(checkpoint=pruned, out=out, format=fmt, layout=layout, quantize=quantize, model=model,
+                             calibration_data=calibration_data, parity_samples=parity_samples,
+                             min_agreement=min_agreement, int8_fallback=int8_fallback, max_float_macs=max_float_macs,
+                             threads=threads)
+        r = jobs.run_export(job, progress=cb).to_dict()
     if json_out:
         ui.print_json(r)
         return
@@ -96,7 +98,7 @@ def inspect_cmd(
 
     Example: chita-edge inspect model.onnx --json
     """
-    r = export_api.inspect_export(file, runtime)
+    r = inspect_export(file, runtime)
     if json_out:
         ui.print_json(r)
         return

@@ -10,8 +10,8 @@ import typer
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
 from chita_edge.core.errors import BadInput
-from chita_edge.training import finetune as ft
-from chita_edge.workflows import jobs as api
+from chita_edge.training.finetune import FinetuneConfig
+from chita_edge.workflows import jobs
 
 
 def default_out(pruned: Path) -> Path:
@@ -65,16 +65,16 @@ def finetune_cmd(
 
     Example: chita-edge finetune p.pt --data npz:mnist.npz --epochs 5 --lr 0.1 --out p.ft.pt
     """
-    api.set_threads(threads)
+    jobs.set_threads(threads)
     target = out or default_out(pruned)
     if (qat_agreement or qat_dither) and not qat:
         raise BadInput("--qat-agreement and --qat-dither are only used with --qat")
     if teacher is not None and not distill:
         raise BadInput("--teacher is only used with --distill")
-    cfg = ft.FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                            weight_decay=weight_decay, augment=augment, temperature=temperature,
-                            distill_weight=distill_weight, bn_batches=bn_batches, seed=seed, qat=qat,
-                            qat_agreement=qat_agreement, qat_dither=qat_dither)
+    cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
+                         weight_decay=weight_decay, augment=augment, temperature=temperature,
+                         distill_weight=distill_weight, bn_batches=bn_batches, seed=seed, qat=qat,
+                         qat_agreement=qat_agreement, qat_dither=qat_dither)
     cfg.validate()
 
     def on_epoch(rec: dict[str, Any]) -> None:
@@ -86,8 +86,9 @@ def finetune_cmd(
                     f"{test}, lr {rec['lr']:.2e}, {rec['seconds']:.1f} s")
 
     with ui.progress() as cb:
-        result = ft.finetune_checkpoint(pruned, data, cfg, target, distill=distill, teacher_weights=teacher,
-                                        resume=resume, model=model, progress=cb, on_epoch=on_epoch)
+        job = jobs.FinetuneJob(pruned=pruned, data=data, out=target, config=cfg, model=model, distill=distill,
+                               teacher=teacher, resume=resume)
+        result = jobs.run_finetune(job, progress=cb, on_epoch=on_epoch).to_dict()
     if json_out:
         ui.print_json(result)
     else:

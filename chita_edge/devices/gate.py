@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -104,8 +104,10 @@ def run_check(path: str | os.PathLike, profile: str | Profile, *, latency_ms: fl
               percentile: str | None = None, memory_mb: float | None = None, file_mb: float | None = None,
               accuracy_min: float | None = None, data: str | None = None, cfg: BenchConfig | None = None,
               junit: str | os.PathLike | None = None, step_summary: str | os.PathLike | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
-    """Benchmark ``path`` for ``profile`` and check every budget; writes JUnit XML and the step summary.
+              estimate_on: Sequence[Profile] | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Benchmark ``path`` for ``profile`` and check every budget; writes JUnit XML and the step summary
+    (``step_summary=""``: none). ``estimate_on``: the profiles to estimate the file's latency on (default: the
+    gated profile; the pipeline estimates every file on every target).
 
     Returns the report (``passed`` tells the verdict); call ``raise_if_failed`` to turn a failure into exit 1.
     """
@@ -123,7 +125,7 @@ def run_check(path: str | os.PathLike, profile: str | Profile, *, latency_ms: fl
         from chita_edge.core.data import load_data
 
         load_data(data)  # a bad --data fails now, not after the measurement
-    result = benchmark(path, [prof], cfg, data=data, progress=progress)
+    result = benchmark(path, [prof] if estimate_on is None else list(estimate_on), cfg, data=data, progress=progress)
     checks = evaluate(result, prof, budgets, accuracy_min=accuracy_min)
     report = {"file": str(path), "profile": prof.id, "passed": all(c.passed for c in checks),
               "budgets": budgets.model_dump(exclude_none=True), "checks": [c.to_dict() for c in checks],

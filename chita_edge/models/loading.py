@@ -107,7 +107,7 @@ def load_model(spec: str | None, weights: str | os.PathLike | None = None) -> Lo
         spec = meta["model"]
     lm = build_model(spec)
     if meta and meta.get("plan"):
-        from chita_edge.graph.structure import apply_plan
+        from chita_edge.graph.plan import apply_plan
 
         apply_plan(lm.module, meta["plan"], where=str(weights))
     if sd is not None:

@@ -58,3 +58,49 @@ def reestimate_on_random_batches(model: nn.Module, x: torch.Tensor, *, batches: 
     """``reestimate_batchnorm`` over ``batches`` random training batches in the order keyed by ``seed``."""
     order = torch.randperm(len(x), generator=keyed_generator(seed, -1))
     return reestimate_batchnorm(model, x, order, batch_size=batch_size, batches=batches, transform=transform)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
+    total = 0.0
+    for i in range(0, len(x), batch):
+        total += float(nn.functional.cross_entropy(model(x[i:i + batch]), y[i:i + batch], reduction="sum"))
+    return total / max(1, len(x))
+
+
+@torch.no_grad()
+def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, samples: int, batch_size: int,
+                         seed: int, check_samples: int = 2000) -> dict[str, object] | None:
+    """Re-estimate BatchNorm statistics on ``samples`` random training inputs and keep them only if the loss on
+    ``check_samples`` other training inputs (held out from the re-estimation) drops; otherwise restore the old
+    statistics. ``None`` when the model has no BatchNorm. The report says which statistics were kept.
+
+    The re-estimation inputs are ``randperm(len(x), seed)[:samples]`` and the check inputs the next ones of the same
+    permutation (all of them again when the data set is too small to hold any out)."""
+    if not has_batchnorm(model):
+        return None
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    order = perm[:samples]
+    check = perm[samples:samples + check_samples]
+    held_out = len(check) > 0
+    if not held_out:
+        check = order[:check_samples]
+    was = model.training
+    model.eval()
+    xc, yc = x[check], y[check]
+    before_state = {k: v.clone() for k, v in model.state_dict().items()
+                    if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    loss_before = _loss(model, xc, yc)
+    reestimate_batchnorm(model, x, order, batch_size=batch_size)
+    model.eval()
+    loss_after = _loss(model, xc, yc)
+    kept = loss_after < loss_before
+    if not kept:
+        model.load_state_dict(before_state, strict=False)
+    model.train(was)
+    return {"kept": "re-estimated" if kept else "previous", "loss_before": loss_before, "loss_after": loss_after,
+            "check_samples": len(check), "held_out": held_out}

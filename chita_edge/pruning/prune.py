@@ -20,8 +20,8 @@ from torch import nn
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, RuntimeFailure
 from chita_edge.models.zoo import default_prunable
-from chita_edge.pruning.batchnorm import reestimate_batchnorm
-from chita_edge.pruning.gradients import collect_gradients, gradient_memory_bytes
+from chita_edge.pruning.batchnorm import reestimate_if_better
+from chita_edge.pruning.gradients import check_memory, collect_gradients, gradient_memory_bytes
 from chita_edge.pruning.layers import (
     PrunableParam,
     find_prunable,
@@ -29,6 +29,7 @@ from chita_edge.pruning.layers import (
     layer_sparsity,
     set_weights,
 )
+from chita_edge.pruning.refit import LayerStats, layerwise_refit
 from chita_edge.pruning.schedule import cubic_schedule
 from chita_edge.solvers import chita as solver
 
@@ -57,7 +58,8 @@ class PruneConfig:
     max_iter: int = 500
     backsolve_every: int = 3  # IHT: jump to the exact backsolve once the support is stable this many steps
     active_set: bool = True
-    bn_recalibrate: bool = True  # re-estimate BatchNorm statistics after each stage
+    bn_recalibrate: bool = True  # after each stage that changed weights: re-estimate BatchNorm statistics, kept
+    # only if they lower the loss on held-out training inputs (the stage's report says which were kept)
     safeguard: bool = True  # keep the best of {update scaled by 1, 1/2, 1/4, 0; magnitude} on training loss
     # After the last stage, re-fit every pruned Conv2d/Linear on its support so that its outputs match the dense
     # layer's on training images (layer-wise OBS reconstruction, as in OBC/SparseGPT). None: on for the
@@ -102,6 +104,7 @@ class PruneReport:
     stages: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     refit: dict[str, Any] | None = None  # the layer-wise re-fit after the last stage (None: not run)
+    note: str | None = None  # why nothing was done, when nothing was
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -142,14 +145,6 @@ def _solve_blocks(method: str, G: torch.Tensor, w_bar: torch.Tensor, k: int, lam
             else:
                 w[b] = solver.chita(Gb, w_bar[b], kb, lam, a=ab, allowed=alb, max_iter=cfg.max_iter, tol=cfg.tol).w
     return w
-
-
-def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, samples: int = 2048, batch: int = 256,
-                          seed: int = 0) -> bool:
-    """Re-estimate BatchNorm running statistics on ``samples`` random training inputs at the pruned weights.
-    Returns False when the model has no BatchNorm."""
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(20_000 + seed))[:samples]
-    return reestimate_batchnorm(model, x, order, batch_size=batch)
 
 
 @torch.no_grad()
@@ -204,8 +199,6 @@ def _layerwise_refit(model: nn.Module, dense: nn.Module, params: list[PrunablePa
     outputs were normalised with); keep the result only if, on training samples the re-fit did not see, the
     loss drops and the top-1 accuracy does not (a lower loss alone can hide fewer correct labels: MLPNet
     chita++ at 95 %, loss 0.303 -> 0.300 but top-1 91.45 -> 91.15 % on the check set, 92.04 -> 91.37 % on test)."""
-    from chita_edge.pruning.structured import LayerStats, layerwise_refit
-
     names = sorted({q.module_name for q in params})
     per_sample = max(1, _activation_bytes_per_sample(model, names, data.x_train))
     # dense inputs + the pruned model's inputs + im2col/Gram workspace: ~3 copies per sample
@@ -252,11 +245,18 @@ def prune_weights(
     t0 = time.perf_counter()
     dtype = getattr(torch, cfg.dtype)
     p = params[-1].offset + params[-1].numel
+    nonzero = int(flatten_weights(model, params).count_nonzero())
+    if keep_count(cfg.sparsity, p) >= nonzero:
+        # nothing to remove: the model is returned untouched (no solve, no re-fit, no BatchNorm re-estimation)
+        ls = layer_sparsity(model, params)
+        return PruneReport(method=cfg.method, target_sparsity=cfg.sparsity, sparsity=1.0 - nonzero / p,
+                           layer_sparsity=ls, timings={"gradients_s": 0.0, "solve_s": 0.0,
+                                                       "total_s": time.perf_counter() - t0},
+                           config=asdict(cfg), note=f"nothing to prune: {nonzero} of {p} weights are non-zero "
+                                                    f"and sparsity {cfg.sparsity} keeps {keep_count(cfg.sparsity, p)}")
     needs_grads = cfg.method in ("chita", "chita++", "bso")
     if needs_grads and cfg.block_size <= 0:
         budget = cfg.memory_budget_gb * 2**30 if cfg.memory_budget_gb else None
-        from chita_edge.pruning.gradients import check_memory
-
         check_memory(cfg.n_grads, p, int(budget) if budget else None)
         if gradient_memory_bytes(cfg.n_grads, p, dtype) > (budget or 8 * 2**30):
             dtype = torch.float32
@@ -330,8 +330,10 @@ def prune_weights(
         if cfg.safeguard and needs_grads:
             w, info["safeguard"] = _safeguard(model, params, data, w_bar, w, k, allowed, cfg.seed + si)
         set_weights(model, params, w)
-        if cfg.bn_recalibrate:
-            info["bn_recalibrated"] = recalibrate_batchnorm(model, data.x_train, seed=cfg.seed + si)
+        if cfg.bn_recalibrate and bool((w != w_bar).any()):
+            # kept only where it lowers the loss on training inputs it did not see (None: no BatchNorm)
+            info["batchnorm"] = reestimate_if_better(model, data.x_train, data.y_train, samples=2048, batch_size=256,
+                                                     seed=20_000 + cfg.seed + si)
         del G
         stages.append(info)
         if progress:

@@ -18,6 +18,9 @@ simulated where the exporters quantise (straight-through gradients), BatchNorm s
 not re-estimated at the end (its statistics are what the exporters fold); the model itself stays a plain float
 module and the per-epoch history adds the simulated-int8 test accuracy.
 
+The loss's distillation term is ``chita_edge.training.distill``, the augmentation ``chita_edge.training.augment``,
+the masks ``chita_edge.training.masks``.
+
 ``finetune_checkpoint`` is the same on files: a pruned chita-edge checkpoint in, a checkpoint out that keeps the
 input's metadata (model spec, structural plan, ...) and adds the fine-tuning record.
 """
@@ -49,7 +52,10 @@ from chita_edge.core.io import atomic_path, sha256_file
 from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning import batchnorm
 from chita_edge.pruning.batchnorm import keyed_generator
-from chita_edge.pruning.layers import PrunableParam, find_prunable
+from chita_edge.pruning.layers import find_prunable
+from chita_edge.training.augment import augment_batch, default_augment
+from chita_edge.training.distill import distillation_loss, load_teacher
+from chita_edge.training.masks import _check_masks, apply_masks, masks_from_zeros
 
 log = logging.getLogger(__name__)
 
@@ -130,70 +136,6 @@ class FinetuneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def default_augment(input_shape: tuple[int, ...]) -> bool:
-    """Crop + flip suits colour images of natural scenes (3 x H x W, H, W >= 16), not digits or non-images."""
-    return len(input_shape) == 3 and input_shape[0] == 3 and min(input_shape[1:]) >= 16
-
-
-def masks_from_zeros(model: nn.Module, params: list[PrunableParam]) -> dict[str, torch.Tensor]:
-    """``{param name: bool mask}``, True where the weight is non-zero (free to train)."""
-    named = dict(model.named_parameters())
-    return {q.name: named[q.name].detach() != 0 for q in params}
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    named = dict(model.named_parameters())
-    for name, m in masks.items():
-        named[name].mul_(m.to(named[name].dtype))
-
-
-def _check_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    named = dict(model.named_parameters())
-    for name, m in masks.items():
-        if name not in named:
-            raise BadInput(f"mask for '{name}': the model has no such parameter")
-        if m.shape != named[name].shape or m.dtype != torch.bool:
-            raise BadInput(f"mask for '{name}': expected a bool tensor of shape {tuple(named[name].shape)}, "
-                           f"got {m.dtype} {tuple(m.shape)}")
-
-
-
-
-def augment_batch(x: torch.Tensor, g: torch.Generator, padding: int, flip: bool) -> torch.Tensor:
-    """Random crop of the zero-padded image (same size) and a random horizontal flip, per sample."""
-    if x.dim() != 4:
-        return x
-    n, _, h, w = x.shape
-    if padding > 0:
-        xp = F.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=g)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=g)
-        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None].expand(n, x.shape[1], h, w + 2 * padding)
-        xp = torch.gather(xp, 2, rows)
-        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :].expand(n, x.shape[1], h, w)
-        x = torch.gather(xp, 3, cols)
-    if flip:
-        f = torch.rand(n, generator=g) < 0.5
-        x = torch.where(f[:, None, None, None], x.flip(3), x)
-    return x
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float,
-                      weight: float) -> torch.Tensor:
-    """(1 - weight) CE(student, y) + weight T^2 KL(p_teacher^T || p_student^T) (Hinton et al. 2015).
-
-    Works on logits and on log-probabilities alike (log_softmax is shift-invariant).
-    """
-    ce = F.cross_entropy(student, y)
-    if weight == 0:
-        return ce
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), log_target=True,
-                  reduction="batchmean")
-    return (1 - weight) * ce + weight * t * t * kl
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -482,21 +424,6 @@ def state_path_for(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".state")
 
 
-def load_teacher(spec: str, meta: dict[str, Any] | None, teacher_weights: str | os.PathLike | None,
-                 where: str) -> nn.Module:
-    """The dense model ``spec`` to distil from: ``teacher_weights`` or the checkpoint's recorded source weights."""
-    from chita_edge.models.loading import load_model
-
-    src = teacher_weights or (meta or {}).get("source_weights")
-    if not src:
-        raise BadInput(f"{where}: records no dense source weights; give the dense weights with --teacher")
-    if not Path(src).exists():
-        raise BadInput(f"{src}: dense teacher weights (recorded in {where}) not found; give them with --teacher")
-    if teacher_weights is None and meta and meta.get("source_sha256") and sha256_file(src) != meta["source_sha256"]:
-        raise BadInput(f"{src}: changed since {where} was pruned from it (sha256 differs); give --teacher")
-    return load_model(spec, src).module
-
-
 def finetune_checkpoint(
     pruned: str | os.PathLike,
     data: str,
@@ -566,5 +493,5 @@ def finetune_checkpoint(
             "distill": distill}
 
 
-__all__ = ["FinetuneConfig", "FinetuneReport", "apply_masks", "default_augment", "finetune", "finetune_checkpoint",
-           "masks_from_zeros", "reestimate_batchnorm", "state_path_for"]
+__all__ = ["FinetuneConfig", "FinetuneReport", "finetune", "finetune_checkpoint", "reestimate_batchnorm",
+           "state_path_for"]

@@ -36,7 +36,8 @@ from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning.layers import PrunableParam, find_prunable, layer_sparsity
 from chita_edge.pruning.prune import PruneConfig, prune_weights
 from chita_edge.pruning.schedule import cubic_schedule
-from chita_edge.training.finetune import FinetuneConfig, Progress, finetune, masks_from_zeros, save_state
+from chita_edge.training.finetune import FinetuneConfig, Progress, finetune, save_state
+from chita_edge.training.masks import masks_from_zeros
 
 log = logging.getLogger(__name__)
 

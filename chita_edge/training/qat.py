@@ -1,7 +1,7 @@
 """Quantisation-aware training (QAT): simulate the exporters' int8 in the forward pass, train through it.
 
 The exporters quantise a model statically (``exporters/onnx_format.py``: onnxruntime ``quantize_static`` in QDQ
-form; ``exporters/tflite_format.py``: ai-edge-quantizer ``static_wi8_ai8``):
+form; ``exporters/tflite_quantize.py``: ai-edge-quantizer ``static_wi8_ai8``):
 
 - weights per output channel, symmetric int8 in [-127, 127] (scale = max|w| / 127, zero point 0, so pruned zeros
   stay zero), on the BatchNorm-folded weights -- per-channel scaling commutes with the fold, so the unfolded
@@ -33,12 +33,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from chita_edge.core.errors import BadInput
-from chita_edge.graph.structure import _ADDS, _act_name
+from chita_edge.graph.trace import ADDS, CONV, act_name, trace
 
 QMIN, QMAX = -128, 127  # activations: int8, asymmetric
 WMAX = 127  # weights: symmetric int8 [-127, 127], zero point 0
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _SHAPE_FUNCS = {torch.flatten, torch.reshape}
 _SHAPE_METHODS = {"flatten", "view", "reshape"}
 _SHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)  # no new tensor values in an exported (eval) graph
@@ -124,7 +123,7 @@ def _is_module(gm: fx.GraphModule, n: fx.Node, types: tuple[type, ...]) -> bool:
 
 def _is_relu(gm: fx.GraphModule, n: fx.Node) -> bool:
     """A ReLU / ReLU6 (module, function or method): the runtimes fuse it into the op before it."""
-    return _act_name(gm, n) in ("relu", "relu6")
+    return act_name(gm, n) in ("relu", "relu6")
 
 
 def _is_shape(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -138,11 +137,7 @@ class QATModel(nn.Module):
     def __init__(self, model: nn.Module, calibration: torch.Tensor, *, ema: float = 0.01, dither: bool = False,
                  batch_size: int = 256):
         super().__init__()
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception as e:
-            raise BadInput(f"--qat needs a model torch.fx can trace ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        gm = trace(model, needed_by="--qat")
         self.points: list[str] = []
         quantised: set[fx.Node] = set()
         fq = nn.ModuleDict()
@@ -180,7 +175,7 @@ class QATModel(nn.Module):
             if node in quantised:
                 continue
             anchor = None
-            if _is_module(gm, node, _CONV + (nn.Linear,)):
+            if _is_module(gm, node, CONV + (nn.Linear,)):
                 inp = node.args[0]
                 if isinstance(inp, fx.Node) and source(inp) not in quantised:
                     insert_after(inp, f"{node.target}:input")
@@ -189,7 +184,7 @@ class QATModel(nn.Module):
                 gm.add_submodule(wname, FakeQuantWeight(gm.get_submodule(node.target)))
                 anchor, allow_bn, label = node, True, str(node.target)
                 node.target = wname
-            elif node.op == "call_function" and node.target in _ADDS and all(
+            elif node.op == "call_function" and node.target in ADDS and all(
                     isinstance(a, fx.Node) for a in node.args[:2]):
                 anchor, allow_bn, label = node, False, f"{node.name}"
             if anchor is not None:

@@ -1,20 +1,45 @@
-"""The Python API behind the CLI commands: each function takes plain arguments and returns a JSON-able dict."""
+"""The jobs: what ``chita-edge prune / finetune / export / check`` do and what the pipeline's stages do.
+
+One job per verb, each a frozen dataclass of its inputs and a function that runs it and returns a typed result::
+
+    job = PruneJob(model="zoo:mlpnet", weights="mlpnet.pt", data="npz:mnist.npz", out="p.pt",
+                   settings=resolve(flags={"sparsity": 0.95}))
+    result = run_prune(job)            # PruneResult; result.to_dict() is the --json output
+
+The CLI commands build a job from their flags and render its result; the pipeline builds the same job from its
+file. Both therefore prune, fine-tune, export and gate in exactly one way. Pruning settings arrive resolved
+(``chita_edge.workflows.settings``: flag > pipeline file > profile > default); the result and the checkpoint
+record every value and where it came from.
+"""
 
 from __future__ import annotations
 
-import os
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from chita_edge.core.checkpoint import save_checkpoint
-from chita_edge.core.data import load_data
+from chita_edge.budget.config import METHODS as BUDGET_METHODS
+from chita_edge.budget.config import BudgetConfig
 from chita_edge.core.errors import BadInput
-from chita_edge.core.evaluate import accuracy
-from chita_edge.core.io import sha256_file
-from chita_edge.models.loading import LoadedModel, check_fits, load_model
-from chita_edge.pruning.layers import find_prunable, layer_sparsity
-from chita_edge.pruning.prune import Progress, PruneConfig, PruneReport, prune_weights
+from chita_edge.devices.bench import BenchConfig
+from chita_edge.devices.gate import run_check as gate_check
+from chita_edge.devices.profiles import Profile, load_profile
+from chita_edge.pruning.blocks import BlockConfig
+from chita_edge.pruning.prune import METHODS as PRUNE_METHODS
+from chita_edge.pruning.prune import PruneConfig
+from chita_edge.training.finetune import FinetuneConfig, finetune_checkpoint
+from chita_edge.training.gradual import GradualConfig
+from chita_edge.workflows.budget_jobs import prune_blocks_checkpoint, prune_budget_checkpoint
+from chita_edge.workflows.export import export_checkpoint
+from chita_edge.workflows.prune import prune_checkpoint
+from chita_edge.workflows.settings import Resolved, resolve
+
+Progress = Callable[[str, int, int], None]
+STRUCTURES = ("unstructured", "block", "channel")
 
 
 def set_threads(threads: int | None) -> None:
@@ -26,62 +51,259 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
-def sparsity_of(lm: LoadedModel) -> tuple[float, dict[str, float]]:
-    params = find_prunable(lm.module, lm.prunable)
-    ls = layer_sparsity(lm.module, params)
-    total = sum(q.numel for q in params)
-    return sum(ls[q.name] * q.numel for q in params) / total, ls
+# ----------------------------------------------------------------------------------------------------- prune
+@dataclass(frozen=True, kw_only=True)
+class PruneJob:
+    """Prune ``model`` (with ``weights``) on ``data`` and write the checkpoint ``out``.
+
+    ``settings`` are the resolved pruning settings (``structure``: unstructured or block to ``settings["sparsity"]``,
+    channel to the budgets of ``profile``). ``budgets`` override the profile's (latency_ms, percentile, memory_mb,
+    file_mb); ``export`` keeps the verified ONNX file of a budget run; ``gradual`` prunes in steps with masked
+    fine-tuning between them (unstructured only)."""
+
+    model: str
+    data: str
+    out: Path
+    settings: Resolved
+    weights: Path | None = None
+    profile: str | Profile | None = None
+    budgets: dict[str, Any] = field(default_factory=dict)
+    export: Path | None = None
+    gradual: GradualConfig | None = None
+    resume: bool = False
 
 
-def evaluate_model(model: str | None, weights: str | os.PathLike | None, data: str) -> dict[str, Any]:
-    lm = load_model(None if model == "ckpt" else model, weights)
-    ds = load_data(data)
-    check_fits(lm, ds.x_test, data, (ds.y_test,))
-    s, ls = sparsity_of(lm)
-    return {"model": lm.spec, "weights": lm.weights_path, "data": data, "test_examples": len(ds.x_test),
-            "accuracy": accuracy(lm.module, ds.x_test, ds.y_test), "sparsity": s, "layer_sparsity": ls}
+@dataclass(frozen=True, kw_only=True)
+class PruneResult:
+    model: str
+    method: str
+    structure: str
+    out: str
+    accuracy: float | None
+    dense_accuracy: float | None
+    sparsity: float | None
+    passed: bool  # budget mode: every budget met (measured); otherwise True
+    settings: dict[str, dict[str, Any]]  # {name: {"value": v, "source": flag|pipeline|profile|default}}
+    details: dict[str, Any]  # the mode's whole report
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                 if f.name != "details"}}
+        return d
 
 
-def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, cfg: PruneConfig,
-                     out: str | os.PathLike, progress: Progress | None = None, *,
-                     gradual: Any = None, resume: bool = False) -> dict[str, Any]:
-    """Load, prune, evaluate and save: what ``chita-edge prune`` does.
+def prune_settings(*, flags: dict[str, Any] | None = None, pipeline: dict[str, Any] | None = None,
+                   profile: str | Profile | None = None) -> Resolved:
+    """Resolve the pruning settings: flag > pipeline file > the device profile (its width multiple) > default.
+    A profile makes the default structure ``channel`` (pruning to its budgets)."""
+    prof_layer: dict[str, Any] = {}
+    if profile is not None:
+        prof = profile if isinstance(profile, Profile) else load_profile(profile)
+        prof_layer = {"width_multiple": prof.width_multiple, "structure": "channel"}
+    return resolve(flags=flags, pipeline=pipeline, profile=prof_layer)
 
-    ``gradual`` (a ``chita_edge.training.gradual.GradualConfig``): prune in steps on the cubic schedule from 50 % with
-    masked fine-tuning between them (state beside ``out`` for ``resume``)."""
-    cfg.validate()
-    lm = load_model(model, weights)
-    ds = load_data(data)
-    check_fits(lm, ds.x_train, data, (ds.y_train, ds.y_test))
-    dense_acc = accuracy(lm.module, ds.x_test, ds.y_test)
-    params = find_prunable(lm.module, lm.prunable)
-    extra: dict[str, Any] = {}
-    if gradual is not None:
-        from chita_edge.training.gradual import gradual_prune
 
-        g = gradual_prune(lm.module, ds, cfg, gradual, filter_fn=lm.prunable, progress=progress,
-                          state_path=f"{out}.gradual-state", resume=resume)
-        report = PruneReport(method=f"gradual {cfg.method}", target_sparsity=cfg.sparsity, sparsity=g.sparsity,
-                             layer_sparsity=g.layer_sparsity, timings=g.timings, config=g.config)
-        extra = {"gradual_steps": g.steps}
+def _check_combination(job: PruneJob) -> str:
+    """The structure, after refusing settings that this structure would ignore."""
+    s = job.settings
+    structure = s["structure"]
+    if structure not in STRUCTURES:
+        raise BadInput(f"--structure {structure!r}: expected one of {', '.join(STRUCTURES)} (or auto)")
+    given = {k for k, src in s.sources.items() if src in ("flag", "pipeline")}
+    if structure == "channel":
+        if job.profile is None:
+            raise BadInput("--structure channel: structured pruning prunes to a device budget; give --profile "
+                           "(e.g. --profile phone-mid-sd670, with --latency-ms to override its budget)")
+        unused = sorted(given & {"sparsity", "stages", "block_size", "first_order", "refit", "dtype"})
+        if unused:
+            raise BadInput(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: not used when pruning to a "
+                           "device budget (--profile); the search sets the widths (use --search-stages)")
+        method = "chita" if s["method"] == "chita++" else s["method"]
+        if method not in BUDGET_METHODS:
+            raise BadInput(f"--method {s['method']}: pruning to a budget takes one of chita++ (= chita), "
+                           f"{', '.join(BUDGET_METHODS)}")
+        return structure
+    if job.profile is not None and "structure" in given:
+        raise BadInput(f"--structure {structure} with --profile: only channel pruning lowers latency and memory "
+                       "on dense kernels; use --structure channel, or prune to a sparsity without --profile")
+    if s["sparsity"] is None:
+        raise BadInput("--sparsity is required (or give --profile to prune to a device budget)")
+    if not 0.0 <= s["sparsity"] < 1.0:
+        raise BadInput(f"--sparsity {s['sparsity']}: expected a fraction in [0, 1)")
+    unused = sorted(given & {"search_stages", "width_multiple"})
+    if job.budgets or job.export or unused:
+        raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple, --export, --search-stages and "
+                       "--depth need --profile")
+    if structure == "block":
+        if s["method"] not in ("chita", "chita++"):
+            raise BadInput(f"--method {s['method']}: block pruning is structured CHITA (chita or chita++)")
+        if job.gradual is not None:
+            raise BadInput("--gradual prunes unstructured; leave out --structure block")
+    elif s["method"] not in PRUNE_METHODS:
+        raise BadInput(f"--method '{s['method']}': expected one of {', '.join(PRUNE_METHODS)}")
+    return structure
+
+
+def prune_config(s: Resolved) -> PruneConfig:
+    return PruneConfig(sparsity=s["sparsity"], method=s["method"], stages=s["stages"], n_grads=s["n_grads"],
+                       fisher_batch=s["fisher_batch"], l2=s["l2"], first_order=s["first_order"],
+                       block_size=s["block_size"], seed=s["seed"], dtype=s["dtype"], layerwise_refit=s["refit"])
+
+
+def block_config(s: Resolved) -> BlockConfig:
+    return BlockConfig(sparsity=s["sparsity"], stages=s["stages"], n_grads=s["n_grads"],
+                       fisher_batch=s["fisher_batch"], l2=s["l2"], seed=s["seed"], dtype=s["dtype"])
+
+
+def budget_config(s: Resolved) -> BudgetConfig:
+    return BudgetConfig(method="chita" if s["method"] == "chita++" else s["method"], structure="channel",
+                        stages=s["search_stages"], n_grads=s["n_grads"], fisher_batch=s["fisher_batch"], l2=s["l2"],
+                        dtype=s["dtype"], seed=s["seed"], width_multiple=s["width_multiple"], depth=s["depth"])
+
+
+def run_prune(job: PruneJob, progress: Progress | None = None) -> PruneResult:
+    """Run one prune job (unstructured, block or to a device budget) and write its checkpoint."""
+    structure = _check_combination(job)
+    s = job.settings
+    record = s.record()
+    if structure == "channel":
+        b = job.budgets
+        r = prune_budget_checkpoint(job.model, job.weights, job.data, profile=job.profile, out=job.out,
+                                    cfg=budget_config(s), latency_ms=b.get("latency_ms"),
+                                    percentile=b.get("percentile"), memory_mb=b.get("memory_mb"),
+                                    file_mb=b.get("file_mb"), export=job.export, progress=progress,
+                                    settings=record)
+        passed = bool(r.get("passed", True))
+    elif structure == "block":
+        r = prune_blocks_checkpoint(job.model, job.weights, job.data, block_config(s), job.out, progress=progress,
+                                    settings=record)
+        passed = True
     else:
-        report = prune_weights(lm.module, params, ds, cfg, progress)
-    acc = accuracy(lm.module, ds.x_test, ds.y_test)
-    meta = {
-        "model": lm.spec,
-        "source_weights": str(weights) if weights else None,
-        "source_sha256": sha256_file(weights) if weights else None,
-        "data": data,
-        "method": cfg.method,
-        "sparsity": report.sparsity,
-        "accuracy": acc,
-        "dense_accuracy": dense_acc,
-        "input_shape": list(lm.input_shape or ds.input_shape),
-        "prunable": [q.name for q in params],
-    }
-    save_checkpoint(out, lm.module.state_dict(), meta)
-    return {**report.to_dict(), **extra, "model": lm.spec, "dense_accuracy": dense_acc, "accuracy": acc,
-            "out": str(out)}
+        r = prune_checkpoint(job.model, job.weights, job.data, prune_config(s), job.out, progress=progress,
+                             gradual=job.gradual, resume=job.resume, settings=record)
+        passed = True
+    return PruneResult(model=r.get("model", job.model), method=r.get("method", s["method"]), structure=structure,
+                       out=str(job.out), accuracy=r.get("accuracy"), dense_accuracy=r.get("dense_accuracy"),
+                       sparsity=r.get("sparsity"), passed=passed, settings=record, details=r)
 
 
-__all__ = ["PruneConfig", "evaluate_model", "prune_checkpoint"]
+# -------------------------------------------------------------------------------------------------- finetune
+@dataclass(frozen=True, kw_only=True)
+class FinetuneJob:
+    pruned: Path
+    data: str
+    out: Path
+    config: FinetuneConfig
+    model: str | None = None
+    distill: bool = False
+    teacher: Path | None = None
+    resume: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneResult:
+    out: str
+    initial_accuracy: float
+    accuracy: float
+    sparsity: float
+    epochs: int
+    resumed_from: int | None
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                   if f.name != "details"}}
+
+
+def run_finetune(job: FinetuneJob, progress: Progress | None = None,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FinetuneResult:
+    r = finetune_checkpoint(job.pruned, job.data, job.config, job.out, distill=job.distill,
+                            teacher_weights=job.teacher, resume=job.resume, model=job.model, progress=progress,
+                            on_epoch=on_epoch)
+    return FinetuneResult(out=r["out"], initial_accuracy=r["initial_accuracy"], accuracy=r["accuracy"],
+                          sparsity=r["sparsity"], epochs=r["epochs"], resumed_from=r.get("resumed_from"), details=r)
+
+
+# ---------------------------------------------------------------------------------------------------- export
+@dataclass(frozen=True, kw_only=True)
+class ExportJob:
+    checkpoint: Path
+    out: Path
+    format: str | None = None
+    layout: str = "dense"
+    quantize: str = "none"
+    model: str | None = None
+    calibration_data: str | None = None
+    parity_samples: int = 1000
+    min_agreement: float = 0.99
+    int8_fallback: bool = True
+    max_float_macs: float = 0.2
+    threads: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportResult:
+    out: str
+    format: str
+    layout: str
+    quantize: str
+    bytes: int
+    parity: dict[str, Any]
+    notes: list[str]
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                   if f.name != "details"}}
+
+
+def run_export(job: ExportJob, progress: Progress | None = None) -> ExportResult:
+    r = export_checkpoint(job.checkpoint, out=job.out, fmt=job.format, layout=job.layout, quantize=job.quantize,
+                          model=job.model, calibration_data=job.calibration_data, parity_samples=job.parity_samples,
+                          min_agreement=job.min_agreement, int8_fallback=job.int8_fallback,
+                          max_float_macs=job.max_float_macs, threads=job.threads, progress=progress)
+    return ExportResult(out=r["out"], format=r["format"], layout=r["layout"], quantize=r["quantize"],
+                        bytes=r["bytes"], parity=r["parity"], notes=r["notes"], details=r)
+
+
+# ----------------------------------------------------------------------------------------------------- check
+@dataclass(frozen=True, kw_only=True)
+class CheckJob:
+    file: Path
+    profile: str | Profile
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    latency_ms: float | None = None
+    percentile: str | None = None
+    memory_mb: float | None = None
+    file_mb: float | None = None
+    accuracy_min: float | None = None
+    data: str | None = None
+    junit: Path | None = None
+    estimate_on: tuple[Profile, ...] | None = None  # None: the gated profile
+    step_summary: str | None = None  # None: $GITHUB_STEP_SUMMARY when set; "": none
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckResult:
+    file: str
+    profile: str
+    passed: bool
+    checks: list[dict[str, Any]]
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                   if f.name != "details"}}
+
+
+def run_check(job: CheckJob, progress: Progress | None = None) -> CheckResult:
+    prof = job.profile if isinstance(job.profile, Profile) else load_profile(job.profile)
+    r = gate_check(str(job.file), prof, latency_ms=job.latency_ms, percentile=job.percentile,
+                   memory_mb=job.memory_mb, file_mb=job.file_mb, accuracy_min=job.accuracy_min, data=job.data,
+                   cfg=job.bench, junit=job.junit, estimate_on=job.estimate_on, step_summary=job.step_summary,
+                   progress=progress)
+    return CheckResult(file=str(job.file), profile=prof.id, passed=bool(r["passed"]), checks=r["checks"], details=r)
+
+
+__all__ = ["CheckJob", "CheckResult", "ExportJob", "ExportResult", "FinetuneJob", "FinetuneResult", "PruneJob",
+           "PruneResult", "prune_settings", "run_check", "run_export", "run_finetune", "run_prune", "set_threads"]

@@ -33,6 +33,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from chita_edge.core.errors import BadInput, GateFailed
 from chita_edge.core.io import atomic_write_text, sha256_file
+from chita_edge.devices.bench import BenchConfig, benchmark
+from chita_edge.devices.profiles import load_profile
+from chita_edge.workflows.jobs import (
+    CheckJob,
+    ExportJob,
+    FinetuneJob,
+    PruneJob,
+    prune_settings,
+    run_check,
+    run_export,
+    run_finetune,
+    run_prune,
+)
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -47,18 +60,35 @@ class _Strict(BaseModel):
 
 
 class PruneSpec(_Strict):
-    method: Literal["chita", "chita++", "bso", "magnitude", "magnitude-uniform"] = "chita++"
+    """Pruning settings; a field left out takes the one default of ``chita_edge.pruning.defaults`` (the same as
+    ``chita-edge prune`` and the Python API), and the manifest records where each value came from."""
+
+    method: Literal["chita", "chita++", "bso", "magnitude", "magnitude-uniform", "chita-fisher", "l1-uniform",
+                    "norm-global"] | None = None
     structure: Literal["unstructured", "block", "channel"] = Field(
         default="unstructured", description="unstructured or block (1x4, to a sparsity); channel: to the "
                                             "profile's budgets (structured, measured)")
     sparsity: float | dict[str, float] | None = Field(
         default=None, description="one fraction for every profile, or {profile: fraction}")
-    stages: int = Field(default=15, ge=1, le=1000)
-    grads: int = Field(default=1000, ge=1, le=1_000_000)
-    fisher_batch: int = Field(default=1, ge=1, le=4096)
-    l2: float = Field(default=1e-3, gt=0)
-    block_size: int = Field(default=0, ge=0)
-    seed: int = 0
+    stages: int | None = Field(default=None, ge=1, le=1000)
+    search_stages: int | None = Field(default=None, ge=1, le=100)
+    grads: int | None = Field(default=None, ge=1, le=1_000_000)
+    fisher_batch: int | None = Field(default=None, ge=1, le=4096)
+    l2: float | None = Field(default=None, gt=0)
+    dtype: Literal["float32", "float64"] | None = None
+    first_order: bool | None = None
+    refit: bool | None = None
+    block_size: int | None = Field(default=None, ge=0)
+    width_multiple: int | None = Field(default=None, ge=1, le=256)
+    depth: bool | None = None
+    seed: int | None = None
+
+    def settings(self, sparsity: float | None) -> dict[str, Any]:
+        """The settings this file gives (the fields it sets), by their shared names."""
+        given = {k: getattr(self, k) for k in self.model_fields_set if k not in ("grads", "sparsity")}
+        if "grads" in self.model_fields_set:
+            given["n_grads"] = self.grads
+        return {**given, "sparsity": sparsity}
 
     @field_validator("sparsity")
     @classmethod
@@ -152,24 +182,26 @@ def _resolve(base: Path, p: str) -> str:
 
 
 def resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
-    """Relative paths in the file are relative to the file's directory."""
-    d = spec.model_dump()
-    if d["weights"]:
-        d["weights"] = _resolve(base, d["weights"])
-    if d["data"].startswith("npz:"):
-        d["data"] = "npz:" + _resolve(base, d["data"][4:])
-    m = d["model"]
+    """Relative paths in the file are relative to the file's directory. (``model_copy`` keeps which fields the
+    file set: a prune setting it leaves out is resolved from the shared defaults and recorded as such.)"""
+    up: dict[str, Any] = {}
+    if spec.weights:
+        up["weights"] = _resolve(base, spec.weights)
+    if spec.data.startswith("npz:"):
+        up["data"] = "npz:" + _resolve(base, spec.data[4:])
+    m = spec.model
     if m.endswith(".pt2"):
-        d["model"] = _resolve(base, m)
+        up["model"] = _resolve(base, m)
     elif ".py:" in m:
         path, _, fn = m.rpartition(":")
-        d["model"] = f"{_resolve(base, path)}:{fn}"
-    d["profiles"] = [_resolve(base, p) if p.endswith((".yaml", ".yml")) or "/" in p else p for p in d["profiles"]]
-    if isinstance(d["prune"]["sparsity"], dict):
-        d["prune"]["sparsity"] = {_resolve(base, k) if k.endswith((".yaml", ".yml")) or "/" in k else k: v
-                                  for k, v in d["prune"]["sparsity"].items()}
-    d["out"] = _resolve(base, d["out"]) if d["out"] else str(base / f"{spec.name}.out")
-    return PipelineSpec.model_validate(d)
+        up["model"] = f"{_resolve(base, path)}:{fn}"
+    up["profiles"] = [_resolve(base, p) if p.endswith((".yaml", ".yml")) or "/" in p else p for p in spec.profiles]
+    if isinstance(spec.prune.sparsity, dict):
+        up["prune"] = spec.prune.model_copy(update={"sparsity": {
+            _resolve(base, k) if k.endswith((".yaml", ".yml")) or "/" in k else k: v
+            for k, v in spec.prune.sparsity.items()}})
+    up["out"] = _resolve(base, spec.out) if spec.out else str(base / f"{spec.name}.out")
+    return spec.model_copy(update=up)
 
 
 def load_pipeline(path: str | os.PathLike) -> PipelineSpec:
@@ -382,52 +414,38 @@ class StageRunner:
 
 # -------------------------------------------------------------------------------------------- the stages
 def _prune_stage(spec: PipelineSpec, profile: str, runner: StageRunner, progress: Progress | None) -> dict[str, Any]:
-    from chita_edge.devices.profiles import load_profile
-
+    """The same prune job as ``chita-edge prune`` with these settings (``chita_edge.workflows.jobs.run_prune``)."""
     pr = spec.prune
     w = {"weights": spec.weights, "sha256": runner.hashes(spec.weights)} if spec.weights else None
     inputs: dict[str, Any] = {"model": spec.model, "weights": w, "data": data_identity(spec.data, runner.hashes)}
-    settings = pr.model_dump()
-    settings["sparsity"] = spec.sparsity_for(profile)
-    if pr.structure == "channel":
-        prof = load_profile(profile)
+    channel = pr.structure == "channel"
+    prof = load_profile(profile) if channel else None
+    resolved = prune_settings(pipeline=pr.settings(spec.sparsity_for(profile)), profile=prof)
+    settings: dict[str, Any] = {"resolved": resolved.record()}
+    budgets: dict[str, Any] = {}
+    if prof is not None:
         inputs["profile"] = prof.model_dump(exclude_none=True)
-        settings["budget_overrides"] = {"latency_ms": spec.checks.latency_ms, "percentile": spec.checks.percentile,
-                                        "memory_mb": spec.checks.memory_mb, "file_mb": spec.checks.file_mb}
+        budgets = {k: v for k, v in (("latency_ms", spec.checks.latency_ms), ("percentile", spec.checks.percentile),
+                                     ("memory_mb", spec.checks.memory_mb), ("file_mb", spec.checks.file_mb))
+                   if v is not None}
+        settings["budget_overrides"] = budgets
 
     def run(d: Path) -> dict[str, Any]:
-        out = d / "pruned.pt"
-        if pr.structure == "channel":
-            from chita_edge.budget import search as budget
-
-            cfg = budget.BudgetConfig(method="chita" if pr.method in ("chita", "chita++") else pr.method,
-                                      n_grads=pr.grads, fisher_batch=pr.fisher_batch, l2=pr.l2, seed=pr.seed)
-            r = budget.prune_budget_checkpoint(spec.model, spec.weights, spec.data, profile=prof, out=out, cfg=cfg,
-                                               latency_ms=spec.checks.latency_ms,
-                                               percentile=spec.checks.percentile, memory_mb=spec.checks.memory_mb,
-                                               file_mb=spec.checks.file_mb, progress=progress)
-            return {k: r.get(k) for k in ("method", "accuracy", "dense_accuracy", "params_before", "params_after",
-                                          "passed")}
-        if pr.structure == "block":
-            from chita_edge.budget import search as budget
-
-            bcfg = budget.BlockConfig(sparsity=settings["sparsity"], n_grads=pr.grads, fisher_batch=pr.fisher_batch,
-                                      l2=pr.l2, seed=pr.seed)
-            r = budget.prune_blocks_checkpoint(spec.model, spec.weights, spec.data, bcfg, out, progress=progress)
-            return {k: r.get(k) for k in ("sparsity", "accuracy", "dense_accuracy")}
-        from chita_edge.workflows.jobs import PruneConfig, prune_checkpoint
-
-        cfg = PruneConfig(sparsity=settings["sparsity"], method=pr.method, stages=pr.stages, n_grads=pr.grads,
-                          fisher_batch=pr.fisher_batch, l2=pr.l2, block_size=pr.block_size, seed=pr.seed)
-        r = prune_checkpoint(spec.model, spec.weights, spec.data, cfg, out, progress=progress)
-        return {k: r.get(k) for k in ("method", "sparsity", "accuracy", "dense_accuracy")}
+        job = PruneJob(model=spec.model, weights=spec.weights, data=spec.data, out=d / "pruned.pt",
+                       settings=resolved, profile=prof, budgets=budgets)
+        r = run_prune(job, progress=progress).to_dict()
+        keys = {"channel": ("method", "accuracy", "dense_accuracy", "params_before", "params_after", "passed"),
+                "block": ("sparsity", "accuracy", "dense_accuracy")}.get(pr.structure,
+                                                                      ("method", "sparsity", "accuracy",
+                                                                       "dense_accuracy"))
+        return {k: r.get(k) for k in keys}
 
     return runner.stage(f"{_slug(profile)}/prune", inputs=inputs, settings=settings, outputs=["pruned.pt"], fn=run)
 
 
 def _finetune_stage(spec: PipelineSpec, profile: str, pruned: Path, runner: StageRunner,
                     progress: Progress | None) -> dict[str, Any]:
-    from chita_edge.training.finetune import FinetuneConfig, finetune_checkpoint, state_path_for
+    from chita_edge.training.finetune import FinetuneConfig, state_path_for
 
     ft = spec.finetune
     assert ft is not None
@@ -448,26 +466,27 @@ def _finetune_stage(spec: PipelineSpec, profile: str, pruned: Path, runner: Stag
         cfg = FinetuneConfig(epochs=ft.epochs, lr=ft.lr, min_lr=ft.min_lr, batch_size=ft.batch_size,
                              optimizer=ft.optimizer, weight_decay=ft.weight_decay, augment=ft.augment,
                              bn_batches=ft.bn_batches, seed=ft.seed)
-        r = finetune_checkpoint(pruned, spec.data, cfg, out, distill=ft.distill, resume=resume, progress=progress)
+        r = run_finetune(FinetuneJob(pruned=pruned, data=spec.data, out=out, config=cfg, distill=ft.distill,
+                                     resume=resume), progress=progress)
         key_file.unlink(missing_ok=True)
-        return {"initial_accuracy": r["initial_accuracy"], "accuracy": r["accuracy"], "sparsity": r["sparsity"],
-                "resumed_from": r["resumed_from"]}
+        return {"initial_accuracy": r.initial_accuracy, "accuracy": r.accuracy, "sparsity": r.sparsity,
+                "resumed_from": r.resumed_from}
 
     return runner.stage(name, inputs=inputs, settings=settings, outputs=["finetuned.pt"], fn=run)
 
 
 def _export_stage(name: str, ckpt: Path, fmt: str, filename: str, ex: ExportSpec, runner: StageRunner,
                   progress: Progress | None, model: str | None = None) -> dict[str, Any]:
-    from chita_edge.workflows.export import export_checkpoint
 
     settings = {"format": fmt, "layout": ex.layout, "quantize": ex.quantize, "parity_samples": ex.parity_samples,
                 "model": model}
     inputs = {"checkpoint": runner.hashes(ckpt)}
 
     def run(d: Path) -> dict[str, Any]:
-        r = export_checkpoint(ckpt, out=d / filename, fmt=fmt, layout=ex.layout, quantize=ex.quantize, model=model,
-                              parity_samples=ex.parity_samples, progress=progress)
-        return {"bytes": r["bytes"], "parity": r["parity"], "notes": r["notes"]}
+        r = run_export(ExportJob(checkpoint=ckpt, out=d / filename, format=fmt, layout=ex.layout,
+                                 quantize=ex.quantize, model=model, parity_samples=ex.parity_samples),
+                       progress=progress)
+        return {"bytes": r.bytes, "parity": r.parity, "notes": r.notes}
 
     return runner.stage(name, inputs=inputs, settings=settings, outputs=[filename], fn=run)
 
@@ -475,10 +494,6 @@ def _export_stage(name: str, ckpt: Path, fmt: str, filename: str, ex: ExportSpec
 def _bench_stage(name: str, path: Path, gate_profile: Any | None, profiles: list[Any], spec: PipelineSpec,
                  runner: StageRunner, progress: Progress | None) -> dict[str, Any]:
     """Benchmark ``path`` (estimated on every profile) and, with ``gate_profile``, check its budgets."""
-    from chita_edge.devices.bench import BenchConfig, benchmark
-    from chita_edge.devices.gate import evaluate, junit_xml
-    from chita_edge.devices.profiles import with_budgets
-
     ck = spec.checks
     inputs = {"file": runner.hashes(path), "data": data_identity(spec.data, runner.hashes),
               "profiles": [p.model_dump(exclude_none=True) for p in profiles]}
@@ -490,15 +505,17 @@ def _bench_stage(name: str, path: Path, gate_profile: Any | None, profiles: list
     def run(d: Path) -> dict[str, Any]:
         cfg = BenchConfig(threads=1, warmup=ck.warmup, runs=ck.runs)
         est = profiles if _fmt_of(path) in ck.estimate_formats else []
-        res = benchmark(path, est, cfg, data=spec.data, progress=progress)
-        doc: dict[str, Any] = {"file": str(path), "benchmark": res}
-        if gate_profile is not None:
-            b = with_budgets(gate_profile, latency_ms=ck.latency_ms, percentile=ck.percentile,
-                             memory_mb=ck.memory_mb, file_mb=ck.file_mb)
-            checks = evaluate(res, gate_profile, b, accuracy_min=ck.accuracy_min)
-            doc.update(profile=gate_profile.id, passed=all(c.passed for c in checks),
-                       budgets=b.model_dump(exclude_none=True), checks=[c.to_dict() for c in checks])
-            atomic_write_text(d / "junit.xml", junit_xml(checks, file=str(path), profile=gate_profile.id))
+        if gate_profile is None:  # the baseline: measured and estimated, not gated
+            doc: dict[str, Any] = {"file": str(path),
+                                   "benchmark": benchmark(path, est, cfg, data=spec.data, progress=progress)}
+        else:  # the same check job as ``chita-edge check``
+            job = CheckJob(file=path, profile=gate_profile, bench=cfg, latency_ms=ck.latency_ms,
+                           percentile=ck.percentile, memory_mb=ck.memory_mb, file_mb=ck.file_mb,
+                           accuracy_min=ck.accuracy_min, data=spec.data, junit=d / "junit.xml",
+                           estimate_on=tuple(est), step_summary="")
+            r = run_check(job, progress=progress)
+            doc = {"file": str(path), "benchmark": r.details["benchmark"], "profile": r.profile, "passed": r.passed,
+                   "budgets": r.details["budgets"], "checks": r.checks}
         atomic_write_text(d / "result.json", json.dumps(doc, indent=2, default=str))
         return {"passed": doc.get("passed"), "failed": [c["message"] for c in doc.get("checks", []) if not c["passed"]]}
 

@@ -2,11 +2,11 @@
 
 Two ways to place the points:
 
-* ``sparsities``: prune the dense model once per sparsity (unstructured, ``chita_edge.workflows.jobs.prune_checkpoint``),
+* ``sparsities``: prune the dense model once per sparsity (unstructured, ``chita_edge.workflows.prune.prune_checkpoint``),
   export each pruned checkpoint (``chita_edge.workflows.export.export_checkpoint``), benchmark the file on this host
   and estimate it on every profile (``chita_edge.devices.bench.benchmark``); the same files are points of every device.
 * ``latency_fractions``: per profile, prune to a latency budget of ``fraction`` x the dense model's estimated
-  p50 on that profile (structured, ``chita_edge.budget.search.prune_budget_checkpoint``), then export and benchmark the
+  p50 on that profile (structured, ``chita_edge.workflows.budget_jobs.prune_budget_checkpoint``), then export and benchmark the
   result for that profile; every device gets its own files.
 
 The dense model is always exported and benchmarked too: the reference point of every frontier. Each point's
@@ -184,7 +184,7 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
     results: list[dict[str, Any]] = [dense]
     points = [_point(p.id, "dense", None, 0.0, dense) for p in profs]
     if cfg.mode == "sparsity":
-        from chita_edge.workflows.jobs import PruneConfig, prune_checkpoint
+        from chita_edge.workflows.prune import PruneConfig, prune_checkpoint
 
         for s in cfg.sparsities:
             ckpt = work / f"s{s:.2f}.pt"
@@ -196,12 +196,13 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
                               {"torch_accuracy": r["accuracy"]}) for p in profs]
             step()
     else:
-        from chita_edge.budget import search as budget
+        from chita_edge.budget.config import BudgetConfig
         from chita_edge.devices.profiles import Budgets
+        from chita_edge.workflows.budget_jobs import prune_budget_checkpoint
 
         bm = "chita" if cfg.method in ("chita", "chita++") else cfg.method
-        bc = budget.BudgetConfig(method=bm, n_grads=cfg.n_grads, stages=min(cfg.stages, 4), seed=cfg.seed,
-                                 bench_runs=cfg.runs, bench_repeats=1)
+        bc = BudgetConfig(method=bm, n_grads=cfg.n_grads, stages=min(cfg.stages, 4), seed=cfg.seed,
+                          bench_runs=cfg.runs, bench_repeats=1)
         for prof in profs:
             dense_p50 = float(best_latency(dense, prof.id)[0]["p50"])
             for f in cfg.latency_fractions:
@@ -210,8 +211,8 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
                 only = prof.model_copy(update={"budgets": Budgets.model_validate(
                     {"latency_ms": {"value": target, "percentile": "p50"}})})
                 ckpt = work / f"{prof.id}-f{f:.2f}.pt"
-                r = budget.prune_budget_checkpoint(model, weights, data, profile=only, out=ckpt, cfg=bc,
-                                                   progress=progress)
+                r = prune_budget_checkpoint(model, weights, data, profile=only, out=ckpt, cfg=bc,
+                                            progress=progress)
                 res = export_and_bench(ckpt, f"{prof.id}-f{f:.2f}", [prof])
                 results.append(res)
                 points.append(_point(prof.id, f"{f:g} x dense p50", f,

@@ -1,0 +1,157 @@
+"""The budget search's settings, its result, and the budgets it plans for.
+
+``BudgetConfig`` (the knobs; the method and what it does: ``budget.search``'s docstring), ``BudgetResult``,
+the method / structure / resource names, and the small helpers every part of the search shares: the budgets
+of a profile as ``{resource: limit}`` (``budget_targets``), a prediction as that mapping (``resources_of``),
+the runtime's channel block (``resolve_block``) and the narrowest allowed widths (``min_widths``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from chita_edge.budget.costmodel import Prediction, nchwc_block
+from chita_edge.core.errors import BadInput
+from chita_edge.devices.profiles import Budgets, Profile
+from chita_edge.pruning.channels import StructuredConfig, allowed_widths
+
+Progress = Callable[[str, int, int], None]
+
+METHODS = ("chita", "chita-fisher", "l1-uniform", "norm-global")
+STRUCTURES = ("auto", "channel", "block", "unstructured")
+RESOURCES = ("latency_ms", "memory_mb", "file_mb")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetConfig:
+    """Knobs of the budget search (what they do: ``chita_edge.budget.search``'s docstring)."""
+
+    method: str = "chita"
+    structure: str = "channel"
+    stages: int = 4  # T: stages of the search (G recomputed at each)
+    n_grads: int = 500  # n: rows of G
+    fisher_batch: int = 1  # m
+    l2: float = 1e-3  # lam = l2 * n / 2
+    width_multiple: int | None = None  # None: the profile's
+    channel_block: int | None = None  # widths between blocks left out (allowed_widths); None: the host's NCHWc block, 0: off
+    margin: float = 0.97  # plan each resource to this fraction of its budget
+    slack: float = 0.05  # a measurement within budget * (1 + slack) meets the budget
+    verify: bool = True  # export + benchmark the result (and tighten on a miss)
+    dense_anchor: bool = True  # with verify: measure the dense model first and correct the cost model by it
+    max_tighten: int = 2
+    depth: bool = True  # method chita: removing a whole residual block (identity shortcut) is one more move
+    relax_below: float = 0.9  # after a tightening round lands below this fraction of a budget: relax (bisection)
+    relax_steps: int = 2  # bisection steps between the last missing and the tightened correction
+    bench_runs: int = 100
+    bench_repeats: int = 3  # benchmark processes per measurement; the median is used
+    bn_batches: int = 16  # BatchNorm re-estimation batches when it is on
+    refit: bool | None = None  # layer-wise re-fit after each stage; None: on for chita, off for the baselines
+    bn_reestimate: bool | None = None  # None: on where there is no re-fit (it undoes a re-fit's calibration)
+    calib_samples: int = 256  # training images for the layer statistics and the re-fit
+    damp: float = 0.01  # ridge of the layer-wise problems, relative to the mean diagonal of H
+    max_probes: int = 6  # widths per channel group at which the output divergence is measured
+    probe_samples: int = 128  # calibration images for those measurements
+    max_iter: int = 60
+    seed: int = 0
+    threads: int = 1  # host threads for timing (the benchmark's host setting)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise BadInput(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.structure not in STRUCTURES:
+            raise BadInput(f"--structure {self.structure!r}: expected one of {', '.join(STRUCTURES)}")
+        if self.stages < 1:
+            raise BadInput(f"--stages {self.stages}: expected >= 1")
+        if self.width_multiple is not None and not 1 <= self.width_multiple <= 256:
+            raise BadInput(f"--width-multiple {self.width_multiple}: expected 1..256")
+        if self.channel_block is not None and self.channel_block < 0:
+            raise BadInput(f"channel_block {self.channel_block}: expected >= 0 (0: off)")
+        if not 0 < self.margin <= 1 or not 0 <= self.slack < 1:
+            raise BadInput("margin must be in (0, 1] and slack in [0, 1)")
+        if self.bench_runs < 1 or self.bench_repeats < 1:
+            raise BadInput("bench_runs and bench_repeats must be >= 1")
+        if not 0 < self.relax_below <= 1 or self.relax_steps < 0 or self.max_tighten < 0:
+            raise BadInput("relax_below must be in (0, 1], relax_steps and max_tighten >= 0")
+
+    @property
+    def do_refit(self) -> bool:
+        return self.refit if self.refit is not None else self.method == "chita"
+
+    @property
+    def do_bn(self) -> bool:
+        return self.bn_reestimate if self.bn_reestimate is not None else not self.do_refit
+
+    def structured(self, solver: str = "chita") -> StructuredConfig:
+        return StructuredConfig(n_grads=self.n_grads, fisher_batch=self.fisher_batch, l2=self.l2, solver=solver,
+                                max_iter=self.max_iter, bn_batches=self.bn_batches, seed=self.seed)
+
+
+@dataclass
+class BudgetResult:
+    model: nn.Module  # the compacted model
+    plan: dict[str, Any]
+    widths: dict[str, int]
+    sizes: dict[str, int]
+    budgets: dict[str, float]
+    percentile: str
+    predicted: dict[str, float]
+    measured: dict[str, Any] | None
+    dense_measured: dict[str, Any] | None
+    dense_predicted: dict[str, float]
+    met: dict[str, bool]
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    cost_model: dict[str, Any] = field(default_factory=dict)
+    export: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)  # residual blocks removed whole (also in plan["drop"])
+
+    @property
+    def passed(self) -> bool:
+        return all(self.met.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in ("plan", "widths", "sizes", "budgets", "percentile", "predicted",
+                                           "measured", "dense_measured", "dense_predicted", "met", "stages",
+                                           "cost_model", "export", "timings")}
+        d["passed"] = self.passed
+        d["dropped_blocks"] = list(self.dropped)
+        d["layers"] = [{"group": g, "width": self.widths[g], "of": self.sizes[g],
+                        "kept_fraction": self.widths[g] / self.sizes[g]} for g in self.sizes
+                       if g in self.widths]
+        return d
+
+
+def budget_targets(profile: Profile, budgets: Budgets) -> tuple[dict[str, float], str]:
+    """{resource: limit} from the resolved budgets, and the latency percentile."""
+    out: dict[str, float] = {}
+    pct = "p50"
+    if budgets.latency_ms is not None:
+        out["latency_ms"] = float(budgets.latency_ms.value)
+        pct = budgets.latency_ms.percentile
+    if budgets.peak_memory_mb is not None:
+        out["memory_mb"] = float(budgets.peak_memory_mb)
+    if budgets.model_file_mb is not None:
+        out["file_mb"] = float(budgets.model_file_mb)
+    if not out:
+        raise BadInput(f"profile {profile.id} has no budgets and none was given (--latency-ms, --memory-mb, --file-mb)")
+    return out, pct
+
+
+def resources_of(p: Prediction) -> dict[str, float]:
+    """A prediction's resources by budget name."""
+    return {"latency_ms": p.latency_ms, "memory_mb": p.memory_mb, "file_mb": p.file_mb}
+
+
+def resolve_block(cfg: BudgetConfig) -> int:
+    """The channel block of the runtime that verifies the budget: ONNX Runtime's NCHWc block on this host."""
+    return nchwc_block() if cfg.channel_block is None else cfg.channel_block
+
+
+def min_widths(sizes: Mapping[str, int], multiple: int) -> dict[str, int]:
+    return {g: allowed_widths(s, multiple)[0] for g, s in sizes.items()}
+
+

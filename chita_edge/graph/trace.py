@@ -1,0 +1,221 @@
+"""The project's one ``torch.fx`` tracer and its op vocabulary.
+
+* Tracing: ``trace`` (``torch.fx.symbolic_trace``, a ``BadInput`` naming the model when it fails),
+  ``trace_shapes`` (the trace in eval mode and every node's output shape on an example input), ``Recorder``
+  (runs a traced graph, recording shapes, chosen modules' inputs and chosen nodes' values), ``eval_no_grad``,
+  ``as_args``.
+* Op classification: the module / function / method tables the channel-space walker
+  (``chita_edge.graph.channels``) sorts nodes by, and the predicates the residual-block finder, the cost model
+  and QAT share: ``is_conv``, ``is_depthwise``, ``is_bn_node``, ``is_add_node``, ``act_name`` (with ``ADDS``,
+  ``CONV``, ``BN`` and ``ACTIVATIONS``).
+
+Depends on ``torch`` only.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from chita_edge.core.errors import BadInput
+
+__all__ = [
+    "ACTIVATIONS",
+    "ADDS",
+    "ADD_METHODS",
+    "BINARY_FUNCTIONS",
+    "BINARY_METHODS",
+    "BN",
+    "CONV",
+    "ELEMENTWISE_FUNCTIONS",
+    "ELEMENTWISE_METHODS",
+    "ELEMENTWISE_MODULES",
+    "POOL_FUNCTIONS",
+    "POOL_MODULES",
+    "QUERY_METHODS",
+    "REDUCE_FUNCTIONS",
+    "REDUCE_METHODS",
+    "RESHAPE_FUNCTIONS",
+    "RESHAPE_METHODS",
+    "RESHAPE_MODULES",
+    "Recorder",
+    "act_name",
+    "as_args",
+    "eval_no_grad",
+    "first_line",
+    "is_add_node",
+    "is_bn_node",
+    "is_conv",
+    "is_depthwise",
+    "trace",
+    "trace_shapes",
+]
+
+# --------------------------------------------------------------------------------------------------------------
+# Op vocabulary
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+)
+POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample,
+)
+RESHAPE_MODULES = (nn.Flatten,)
+ELEMENTWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid,
+    F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, torch.clamp, torch.abs, operator.neg, operator.pos,
+}
+ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "clamp_min", "clamp_max", "abs",
+                        "neg", "contiguous", "float", "double", "half"}
+POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d, F.interpolate,
+}
+RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze}
+RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze"}
+REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
+REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+BINARY_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+}
+BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+QUERY_METHODS = {"size", "dim", "numel"}
+ADDS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = ("add", "add_")
+
+# Activations a removed residual block may leave behind, by name (``chita_edge.graph.residual``'s replacements).
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "hardswish": nn.Hardswish,
+}
+_ACT_MODULE_NAMES = tuple((cls, name) for name, cls in ACTIVATIONS.items())
+_ACT_FUNCTION_NAMES = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.silu: "silu", torch.sigmoid: "sigmoid",
+                       F.sigmoid: "sigmoid", torch.tanh: "tanh", F.tanh: "tanh", F.hardswish: "hardswish"}
+_ACT_METHOD_NAMES = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+
+
+def is_conv(m: nn.Module) -> bool:
+    """A (non-transposed) Conv1d/2d/3d module."""
+    return isinstance(m, CONV) and not getattr(m, "transposed", False)
+
+
+def is_depthwise(m: nn.Module) -> bool:
+    """A depthwise conv: ``groups == in_channels == out_channels > 1``."""
+    return is_conv(m) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def is_bn_node(gm: fx.GraphModule, n: fx.Node) -> bool:
+    """``n`` calls a BatchNorm1d/2d/3d module."""
+    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), BN)
+
+
+def is_add_node(n: fx.Node) -> bool:
+    """``n`` is an addition (``+``, ``+=``, ``torch.add`` or the ``add`` / ``add_`` method)."""
+    return (n.op == "call_function" and n.target in ADDS) or (n.op == "call_method" and n.target in ADD_METHODS)
+
+
+def act_name(gm: fx.GraphModule, n: fx.Node) -> str | None:
+    """The activation ``n`` applies to its first argument (a name of ``ACTIVATIONS``), or None."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return next((name for cls, name in _ACT_MODULE_NAMES if type(m) is cls), None)
+    if n.op == "call_function":
+        return _ACT_FUNCTION_NAMES.get(n.target)
+    if n.op == "call_method":
+        return _ACT_METHOD_NAMES.get(n.target)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tracing
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), at most 200 characters."""
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:200]
+
+
+def trace(model: nn.Module, needed_by: str = "structured pruning") -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``; ``BadInput`` saying that ``needed_by`` needs a traceable model if not."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as e:
+        raise BadInput(
+            f"{type(model).__name__}: {needed_by} needs a torch.fx-traceable model, but symbolic_trace "
+            f"failed ({type(e).__name__}: {first_line(e)}); remove data-dependent control flow from forward()"
+        ) from None
+
+
+@contextmanager
+def eval_no_grad(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no_grad for the duration; every module's own training flag is restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def as_args(example_input: Any) -> tuple[Any, ...]:
+    """The positional arguments of a forward call: a tuple/list as it is, anything else as a 1-tuple."""
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+
+class Recorder(fx.Interpreter):
+    """Runs the traced graph, recording each tensor result's shape, the inputs of chosen modules and the values
+    of chosen nodes (by node name)."""
+
+    def __init__(self, gm: fx.GraphModule, capture: frozenset[str] = frozenset(),
+                 values: frozenset[str] = frozenset()):
+        super().__init__(gm)
+        self.capture = capture
+        self.value_names = values
+        self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.values: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            self.shapes[n] = tuple(result.shape)
+            if n.name in self.value_names:
+                self.values[n.name] = result.detach().clone()
+        return result
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in self.capture and args and isinstance(args[0], torch.Tensor):
+            self.inputs.setdefault(target, []).append(args[0].detach().clone())
+        return super().call_module(target, args, kwargs)
+
+
+def trace_shapes(model: nn.Module, example_input: Any, needed_by: str = "structured pruning",
+                 ) -> tuple[fx.GraphModule, dict[fx.Node, tuple[int, ...]]]:
+    """The traced graph (``trace``) and every tensor node's output shape on ``example_input``."""
+    with eval_no_grad(model):  # traced in eval mode: a `self.training` read in forward() is baked in
+        gm = trace(model, needed_by)
+        rec = Recorder(gm)
+        try:
+            rec.run(*as_args(example_input))
+        except Exception as e:
+            raise BadInput(f"{type(model).__name__}: the example input does not run through the model "
+                           f"({type(e).__name__}: {first_line(e)})") from None
+    return gm, rec.shapes
+

@@ -1,0 +1,140 @@
+"""The checkpoint-writing jobs of ``chita-edge prune --profile`` and ``--structure block``.
+
+``prune_budget_checkpoint`` loads a model and its data, prunes it to a device budget (``budget.search``'s
+``prune_to_budget``), evaluates it and writes a checkpoint that reloads (and the measured ONNX file on request);
+``raise_if_missed`` turns its report's missed budgets into ``GateFailed``. ``prune_blocks_checkpoint`` does the
+same for 1x4 blocks of the Linear weights at a sparsity (``pruning.blocks``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chita_edge.budget.config import BudgetConfig
+from chita_edge.budget.search import prune_to_budget
+from chita_edge.core.checkpoint import save_checkpoint
+from chita_edge.core.data import load_data
+from chita_edge.core.errors import BadInput, GateFailed
+from chita_edge.core.evaluate import accuracy
+from chita_edge.core.io import atomic_path, sha256_file
+from chita_edge.devices.profiles import Profile, load_profile, with_budgets
+from chita_edge.models.loading import check_fits, load_model
+from chita_edge.pruning.blocks import BlockConfig, prune_blocks
+
+Progress = Callable[[str, int, int], None]
+
+
+def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, data: str | None, *,
+                            profile: str | Profile, out: str | os.PathLike, cfg: BudgetConfig,
+                            latency_ms: float | None = None, percentile: str | None = None,
+                            memory_mb: float | None = None, file_mb: float | None = None,
+                            export: str | os.PathLike | None = None,
+                            progress: Progress | None = None) -> dict[str, Any]:
+    """What ``chita-edge prune --profile P`` does; returns the JSON-able report (``passed`` says whether every
+    budget was met when measured). Raises ``GateFailed`` before pruning when the budget is unreachable."""
+    cfg.validate()
+    prof = profile if isinstance(profile, Profile) else load_profile(profile)
+    budgets = with_budgets(prof, latency_ms=latency_ms, percentile=percentile, memory_mb=memory_mb, file_mb=file_mb)
+    lm = load_model(model_spec, weights)
+    if lm.meta and lm.meta.get("plan"):
+        raise BadInput(f"{weights}: already structurally pruned (its checkpoint carries a plan); prune the dense "
+                       "model to the budget instead")
+    ds = load_data(data) if data else None
+    if ds is not None:
+        check_fits(lm, ds.x_train, data or "")
+        example = ds.x_train[:1]
+    elif lm.input_shape is not None:
+        example = torch.rand(1, *lm.input_shape, generator=torch.Generator().manual_seed(cfg.seed))
+    else:
+        raise BadInput(f"model '{model_spec}': its input shape is unknown; give --data")
+    structure = cfg.structure
+    if structure == "auto":
+        structure = "channel"
+    if structure != "channel":
+        raise BadInput(f"--structure {cfg.structure} with --profile: only channel pruning lowers latency and memory "
+                       "on dense kernels (ONNX Runtime, LiteRT/XNNPACK); use --structure channel, or prune to a "
+                       "sparsity with --sparsity and export --layout sparse for a smaller file")
+    dense_acc = accuracy(lm.module, ds.x_test, ds.y_test) if ds is not None and len(ds.x_test) else None
+    export_dir = Path(export).parent if export else None
+    if export_dir is not None and not export_dir.exists():
+        raise BadInput(f"--export {export}: directory {export_dir} does not exist")
+    with tempfile.TemporaryDirectory(prefix="chita-edge-budget-") as wd:
+        res = prune_to_budget(lm.module, example, ds, prof, budgets, cfg, work_dir=wd, progress=progress)
+        acc = accuracy(res.model, ds.x_test, ds.y_test) if ds is not None and len(ds.x_test) else None
+        meta = {
+            "model": lm.spec,
+            "source_weights": str(weights) if weights else None,
+            "source_sha256": sha256_file(weights) if weights else None,
+            "data": data,
+            "method": f"{cfg.method}-structured" if cfg.method.startswith("chita") else cfg.method,
+            "structure": structure,
+            "profile": prof.id,
+            "budgets": res.budgets,
+            "widths": res.widths,
+            "plan": res.plan,
+            "accuracy": acc,
+            "dense_accuracy": dense_acc,
+            "input_shape": list(example.shape[1:]),
+            "params_fraction": sum(p.numel() for p in res.model.parameters())
+            / max(1, sum(p.numel() for p in lm.module.parameters())),
+        }
+        save_checkpoint(out, res.model.state_dict(), meta)
+        exported = None
+        if export and res.export:
+            with atomic_path(export) as tmp:
+                tmp.write_bytes(Path(res.export).read_bytes())
+            exported = str(export)
+    unit = {"latency_ms": "ms", "memory_mb": "MB", "file_mb": "MB"}
+    checks = []
+    for k, limit in res.budgets.items():
+        m = res.measured[k] if res.measured else None
+        checks.append({"budget": k if k != "latency_ms" else f"latency_ms.{res.percentile}", "limit": limit,
+                       "predicted": res.predicted[k], "measured": m, "unit": unit[k], "met": res.met[k]})
+    d = res.to_dict()
+    d.pop("export", None)
+    return {"model": lm.spec, "profile": prof.id, "method": meta["method"], "structure": structure,
+            "passed": res.passed, "checks": checks, "dense_accuracy": dense_acc, "accuracy": acc,
+            "params_before": sum(p.numel() for p in lm.module.parameters()),
+            "params_after": sum(p.numel() for p in res.model.parameters()),
+            "out": str(out), "export": exported, "slack": cfg.slack, **d}
+
+
+def raise_if_missed(result: dict[str, Any]) -> None:
+    """``GateFailed`` naming every budget the measured model missed."""
+    if result.get("passed", True):
+        return
+    parts = [f"{c['budget']} {c['measured']:.4g} {c['unit']} > {c['limit']:.4g} {c['unit']}"
+             for c in result["checks"] if not c["met"] and c["measured"] is not None]
+    beyond = {k: v for s in result.get("stages", []) for k, v in s.get("unreachable", {}).items()}
+    advice = ("; the measurements put the smallest reachable at " + ", ".join(f"{k} {v:.4g}" for k, v in beyond.items())
+              + ": raise the budget or lower --width-multiple") if beyond else \
+        "; prune again with a tighter --latency-ms / --memory-mb"
+    raise GateFailed(f"the pruned model misses its budget on {result['profile']} when measured: {'; '.join(parts)} "
+                     f"(checkpoint written to {result['out']}){advice}")
+
+
+def prune_blocks_checkpoint(model_spec: str, weights: str | os.PathLike | None, data: str, cfg: BlockConfig,
+                            out: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:
+    """What ``chita-edge prune --structure block --sparsity S`` does: 1x4 blocks of the Linear weights."""
+    cfg.validate()
+    lm = load_model(model_spec, weights)
+    ds = load_data(data)
+    check_fits(lm, ds.x_train, data)
+    dense_acc = accuracy(lm.module, ds.x_test, ds.y_test)
+    t0 = time.perf_counter()
+    rep = prune_blocks(lm.module, ds, cfg, lm.prunable, progress=progress)
+    acc = accuracy(lm.module, ds.x_test, ds.y_test)
+    meta = {"model": lm.spec, "source_weights": str(weights) if weights else None,
+            "source_sha256": sha256_file(weights) if weights else None, "data": data, "method": "chita-block",
+            "structure": f"block{cfg.block[0]}x{cfg.block[1]}", "sparsity": rep["sparsity"], "accuracy": acc,
+            "dense_accuracy": dense_acc, "input_shape": list(lm.input_shape or ds.input_shape)}
+    save_checkpoint(out, lm.module.state_dict(), meta)
+    return {"model": lm.spec, "method": "chita-block", **rep, "accuracy": acc, "dense_accuracy": dense_acc,
+            "out": str(out), "seconds": time.perf_counter() - t0}

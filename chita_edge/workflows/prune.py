@@ -1,0 +1,78 @@
+"""Unstructured pruning of a checkpoint (``prune_checkpoint``, behind ``chita-edge prune --sparsity``) and
+``evaluate_model`` (``chita-edge eval``): load, prune or evaluate, save; JSON-able dicts out."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from chita_edge.core.checkpoint import save_checkpoint
+from chita_edge.core.data import load_data
+from chita_edge.core.evaluate import accuracy
+from chita_edge.core.io import sha256_file
+from chita_edge.models.loading import LoadedModel, check_fits, load_model
+from chita_edge.pruning.layers import find_prunable, layer_sparsity
+from chita_edge.pruning.prune import Progress, PruneConfig, PruneReport, prune_weights
+from chita_edge.training.gradual import GradualConfig, gradual_prune
+
+
+def sparsity_of(lm: LoadedModel) -> tuple[float, dict[str, float]]:
+    params = find_prunable(lm.module, lm.prunable)
+    ls = layer_sparsity(lm.module, params)
+    total = sum(q.numel for q in params)
+    return sum(ls[q.name] * q.numel for q in params) / total, ls
+
+
+def evaluate_model(model: str | None, weights: str | os.PathLike | None, data: str) -> dict[str, Any]:
+    lm = load_model(None if model == "ckpt" else model, weights)
+    ds = load_data(data)
+    check_fits(lm, ds.x_test, data, (ds.y_test,))
+    s, ls = sparsity_of(lm)
+    return {"model": lm.spec, "weights": lm.weights_path, "data": data, "test_examples": len(ds.x_test),
+            "accuracy": accuracy(lm.module, ds.x_test, ds.y_test), "sparsity": s, "layer_sparsity": ls}
+
+
+def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, cfg: PruneConfig,
+                     out: str | os.PathLike, progress: Progress | None = None, *,
+                     gradual: GradualConfig | None = None, resume: bool = False,
+                     settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load, prune, evaluate and save: what ``chita-edge prune`` does.
+
+    ``gradual`` (a ``chita_edge.training.gradual.GradualConfig``): prune in steps on the cubic schedule from 50 % with
+    masked fine-tuning between them (state beside ``out`` for ``resume``). ``settings``: the resolved settings with
+    their sources, recorded in the checkpoint and the result."""
+    cfg.validate()
+    lm = load_model(model, weights)
+    ds = load_data(data)
+    check_fits(lm, ds.x_train, data, (ds.y_train, ds.y_test))
+    dense_acc = accuracy(lm.module, ds.x_test, ds.y_test)
+    params = find_prunable(lm.module, lm.prunable)
+    extra: dict[str, Any] = {}
+    if gradual is not None:
+        g = gradual_prune(lm.module, ds, cfg, gradual, filter_fn=lm.prunable, progress=progress,
+                          state_path=f"{out}.gradual-state", resume=resume)
+        report = PruneReport(method=f"gradual {cfg.method}", target_sparsity=cfg.sparsity, sparsity=g.sparsity,
+                             layer_sparsity=g.layer_sparsity, timings=g.timings, config=g.config)
+        extra = {"gradual_steps": g.steps}
+    else:
+        report = prune_weights(lm.module, params, ds, cfg, progress)
+    acc = accuracy(lm.module, ds.x_test, ds.y_test)
+    meta = {
+        "model": lm.spec,
+        "source_weights": str(weights) if weights else None,
+        "source_sha256": sha256_file(weights) if weights else None,
+        "data": data,
+        "method": cfg.method,
+        "sparsity": report.sparsity,
+        "accuracy": acc,
+        "dense_accuracy": dense_acc,
+        "input_shape": list(lm.input_shape or ds.input_shape),
+        "prunable": [q.name for q in params],
+        "settings": settings,
+    }
+    save_checkpoint(out, lm.module.state_dict(), meta)
+    return {**report.to_dict(), **extra, "model": lm.spec, "dense_accuracy": dense_acc, "accuracy": acc,
+            "out": str(out), "settings": settings}
+
+
+__all__ = ["PruneConfig", "evaluate_model", "prune_checkpoint"]
