@@ -228,8 +228,8 @@ def main() -> int:
     pipe = args.pipeline.resolve() if args.pipeline else pipeline_file(work)
     run_dir = work / "run"
     from chita_edge.devices.profiles import load_profile
-    from chita_edge.workflows.pipeline import (
-        load_pipeline,  # the profile ids, as the run will name their folders
+    from chita_edge.workflows.pipeline_spec import (
+        load_pipeline,  # the profile ids, as the run names their folders
     )
 
     profile = load_profile(load_pipeline(pipe).profiles[0]).id

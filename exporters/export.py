@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 from chita_edge.exporters import layouts as L
+from chita_edge.exporters import mixed
 from torch import nn
 
 from chita_edge._version import __version__
 from chita_edge.core.errors import BadInput, RuntimeFailure
 from chita_edge.core.io import atomic_path
+from chita_edge.graph.compact import compact_model
+from chita_edge.graph.macs import count_macs
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +154,6 @@ def _batched(model: nn.Module, x: torch.Tensor, bs: int = 256) -> np.ndarray:
 
 
 def _compact(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
-    from chita_edge.graph.compact import compact_model
-    from chita_edge.graph.macs import count_macs
 
     new, plan = compact_model(model, example)
     removed = sum(g["size"] - len(plan["keep"][gid]) for gid, g in plan["groups"].items())
@@ -247,7 +248,7 @@ def export_model(
     if len(parity_inputs) == 0:
         raise BadInput("parity check needs at least one input")
     if cfg.format == "tflite":
-        from chita_edge.exporters.tflite_format import require_export_stack
+        from chita_edge.exporters.tflite_format import require_export_stack  # deferred: the LiteRT stack
 
         require_export_stack()
     model = copy.deepcopy(model).float().eval()
@@ -279,7 +280,6 @@ def export_model(
                          f"input's, much coarser, scale)")
         if not cfg.int8_fallback:
             return q.quantize(())
-        from chita_edge.exporters import mixed
 
         hx, src = (hold, "held-out") if hold is not None and len(hold) else (calib, "calibration")
         fb = mixed.select_float_fallback(q, hx, _batched(model, torch.from_numpy(hx)),
@@ -296,7 +296,7 @@ def export_model(
     plan_layout = "dense" if cfg.layout == "compact" else cfg.layout
     cb("convert", 0, 3)
     if cfg.format == "onnx":
-        from chita_edge.exporters import onnx_format as F
+        from chita_edge.exporters import onnx_format as F  # deferred: onnx/onnxruntime
 
         mp, exporter = F.export(model, example)
         cb("convert", 1, 3)
@@ -310,8 +310,8 @@ def export_model(
         decisions, req = L.plan_onnx(ws, plan_layout)
         mp = F.apply(mp, decisions)
     else:
-        from chita_edge.exporters import tflite_format as F  # type: ignore[no-redef]
-        from chita_edge.exporters import tflite_quantize
+        from chita_edge.exporters import tflite_format as F  # deferred: the LiteRT stack
+        from chita_edge.exporters import tflite_quantize  # deferred: the LiteRT stack
 
         buf = F.convert(model, example)
         exporter = "litert-torch"

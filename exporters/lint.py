@@ -123,12 +123,12 @@ def inspect_file(path: str | os.PathLike, runtime: str | None = None) -> dict[st
     if runtime is not None and runtime != RUNTIME_OF[fmt]:
         raise BadInput(f"{p}: a {fmt} file runs on {RUNTIME_OF[fmt]}, not {runtime}")
     if fmt == "onnx":
-        from chita_edge.exporters import onnx_format
+        from chita_edge.exporters import onnx_format  # deferred: onnx/onnxruntime
 
         d = onnx_format.describe(p)
         requires: dict[str, Any] = {}
     else:
-        from chita_edge.exporters import tflite_format
+        from chita_edge.exporters import tflite_format  # deferred: the LiteRT stack
 
         d = tflite_format.describe(p)
         requires = d["requires"]

@@ -1,4 +1,5 @@
-"""chita_edge.budget.costmodel: units as ONNX Runtime fuses them, interpolation, caching, memory and weight accounting.
+"""The cost model (chita_edge.budget: costmodel, units, timing, memory): units as ONNX Runtime fuses them,
+interpolation, caching, memory and weight accounting.
 
 No timed assertions: timings are only checked for being measured, cached and reused.
 """
@@ -14,8 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from chita_edge.budget.costmodel import CostModel, MemoryModel, grid_widths
 from chita_edge.budget import costmodel as C
+from chita_edge.budget import memory as M
+from chita_edge.budget import timing as T
+from chita_edge.budget import units as U
+from chita_edge.budget.costmodel import CostModel, grid_widths
+from chita_edge.budget.memory import MemoryModel
 from chita_edge.graph.channels import channel_groups
 from chita_edge.graph.compact import compact_model
 from chita_edge.models.zoo import MobileNetV1, ResNet20
@@ -26,14 +31,14 @@ torch.set_num_threads(1)
 def test_units_follow_onnxruntime_fusion_on_resnet20():
     m = ResNet20().eval()
     x = torch.rand(1, 3, 32, 32)
-    g = C._trace(m, x, channel_groups(m, x))
-    units = {u.name: u for u in C._units(g)}
+    g = U.trace_graph(m, x, channel_groups(m, x))
+    units = {u.name: u for u in U.split_units(g)}
     assert units["conv1"].nodes == ("conv1", "bn1", "relu") and units["conv1"].axes == ("conv1",)
     u = units["layer1.0.conv2"]  # conv + BatchNorm + residual add + ReLU: one fused kernel
     assert u.nodes == ("layer1_0_conv2", "layer1_0_bn2", "add", "relu_2")
-    assert u.kind == C.DENSE and set(u.axes) == {"layer1.0.conv1", "conv1"}
+    assert u.kind == U.DENSE and set(u.axes) == {"layer1.0.conv1", "conv1"}
     assert units["layer2.0.downsample.0"].axes == ("conv1", "layer2.0.conv2")
-    assert units["avgpool"].kind == C.OTHER and units["fc"].axes == ("layer3.0.conv2",)
+    assert units["avgpool"].kind == U.OTHER and units["fc"].axes == ("layer3.0.conv2",)
     # identical blocks share one timing signature
     assert units["layer1.1.conv1"].signature == units["layer1.2.conv1"].signature
 
@@ -41,11 +46,11 @@ def test_units_follow_onnxruntime_fusion_on_resnet20():
 def test_depthwise_units_on_mobilenet():
     m = MobileNetV1(alpha=0.25, num_classes=10).eval()
     x = torch.rand(1, 3, 64, 64)
-    g = C._trace(m, x, channel_groups(m, x))
-    units = C._units(g)
-    dw = [u for u in units if u.kind == C.DEPTHWISE]
+    g = U.trace_graph(m, x, channel_groups(m, x))
+    units = U.split_units(g)
+    dw = [u for u in units if u.kind == U.DEPTHWISE]
     assert len(dw) == 13 and all(len(u.axes) == 1 for u in dw)
-    mod, inputs = C._build_unit(g, dw[0], {**g.sizes, dw[0].axes[0]: 4})
+    mod, inputs = U.build_unit(g, dw[0], {**g.sizes, dw[0].axes[0]: 4})
     out = mod(*inputs)
     assert out.shape[1] == 4 and len(inputs) == 1
 
@@ -57,7 +62,7 @@ def test_grid_widths():
 
 
 def test_unit_table_interpolation_is_exact_for_bilinear_costs():
-    u = C.Unit("u", C.DENSE, ("a",), ("a", "b"), "sig")
+    u = U.Unit("u", U.DENSE, ("a",), ("a", "b"), "sig")
     grid = ((4, 8, 16), (8, 32))
     f = lambda a, b: 0.01 + 0.002 * a * b  # noqa: E731
     ms = np.array([[f(a, b) for b in grid[1]] for a in grid[0]])
@@ -92,27 +97,27 @@ def test_build_times_once_and_reuses_the_cache(tmp_path, monkeypatch, fake_memor
     m = Chain().eval()
     x = torch.rand(1, 3, 4, 4)
     calls = []
-    real = C._time_file
+    real = T.time_file
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(C, "_time_file", counting)
+    monkeypatch.setattr(T, "time_file", counting)
     cm = CostModel.build(m, x, None, width_multiple=4, runs=3)
     n_first = len(calls)
     assert n_first > 0
     files = list(tmp_path.glob("layer-latency-v2-onnxruntime-t1-*.json"))
     assert len(files) == 1
     data = json.loads(files[0].read_text())
-    assert data["format"] == C.TABLE_FORMAT and len(data["entries"]) == n_first - 2  # + the two node chains
+    assert data["format"] == T.TABLE_FORMAT and len(data["entries"]) == n_first - 2  # + the two node chains
     assert all(ms >= 0 and nodes >= 1 for ms, nodes in data["entries"].values())
     assert data["overhead_ms"] > 0 and data["node_ms"] >= 0
 
     def boom(*a, **k):
         raise AssertionError("timed again although cached")
 
-    monkeypatch.setattr(C, "_time_file", boom)
+    monkeypatch.setattr(T, "time_file", boom)
     cm2 = CostModel.build(m, x, None, width_multiple=4, runs=3)
     p1, p2 = cm.predict({"c1": 8, "c2": 4}), cm2.predict({"c1": 8, "c2": 4})
     assert p1.host_ms - cm.overhead_ms == pytest.approx(p2.host_ms - cm2.overhead_ms)
@@ -123,7 +128,7 @@ def test_build_times_once_and_reuses_the_cache(tmp_path, monkeypatch, fake_memor
 
 def test_weights_activations_and_file_size(tmp_path, monkeypatch, fake_memory):
     monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(C, "_time_file", lambda *a, **k: (0.01, 1))
+    monkeypatch.setattr(T, "time_file", lambda *a, **k: (0.01, 1))
     m = Chain().eval()
     x = torch.rand(1, 3, 4, 4)
     cm = CostModel.build(m, x, None, width_multiple=4, runs=1)
@@ -148,15 +153,15 @@ def test_weights_activations_and_file_size(tmp_path, monkeypatch, fake_memory):
     p = cm.predict({})
     fc, conv, largest, _ = cm.weight_bytes({}, split=True)
     assert fc == 4 * (5 * 128 + 5) and fc + conv == wb and largest == 4 * (16 * 27 + 16)
-    assert p.memory_mb == pytest.approx(3.0 + 2.0 * fc / C.MiB + 2.5 * conv / C.MiB + 1.5 * largest / C.MiB
-                                        + 2.0 * ab / C.MiB)
-    assert p.file_mb == pytest.approx((wb + C.FILE_OVERHEAD_BYTES * 6) / C.MiB)
+    assert p.memory_mb == pytest.approx(3.0 + 2.0 * fc / M.MiB + 2.5 * conv / M.MiB + 1.5 * largest / M.MiB
+                                        + 2.0 * ab / M.MiB)
+    assert p.file_mb == pytest.approx((wb + C.FILE_OVERHEAD_BYTES * 6) / M.MiB)
     assert p.latency_ms == pytest.approx(p.host_ms)  # no profile: the host figure
 
 
 def test_device_latency_uses_the_profile_fit(tmp_path, monkeypatch, fake_memory):
     monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(C, "_time_file", lambda *a, **k: (0.02, 1))
+    monkeypatch.setattr(T, "time_file", lambda *a, **k: (0.02, 1))
     cm = CostModel.build(Chain().eval(), torch.rand(1, 3, 4, 4), None, width_multiple=4, runs=1)
 
     class Fit:
@@ -175,15 +180,15 @@ def test_device_latency_uses_the_profile_fit(tmp_path, monkeypatch, fake_memory)
 
 def test_op_mix_anchor_moves_the_dense_share_with_widths(tmp_path, monkeypatch, fake_memory):
     monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(C, "_time_file", lambda *a, **k: (0.02, 1))
+    monkeypatch.setattr(T, "time_file", lambda *a, **k: (0.02, 1))
     cm = CostModel.build(Chain().eval(), torch.rand(1, 3, 4, 4), None, width_multiple=4, runs=1)
     for t in cm.tables:  # raw profiled time: dense units scale with the product of their widths, others fixed
-        if t.unit.kind == C.DENSE:
+        if t.unit.kind == U.DENSE:
             t.raw = np.array([[0.001 * np.prod(c) for c in itertools.product(*t.grid)]]).reshape(t.ms.shape)
         else:
             t.raw = np.full(t.ms.shape, 0.002)
-    D = lambda w: sum(t.at(w, raw=True) for t in cm.tables if t.unit.kind == C.DENSE)  # noqa: E731
-    Oth = lambda w: sum(t.at(w, raw=True) for t in cm.tables if t.unit.kind != C.DENSE)  # noqa: E731
+    D = lambda w: sum(t.at(w, raw=True) for t in cm.tables if t.unit.kind == U.DENSE)  # noqa: E731
+    Oth = lambda w: sum(t.at(w, raw=True) for t in cm.tables if t.unit.kind != U.DENSE)  # noqa: E731
     full, small = dict(cm.sizes), {"c1": 4, "c2": 4}
     assert cm.host_latency({})[1] == pytest.approx(D(full) / (D(full) + Oth(full)))
     anchored = cm.with_op_mix(0.8)
@@ -213,15 +218,15 @@ def test_memory_model_fit_recovers_the_coefficients(tmp_path, monkeypatch):
         f, c, l_, a = series[str(p)]
         return {"peak_memory_mb": 3.5 + 1.8 * f + 2.0 * c + 2.5 * l_ + 2.1 * a}
 
-    monkeypatch.setattr(C, "_memory_series", fake_series)
+    monkeypatch.setattr(M, "_memory_series", fake_series)
     monkeypatch.setattr("chita_edge.devices.child.run_child", fake_child)
-    mm = C.memory_model(1)
+    mm = M.memory_model(1)
     assert (mm.base_mb, mm.alpha, mm.alpha_conv, mm.gamma, mm.beta) == pytest.approx((3.5, 1.8, 2.0, 2.5, 2.1),
                                                                                       rel=1e-6)
-    assert mm.predict(C.MiB, C.MiB, C.MiB, 2 * C.MiB) == pytest.approx(3.5 + 1.8 + 2.0 + 2.5 + 4.2)
+    assert mm.predict(M.MiB, M.MiB, M.MiB, 2 * M.MiB) == pytest.approx(3.5 + 1.8 + 2.0 + 2.5 + 4.2)
     # cached: a second fit does not measure
     monkeypatch.setattr("chita_edge.devices.child.run_child", lambda *a, **k: (_ for _ in ()).throw(AssertionError("again")))
-    assert C.memory_model(1).alpha == pytest.approx(1.8)
+    assert M.memory_model(1).alpha == pytest.approx(1.8)
     assert math.isfinite(mm.base_mb)
 
 
@@ -252,7 +257,7 @@ class _Block(nn.Module):
 
 def test_dropped_blocks_remove_their_units_weights_and_activations(tmp_path, monkeypatch, fake_memory):
     monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
-    monkeypatch.setattr(C, "_time_file", lambda *a, **k: (0.05, 1))
+    monkeypatch.setattr(T, "time_file", lambda *a, **k: (0.05, 1))
     m = Res().eval()
     x = torch.rand(1, 3, 8, 8)
     cm = CostModel.build(m, x, None, width_multiple=4, runs=1)

@@ -149,13 +149,13 @@ def test_sparsity_zero_leaves_the_model_unchanged(tmp_path):
 
 
 def _pipeline_prune(tmp_path, prune_fields: str):
-    from chita_edge.workflows import pipeline
+    from chita_edge.workflows import pipeline, pipeline_spec, stages
 
     (tmp_path / "pipe.yaml").write_text(
         f"name: t\nmodel: ./tiny.py:mlp\nweights: ./w.pt\ndata: digits\nprofiles: [phone-mid-sd670]\n"
         f"prune: {prune_fields}\nout: out\n")
-    spec = pipeline.load_pipeline(tmp_path / "pipe.yaml")
-    runner = pipeline.StageRunner(tmp_path / "out", {"name": "t"})
+    spec = pipeline_spec.load_pipeline(tmp_path / "pipe.yaml")
+    runner = stages.StageRunner(tmp_path / "out", {"name": "t"})
     rec = pipeline._prune_stage(spec, "phone-mid-sd670", runner, None)
     return runner.file(rec, "pruned.pt"), rec
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from chita_edge.core.errors import BadInput
-from chita_edge.workflows import pipeline
+from chita_edge.workflows import pipeline, pipeline_spec
 
 DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "workflows" / "demo.py"
 
@@ -65,14 +65,14 @@ def test_schema_errors_name_file_line_and_field(tmp_path, cli):
     assert r.code == 2 and "field 'prune'" in r.stderr and "needs 'sparsity'" in r.stderr
     p = write(tmp_path, prune="{method: magnitude, sparsity: 1.5}")
     with pytest.raises(BadInput, match=r"pipe.yaml:6: field 'prune.sparsity'"):
-        pipeline.load_pipeline(p)
+        pipeline_spec.load_pipeline(p)
     p = write(tmp_path, export="{formats: [onnx, pdf]}")
     with pytest.raises(BadInput, match=r"field 'export.formats.1'"):
-        pipeline.load_pipeline(p)
+        pipeline_spec.load_pipeline(p)
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path):
-    spec = pipeline.load_pipeline(write(tmp_path))
+    spec = pipeline_spec.load_pipeline(write(tmp_path))
     assert spec.out == str(tmp_path / "out") and spec.profiles == [str(tmp_path / "tiny-board.yaml")]
 
 

@@ -14,10 +14,12 @@ from typing import Any
 
 from torch import nn
 
-from chita_edge.budget.costmodel import Prediction, nchwc_block
+from chita_edge.budget.costmodel import Prediction
+from chita_edge.budget.timing import nchwc_block
 from chita_edge.core.errors import BadInput
 from chita_edge.devices.profiles import Budgets, Profile
 from chita_edge.pruning.channels import StructuredConfig, allowed_widths
+from chita_edge.pruning.defaults import DEFAULTS
 
 Progress = Callable[[str, int, int], None]
 
@@ -32,10 +34,10 @@ class BudgetConfig:
 
     method: str = "chita"
     structure: str = "channel"
-    stages: int = 4  # T: stages of the search (G recomputed at each)
-    n_grads: int = 500  # n: rows of G
-    fisher_batch: int = 1  # m
-    l2: float = 1e-3  # lam = l2 * n / 2
+    stages: int = DEFAULTS["search_stages"]  # stages of the search (G recomputed at each), each measured
+    n_grads: int = DEFAULTS["n_grads"]  # n: rows of G (chita-fisher)
+    fisher_batch: int = DEFAULTS["fisher_batch"]  # m
+    l2: float = DEFAULTS["l2"]  # lam = l2 * n / 2
     width_multiple: int | None = None  # None: the profile's
     channel_block: int | None = None  # widths between blocks left out (allowed_widths); None: the host's NCHWc block, 0: off
     margin: float = 0.97  # plan each resource to this fraction of its budget
@@ -56,7 +58,8 @@ class BudgetConfig:
     max_probes: int = 6  # widths per channel group at which the output divergence is measured
     probe_samples: int = 128  # calibration images for those measurements
     max_iter: int = 60
-    seed: int = 0
+    seed: int = DEFAULTS["seed"]
+    dtype: str = DEFAULTS["dtype"]  # structured CHITA's G and solve (chita-fisher)
     threads: int = 1  # host threads for timing (the benchmark's host setting)
 
     def validate(self) -> None:
@@ -87,7 +90,7 @@ class BudgetConfig:
 
     def structured(self, solver: str = "chita") -> StructuredConfig:
         return StructuredConfig(n_grads=self.n_grads, fisher_batch=self.fisher_batch, l2=self.l2, solver=solver,
-                                max_iter=self.max_iter, bn_batches=self.bn_batches, seed=self.seed)
+                                max_iter=self.max_iter, bn_batches=self.bn_batches, seed=self.seed, dtype=self.dtype)
 
 
 @dataclass

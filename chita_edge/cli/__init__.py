@@ -11,7 +11,10 @@ import threading
 
 import click
 
-from chita_edge.cli import commands  # noqa: F401  (registers the commands)
+from chita_edge.cli import (
+    commands,  # noqa: F401  (registers the commands)
+    ui,
+)
 from chita_edge.cli.app import app
 from chita_edge.core.errors import ChitaError
 
@@ -40,7 +43,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _main(argv: list[str] | None) -> None:
-    from chita_edge.cli import ui
 
     try:
         rv = app(args=argv, prog_name="chita-edge", standalone_mode=False)

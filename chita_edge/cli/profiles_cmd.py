@@ -8,6 +8,8 @@ import typer
 
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
+from chita_edge.devices.calibration import fit_profile, host_calibration
+from chita_edge.devices.profiles import dump_yaml, load_all, load_profile
 
 profiles_app = typer.Typer(help="Device profiles: list, show, validate a YAML file, calibrate this host.",
                            no_args_is_help=True)
@@ -22,7 +24,6 @@ def list_cmd(json_out: JSON = False) -> None:
 
     Example: chita-edge profiles list --json
     """
-    from chita_edge.devices.profiles import load_all
 
     profs = load_all()
     if json_out:
@@ -41,7 +42,6 @@ def show_cmd(
 
     Example: chita-edge profiles show sbc-rpi4
     """
-    from chita_edge.devices.profiles import dump_yaml, load_profile
 
     p = load_profile(profile)
     if json_out:
@@ -59,7 +59,6 @@ def validate_cmd(
 
     Example: chita-edge profiles validate my-board.yaml
     """
-    from chita_edge.devices.profiles import load_profile
 
     p = load_profile(file if file.endswith((".yaml", ".yml")) or "/" in file else f"./{file}")
     if json_out:
@@ -80,8 +79,6 @@ def calibrate_cmd(
 
     Example: chita-edge profiles calibrate sbc-rpi4 --refresh
     """
-    from chita_edge.devices.calibration import fit_profile, host_calibration
-    from chita_edge.devices.profiles import load_all, load_profile
 
     profs = [load_profile(p) for p in profile] if profile else load_all()
     with ui.progress() as cb:

@@ -10,6 +10,11 @@ import typer
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
 from chita_edge.core.errors import BadInput
+from chita_edge.workflows.demo import run_demo
+from chita_edge.workflows.pipeline import raise_if_failed, run_pipeline
+from chita_edge.workflows.pipeline_spec import load_pipeline
+from chita_edge.workflows.settings import resolve
+from chita_edge.workflows.sweep import COLUMNS, SweepConfig, run_sweep, table_rows
 
 JSON = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
@@ -55,7 +60,6 @@ def run_cmd(
 
     Example: chita-edge run examples/pipeline-digits.yaml --out runs/digits
     """
-    from chita_edge.workflows.pipeline import load_pipeline, raise_if_failed, run_pipeline
 
     spec = load_pipeline(pipeline)
     with ui.progress() as cb:
@@ -80,8 +84,6 @@ def demo_cmd(
 
     Example: chita-edge demo --out /tmp/demo
     """
-    from chita_edge.workflows.demo import run_demo
-    from chita_edge.workflows.pipeline import raise_if_failed
 
     with ui.progress() as cb:
         summary = run_demo(out, tflite=tflite, progress=cb, on_event=_event_printer(json_out))
@@ -116,14 +118,17 @@ def sweep_cmd(
     latency_fractions: Annotated[str | None, typer.Option("--latency-fractions", help="Structured: prune to these "
                                                           "fractions of the dense model's estimated p50 on each "
                                                           "profile, e.g. 0.7,0.5,0.3.")] = None,
-    method: Annotated[str, typer.Option("--method", help="Pruning method (chita++, chita, bso, magnitude, ...; "
-                                                         "with --latency-fractions: chita, l1-uniform, ...).")] = "chita++",
+    method: Annotated[str | None, typer.Option("--method", help="Pruning method (chita++, chita, bso, magnitude, ...; "
+                                                                "with --latency-fractions: chita, l1-uniform, ...; "
+                                                                "default: chita++).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="Export format: onnx or tflite.")] = "onnx",
-    grads: Annotated[int, typer.Option("--grads", help="Number of gradient rows n in G.")] = 1000,
-    stages: Annotated[int, typer.Option("--stages", help="CHITA++ stages (budget search: at most 4).")] = 25,
+    grads: Annotated[int | None, typer.Option("--grads", help="Number of gradient rows n in G (default: 1000).")] = None,
+    stages: Annotated[int | None, typer.Option("--stages", help="CHITA++ stages (default: 25).")] = None,
+    search_stages: Annotated[int | None, typer.Option("--search-stages", help="With --latency-fractions: budget "
+                                                                              "search stages (default: 4).")] = None,
     runs: Annotated[int, typer.Option("--runs", help="Timed runs per benchmark.")] = 50,
     warmup: Annotated[int, typer.Option("--warmup", help="Warm-up runs per benchmark.")] = 10,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for gradient sampling.")] = 0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for gradient sampling (default: 0).")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Keep the files here and write report.json/.md/.html "
                                                            "(one Pareto chart per device).")] = None,
     json_out: JSON = False,
@@ -133,11 +138,13 @@ def sweep_cmd(
 
     Example: chita-edge sweep zoo:mlpnet --weights mlpnet.pt --data npz:mnist.npz --profiles phone-mid-sd670,watch-a55-dual --sparsities 0.5,0.7,0.9 --out sweep
     """
-    from chita_edge.workflows.sweep import COLUMNS, SweepConfig, run_sweep, table_rows
 
+    s = resolve(flags={"method": method, "n_grads": grads, "stages": stages, "search_stages": search_stages,
+                       "seed": seed})
     cfg = SweepConfig(sparsities=_fractions(sparsities, "--sparsities"),
-                      latency_fractions=_fractions(latency_fractions, "--latency-fractions"), method=method,
-                      format=fmt, n_grads=grads, stages=stages, runs=runs, warmup=warmup, seed=seed)
+                      latency_fractions=_fractions(latency_fractions, "--latency-fractions"), method=s["method"],
+                      format=fmt, n_grads=s["n_grads"], stages=s["stages"], search_stages=s["search_stages"],
+                      runs=runs, warmup=warmup, seed=s["seed"])
     plist = [p.strip() for p in profiles.split(",") if p.strip()]
     with ui.progress() as cb:
         doc = run_sweep(model, weights, data, plist, cfg, out=out, progress=cb)

@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chita_edge.core.data import load_data
 from chita_edge.core.errors import BadInput, ChitaError, RuntimeFailure
 from chita_edge.core.io import require_file, sha256_file
+from chita_edge.devices.calibration import estimate, host_calibration
 from chita_edge.devices.child import child_args, parse_child, run_child
 from chita_edge.devices.profiles import Profile
+from chita_edge.exporters import load_session
 from chita_edge.exporters.runtime import RUNTIME_OF, detect_format, file_requirements
 
 RUNTIMES = ("onnxruntime", "litert")
@@ -161,8 +164,6 @@ def accuracy_of_file(path: str | os.PathLike, data: str, *, threads: int = 1,
     """Top-1 accuracy (percent) of an exported file on ``data``'s test set, run by its runtime."""
     import numpy as np
 
-    from chita_edge.core.data import load_data
-    from chita_edge.exporters import load_session
 
     ds = load_data(data)
     sess = load_session(path, threads, xnnpack=xnnpack)
@@ -183,7 +184,6 @@ def accuracy_of_file(path: str | os.PathLike, data: str, *, threads: int = 1,
 
 def _estimates(result: dict[str, Any], profiles: Sequence[Profile], threads: int,
                progress: Progress | None) -> dict[str, dict[str, Any]]:
-    from chita_edge.devices.calibration import estimate, host_calibration
 
     out: dict[str, dict[str, Any]] = {}
     host = None

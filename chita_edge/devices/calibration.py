@@ -34,6 +34,8 @@ from torch import nn
 
 from chita_edge.core.errors import BadInput, MissingExtra, RuntimeFailure
 from chita_edge.core.io import atomic_write_text
+from chita_edge.devices.bench_child import host_info, runtime_version
+from chita_edge.devices.child import run_child
 from chita_edge.devices.profiles import Profile, load_all
 from chita_edge.models.zoo import BasicBlock, MobileNetV1
 
@@ -172,7 +174,6 @@ class HostCalibration:
 
 def _host_fingerprint(runtime: str, version: str, threads: int, settings: dict[str, Any]) -> str:
     """Host, runtime and every calibration setting: a reduced calibration never serves as the full one."""
-    from chita_edge.devices.bench_child import host_info
 
     h = host_info()
     key = json.dumps([h["machine"], h["cpu"], h["cores"], h["system"], runtime, version, threads,
@@ -181,7 +182,6 @@ def _host_fingerprint(runtime: str, version: str, threads: int, settings: dict[s
 
 
 def _runtime_version(runtime: str) -> str:
-    from chita_edge.devices.bench_child import runtime_version
 
     v = runtime_version(runtime)
     if runtime == "litert" and v == "?":
@@ -195,13 +195,13 @@ def _export_reference(name: str, runtime: str, resolution: int, out_dir: Path) -
     module = REFERENCE_MODELS[name]().eval()
     x = torch.rand(1, 3, resolution, resolution)
     if runtime == "onnxruntime":
-        from chita_edge.exporters import onnx_format
+        from chita_edge.exporters import onnx_format  # deferred: onnx/onnxruntime
 
         path = out_dir / f"{name}.onnx"
         mp, _ = onnx_format.export(module, x)
         onnx_format.save(mp, path)
         return path
-    from chita_edge.exporters import tflite_format
+    from chita_edge.exporters import tflite_format  # deferred: the LiteRT stack
 
     path = out_dir / f"{name}.tflite"
     path.write_bytes(tflite_format.convert(module, x))
@@ -211,7 +211,6 @@ def _export_reference(name: str, runtime: str, resolution: int, out_dir: Path) -
 def host_calibration(runtime: str = "onnxruntime", threads: int = 1, *, refresh: bool = False,
                      progress: Progress | None = None) -> HostCalibration:
     """Time the reference models on this host (cached per host, runtime, threads and resolution)."""
-    from chita_edge.devices.child import run_child
 
     st = calibration_settings()
     version = _runtime_version(runtime)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from chita_edge.core.data import load_data
 from chita_edge.core.errors import BadInput, GateFailed
 from chita_edge.core.io import atomic_write_text
 from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
@@ -122,7 +123,6 @@ def run_check(path: str | os.PathLike, profile: str | Profile, *, latency_ms: fl
         raise BadInput(f"profile {prof.id} has no budgets and none was given (--latency-ms, --memory-mb, --file-mb, "
                        "--accuracy-min)")
     if data:
-        from chita_edge.core.data import load_data
 
         load_data(data)  # a bad --data fails now, not after the measurement
     result = benchmark(path, [prof] if estimate_on is None else list(estimate_on), cfg, data=data, progress=progress)

@@ -16,6 +16,7 @@ from torch import nn
 from chita_edge.core.checkpoint import read_weights
 from chita_edge.core.errors import BadInput
 from chita_edge.core.io import require_file
+from chita_edge.graph.plan import apply_plan
 from chita_edge.models.zoo import ZOO, default_prunable
 
 
@@ -107,7 +108,6 @@ def load_model(spec: str | None, weights: str | os.PathLike | None = None) -> Lo
         spec = meta["model"]
     lm = build_model(spec)
     if meta and meta.get("plan"):
-        from chita_edge.graph.plan import apply_plan
 
         apply_plan(lm.module, meta["plan"], where=str(weights))
     if sd is not None:

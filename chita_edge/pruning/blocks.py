@@ -16,6 +16,7 @@ from torch import nn
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput
 from chita_edge.pruning.channels import Progress, StructuredConfig, conv_linear, gradients, solve_groups
+from chita_edge.pruning.defaults import DEFAULTS
 from chita_edge.pruning.layers import PrunableParam, find_prunable, flatten_weights, num_weights
 from chita_edge.pruning.schedule import cubic_schedule
 from chita_edge.solvers.group_chita import Groups, coordinate_mask, group_sq_norms, select_groups
@@ -56,12 +57,13 @@ class BlockConfig:
 
     sparsity: float  # fraction of the blocked (Linear) weights set to zero
     block: tuple[int, int] = (1, 4)
-    stages: int = 5  # cubic schedule from 0.1, G recomputed at each stage
-    n_grads: int = 1000
-    fisher_batch: int = 1
-    l2: float = 1e-3
+    stages: int = DEFAULTS["stages"]  # cubic schedule from 0.1, G recomputed at each stage
+    n_grads: int = DEFAULTS["n_grads"]
+    fisher_batch: int = DEFAULTS["fisher_batch"]
+    l2: float = DEFAULTS["l2"]
     max_iter: int = 100
-    seed: int = 0
+    seed: int = DEFAULTS["seed"]
+    dtype: str = DEFAULTS["dtype"]  # G and the solve
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -80,7 +82,7 @@ def prune_blocks(model: nn.Module, data: Dataset, cfg: BlockConfig, filter_fn: C
     groups, _ = block_structure(params, model, block=cfg.block, per_layer=False)
     nb = groups.num_groups
     scfg = StructuredConfig(n_grads=cfg.n_grads, fisher_batch=cfg.fisher_batch, l2=cfg.l2, max_iter=cfg.max_iter,
-                            seed=cfg.seed, dtype="float64", bn_batches=0)
+                            seed=cfg.seed, dtype=cfg.dtype, bn_batches=0)
     alive = torch.ones(nb, dtype=torch.bool)
     stages = []
     for t, s in enumerate(cubic_schedule(cfg.sparsity, cfg.stages, 0.1)):

@@ -38,6 +38,7 @@ from chita_edge.core.errors import BadInput
 from chita_edge.graph.channels import ChannelGroupSpec, channel_groups, channel_weight_indices
 from chita_edge.graph.residual import ResidualBlock
 from chita_edge.pruning.batchnorm import reestimate_on_random_batches
+from chita_edge.pruning.defaults import DEFAULTS
 from chita_edge.pruning.gradients import collect_gradients
 from chita_edge.pruning.layers import PrunableParam, find_prunable, flatten_weights, num_weights, set_weights
 from chita_edge.solvers.chita import backsolve, objective
@@ -195,16 +196,16 @@ def alive_channels(model: nn.Module, cs: ChannelStructure) -> torch.Tensor:
 class StructuredConfig:
     """Knobs of structured CHITA (the paper's symbols where it has them)."""
 
-    n_grads: int = 500  # n: rows of G
-    fisher_batch: int = 1  # m: samples per row
-    l2: float = 1e-3  # lam = l2 * n / 2
+    n_grads: int = DEFAULTS["n_grads"]  # n: rows of G
+    fisher_batch: int = DEFAULTS["fisher_batch"]  # m: samples per row
+    l2: float = DEFAULTS["l2"]  # lam = l2 * n / 2
     solver: str = "chita"  # chita: group IHT + backsolve; bso: the given selection + backsolve; select: zero only
     max_iter: int = 60
     active_set: bool = True
     bn_batches: int = 16  # BatchNorm re-estimation after every stage (0: off)
     bn_batch_size: int = 64
-    seed: int = 0
-    dtype: str = "float32"  # G and the solve; float64 doubles time and memory
+    seed: int = DEFAULTS["seed"]
+    dtype: str = DEFAULTS["dtype"]  # G and the solve
 
     def validate(self) -> None:
         if self.solver not in SOLVERS:

@@ -21,6 +21,7 @@ from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, RuntimeFailure
 from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning.batchnorm import reestimate_if_better
+from chita_edge.pruning.defaults import DEFAULTS
 from chita_edge.pruning.gradients import check_memory, collect_gradients, gradient_memory_bytes
 from chita_edge.pruning.layers import (
     PrunableParam,
@@ -44,11 +45,11 @@ class PruneConfig:
     """Knobs of one pruning run (the paper's symbols where it has them)."""
 
     sparsity: float  # s: fraction of prunable weights set to zero
-    method: str = "chita++"
-    stages: int = 25  # T for chita++
-    n_grads: int = 1000  # n: rows of G
-    fisher_batch: int = 1  # m: samples per gradient row
-    l2: float = 0.03  # ridge; lam = l2 * n / 2 (1e-3 in the reference; 0.03 measured better, docs/benchmarks.md)
+    method: str = DEFAULTS["method"]
+    stages: int = DEFAULTS["stages"]  # T for chita++
+    n_grads: int = DEFAULTS["n_grads"]  # n: rows of G
+    fisher_batch: int = DEFAULTS["fisher_batch"]  # m: samples per gradient row
+    l2: float = DEFAULTS["l2"]  # ridge; lam = l2 * n / 2 (1e-3 in the reference; 0.03 measured better, docs/benchmarks.md)
     # a = (1/m) sum_i g_i. None: on for chita++ (its later stages start from pruned points, which are not
     # minima, so the linear term matters), off otherwise (at the dense optimum it only adds noise).
     first_order: bool | None = None
@@ -71,8 +72,8 @@ class PruneConfig:
     refit_memory_gb: float = 2.0
     prune_inert: bool = True  # weights with a zero gradient on every sample are pruned before any other
     tol: float = 1e-7
-    seed: int = 0
-    dtype: str = "float64"  # solver precision (G is collected in float32)
+    seed: int = DEFAULTS["seed"]
+    dtype: str = DEFAULTS["dtype"]  # solver precision (G is collected in float32)
     memory_budget_gb: float | None = None
 
     def validate(self) -> None:

@@ -25,6 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chita_edge.core.checkpoint import save_checkpoint
+from chita_edge.core.data import load_data
+from chita_edge.core.errors import MissingExtra
+from chita_edge.core.evaluate import accuracy
+from chita_edge.workflows.pipeline import run_pipeline
+from chita_edge.workflows.pipeline_spec import PipelineSpec
+
 PHONE, WATCH = "phone-mid-sd670", "watch-a55-dual"
 QUICK_CALIBRATION = {"CHITA_EDGE_CALIB_RUNS": "10", "CHITA_EDGE_CALIB_REPEATS": "1", "CHITA_EDGE_CALIB_WARMUP": "2",
                      "CHITA_EDGE_CALIB_MODELS": "mobilenet_v1,resnet18"}
@@ -61,9 +68,6 @@ def model_spec() -> str:
 
 def train_digits_cnn(out: Path, *, epochs: int = 12, seed: int = 0) -> dict[str, Any]:
     """Train DigitsCNN on digits (Adam, deterministic) and save a chita-edge checkpoint to ``out``."""
-    from chita_edge.core.checkpoint import save_checkpoint
-    from chita_edge.core.data import load_data
-    from chita_edge.core.evaluate import accuracy
 
     t0 = time.perf_counter()
     ds = load_data("digits")
@@ -88,8 +92,7 @@ def train_digits_cnn(out: Path, *, epochs: int = 12, seed: int = 0) -> dict[str,
 
 
 def tflite_available() -> bool:
-    from chita_edge.core.errors import MissingExtra
-    from chita_edge.exporters import tflite_format
+    from chita_edge.exporters import tflite_format  # deferred: the LiteRT stack
 
     try:
         tflite_format.stack("the demo's TFLite export")
@@ -117,7 +120,6 @@ def quick_calibration() -> Iterator[bool]:
 
 
 def demo_spec(weights: Path, out: Path, formats: list[str]) -> Any:
-    from chita_edge.workflows.pipeline import PipelineSpec
 
     return PipelineSpec.model_validate({
         "name": "digits-demo",
@@ -139,8 +141,6 @@ def run_demo(out: str | os.PathLike = "chita-edge-demo", *, tflite: bool | None 
              on_event: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train, prune for a phone and a watch, fine-tune, export, benchmark, check; returns the pipeline summary
     plus ``notes``. Does not raise on a broken budget (see ``chita_edge.workflows.pipeline.raise_if_failed``)."""
-    from chita_edge.core.errors import MissingExtra
-    from chita_edge.workflows.pipeline import run_pipeline
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()

@@ -29,8 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chita_edge.budget.config import BudgetConfig
+from chita_edge.core.checkpoint import save_checkpoint
+from chita_edge.core.data import load_data
 from chita_edge.core.errors import BadInput
-from chita_edge.core.io import atomic_write_text
+from chita_edge.core.evaluate import accuracy
+from chita_edge.core.io import atomic_write_text, sha256_file
+from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
+from chita_edge.devices.profiles import Budgets, load_profile
+from chita_edge.devices.report import pareto_svg, write_report
+from chita_edge.models.loading import check_fits, load_model
+from chita_edge.pruning.defaults import DEFAULTS
+from chita_edge.workflows.budget_jobs import prune_budget_checkpoint
+from chita_edge.workflows.export import export_checkpoint
+from chita_edge.workflows.prune import PruneConfig, prune_checkpoint
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
@@ -43,14 +55,15 @@ class SweepConfig:
 
     sparsities: tuple[float, ...] = ()
     latency_fractions: tuple[float, ...] = ()
-    method: str = "chita++"
+    method: str = DEFAULTS["method"]
     format: str = "onnx"
-    n_grads: int = 1000
-    stages: int = 25  # CHITA++ stages (sparsity mode) / search stages (budget mode, capped at 4)
+    n_grads: int = DEFAULTS["n_grads"]
+    stages: int = DEFAULTS["stages"]  # CHITA++ stages (sparsity mode)
+    search_stages: int = DEFAULTS["search_stages"]  # budget search stages (latency-fraction mode)
     runs: int = 50
     warmup: int = 10
     parity_samples: int = 200
-    seed: int = 0
+    seed: int = DEFAULTS["seed"]
 
     @property
     def mode(self) -> str:
@@ -83,11 +96,6 @@ def _ext(fmt: str) -> str:
 
 def _dense_checkpoint(model: str, weights: str | None, data: str, out: Path) -> dict[str, Any]:
     """The dense model as a chita-edge checkpoint (what the exporter reads), with its torch accuracy."""
-    from chita_edge.core.checkpoint import save_checkpoint
-    from chita_edge.core.data import load_data
-    from chita_edge.core.evaluate import accuracy
-    from chita_edge.core.io import sha256_file
-    from chita_edge.models.loading import check_fits, load_model
 
     lm = load_model(model, weights)
     ds = load_data(data)
@@ -104,7 +112,6 @@ def _dense_checkpoint(model: str, weights: str | None, data: str, out: Path) -> 
 
 def _point(profile_id: str, label: str, value: float | None, sparsity: float, bench: dict[str, Any],
            extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    from chita_edge.devices.bench import best_latency
 
     lat, prov = best_latency(bench, profile_id)
     est = (bench.get("device_estimates") or {}).get(profile_id, {})
@@ -119,7 +126,6 @@ def run_sweep(model: str, weights: str | os.PathLike | None, data: str, profiles
               *, out: str | os.PathLike | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Prune, export, benchmark and evaluate at every point of ``cfg`` for every profile; returns the JSON-able
     sweep (``points``: one row per (profile, point), dense first). ``out``: keep the files and write the report."""
-    from chita_edge.devices.profiles import load_profile
 
     cfg.validate()
     if not profiles:
@@ -129,7 +135,7 @@ def run_sweep(model: str, weights: str | os.PathLike | None, data: str, profiles
     if len(set(ids)) != len(ids):
         raise BadInput(f"--profiles: two entries name the same profile ({', '.join(ids)})")
     if cfg.format == "tflite":
-        from chita_edge.exporters import tflite_format
+        from chita_edge.exporters import tflite_format  # deferred: the LiteRT stack
 
         tflite_format.stack("sweep --format tflite")  # a missing extra fails now, not after pruning
     out_dir = Path(out).resolve() if out is not None else None
@@ -159,8 +165,6 @@ def run_sweep(model: str, weights: str | os.PathLike | None, data: str, profiles
 
 def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: SweepConfig, work: Path,
            progress: Progress | None) -> dict[str, Any]:
-    from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
-    from chita_edge.workflows.export import export_checkpoint
 
     bcfg = BenchConfig(threads=1, warmup=cfg.warmup, runs=cfg.runs)
     ext = _ext(cfg.format)
@@ -184,7 +188,6 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
     results: list[dict[str, Any]] = [dense]
     points = [_point(p.id, "dense", None, 0.0, dense) for p in profs]
     if cfg.mode == "sparsity":
-        from chita_edge.workflows.prune import PruneConfig, prune_checkpoint
 
         for s in cfg.sparsities:
             ckpt = work / f"s{s:.2f}.pt"
@@ -196,12 +199,9 @@ def _sweep(model: str, weights: str | None, data: str, profs: list[Any], cfg: Sw
                               {"torch_accuracy": r["accuracy"]}) for p in profs]
             step()
     else:
-        from chita_edge.budget.config import BudgetConfig
-        from chita_edge.devices.profiles import Budgets
-        from chita_edge.workflows.budget_jobs import prune_budget_checkpoint
 
         bm = "chita" if cfg.method in ("chita", "chita++") else cfg.method
-        bc = BudgetConfig(method=bm, n_grads=cfg.n_grads, stages=min(cfg.stages, 4), seed=cfg.seed,
+        bc = BudgetConfig(method=bm, n_grads=cfg.n_grads, stages=cfg.search_stages, seed=cfg.seed,
                           bench_runs=cfg.runs, bench_repeats=1)
         for prof in profs:
             dense_p50 = float(best_latency(dense, prof.id)[0]["p50"])
@@ -242,7 +242,6 @@ def write_sweep_report(out_dir: Path, doc: dict[str, Any], results: list[dict[st
                        profs: list[Any]) -> dict[str, str]:
     """report.json/.md/.html (``chita_edge.devices.report.write_report``) with the sweep's table and points added, and
     one accuracy-vs-latency Pareto chart per device in the HTML."""
-    from chita_edge.devices.report import pareto_svg, write_report
 
     paths = write_report(out_dir, results, profs)
     rep = json.loads(Path(paths["json"]).read_text(encoding="utf-8"))
