@@ -60,7 +60,7 @@ def file_requirements(path: str | os.PathLike) -> dict[str, Any]:
     fmt = detect_format(path)
     if fmt == "onnx":
         return {"format": "onnx", "runtime": "onnxruntime", "xnnpack": None}
-    from chita_edge.exporters import tflite_format
+    from chita_edge.exporters import tflite_format  # deferred: the LiteRT stack
 
     req = tflite_format.requirements(tflite_format.load(path))
     return {"format": "tflite", "runtime": "litert", **req}
@@ -73,10 +73,10 @@ def load_session(path: str | os.PathLike, threads: int = 1, *, xnnpack: bool | N
         raise BadInput(f"threads {threads}: expected at least 1")
     fmt = detect_format(path)
     if fmt == "onnx":
-        from chita_edge.exporters.onnx_format import OnnxSession
+        from chita_edge.exporters.onnx_format import OnnxSession  # deferred: onnx/onnxruntime
 
         return OnnxSession(path, threads)
-    from chita_edge.exporters import tflite_format
+    from chita_edge.exporters import tflite_format  # deferred: the LiteRT stack
 
     req = file_requirements(path)
     if xnnpack is None:

@@ -114,3 +114,34 @@ if __name__ == "__main__":
         r = lint_imports(stage(Path(d)))
         print(r.stdout + r.stderr)
         sys.exit(r.returncode)
+
+
+def _local_project_imports(path: Path) -> list[tuple[int, str]]:
+    import ast
+
+    src = path.read_text()
+    lines = src.splitlines()
+    found = []
+    for fn in ast.walk(ast.parse(src)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and ((node.module or "").startswith("chita_edge") or node.level):
+                    found.append((node.lineno, lines[node.lineno - 1]))
+    return found
+
+
+def test_function_local_imports_of_the_project_only_defer_a_heavy_dependency():
+    """No import hidden in a function to dodge a cycle: each one says which heavy optional dependency it defers."""
+    bad = []
+    for p in [*(ROOT / "chita_edge").rglob("*.py"), *(ROOT / "exporters").rglob("*.py")]:
+        for line, text in set(_local_project_imports(p)):
+            if not re.search(r"# deferred: .*(onnx|LiteRT|runtime)", text):
+                bad.append(f"{p.relative_to(ROOT)}:{line}: {text.strip()}")
+    assert not bad, "function-local imports of chita_edge without '# deferred: <dependency>':\n" + "\n".join(sorted(bad))
+
+
+def test_the_local_import_rule_sees_a_hidden_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def f():\n    from chita_edge.core import errors\n    from chita_edge.exporters import onnx_format"
+                 "  # deferred: onnx\n")
+    assert [ln for ln, _ in _local_project_imports(f)] == [2, 3]

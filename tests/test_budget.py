@@ -341,7 +341,7 @@ def test_cli_budget_mode_writes_a_reloadable_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "measure_model", fake_measure)
     out = tmp_path / "p.pt"
     r = run_cli("prune", spec, "--weights", weights, "--data", data, "--out", out, "--profile", "phone-mid-sd670",
-                "--latency-ms", "0.6", "--memory-mb", "64", "--width-multiple", "4", "--stages", "1",
+                "--latency-ms", "0.6", "--memory-mb", "64", "--width-multiple", "4", "--search-stages", "1",
                 "--export", tmp_path / "p.onnx", "--json")
     assert r.code == 0, r.stderr
     d = r.json()
@@ -373,7 +373,8 @@ def test_cli_missed_budget_exits_1_after_writing(tmp_path, monkeypatch):
     assert json.loads(r.stdout)["passed"] is False
     assert "latency_ms.p90 1.4 ms > 1 ms" in r.stderr
     assert seen["profile"] == "watch-a55-dual" and seen["latency_ms"] == 1.0 and seen["memory_mb"] is None
-    assert seen["cfg"].structure == "auto" and seen["cfg"].width_multiple is None and seen["cfg"].depth
+    assert seen["cfg"].structure == "channel" and seen["cfg"].depth
+    assert seen["cfg"].width_multiple == load_profile("watch-a55-dual").width_multiple  # resolved from the profile
     r = run_cli("prune", spec, "--data", data, "--out", tmp_path / "p.pt", "--profile", "watch-a55-dual",
                 "--latency-ms", "1", "--no-depth", "--json")
     assert r.code == 1 and seen["cfg"].depth is False

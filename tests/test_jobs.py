@@ -188,3 +188,53 @@ def test_the_cli_and_pipeline_yaml_write_identical_checkpoints(tmp_path, flags, 
     assert sources_a["sparsity"] == "flag" and sources_b["sparsity"] == "pipeline"
     assert sources_a["stages"] == sources_b["stages"] == "default"
     assert json.loads(json.dumps(meta_b["settings"])) == meta_b["settings"]
+
+
+def _recorder(monkeypatch, name, result):
+    seen = []
+
+    def fake(job, progress=None, **kw):
+        seen.append(job)
+        return result
+
+    monkeypatch.setattr(f"chita_edge.workflows.jobs.{name}", fake)
+    return seen
+
+
+def test_finetune_flags_build_the_job(monkeypatch, tmp_path):
+    from chita_edge.training.finetune import FinetuneConfig
+
+    res = jobs.FinetuneResult(out="o.pt", initial_accuracy=1.0, accuracy=2.0, sparsity=0.5, epochs=3,
+                              resumed_from=None, details={})
+    seen = _recorder(monkeypatch, "run_finetune", res)
+    r = run_cli("finetune", tmp_path / "p.pt", "--data", "digits", "--epochs", "3", "--lr", "0.01", "--optimizer",
+                "adam", "--distill", "--out", tmp_path / "o.pt", "--json")
+    assert r.code == 0, r.stderr
+    job = seen[-1]
+    assert job.config == FinetuneConfig(epochs=3, lr=0.01, optimizer="adam")
+    assert (job.pruned, job.out, job.distill, job.resume) == (tmp_path / "p.pt", tmp_path / "o.pt", True, False)
+    assert r.json()["accuracy"] == 2.0
+
+
+def test_export_flags_build_the_job(monkeypatch, tmp_path):
+    res = jobs.ExportResult(out="m.tflite", format="tflite", layout="sparse", quantize="none", bytes=1,
+                            parity={}, notes=[], details={})
+    seen = _recorder(monkeypatch, "run_export", res)
+    r = run_cli("export", tmp_path / "p.pt", "--out", tmp_path / "m.tflite", "--layout", "sparse",
+                "--parity-samples", "77", "--json")
+    assert r.code == 0, r.stderr
+    assert seen[-1] == jobs.ExportJob(checkpoint=tmp_path / "p.pt", out=tmp_path / "m.tflite", layout="sparse",
+                                      parity_samples=77)
+
+
+def test_check_flags_build_the_job_and_a_broken_budget_exits_1(monkeypatch, tmp_path):
+    from chita_edge.devices.bench import BenchConfig
+
+    failed = {"message": "latency_ms.p90 9 ms > 3 ms: breaks budget (measured-host)", "passed": False}
+    res = jobs.CheckResult(file="m.onnx", profile="phone-mid-sd670", passed=False, checks=[failed], details={})
+    seen = _recorder(monkeypatch, "run_check", res)
+    r = run_cli("check", tmp_path / "m.onnx", "--profile", "phone-mid-sd670", "--latency-ms", "3", "--runs", "7")
+    assert r.code == 1 and "breaks budget" in r.stderr + r.stdout
+    job = seen[-1]
+    assert (job.file, job.profile.id, job.latency_ms, job.bench) == (
+        tmp_path / "m.onnx", "phone-mid-sd670", 3.0, BenchConfig(runs=7))

@@ -57,7 +57,7 @@ def profile_onnx(path: str | os.PathLike, x: np.ndarray, *, threads: int = 1,
     """Run ``x`` ``runs`` times in a profiled ONNX Runtime session (same options as the timing session).
 
     Returns the nodes in execution order with their median time, and the arena's peak bytes."""
-    from chita_edge.exporters.onnx_format import OnnxSession
+    from chita_edge.exporters.onnx_format import OnnxSession  # deferred: onnx/onnxruntime
 
     with tempfile.TemporaryDirectory(prefix="chita-edge-prof-") as td:
         s = OnnxSession(path, threads, profile_prefix=os.path.join(td, "ort"))
@@ -83,7 +83,7 @@ def profile_onnx(path: str | os.PathLike, x: np.ndarray, *, threads: int = 1,
 
 def tflite_layers(path: str | os.PathLike) -> list[LayerCost]:
     """The ops of a .tflite file with their MACs and weight bytes (from the graph; no timing)."""
-    from chita_edge.exporters.tflite_format import stack
+    from chita_edge.exporters.tflite_format import stack  # deferred: the LiteRT stack
 
     it = stack("profiling a .tflite file").interpreter.Interpreter(model_path=str(path), num_threads=1)
     it.allocate_tensors()
@@ -114,7 +114,7 @@ def prime_runtime(runtime: str, threads: int = 1) -> bool:
     measurement; what a model costs on top is then its own. False where the runtime cannot be primed."""
     if runtime != "onnxruntime":
         return False
-    from chita_edge.exporters.onnx_format import prime
+    from chita_edge.exporters.onnx_format import prime  # deferred: onnx/onnxruntime
 
     prime(threads)
     return True

@@ -35,10 +35,11 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
                             profile: str | Profile, out: str | os.PathLike, cfg: BudgetConfig,
                             latency_ms: float | None = None, percentile: str | None = None,
                             memory_mb: float | None = None, file_mb: float | None = None,
-                            export: str | os.PathLike | None = None,
-                            progress: Progress | None = None) -> dict[str, Any]:
+                            export: str | os.PathLike | None = None, progress: Progress | None = None,
+                            settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``chita-edge prune --profile P`` does; returns the JSON-able report (``passed`` says whether every
-    budget was met when measured). Raises ``GateFailed`` before pruning when the budget is unreachable."""
+    budget was met when measured). Raises ``GateFailed`` before pruning when the budget is unreachable.
+    ``settings``: the resolved settings with their sources, recorded in the checkpoint and the result."""
     cfg.validate()
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     budgets = with_budgets(prof, latency_ms=latency_ms, percentile=percentile, memory_mb=memory_mb, file_mb=file_mb)
@@ -84,6 +85,7 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
             "input_shape": list(example.shape[1:]),
             "params_fraction": sum(p.numel() for p in res.model.parameters())
             / max(1, sum(p.numel() for p in lm.module.parameters())),
+            "settings": settings,
         }
         save_checkpoint(out, res.model.state_dict(), meta)
         exported = None
@@ -103,7 +105,7 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
             "passed": res.passed, "checks": checks, "dense_accuracy": dense_acc, "accuracy": acc,
             "params_before": sum(p.numel() for p in lm.module.parameters()),
             "params_after": sum(p.numel() for p in res.model.parameters()),
-            "out": str(out), "export": exported, "slack": cfg.slack, **d}
+            "out": str(out), "export": exported, "slack": cfg.slack, "settings": settings, **d}
 
 
 def raise_if_missed(result: dict[str, Any]) -> None:
@@ -121,7 +123,8 @@ def raise_if_missed(result: dict[str, Any]) -> None:
 
 
 def prune_blocks_checkpoint(model_spec: str, weights: str | os.PathLike | None, data: str, cfg: BlockConfig,
-                            out: str | os.PathLike, progress: Progress | None = None) -> dict[str, Any]:
+                            out: str | os.PathLike, progress: Progress | None = None,
+                            settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``chita-edge prune --structure block --sparsity S`` does: 1x4 blocks of the Linear weights."""
     cfg.validate()
     lm = load_model(model_spec, weights)
@@ -134,7 +137,7 @@ def prune_blocks_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
     meta = {"model": lm.spec, "source_weights": str(weights) if weights else None,
             "source_sha256": sha256_file(weights) if weights else None, "data": data, "method": "chita-block",
             "structure": f"block{cfg.block[0]}x{cfg.block[1]}", "sparsity": rep["sparsity"], "accuracy": acc,
-            "dense_accuracy": dense_acc, "input_shape": list(lm.input_shape or ds.input_shape)}
+            "dense_accuracy": dense_acc, "input_shape": list(lm.input_shape or ds.input_shape), "settings": settings}
     save_checkpoint(out, lm.module.state_dict(), meta)
     return {"model": lm.spec, "method": "chita-block", **rep, "accuracy": acc, "dense_accuracy": dense_acc,
-            "out": str(out), "seconds": time.perf_counter() - t0}
+            "out": str(out), "seconds": time.perf_counter() - t0, "settings": settings}

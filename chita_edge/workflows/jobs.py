@@ -130,7 +130,7 @@ def _check_combination(job: PruneJob) -> str:
         raise BadInput("--sparsity is required (or give --profile to prune to a device budget)")
     if not 0.0 <= s["sparsity"] < 1.0:
         raise BadInput(f"--sparsity {s['sparsity']}: expected a fraction in [0, 1)")
-    unused = sorted(given & {"search_stages", "width_multiple"})
+    unused = sorted(given & {"search_stages", "width_multiple", "depth"})
     if job.budgets or job.export or unused:
         raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple, --export, --search-stages and "
                        "--depth need --profile")
