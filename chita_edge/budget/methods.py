@@ -225,8 +225,9 @@ def run_stage(env: StageEnv, st: SearchState, tgt: Mapping[str, float], corr: Ma
         # Step 4: re-fit every layer to the dense model's outputs (consumers' input slices included).
         errs = layerwise_refit(model, env.dense, xcal, damp=cfg.damp, stats=env.stats)
         rec["refit_error"] = {k: round(v, 5) for k, v in errs.items()}
-    if cfg.do_bn and data is not None and cfg.bn_batches > 0:
-        reestimate_bn(model, data, env.scfg, st.stage_no)
+    if cfg.do_bn and data is not None and cfg.bn_batches > 0 and (bool((~keep).any()) or drop):
+        # never when nothing was removed; kept only where it lowers a held-out loss (the record says which)
+        rec["batchnorm"] = reestimate_bn(model, data, env.scfg, st.stage_no)
     rec.update(widths=env.cs.widths(keep), seconds=time.perf_counter() - ts, all_dropped=sorted(st.dropped))
     info.append(rec)
     log.info("stage %d: widths %s, residual blocks removed %s", st.stage_no, rec["widths"],

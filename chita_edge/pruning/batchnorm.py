@@ -73,17 +73,16 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) 
 
 
 @torch.no_grad()
-def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, samples: int, batch_size: int,
-                         seed: int, check_samples: int = 2000) -> dict[str, object] | None:
-    """Re-estimate BatchNorm statistics on ``samples`` random training inputs and keep them only if the loss on
-    ``check_samples`` other training inputs (held out from the re-estimation) drops; otherwise restore the old
-    statistics. ``None`` when the model has no BatchNorm. The report says which statistics were kept.
-
-    The re-estimation inputs are ``randperm(len(x), seed)[:samples]`` and the check inputs the next ones of the same
-    permutation (all of them again when the data set is too small to hold any out)."""
+def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, *, samples: int,
+                         batch_size: int, batches: int | None = None,
+                         check_samples: int = 2000) -> dict[str, object] | None:
+    """Re-estimate BatchNorm statistics on ``x[perm[:samples]]`` (``batches`` batches of ``batch_size``, default one
+    pass) and keep them only if the cross-entropy on the next ``check_samples`` inputs of ``perm`` -- held out from
+    the re-estimation; all of the re-estimation inputs when the data set is too small to hold any out -- drops;
+    otherwise the previous statistics are restored. ``None`` when the model has no BatchNorm. The returned record
+    says which statistics were kept and the two losses."""
     if not has_batchnorm(model):
         return None
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     order = perm[:samples]
     check = perm[samples:samples + check_samples]
     held_out = len(check) > 0
@@ -92,15 +91,15 @@ def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     was = model.training
     model.eval()
     xc, yc = x[check], y[check]
-    before_state = {k: v.clone() for k, v in model.state_dict().items()
-                    if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    before = {k: v.clone() for k, v in model.state_dict().items()
+              if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     loss_before = _loss(model, xc, yc)
-    reestimate_batchnorm(model, x, order, batch_size=batch_size)
+    reestimate_batchnorm(model, x, order, batch_size=batch_size, batches=batches)
     model.eval()
     loss_after = _loss(model, xc, yc)
     kept = loss_after < loss_before
     if not kept:
-        model.load_state_dict(before_state, strict=False)
+        model.load_state_dict(before, strict=False)
     model.train(was)
     return {"kept": "re-estimated" if kept else "previous", "loss_before": loss_before, "loss_after": loss_after,
             "check_samples": len(check), "held_out": held_out}

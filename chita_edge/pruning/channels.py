@@ -37,7 +37,7 @@ from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput
 from chita_edge.graph.channels import ChannelGroupSpec, channel_groups, channel_weight_indices
 from chita_edge.graph.residual import ResidualBlock
-from chita_edge.pruning.batchnorm import reestimate_on_random_batches
+from chita_edge.pruning.batchnorm import keyed_generator, reestimate_if_better
 from chita_edge.pruning.defaults import DEFAULTS
 from chita_edge.pruning.gradients import collect_gradients
 from chita_edge.pruning.layers import PrunableParam, find_prunable, flatten_weights, num_weights, set_weights
@@ -274,12 +274,16 @@ def solve_groups(model: nn.Module, params: list[PrunableParam] | tuple[PrunableP
     return info
 
 
-def reestimate_bn(model: nn.Module, data: Dataset, cfg: StructuredConfig, stage: int = 0) -> bool:
-    """BatchNorm running statistics re-estimated on ``cfg.bn_batches`` training batches (no-op without BN)."""
+def reestimate_bn(model: nn.Module, data: Dataset, cfg: StructuredConfig, stage: int = 0) -> dict[str, Any] | None:
+    """BatchNorm running statistics re-estimated on ``cfg.bn_batches`` random training batches after channels moved,
+    kept only if they lower the loss on training inputs held out from the re-estimation (``reestimate_if_better``).
+    None: no BatchNorm, or re-estimation off."""
     if cfg.bn_batches <= 0:
-        return False
-    return reestimate_on_random_batches(model, data.x_train, batches=cfg.bn_batches, batch_size=cfg.bn_batch_size,
-                                        seed=cfg.seed + 104729 + stage)
+        return None
+    perm = torch.randperm(len(data.x_train), generator=keyed_generator(cfg.seed + 104729 + stage, -1))
+    n = min(len(perm), cfg.bn_batches * cfg.bn_batch_size)
+    return reestimate_if_better(model, data.x_train, data.y_train, perm, samples=n, batch_size=cfg.bn_batch_size,
+                                batches=cfg.bn_batches)
 
 
 # --------------------------------------------------------------------------------------------------------------

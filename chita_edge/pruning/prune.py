@@ -333,8 +333,9 @@ def prune_weights(
         set_weights(model, params, w)
         if cfg.bn_recalibrate and bool((w != w_bar).any()):
             # kept only where it lowers the loss on training inputs it did not see (None: no BatchNorm)
-            info["batchnorm"] = reestimate_if_better(model, data.x_train, data.y_train, samples=2048, batch_size=256,
-                                                     seed=20_000 + cfg.seed + si)
+            perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(20_000 + cfg.seed + si))
+            info["batchnorm"] = reestimate_if_better(model, data.x_train, data.y_train, perm, samples=2048,
+                                                     batch_size=256)
         del G
         stages.append(info)
         if progress:

@@ -21,7 +21,7 @@ module and the per-epoch history adds the simulated-int8 test accuracy.
 The loss's distillation term is ``chita_edge.training.distill``, the augmentation ``chita_edge.training.augment``,
 the masks ``chita_edge.training.masks``.
 
-``finetune_checkpoint`` is the same on files: a pruned chita-edge checkpoint in, a checkpoint out that keeps the
+``chita_edge.workflows.finetune.finetune_checkpoint`` is the same on files: a pruned chita-edge checkpoint in, a checkpoint out that keeps the
 input's metadata (model spec, structural plan, ...) and adds the fine-tuning record.
 """
 
@@ -44,18 +44,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chita_edge.core.checkpoint import save_checkpoint
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, Interrupted
 from chita_edge.core.evaluate import accuracy
-from chita_edge.core.io import atomic_path, sha256_file
+from chita_edge.core.io import atomic_path
 from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning import batchnorm
 from chita_edge.pruning.batchnorm import keyed_generator
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.training.augment import augment_batch, default_augment
-from chita_edge.training.distill import distillation_loss, load_teacher
+from chita_edge.training.distill import distillation_loss
 from chita_edge.training.masks import _check_masks, apply_masks, masks_from_zeros
+from chita_edge.training.qat import QATModel
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,6 @@ def finetune(
     net: nn.Module = model
     qat_info: dict[str, Any] | None = None
     if cfg.qat:
-        from chita_edge.training.qat import QATModel
 
         net = QATModel(model, x[:cfg.qat_calibration], ema=cfg.qat_ema, dither=cfg.qat_dither)
         qat_info = {"points": list(net.points), "calibration": min(n, cfg.qat_calibration), "ema": cfg.qat_ema,
@@ -418,80 +417,4 @@ def finetune(
     )
 
 
-def state_path_for(out: str | os.PathLike) -> Path:
-    """Where ``finetune_checkpoint`` keeps its resumable training state: beside the output."""
-    out = Path(out)
-    return out.with_name(out.name + ".state")
-
-
-def finetune_checkpoint(
-    pruned: str | os.PathLike,
-    data: str,
-    cfg: FinetuneConfig,
-    out: str | os.PathLike,
-    *,
-    distill: bool = False,
-    teacher_weights: str | os.PathLike | None = None,
-    resume: bool = False,
-    model: str | None = None,
-    progress: Progress | None = None,
-    on_epoch: Callable[[dict[str, Any]], None] | None = None,
-) -> dict[str, Any]:
-    """What ``chita-edge finetune`` does: load a pruned checkpoint, fine-tune with its masks, write ``out``.
-
-    ``model``: the model spec, needed only when ``pruned`` is a plain state dict rather than a chita-edge checkpoint.
-
-    The training state lives in ``OUT.state`` while the run is in progress (removed on success); a state file
-    left by an interrupted run must be resumed (``resume=True``) or removed.
-    """
-    from chita_edge.core.data import load_data
-    from chita_edge.models.loading import load_model
-
-    cfg.validate()
-    src = Path(pruned)
-    out = Path(out)
-    if out.exists() and src.exists() and os.path.samefile(out, src):
-        raise BadInput(f"{out}: --out is the input checkpoint; choose another --out (the input is never overwritten)")
-    if not out.parent.exists():
-        raise BadInput(f"{out}: directory {out.parent} does not exist; choose another --out")
-    lm = load_model(model, src)
-    ds = load_data(data)
-    from chita_edge.models.loading import check_fits  # one shape/label check for every command
-
-    check_fits(lm, ds.x_train, data, (ds.y_train, ds.y_test))
-    state = state_path_for(out)
-    if state.exists() and not resume:
-        raise BadInput(f"{state}: an interrupted fine-tuning run left its state here; pass --resume to continue "
-                       f"it or remove the file to start over")
-    teacher = load_teacher(lm.spec, lm.meta, teacher_weights, str(src)) if distill else None
-    if teacher is not None and cfg.distill_weight == 0:
-        raise BadInput("--distill with distill weight 0 would not distil; give a weight in (0, 1]")
-    params = find_prunable(lm.module, lm.prunable)
-    report = finetune(lm.module, ds, cfg, masks=masks_from_zeros(lm.module, params), teacher=teacher,
-                      progress=progress, on_epoch=on_epoch, state_path=state, resume=resume)
-    meta = dict(lm.meta or {})
-    meta.pop("format", None)
-    meta.setdefault("model", lm.spec)
-    meta.setdefault("input_shape", list(lm.input_shape or ds.input_shape))
-    record = {"source": str(src), "source_sha256": sha256_file(src), "data": data, "distill": distill,
-              "teacher": str(teacher_weights or (lm.meta or {}).get("source_weights")) if distill else None,
-              "initial_accuracy": report.initial_accuracy, "accuracy": report.accuracy,
-              # the epochs' wall-clock seconds stay in the report, out of the file: equal weights and settings
-              # give equal bytes, so an export that records this file's sha256 is reproducible
-              "history": [{k: v for k, v in h.items() if k != "seconds"} for h in report.history],
-              "config": report.config, "qat": report.qat, "previous": meta.get("finetune")}
-    meta["finetune"] = record
-    if cfg.qat:  # the weights were trained for the exporters' int8; a later float fine-tune drops the flag
-        meta["qat"] = True
-    else:
-        meta.pop("qat", None)
-    meta["accuracy"] = report.accuracy
-    meta["pruned_accuracy"] = report.initial_accuracy
-    save_checkpoint(out, lm.module.state_dict(), meta)
-    state.unlink(missing_ok=True)
-    return {**report.to_dict(), "model": lm.spec, "input": str(src), "out": str(out), "data": data,
-            "distill": distill}
-
-
-__all__ = ["FinetuneConfig", "FinetuneReport", "finetune", "finetune_checkpoint", "reestimate_batchnorm",
-           "state_path_for"]
+__all__ = ["FinetuneConfig", "FinetuneReport", "finetune", "reestimate_batchnorm"]

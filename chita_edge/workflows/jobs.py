@@ -31,10 +31,11 @@ from chita_edge.devices.profiles import Profile, load_profile
 from chita_edge.pruning.blocks import BlockConfig
 from chita_edge.pruning.prune import METHODS as PRUNE_METHODS
 from chita_edge.pruning.prune import PruneConfig
-from chita_edge.training.finetune import FinetuneConfig, finetune_checkpoint
+from chita_edge.training.finetune import FinetuneConfig
 from chita_edge.training.gradual import GradualConfig
 from chita_edge.workflows.budget_jobs import prune_blocks_checkpoint, prune_budget_checkpoint
 from chita_edge.workflows.export import export_checkpoint
+from chita_edge.workflows.finetune import finetune_checkpoint
 from chita_edge.workflows.prune import prune_checkpoint
 from chita_edge.workflows.settings import Resolved, resolve
 

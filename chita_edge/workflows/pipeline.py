@@ -34,8 +34,9 @@ from chita_edge.devices.gate import summary_markdown
 from chita_edge.devices.profiles import load_profile
 from chita_edge.devices.report import CSS, pareto_svg, write_report
 from chita_edge.models.loading import check_fits, load_model
-from chita_edge.training.finetune import FinetuneConfig, state_path_for
+from chita_edge.training.finetune import FinetuneConfig
 from chita_edge.workflows import jobs
+from chita_edge.workflows.finetune import state_path_for
 from chita_edge.workflows.pipeline_spec import ExportSpec, PipelineSpec
 from chita_edge.workflows.stages import Event, StageRunner, data_identity, digest
 
