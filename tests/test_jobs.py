@@ -238,3 +238,11 @@ def test_check_flags_build_the_job_and_a_broken_budget_exits_1(monkeypatch, tmp_
     job = seen[-1]
     assert (job.file, job.profile.id, job.latency_ms, job.bench) == (
         tmp_path / "m.onnx", "phone-mid-sd670", 3.0, BenchConfig(runs=7))
+
+
+def test_the_public_api_names_resolve():
+    import chita_edge
+
+    for name in chita_edge.__all__:
+        assert getattr(chita_edge, name) is not None, name
+    assert chita_edge.run_prune is jobs.run_prune and chita_edge.DEFAULTS is DEFAULTS

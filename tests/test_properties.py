@@ -129,8 +129,9 @@ def test_profile_fuzz_rejects_what_it_should():
 
 # ------------------------------------------------------------------------------------------ pipeline schema
 def _pipeline_parser():
-    mod = pytest.importorskip("chita_edge.workflows.pipeline", reason="chita_edge.workflows.pipeline (issue 7) has not landed yet")
     import tempfile
+
+    from chita_edge.workflows import pipeline_spec as mod
 
     def parse(text: str, where: str):
         with tempfile.TemporaryDirectory() as d:
