@@ -52,6 +52,17 @@ def set_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+class _Result:
+    """A job's typed result; ``details`` holds the whole report of the library call, ``to_dict`` is the --json
+    output (the typed fields over the details)."""
+
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
+                                   if f.name != "details"}}
+
+
 # ----------------------------------------------------------------------------------------------------- prune
 @dataclass(frozen=True, kw_only=True)
 class PruneJob:
@@ -75,7 +86,7 @@ class PruneJob:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneResult:
+class PruneResult(_Result):
     model: str
     method: str
     structure: str
@@ -86,11 +97,6 @@ class PruneResult:
     passed: bool  # budget mode: every budget met (measured); otherwise True
     settings: dict[str, dict[str, Any]]  # {name: {"value": v, "source": flag|pipeline|profile|default}}
     details: dict[str, Any]  # the mode's whole report
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                 if f.name != "details"}}
-        return d
 
 
 def prune_settings(*, flags: dict[str, Any] | None = None, pipeline: dict[str, Any] | None = None,
@@ -202,7 +208,7 @@ class FinetuneJob:
 
 
 @dataclass(frozen=True, kw_only=True)
-class FinetuneResult:
+class FinetuneResult(_Result):
     out: str
     initial_accuracy: float
     accuracy: float
@@ -210,10 +216,6 @@ class FinetuneResult:
     epochs: int
     resumed_from: int | None
     details: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                   if f.name != "details"}}
 
 
 def run_finetune(job: FinetuneJob, progress: Progress | None = None,
@@ -243,7 +245,7 @@ class ExportJob:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExportResult:
+class ExportResult(_Result):
     out: str
     format: str
     layout: str
@@ -252,10 +254,6 @@ class ExportResult:
     parity: dict[str, Any]
     notes: list[str]
     details: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                   if f.name != "details"}}
 
 
 def run_export(job: ExportJob, progress: Progress | None = None) -> ExportResult:
@@ -285,16 +283,12 @@ class CheckJob:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckResult:
+class CheckResult(_Result):
     file: str
     profile: str
     passed: bool
     checks: list[dict[str, Any]]
     details: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.details, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                                   if f.name != "details"}}
 
 
 def run_check(job: CheckJob, progress: Progress | None = None) -> CheckResult:
