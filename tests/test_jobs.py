@@ -109,6 +109,12 @@ def test_settings_a_budget_run_would_ignore_are_refused(captured, tmp_path, extr
     assert r.code == 2 and words in r.stderr and not captured
 
 
+def test_block_refuses_what_it_would_ignore(captured, tmp_path):
+    r = run_cli("prune", "zoo:mlpnet", "--data", "digits", "--out", tmp_path / "p.pt", "--sparsity", "0.9",
+                "--structure", "block", "--no-refit")
+    assert r.code == 2 and "--refit: not used by block pruning" in r.stderr and not captured
+
+
 def test_budget_flags_without_a_profile_are_refused(captured, tmp_path):
     r = run_cli("prune", "zoo:mlpnet", "--data", "digits", "--out", tmp_path / "p.pt", "--sparsity", "0.5",
                 "--search-stages", "3")

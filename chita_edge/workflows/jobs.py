@@ -121,7 +121,7 @@ def _check_combination(job: PruneJob) -> str:
         if job.profile is None:
             raise BadInput("--structure channel: structured pruning prunes to a device budget; give --profile "
                            "(e.g. --profile phone-mid-sd670, with --latency-ms to override its budget)")
-        unused = sorted(given & {"sparsity", "stages", "block_size", "first_order", "refit", "dtype"})
+        unused = sorted(given & {"sparsity", "stages", "block_size", "first_order", "refit"})
         if unused:
             raise BadInput(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: not used when pruning to a "
                            "device budget (--profile); the search sets the widths (use --search-stages)")
@@ -146,6 +146,10 @@ def _check_combination(job: PruneJob) -> str:
             raise BadInput(f"--method {s['method']}: block pruning is structured CHITA (chita or chita++)")
         if job.gradual is not None:
             raise BadInput("--gradual prunes unstructured; leave out --structure block")
+        unused = sorted(given & {"block_size", "first_order", "refit"})
+        if unused:
+            raise BadInput(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: not used by block pruning "
+                           "(--structure block)")
     elif s["method"] not in PRUNE_METHODS:
         raise BadInput(f"--method '{s['method']}': expected one of {', '.join(PRUNE_METHODS)}")
     return structure
