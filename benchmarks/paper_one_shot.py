@@ -44,6 +44,9 @@ def main() -> None:
     ap.add_argument("--grads", type=int, default=1000)
     ap.add_argument("--l2", type=float, default=0.03)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bn-rule", choices=("if-better", "always"), default="if-better",
+                    help="BatchNorm re-estimation after a stage: kept only where it lowers a held-out loss (the "
+                         "default), or always (the rule before 2026-12-06; an ablation)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,6 +69,7 @@ def main() -> None:
                 if method.endswith(suffix):
                     base, refit = method[: -len(suffix)], value
             cfg = PruneConfig(sparsity=s, method=base, stages=args.stages, n_grads=args.grads, l2=args.l2,
+                              bn_rule=args.bn_rule,
                               layerwise_refit=refit)
             t0 = time.perf_counter()
             rep = prune(lm.module, cfg, ds, lm.prunable)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import model_file, run_cli, shared_path, small_cnn, tiny_mlp
+from torch import nn
 
 from chita_edge.core.checkpoint import read_weights
 from chita_edge.core.data import load_data
@@ -246,3 +247,50 @@ def test_weights_of_dead_units_are_pruned_first(prune_inert):
         assert dead_out == 0 and rep.stages[0]["inert_weights"] >= 40
     else:
         assert dead_out == 40  # what the quadratic model alone does: the ridge keeps them
+
+
+def _bn_logistic(digits, *, fit: bool):
+    """BatchNorm1d (identity statistics) -> Linear over the 64 raw digit pixels; with ``fit`` the Linear is trained
+    with the statistics held at the identity, so that re-estimating them can only hurt."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, 10)).eval()
+    if fit:
+        opt = torch.optim.Adam(m[2].parameters(), lr=0.05)
+        x, y = digits.x_train, digits.y_train
+        for _ in range(200):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    return m
+
+
+def test_batchnorm_reestimation_is_kept_only_where_it_lowers_the_held_out_loss(digits):
+    from chita_edge.pruning.batchnorm import reestimate_if_better
+
+    perm = torch.randperm(len(digits.x_train), generator=torch.Generator().manual_seed(0))
+    hurt = _bn_logistic(digits, fit=True)
+    before = {k: v.clone() for k, v in hurt.state_dict().items()}
+    rec = reestimate_if_better(hurt, digits.x_train, digits.y_train, perm, samples=512, batch_size=128)
+    assert rec["kept"] == "previous" and rec["loss_after"] > rec["loss_before"] and rec["held_out"]
+    assert all(torch.equal(v, before[k]) for k, v in hurt.state_dict().items())  # restored exactly
+    forced = _bn_logistic(digits, fit=True)
+    assert reestimate_if_better(forced, digits.x_train, digits.y_train, perm, samples=512, batch_size=128,
+                                always=True)["kept"] == "re-estimated"
+    assert not torch.equal(forced[1].running_mean, before["1.running_mean"])
+    helps = _bn_logistic(digits, fit=False)  # statistics far from the data's: re-estimation helps
+    with torch.no_grad():
+        helps[1].running_mean.fill_(5.0)
+    rec = reestimate_if_better(helps, digits.x_train, digits.y_train, perm, samples=512, batch_size=128)
+    assert rec["kept"] == "re-estimated" and rec["loss_after"] < rec["loss_before"]
+    assert reestimate_if_better(nn.Linear(64, 10), digits.x_train, digits.y_train, perm, samples=8,
+                                batch_size=4) is None
+
+
+def test_each_stage_reports_which_batchnorm_statistics_it_kept(digits):
+    from conftest import tiny_cnn
+
+    m = tiny_cnn()
+    rep = prune(m, PruneConfig(sparsity=0.5, method="magnitude"), digits)
+    bn = rep.stages[0]["batchnorm"]
+    assert bn["kept"] in ("re-estimated", "previous") and bn["held_out"]
+    assert (bn["loss_after"] < bn["loss_before"]) == (bn["kept"] == "re-estimated")

@@ -74,13 +74,13 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) 
 
 @torch.no_grad()
 def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, perm: torch.Tensor, *, samples: int,
-                         batch_size: int, batches: int | None = None,
-                         check_samples: int = 2000) -> dict[str, object] | None:
+                         batch_size: int, batches: int | None = None, check_samples: int = 2000,
+                         always: bool = False) -> dict[str, object] | None:
     """Re-estimate BatchNorm statistics on ``x[perm[:samples]]`` (``batches`` batches of ``batch_size``, default one
     pass) and keep them only if the cross-entropy on the next ``check_samples`` inputs of ``perm`` -- held out from
     the re-estimation; all of the re-estimation inputs when the data set is too small to hold any out -- drops;
-    otherwise the previous statistics are restored. ``None`` when the model has no BatchNorm. The returned record
-    says which statistics were kept and the two losses."""
+    otherwise the previous statistics are restored (``always``: kept regardless, for ablations). ``None`` when the
+    model has no BatchNorm. The returned record says which statistics were kept and the two losses."""
     if not has_batchnorm(model):
         return None
     order = perm[:samples]
@@ -97,7 +97,7 @@ def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per
     reestimate_batchnorm(model, x, order, batch_size=batch_size, batches=batches)
     model.eval()
     loss_after = _loss(model, xc, yc)
-    kept = loss_after < loss_before
+    kept = always or loss_after < loss_before
     if not kept:
         model.load_state_dict(before, strict=False)
     model.train(was)

@@ -61,6 +61,7 @@ class PruneConfig:
     active_set: bool = True
     bn_recalibrate: bool = True  # after each stage that changed weights: re-estimate BatchNorm statistics, kept
     # only if they lower the loss on held-out training inputs (the stage's report says which were kept)
+    bn_rule: str = "if-better"  # "always": keep every re-estimation (the rule before; an ablation)
     safeguard: bool = True  # keep the best of {update scaled by 1, 1/2, 1/4, 0; magnitude} on training loss
     # After the last stage, re-fit every pruned Conv2d/Linear on its support so that its outputs match the dense
     # layer's on training images (layer-wise OBS reconstruction, as in OBC/SparseGPT). None: on for the
@@ -87,6 +88,8 @@ class PruneConfig:
             raise BadInput("--grads and --fisher-batch must be >= 1")
         if not self.l2 > 0:
             raise BadInput(f"--l2 {self.l2}: expected > 0")
+        if self.bn_rule not in ("if-better", "always"):
+            raise BadInput(f"bn_rule {self.bn_rule!r}: expected if-better or always")
         if self.refit_samples < 1 or not self.refit_damp > 0:
             raise BadInput("refit_samples must be >= 1 and refit_damp > 0")
 
@@ -335,7 +338,7 @@ def prune_weights(
             # kept only where it lowers the loss on training inputs it did not see (None: no BatchNorm)
             perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(20_000 + cfg.seed + si))
             info["batchnorm"] = reestimate_if_better(model, data.x_train, data.y_train, perm, samples=2048,
-                                                     batch_size=256)
+                                                     batch_size=256, always=cfg.bn_rule == "always")
         del G
         stages.append(info)
         if progress:
