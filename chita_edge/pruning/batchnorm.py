@@ -77,12 +77,13 @@ def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per
                          batch_size: int, batches: int | None = None, check_samples: int = 2000,
                          always: bool = False) -> dict[str, object] | None:
     """Re-estimate BatchNorm statistics on ``x[perm[:samples]]`` (``batches`` batches of ``batch_size``, default one
-    pass) and keep them only if the cross-entropy on the next ``check_samples`` inputs of ``perm`` -- held out from
-    the re-estimation; all of the re-estimation inputs when the data set is too small to hold any out -- drops;
+    pass; at most half of ``perm``) and keep them only if the cross-entropy on the next ``check_samples`` inputs of
+    ``perm`` -- held out from the re-estimation -- drops;
     otherwise the previous statistics are restored (``always``: kept regardless, for ablations). ``None`` when the
     model has no BatchNorm. The returned record says which statistics were kept and the two losses."""
     if not has_batchnorm(model):
         return None
+    samples = min(samples, max(1, len(perm) // 2))  # a small data set: half of it is held out for the check
     order = perm[:samples]
     check = perm[samples:samples + check_samples]
     held_out = len(check) > 0
