@@ -115,6 +115,11 @@ def test_block_refuses_what_it_would_ignore(captured, tmp_path):
     assert r.code == 2 and "--refit: not used by block pruning" in r.stderr and not captured
 
 
+def test_resume_without_gradual_is_refused(captured, tmp_path):
+    r = run_cli("prune", "zoo:mlpnet", "--data", "digits", "--out", tmp_path / "p.pt", "--sparsity", "0.5", "--resume")
+    assert r.code == 2 and "--gradual" in r.stderr and not captured
+
+
 def test_budget_flags_without_a_profile_are_refused(captured, tmp_path):
     r = run_cli("prune", "zoo:mlpnet", "--data", "digits", "--out", tmp_path / "p.pt", "--sparsity", "0.5",
                 "--search-stages", "3")

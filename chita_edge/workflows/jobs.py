@@ -133,6 +133,8 @@ def _check_combination(job: PruneJob) -> str:
     if job.profile is not None and "structure" in given:
         raise BadInput(f"--structure {structure} with --profile: only channel pruning lowers latency and memory "
                        "on dense kernels; use --structure channel, or prune to a sparsity without --profile")
+    if job.resume and job.gradual is None:
+        raise BadInput("--resume continues a --gradual run (its state beside --out); give --gradual too")
     if s["sparsity"] is None:
         raise BadInput("--sparsity is required (or give --profile to prune to a device budget)")
     if not 0.0 <= s["sparsity"] < 1.0:
