@@ -145,3 +145,13 @@ def test_the_local_import_rule_sees_a_hidden_import(tmp_path):
     f.write_text("def f():\n    from chita_edge.core import errors\n    from chita_edge.exporters import onnx_format"
                  "  # deferred: onnx\n")
     assert [ln for ln, _ in _local_project_imports(f)] == [2, 3]
+
+
+def test_every_package_is_installed():
+    """A new subpackage must be listed in pyproject.toml's packages, or a wheel leaves it out."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    real = {"chita_edge." + p.parent.relative_to(ROOT / "chita_edge").as_posix().replace("/", ".")
+            for p in (ROOT / "chita_edge").rglob("__init__.py") if p.parent != ROOT / "chita_edge"}
+    assert real | {"chita_edge", "chita_edge.exporters", "chita_edge.device_profiles"} == listed
