@@ -89,6 +89,11 @@ def load_digits_dataset() -> Dataset:
     return from_arrays("digits", {"x_train": x[tr], "y_train": y[tr], "x_test": x[te], "y_test": y[te]})
 
 
+def data_file(spec: str | None) -> str | None:
+    """The file a DATA spec reads (``npz:PATH`` -> PATH; ``digits`` and None -> None)."""
+    return spec[4:] if spec and spec.startswith("npz:") else None
+
+
 def load_data(spec: str) -> Dataset:
     """Resolve a DATA spec: ``npz:PATH`` or ``digits``."""
     if spec == "digits":

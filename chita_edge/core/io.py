@@ -6,8 +6,9 @@ import contextlib
 import errno
 import hashlib
 import os
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from chita_edge.core.errors import BadInput
@@ -41,6 +42,7 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = True) -> Iterato
     try:
         yield tmp_path
         try:
+            os.chmod(tmp_path, _mode_for(target))  # mkstemp's 0600 would otherwise replace the file's mode
             os.replace(tmp_path, target)
         except OSError as e:
             raise BadInput(f"{target}: cannot write ({e.strerror})") from None
@@ -52,6 +54,28 @@ def atomic_path(target: str | os.PathLike, *, overwrite: bool = True) -> Iterato
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask: from /proc on Linux, else read by setting it and putting it back at once."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(target: Path) -> int:
+    """The permission bits an output gets: the existing file's, else what ``open()`` would give (0666 - umask)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
@@ -81,3 +105,32 @@ def require_file(path: str | os.PathLike, what: str = "file") -> Path:
     if not os.access(p, os.R_OK):
         raise BadInput(f"{p}: {what} is not readable (permission denied)")
     return p
+
+
+Paths = Iterable[tuple[str, str | os.PathLike | None]]
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same inode when both exist (hard and symbolic links included),
+    else the same resolved path."""
+    try:
+        if os.path.exists(a) and os.path.exists(b):
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_overwrite(outputs: Paths, inputs: Paths) -> None:
+    """Raise BadInput before anything is written when an output of a command would replace one of its inputs.
+
+    ``outputs`` and ``inputs`` are ``(flag or name, path or None)`` pairs, e.g. ``[("--out", out)]`` and
+    ``[("--weights", w), ("--data", "d.npz")]``; pairs whose path is None are ignored."""
+    ins = [(name, p) for name, p in inputs if p is not None and str(p) != ""]
+    for flag, out in outputs:
+        if out is None or str(out) == "":
+            continue
+        for name, inp in ins:
+            if same_file(out, inp):
+                raise BadInput(f"{flag} {out}: is the {name} input {inp}; choose another {flag.split()[0]} "
+                               "(an input is never overwritten)")

@@ -265,10 +265,19 @@ def parse_profile(text: str, where: str) -> Profile:
         raise BadInput(msg.replace("\r", "\\r").replace("\n", "\\n")) from None  # one line, whatever the keys
 
 
+def _is_path(s: str) -> bool:
+    return s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s or Path(s).is_file()
+
+
+def profile_file(spec: str | os.PathLike | Profile | None) -> str | None:
+    """The YAML file a profile spec reads (None for a bundled id, a loaded Profile or None)."""
+    return str(spec) if isinstance(spec, (str, os.PathLike)) and _is_path(str(spec)) else None
+
+
 def load_profile(spec: str | os.PathLike) -> Profile:
     """A bundled profile by id, or a YAML file by path (anything ending in .yaml/.yml or containing a slash)."""
     s = str(spec)
-    if s.endswith((".yaml", ".yml")) or os.sep in s or "/" in s or Path(s).is_file():
+    if _is_path(s):
         p = Path(s)
         if not p.is_file():
             raise BadInput(f"{p}: profile file not found")

@@ -63,6 +63,15 @@ def _from_pt2(spec: str) -> nn.Module:
         raise BadInput(f"{path}: not a loadable torch.export program ({type(e).__name__})") from None
 
 
+def model_file(spec: str | None) -> str | None:
+    """The file a MODEL spec reads (``file.py:factory`` -> file.py, ``program.pt2``; ``zoo:NAME`` -> None)."""
+    if not spec or spec.startswith("zoo:"):
+        return None
+    if spec.endswith(".pt2"):
+        return spec
+    return spec.rpartition(":")[0] if ".py:" in spec else None
+
+
 def build_model(spec: str) -> LoadedModel:
     """Build the (untrained) model a spec names."""
     if spec.startswith("zoo:"):
