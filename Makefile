@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0          # CPU build, before anything that depends on torch
-	$(BIN)/pip install -q -e '.[dev,tflite]'
+	$(BIN)/pip install -q -e '.[dev,tflite,zoo]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -410,14 +410,20 @@ class OnnxSession:
         src: str | bytes = path if isinstance(path, bytes) else str(path)
         if isinstance(path, bytes):
             path = "<in-memory ONNX model>"
+        elif os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise BadInput(f"{path}: an empty file (0 bytes), not an ONNX model")
+        self.path = str(path)
         try:
             self._s = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         except Exception as e:
             msg = _first_line(e)
-            if "INVALID_PROTOBUF" in msg or "Protobuf parsing failed" in msg:
+            if "INVALID_PROTOBUF" in msg or "Protobuf parsing failed" in msg or "No graph was found" in msg:
                 raise BadInput(f"{path}: not a valid ONNX model ({msg})") from None
             raise RuntimeFailure(f"{path}: ONNX Runtime could not load the model ({msg})") from None
         i = self._s.get_inputs()[0]
+        if i.type not in ("tensor(float)", "tensor(float16)"):
+            raise BadInput(f"{path}: input '{i.name}' is {i.type}; chita-edge runs models that take one float32 "
+                           "(or float16) tensor")
         self.input_name = i.name
         self.dynamic_batch = bool(i.shape) and not (isinstance(i.shape[0], int) and i.shape[0] > 0)
         self.input_shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in i.shape)
@@ -437,7 +443,7 @@ class OnnxSession:
             try:
                 y = self._s.run(None, {self.input_name: xb})[0]
             except Exception as e:
-                raise RuntimeFailure(f"ONNX Runtime failed to run the model ({_first_line(e)})") from None
+                raise RuntimeFailure(f"{self.path}: ONNX Runtime failed to run the model ({_first_line(e)})") from None
             outs.append(np.asarray(y, dtype=np.float32))
         return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
 

@@ -192,7 +192,8 @@ def test_fit_on_real_rows_and_provenance_string():
     fit = fit_profile(p, host)
     assert fit.device_threads == 4 and {a.row for a in fit.anchors} == {"R43"}
     assert fit.provenance == f"estimated-device (calibrated, anchors R43:mobilenet_v2, R43:resnet18, fit error " \
-                             f"{100 * fit.fit_error:.0f} %)"
+                             f"{100 * fit.fit_error:.0f} % in-sample, {fit.band.describe()})"
+    assert fit.band.basis == "pooled" and "leave-one-out, pooled over" in fit.band.describe()  # 2 anchors: too few
     e = estimate(p, host, {"p50": 2.0, "p90": 3.0, "p99": 4.0, "mean": 2.5}, {"dense": 1.0, "basis": "time"})
     assert e["available"] and e["factor"] == pytest.approx(fit.scale)
     assert e["latency_ms"]["p90"] == pytest.approx(3.0 * fit.scale)
@@ -238,6 +239,9 @@ def test_bench_with_profiles_gives_estimates_with_provenance(tiny_onnx, tmp_path
                                         "fit error ")
     for k in ("p50", "p90", "p99", "mean"):
         assert est["latency_ms"][k] == pytest.approx(d["latency_ms"][k] * est["factor"])
+        lo, hi = est["band"]["latency_ms"][k]  # the leave-one-out error band travels with every estimate
+        assert lo < est["latency_ms"][k] < hi
+    assert est["confidence"] == "medium" and d["device_estimates"]["my-board"]["confidence"] == "medium"
     assert d["device_estimates"]["my-board"]["available"] is False
     lat, prov = best_latency(d, "my-board")
     assert prov == "measured-host" and lat == d["latency_ms"]

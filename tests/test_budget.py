@@ -559,3 +559,27 @@ def test_a_relaxed_round_that_misses_keeps_the_tightened_result(monkeypatch):
 
     assert cm.latency(widths_of(res.model, cs.specs)) == pytest.approx(calls[1])
     assert cs.widths(alive_channels(m, cs)) == res.widths
+
+
+def test_a_banded_estimate_is_planned_so_that_its_upper_edge_fits(monkeypatch):
+    """check passes a device estimate only when its band's upper edge is within budget; the search plans to that."""
+    prof = load_profile("phone-mid-sd670")
+    m = tiny_resnet()
+    data = synthetic_data(32)
+    cs = channel_structure(m, data.x_train[:1])
+    cm = FakeCostModel(cs.sizes)
+
+    def fake_measure(model, x, profile, path, **kw):  # an estimate whose band reaches 1.5x its value
+        from chita_edge.budget.costmodel import widths_of
+
+        return {"latency_ms": cm.latency(widths_of(model, cs.specs)), "memory_mb": 1.0, "file_mb": 0.1,
+                "file": str(path), "latency_band": {"low": 0.7, "high": 1.5}}
+
+    monkeypatch.setattr(search, "measure_model", fake_measure)
+    limit = 0.8 * cm.latency({})
+    budgets = with_budgets(prof, latency_ms=limit, memory_mb=100, file_mb=100)
+    cfg = BudgetConfig(method="norm-global", width_multiple=4, dense_anchor=True)
+    res = prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg, cost_model=cm)
+    assert res.budgets["latency_ms"] == limit  # the budget reported is the user's
+    assert res.passed and res.measured["latency_ms"] * 1.5 <= limit  # the upper edge fits, not only the estimate
+    assert any("upper_edge_over_budget" in r for r in res.stages)

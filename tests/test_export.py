@@ -283,7 +283,7 @@ def test_parity_failure_leaves_nothing_at_out(tiny, digits, tmp_path, monkeypatc
     from chita_edge.exporters import onnx_format
 
     real = onnx_format.OnnxSession.run
-    monkeypatch.setattr(onnx_format.OnnxSession, "run", lambda self, x, **kw: real(self, x) + 1e-3)
+    monkeypatch.setattr(onnx_format.OnnxSession, "run", lambda self, x, **kw: real(self, x) + 1.0)
     with pytest.raises(RuntimeFailure, match="parity check failed"):
         _export(tiny["mlp"], "onnx", "dense", tmp_path / "p.onnx", digits.x_test[:20])
     r = run_cli("export", tiny["mlp_ckpt"], "--out", tmp_path / "q.onnx", "--parity-samples", "20")

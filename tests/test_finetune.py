@@ -368,7 +368,7 @@ def test_cli_interrupted_run_resumes(pruned_ckpt, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ftmod, "finetune", interrupted)
     r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--out", out)
-    assert r.code == 3 and "--resume" in r.stderr and not out.exists()
+    assert r.code == 130 and "--resume" in r.stderr and not out.exists()  # interrupted: 130, as prune gives
     monkeypatch.setattr(ftmod, "finetune", real)
     r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--out", out)
     assert r.code == 2 and "--resume" in r.stderr  # a leftover state is never silently discarded

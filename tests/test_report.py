@@ -17,7 +17,15 @@ from conftest import run_cli
 from test_bench import tiny_onnx  # noqa: F401  (fixture)
 
 from chita_edge.devices.profiles import load_profile
-from chita_edge.devices.report import BAD, OK, pareto_points, render_html, render_markdown, write_report
+from chita_edge.devices.report import (
+    BAD,
+    OK,
+    UNSURE,
+    pareto_points,
+    render_html,
+    render_markdown,
+    write_report,
+)
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
@@ -34,8 +42,11 @@ def fake_result(name: str, p50: float, acc: float | None, file_mb: float, est_fa
          "provenance": "measured-host",
          "layers": [{"name": f"/layer{i}/conv", "op": "Conv", "kind": "depthwise" if i % 3 == 0 else "dense",
                      "ms": p50 / (i + 2), "param_bytes": 1024 * (i + 1), "macs": None} for i in range(20)],
-         "device_estimates": {"sbc-rpi4": {"available": True, "provenance": prov,
-                                           "latency_ms": {k: v * est_factor for k, v in lat.items()}}}}
+         "device_estimates": {"sbc-rpi4": {"available": True, "provenance": prov, "confidence": "medium",
+                                           "latency_ms": {k: v * est_factor for k, v in lat.items()},
+                                           "band": {"low": 0.8, "high": 1.25, "latency_ms": {
+                                               k: [0.8 * v * est_factor, 1.25 * v * est_factor]
+                                               for k, v in lat.items()}}}}}
     if acc is not None:
         r["accuracy"] = {"accuracy": acc, "data": "npz:cifar10.npz", "test_examples": 10000}
     return r
@@ -73,6 +84,12 @@ def test_budget_bars_are_red_when_broken_and_pareto_needs_two_accuracies(tmp_pat
     assert f"fill='{BAD}'" in html and "Accuracy vs latency" not in html
     fast = render_html([fake_result("fast.onnx", 1.0, None, 1.0)], [prof])
     assert f"fill='{BAD}'" not in fast and f"fill='{OK}'" in fast
+    # the estimate's error band is drawn; a budget inside it is neither green nor red
+    assert "class='errorbar'" in fast and re.search(r"\(\d+ %, band [\d.]+–[\d.]+\)", fast)
+    mid = fake_result("mid.onnx", 9.0, None, 1.0)  # p90 ~105 ms on the Pi, band ~84-131 ms vs 100 ms
+    html = render_html([mid], [prof])
+    assert f"fill='{UNSURE}'" in html and f"fill='{BAD}'" not in html
+    assert "**UNCERTAIN**" in render_markdown([mid], [prof])
     assert "**FAIL**" in render_markdown([slow], [prof])
 
 

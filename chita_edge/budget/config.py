@@ -16,7 +16,7 @@ from torch import nn
 
 from chita_edge.budget.costmodel import Prediction
 from chita_edge.budget.timing import nchwc_block
-from chita_edge.core.errors import BadInput
+from chita_edge.core.errors import BadInput, check_finite, check_seed
 from chita_edge.devices.profiles import Budgets, Profile
 from chita_edge.pruning.channels import StructuredConfig, allowed_widths
 from chita_edge.pruning.defaults import DEFAULTS
@@ -41,7 +41,7 @@ class BudgetConfig:
     width_multiple: int | None = None  # None: the profile's
     channel_block: int | None = None  # widths between blocks left out (allowed_widths); None: the host's NCHWc block, 0: off
     margin: float = 0.97  # plan each resource to this fraction of its budget
-    slack: float = 0.05  # a measurement within budget * (1 + slack) meets the budget
+    slack: float = 0.0  # a measurement within budget * (1 + slack) meets the budget (0: check's strict rule)
     verify: bool = True  # export + benchmark the result (and tighten on a miss)
     dense_anchor: bool = True  # with verify: measure the dense model first and correct the cost model by it
     max_tighten: int = 2
@@ -63,6 +63,8 @@ class BudgetConfig:
     threads: int = 1  # host threads for timing (the benchmark's host setting)
 
     def validate(self) -> None:
+        check_finite(self, {"l2": "--l2"})
+        check_seed(self.seed)
         if self.method not in METHODS:
             raise BadInput(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
         if self.structure not in STRUCTURES:

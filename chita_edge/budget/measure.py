@@ -39,5 +39,6 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
     return {"latency_ms": statistics.median(lats), "host_latency_ms": statistics.median(hosts),
             "memory_mb": statistics.median(mems), "file_mb": float(res["file_mb"]), "percentile": percentile,
             "dense_fraction": statistics.median(dens) if dens else None,
+            "latency_band": est.get("band"),  # the estimate's error band (factors), for check's rule in prune
             "latency_provenance": prov, "repeats": repeats, "runs": runs, "latency_samples": lats,
             "memory_samples": mems, "file": str(path)}

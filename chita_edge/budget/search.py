@@ -135,6 +135,10 @@ class _Search:
         known = set(getattr(cm, "blocks", {}) or {})
         self.blocks = [b for b in blocks if b.id in known]
         self.all_blocks = frozenset(b.id for b in self.blocks)
+        # The limits the search compares with: a budget over its estimate's error band (``check``'s rule: the band's
+        # upper edge must be within budget). 1 until the dense measurement says the latency is a banded estimate.
+        self.edge = {k: 1.0 for k in limits}
+        self.eff = dict(limits)
         self.targets = {k: limits[k] * cfg.margin for k in limits}
         self.dense_measured: dict[str, Any] | None = None
         self.floor: dict[str, float] = {}
@@ -163,19 +167,25 @@ class _Search:
             self.cm = self.cm.with_op_mix(float(dense_measured["dense_fraction"]))
             self.dense_pred = resources_of(self.cm.predict({}))
         self.dense_measured = dense_measured
+        high = ((dense_measured or {}).get("latency_band") or {}).get("high")
+        if high and "latency_ms" in self.limits:  # a device estimate: plan so that its band's upper edge fits
+            self.edge["latency_ms"] = float(high)
+            self.eff = {k: self.limits[k] / self.edge[k] for k in self.limits}
+            self.targets = {k: self.eff[k] * cfg.margin for k in self.eff}
         return {k: (dense_measured[k] / self.dense_pred[k]) if dense_measured else 1.0 for k in RESOURCES}
 
     def refuse_impossible(self, corr: Mapping[str, float]) -> None:
         """Step 2: an impossible budget fails now, naming what is reachable."""
-        limits, mult, all_blocks = self.limits, self.mult, self.all_blocks
+        limits, mult, all_blocks = self.eff, self.mult, self.all_blocks
         self.floor = floor = resources_of(self.cm.predict(min_widths(self.cs.sizes, mult), dropped=all_blocks))
         floor_c = {k: floor[k] * corr[k] for k in floor}
         impossible = [k for k in limits if floor_c[k] > limits[k] * (1 + self.cfg.slack)]
         if not impossible:
             return
         unit = {"latency_ms": "ms", "memory_mb": "MB", "file_mb": "MB"}
-        parts = [f"{k} {limits[k]:.4g} {unit[k]} is below the smallest reachable {floor_c[k]:.4g} {unit[k]}"
-                 for k in impossible]
+        parts = [f"{k} {self.limits[k]:.4g} {unit[k]}"
+                 + (f" (over the estimate's error band: {limits[k]:.4g})" if self.edge[k] != 1.0 else "")
+                 + f" is below the smallest reachable {floor_c[k]:.4g} {unit[k]}" for k in impossible]
         how = "channel pruning" + (f" and removing {len(all_blocks)} residual blocks" if all_blocks else "")
         raise GateFailed(f"budget cannot be met on {self.profile.id} by {how}: {'; '.join(parts)} (every "
                          f"channel group at its narrowest width of {mult}"
@@ -216,7 +226,7 @@ class _Search:
 
     def verify(self, label: str, c: Mapping[str, float]) -> Round:
         """Compact the model; with ``cfg.verify``, export and benchmark it and note the budgets it misses."""
-        cfg, limits, st = self.cfg, self.limits, self.st
+        cfg, limits, st = self.cfg, self.eff, self.st
         widths = self.cs.widths(st.alive)
         pred = {k: v * c[k] for k, v in resources_of(self.cm.predict(widths, dropped=frozenset(st.dropped))).items()}
         new, plan = compact_model(self.model, self.x1)
@@ -232,14 +242,15 @@ class _Search:
         missed = {k: m[k] / limits[k] for k in limits if m[k] > limits[k] * (1 + cfg.slack)}
         self.info.append({"verify": n, "kind": label, "measured": {k: m[k] for k in RESOURCES},
                           "predicted": pred, "missed": sorted(missed), "dropped": sorted(st.dropped),
-                          "measured_over_budget": {k: m[k] / limits[k] for k in limits}})
+                          "measured_over_budget": {k: m[k] / self.limits[k] for k in limits},
+                          "upper_edge_over_budget": {k: m[k] * self.edge[k] / self.limits[k] for k in limits}})
         out.update(measured=m, missed=missed)
         return out
 
     def tighten(self, res: Round, corr: dict[str, float]) -> tuple[Round, bool]:
         """Step 5: while a measurement misses its budget, correct the missed predictions and prune one more
         stage (``cfg.max_tighten`` times at most). Returns the round kept and whether it tightened."""
-        cfg, limits = self.cfg, self.limits
+        cfg, limits = self.cfg, self.eff
         best = None if res["missed"] else (res, self.snapshot())
         tightened = False
         for _ in range(cfg.max_tighten if cfg.verify else 0):
@@ -282,7 +293,7 @@ class _Search:
         budget over-pruned (the miss it corrected came from widths it no longer has): bisect the correction
         between the missing (``lo_corr``) and the met one, from the snapshot ``before`` the round, and keep the
         least pruned result that meets every budget."""
-        cfg, limits = self.cfg, self.limits
+        cfg, limits = self.cfg, self.eff
         tight = [k for k in limits if hi_corr[k] != lo_corr[k]]  # the resources this round tightened
         keys = list(hi_corr)
         for _step in range(cfg.relax_steps):
@@ -303,9 +314,9 @@ class _Search:
 
     def result(self, res: Round, tightened: bool, t0: float) -> BudgetResult:
         limits, cfg, cs, st = self.limits, self.cfg, self.cs, self.st
+        eff = self.eff
         measured, pred = res["measured"], res["pred"]
-        met = {k: (measured[k] <= limits[k] * (1 + cfg.slack)) if measured else (pred[k] <= limits[k])
-               for k in limits}
+        met = {k: (measured[k] <= eff[k] * (1 + cfg.slack)) if measured else (pred[k] <= eff[k]) for k in limits}
         self.timings["total_s"] = time.perf_counter() - t0
         gone = groups_inside(cs, st.dropped)
         widths = {g: w for g, w in cs.widths(st.alive).items() if g not in gone}

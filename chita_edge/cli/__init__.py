@@ -1,10 +1,12 @@
 """The ``chita-edge`` command line: thin commands over the library; exceptions become exit codes here only.
 
-Exit codes: 0 ok, 1 budget or accuracy gate failed, 2 bad input or usage, 3 runtime failure.
+Exit codes: 0 ok, 1 budget or accuracy gate failed, 2 bad input or usage, 3 runtime failure, 130 interrupted
+(Ctrl-C or SIGTERM; a fine-tuning run saves its state first).
 """
 
 from __future__ import annotations
 
+import errno
 import signal
 import sys
 import threading
@@ -62,6 +64,10 @@ def _main(argv: list[str] | None) -> None:
         ui.error("out of memory; use fewer gradients (--grads) or a smaller model")
         sys.exit(3)
     except Exception as e:  # last line of defence: one line, never a traceback
+        if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:  # a path the user gave (--out, --data, ...)
+            ui.error(f"{e.filename}: file name too long (a path component is over the file system's limit, "
+                     "usually 255 bytes); choose a shorter name")
+            sys.exit(2)
         ui.error(f"internal error: {type(e).__name__}: {e} (please report it)")
         sys.exit(3)
     if rv == 130:  # typer turns KeyboardInterrupt (Ctrl-C, or SIGTERM via main) into exit code 130

@@ -9,9 +9,11 @@ import typer
 
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
+from chita_edge.core.data import data_file
+from chita_edge.core.io import refuse_overwrite
 from chita_edge.devices.bench import BenchConfig, benchmark_many
 from chita_edge.devices.gate import raise_if_failed
-from chita_edge.devices.profiles import load_profile
+from chita_edge.devices.profiles import load_profile, profile_file
 from chita_edge.devices.report import write_report
 from chita_edge.workflows import jobs
 
@@ -37,6 +39,15 @@ def _cfg(runtime: str | None, threads: int | None, warmup: int, runs: int, xnnpa
                        remote_python=remote_python, ssh_options=tuple(ssh_option or ()))
 
 
+def _refuse_over_inputs(report: Path | None, junit: Path | None, files: list[Path], profiles: list[str],
+                        data: str | None) -> None:
+    """--report DIR writes DIR/report.json, .md and .html, --junit its file: none may be an input of the command."""
+    outputs = [("--report", report / f"report.{ext}") for ext in ("json", "md", "html")] if report else []
+    refuse_overwrite([*outputs, ("--junit", junit)],
+                     [*(("model", f) for f in files), *(("--profile", profile_file(p)) for p in profiles),
+                      ("--data", data_file(data))])
+
+
 def _render_bench(r: dict[str, Any]) -> None:
     lat = r["latency_ms"]
     name = Path(r["file"]).name
@@ -45,11 +56,15 @@ def _render_bench(r: dict[str, Any]) -> None:
             f"p50 {lat['p50']:.3g} / p90 {lat['p90']:.3g} / p99 {lat['p99']:.3g} ms ({r['provenance']}); "
             f"load {r['load_ms']:.0f} ms, peak memory {r['peak_memory_mb']:.3g} MB, file {r['file_mb']:.3g} MB{acc}")
     for pid, est in (r.get("device_estimates") or {}).items():
+        conf = f"; profile confidence: {est['confidence']}" if est.get("confidence") else ""
         if est.get("available"):
             e = est["latency_ms"]
-            ui.info(f"  {pid}: p50 {e['p50']:.3g} / p90 {e['p90']:.3g} ms, {est['provenance']}")
+            b = (est.get("band") or {}).get("latency_ms")
+            band = f" (band {b['p50'][0]:.3g}–{b['p50'][1]:.3g} / {b['p90'][0]:.3g}–{b['p90'][1]:.3g})" if b else \
+                " (error band unknown)"
+            ui.info(f"  {pid}: p50 {e['p50']:.3g} / p90 {e['p90']:.3g} ms{band}, {est['provenance']}{conf}")
         else:
-            ui.info(f"  {pid}: no estimate ({est['reason']})")
+            ui.info(f"  {pid}: no estimate ({est['reason']}{conf})")
 
 
 @app.command("bench")
@@ -75,6 +90,7 @@ def bench_cmd(
 
     Example: chita-edge bench model.onnx --profile sbc-rpi4 --runs 100 --report out/ --json
     """
+    _refuse_over_inputs(report, None, files, profile or [], data)
     profs = [load_profile(p) for p in profile or []]
     cfg = _cfg(runtime, threads, warmup, runs, xnnpack, remote, remote_python, ssh_option)
     with ui.progress() as cb:
@@ -104,6 +120,10 @@ def check_cmd(
     data: Annotated[str | None, typer.Option("--data", help="npz:PATH or 'digits' for --accuracy-min.")] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (one test case per budget).")] = None,
     report: Annotated[Path | None, typer.Option("--report", help="Also write report.json/.md/.html here.")] = None,
+    uncertain: Annotated[str, typer.Option("--uncertain", help="How an uncertain verdict counts (the budget inside "
+                                                               "the estimate's error band, or a device latency "
+                                                               "timed only on this host): fail (exit 1, JUnit "
+                                                               "failure) or pass (exit 0, JUnit skipped, flagged).")] = "fail",
     runtime: RUNTIME = None,
     threads: THREADS = None,
     warmup: WARMUP = 10,
@@ -114,15 +134,19 @@ def check_cmd(
     ssh_option: SSH_OPT = None,
     json_out: JSON = False,
 ) -> None:
-    """Gate a model on a profile's budgets: exit 0 when all hold, 1 when one breaks (named), 2 bad input,
-    3 runtime failure. Appends a Markdown summary to $GITHUB_STEP_SUMMARY when set.
+    """Gate a model on a profile's budgets: exit 0 when all hold, 1 when one breaks (named) or is uncertain
+    (unless --uncertain pass), 2 bad input, 3 runtime failure. A latency verdict is pass when the estimate's
+    error band lies within the budget, fail when it lies over it, uncertain otherwise; a host timing never passes
+    a device budget. Appends a Markdown summary to $GITHUB_STEP_SUMMARY when set.
 
     Example: chita-edge check model.onnx --profile watch-a55-dual --latency-ms 20 --junit budgets.xml
     """
+    _refuse_over_inputs(report, junit, [file], [profile], data)
     prof = load_profile(profile)
     cfg = _cfg(runtime, threads, warmup, runs, xnnpack, remote, remote_python, ssh_option)
     job = jobs.CheckJob(file=file, profile=prof, bench=cfg, latency_ms=latency_ms, percentile=percentile,
-                        memory_mb=memory_mb, file_mb=file_mb, accuracy_min=accuracy_min, data=data, junit=junit)
+                        memory_mb=memory_mb, file_mb=file_mb, accuracy_min=accuracy_min, data=data, junit=junit,
+                        uncertain=uncertain)
     with ui.progress() as cb:
         rep = jobs.run_check(job, progress=cb).to_dict()
     if report:
@@ -131,5 +155,6 @@ def check_cmd(
         ui.print_json(rep)
     else:
         for c in rep["checks"]:
-            ui.info(("ok    " if c["passed"] else "FAIL  ") + c["message"])
+            v = c.get("verdict") or ("pass" if c["passed"] else "fail")
+            ui.info({"pass": "ok    ", "fail": "FAIL  "}.get(v, "UNSURE ") + c["message"])
     raise_if_failed(rep)

@@ -8,6 +8,7 @@ import typer
 
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
+from chita_edge.devices.band import Band
 from chita_edge.devices.calibration import fit_profile, host_calibration
 from chita_edge.devices.profiles import dump_yaml, load_all, load_profile
 
@@ -75,7 +76,9 @@ def calibrate_cmd(
     refresh: Annotated[bool, typer.Option("--refresh", help="Re-time the reference models even if cached.")] = False,
     json_out: JSON = False,
 ) -> None:
-    """Time the reference models on this host (cached) and show each profile's host→device fit.
+    """Time the reference models on this host (cached) and show each profile's host→device fit: its in-sample
+    fit error, its leave-one-out error (each own anchor predicted by a fit without it) and the error band its
+    estimates carry.
 
     Example: chita-edge profiles calibrate sbc-rpi4 --refresh
     """
@@ -91,7 +94,25 @@ def calibrate_cmd(
     ui.info(f"host calibration ({runtime}, {threads} thread(s), {host.resolution} px): " + ", ".join(
         f"{m} {r['p50_ms']:.3g} ms (dense {100 * r['dense']:.0f} %)" for m, r in host.references.items())
         + f"; cached at {host.path}")
-    ui.table("host→device fits", ["profile", "device threads", "scale", "rho", "anchors", "fit error"],
-             [[k, f.device_threads, f"{f.scale:.3g}", f"{f.rho:.3g}", ", ".join(a.label for a in f.anchors),
-               f"{100 * f.fit_error:.0f} %"] if f else [k, "—", "—", "—", "not calibrated", "—"]
-              for k, f in fits.items()])
+    conf = {p.id: p.confidence for p in profs}
+    rho = {f"{f.rho:.3g}" for f in fits.values() if f}
+    ui.table(f"host→device fits (rho {', '.join(sorted(rho)) or '—'})",
+             ["profile", "confidence", "threads", "scale", "anchors", "fit error in-sample", "leave-one-out error (RMS)",
+              "error band"],
+             [[k, conf[k], f.device_threads, f"{f.scale:.3g}",
+               f"{len(f.anchors)}: {', '.join(dict.fromkeys(a.row for a in f.anchors))}",
+               f"{100 * f.fit_error:.0f} %", _loo_text(f.band), _band_text(f.band)] if f else
+              [k, conf[k], "—", "—", "not calibrated", "—", "—", "unknown"] for k, f in fits.items()])
+
+
+def _loo_text(band: Band | None) -> str:
+    """RMS of the profile's own held-out anchors (each predicted by a fit without it)."""
+    if band is None or band.own_rms is None:
+        return "—"
+    return f"{100 * band.own_rms:.0f} % (n={len(band.own_errors)})"
+
+
+def _band_text(band: Band | None) -> str:
+    if band is None or band.low is None or band.high is None:
+        return "unknown"
+    return f"{100 * (band.low - 1):+.0f}/{100 * (band.high - 1):+.0f} % ({band.basis})"

@@ -9,6 +9,7 @@ import typer
 
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
+from chita_edge.devices.gate import pruned_verdicts
 from chita_edge.training.finetune import FinetuneConfig
 from chita_edge.training.gradual import GradualConfig
 from chita_edge.workflows import jobs
@@ -94,11 +95,13 @@ def prune_cmd(
 
 
 def _render_budget(result: dict, out: Path) -> None:
+    rows = pruned_verdicts(result)  # check's rule: the same budgets, percentile, no slack, the error band
     ui.table(f"{result['model']} on {result['profile']} ({result['method']})",
-             ["budget", "limit", "predicted", "measured", "met"],
+             ["budget", "limit", "predicted", "value", "source", "band", "verdict"],
              [[c["budget"], f"{c['limit']:.4g} {c['unit']}", f"{c['predicted']:.4g}",
-               "-" if c["measured"] is None else f"{c['measured']:.4g}", "yes" if c["met"] else "NO"]
-              for c in result["checks"]])
+               "-" if c["measured"] is None else f"{c['measured']:.4g}", c["source"],
+               "-" if c["low"] is None else f"{c['low']:.4g}–{c['high']:.4g}",
+               c["verdict"] if c["verdict"] != "uncertain" else "UNCERTAIN"] for c in rows])
     widths = ", ".join(f"{r['group']} {r['width']}/{r['of']}" for r in result["layers"])
     acc = "" if result["accuracy"] is None else (f"accuracy {result['accuracy']:.2f} % (dense "
                                                  f"{result['dense_accuracy']:.2f} %), ")

@@ -3,10 +3,16 @@
 A chita-edge checkpoint is a dict ``{"chita_edge": meta, "state_dict": sd}`` where ``meta`` holds only
 strings, numbers, lists and dicts (the model spec, the method, the structural plan, ...), so that it loads
 with ``torch.load(path, weights_only=True)`` and ``model.load_state_dict(ckpt["state_dict"])``.
+
+``meta["tensors_sha256"]`` is the sha256 of the tensors (names, dtypes, shapes, bytes; ``tensors_sha256``),
+written at save and checked on every load: a file whose tensor bytes changed is refused as corrupted (torch's
+zip container does not check its CRCs). A plain state dict carries no hash and cannot be checked. Weights
+holding NaN or Inf are refused on load, naming the tensor.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import sys
@@ -40,7 +46,25 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         meta, sd = None, obj
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise BadInput(f"{p}: expected a state dict (names -> tensors), got {type(sd).__name__}")
+    recorded = meta.get("tensors_sha256") if meta is not None else None
+    if recorded is not None and recorded != tensors_sha256(sd):
+        raise BadInput(f"{p}: checkpoint corrupted: its tensors do not match the content hash written when it was "
+                       "saved; restore the file or write it again")
+    for name, t in sd.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise BadInput(f"{p}: tensor '{name}' holds NaN or Inf values; load finite weights (the run that "
+                           "wrote them diverged)")
     return sd, meta
+
+
+def tensors_sha256(sd: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's tensors: names (sorted), dtypes, shapes and bytes; not their storage layout."""
+    h = hashlib.sha256(b"chita-edge/tensors-v1")
+    for name in sorted(sd):
+        t = sd[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(dtype=torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _canonical(obj: Any) -> Any:
@@ -59,8 +83,8 @@ def _canonical(obj: Any) -> Any:
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Write a chita-edge checkpoint atomically (temporary file + rename)."""
-    meta = _canonical({"format": FORMAT, **meta})
     sd = {_canonical(k): v.detach().cpu().clone() for k, v in state_dict.items()}
+    meta = _canonical({"format": FORMAT, **meta, "tensors_sha256": tensors_sha256(sd)})
     buf = io.BytesIO()  # serialise in memory: a full disk then raises OSError(ENOSPC) from the plain write
     torch.save({"chita_edge": meta, "state_dict": sd}, buf)
     with atomic_path(path) as tmp:

@@ -1,10 +1,15 @@
 """Data sets: ``npz:PATH`` (x_train, y_train, x_test, y_test) or ``digits`` (scikit-learn, 8x8).
 
 uint8 images (N,H,W) or (N,H,W,C) are scaled to [0, 1] and laid out NCHW; float arrays are used as they are.
+Float inputs far outside a normalised range (beyond +-10: 0-255 pixels stored as float, a sentinel like -1e6)
+are logged as a warning naming the file, the array and the range; they are not refused, since a model may take
+raw units.
 """
 
 from __future__ import annotations
 
+import logging
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +19,8 @@ from chita_edge.core.errors import BadInput
 from chita_edge.core.io import require_file
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
+NORMALISED = 10.0  # float inputs beyond +-this are likely unscaled (0-255 pixels) or hold sentinel values
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,22 @@ def from_arrays(name: str, arrays: dict[str, np.ndarray]) -> Dataset:
         raise BadInput(f"{name}: x_train samples {tuple(xtr.shape[1:])} and x_test samples {tuple(xte.shape[1:])} differ")
     ytr = _labels(np.asarray(arrays["y_train"]), len(xtr), f"{name}: y_train")
     yte = _labels(np.asarray(arrays["y_test"]), len(xte), f"{name}: y_test")
+    for key, x in (("x_train", xtr), ("x_test", xte)):
+        if np.asarray(arrays[key]).dtype != np.uint8 and _warn_if_unscaled(f"{name}: {key}", x):
+            break
     return Dataset(name, xtr, ytr, xte, yte)
+
+
+def _warn_if_unscaled(where: str, x: torch.Tensor) -> bool:
+    """Log a warning (and return True) when float inputs lie far outside a normalised range."""
+    lo, hi = float(x.min()), float(x.max())
+    if -NORMALISED <= lo and hi <= NORMALISED:
+        return False
+    hint = ("0-255 pixels stored as float? store them as uint8 (scaled to [0, 1] on load) or divide by 255"
+            if lo >= 0 and hi <= 255 else "check the data for sentinel or unscaled values")
+    log.warning("%s: float inputs span [%.4g, %.4g], far outside a normalised range; they are used as they are "
+                "(%s)", where, lo, hi, hint)
+    return True
 
 
 def load_digits_dataset() -> Dataset:
@@ -94,15 +116,32 @@ def data_file(spec: str | None) -> str | None:
     return spec[4:] if spec and spec.startswith("npz:") else None
 
 
+def _array(z: np.lib.npyio.NpzFile, key: str, where: str) -> np.ndarray:
+    try:
+        return z[key]
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise
+        raise BadInput(f"{where}: refused: array '{key}' holds pickled Python objects (only numeric arrays are "
+                       "loaded; the objects were not unpickled)") from None
+
+
 def load_data(spec: str) -> Dataset:
     """Resolve a DATA spec: ``npz:PATH`` or ``digits``."""
     if spec == "digits":
         return load_digits_dataset()
     if spec.startswith("npz:"):
+        if not spec[4:].strip():
+            raise BadInput(f"data '{spec}': no path after 'npz:'; expected npz:PATH (an .npz file) or digits")
         path = require_file(spec[4:], "data file")
+        if not zipfile.is_zipfile(path):  # numpy would read the bytes as a pickle and suggest allow_pickle=True
+            raise BadInput(f"{path}: not a readable .npz file (not a zip archive; expected x_train, y_train, x_test, "
+                           "y_test saved with numpy.savez)")
         try:
             with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
+                arrays = {k: _array(z, k, str(path)) for k in z.files}
+        except BadInput:
+            raise
         except Exception as e:  # zip/format errors of every kind
             raise BadInput(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
         return from_arrays(str(path), arrays)

@@ -132,5 +132,5 @@ def refuse_overwrite(outputs: Paths, inputs: Paths) -> None:
             continue
         for name, inp in ins:
             if same_file(out, inp):
-                raise BadInput(f"{flag} {out}: is the {name} input {inp}; choose another {flag.split()[0]} "
+                raise BadInput(f"{flag} {out}: is the input {name} {inp}; choose another {flag.split()[0]} "
                                "(an input is never overwritten)")

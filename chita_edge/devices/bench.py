@@ -189,7 +189,7 @@ def _estimates(result: dict[str, Any], profiles: Sequence[Profile], threads: int
     host = None
     for prof in profiles:
         if prof.calibration is None:
-            out[prof.id] = {"profile": prof.id, "available": False,
+            out[prof.id] = {"profile": prof.id, "available": False, "confidence": prof.confidence,
                             "reason": f"profile {prof.id} is not calibrated: it has no calibration rows"}
             continue
         if host is None:
@@ -244,6 +244,23 @@ def best_latency(result: dict[str, Any], profile_id: str | None) -> tuple[dict[s
     if est.get("available"):
         return est["latency_ms"], est["provenance"]
     return result["latency_ms"], "measured-host"
+
+
+def latency_evidence(result: dict[str, Any], profile_id: str | None) -> dict[str, Any]:
+    """What a latency verdict for ``profile_id`` can rest on: ``source`` ``measured-device`` (no band: the
+    measurement), ``estimated-device`` (with ``band``: ``{pct: [low, high]}``, None when unknown) or
+    ``measured-host`` (this machine: it cannot pass a device budget; ``reason`` says why there is no estimate)."""
+    lat, prov = best_latency(result, profile_id)
+    if prov == "measured-device":
+        return {"source": "measured-device", "latency_ms": lat, "provenance": prov, "band": None}
+    est = (result.get("device_estimates") or {}).get(profile_id or "", {})
+    if est.get("available"):
+        return {"source": "estimated-device", "latency_ms": lat, "provenance": prov,
+                "band": (est.get("band") or {}).get("latency_ms"), "confidence": est.get("confidence")}
+    reason = est.get("reason") or (f"no device estimate was made for {Path(result.get('file', '')).name} "
+                                   f"on {profile_id}")
+    return {"source": "measured-host", "latency_ms": lat, "provenance": prov, "band": None, "reason": reason,
+            "confidence": est.get("confidence")}
 
 
 def benchmark_many(paths: Sequence[str | os.PathLike], profiles: Sequence[Profile] = (),

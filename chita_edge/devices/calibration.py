@@ -13,7 +13,13 @@ where ``dense`` is the share of the model's host time spent in dense operators (
 runtime's profiler), ``a_profile`` is each profile's scale and ``rho`` the relative weight of non-dense work,
 shared by all bundled profiles (a least-squares fit in log space over every profile's anchors). A profile
 therefore needs one anchor to be calibrated; with a depthwise-heavy and a dense anchor its own rows pin both
-terms. The fit error printed in the provenance is the RMS relative error on the profile's own anchors.
+terms. The fit error printed in the provenance is the RMS relative error on the profile's own anchors (in-sample).
+
+Every estimate also carries an out-of-sample error band (``Band``): each anchor of the pool is predicted by a fit
+without it (leave-one-out) and the band's half-width, in log space, is the 90th percentile (the next larger
+observed value) of ``|ln(estimate / published)|`` over the profile's own held-out anchors when it has at least
+``MIN_OWN_ERRORS`` of them, else over every held-out anchor of the pool (said so; widened to the profile's own
+largest held-out error); with none it is unknown (``chita_edge.devices.band``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import nn
 
 from chita_edge.core.errors import BadInput, MissingExtra, RuntimeFailure
 from chita_edge.core.io import atomic_write_text
+from chita_edge.devices.band import MIN_OWN_ERRORS, Band, band_half_width
 from chita_edge.devices.bench_child import host_info, runtime_version
 from chita_edge.devices.child import run_child
 from chita_edge.devices.profiles import Profile, load_all
@@ -341,6 +348,7 @@ class Fit:
     fit_error: float  # RMS relative error of the fit on this profile's anchors
     residuals: dict[str, float]
     pool: list[str]
+    band: Band | None = None  # out-of-sample error band (leave-one-out)
 
     def predict(self, host_ms: float, dense: float) -> float:
         return self.scale * host_ms * (dense + self.rho * (1.0 - dense))
@@ -350,8 +358,9 @@ class Fit:
 
     @property
     def provenance(self) -> str:
+        band = f", {self.band.describe()}" if self.band is not None else ""
         return (f"estimated-device (calibrated, anchors {', '.join(a.label for a in self.anchors)}, "
-                f"fit error {100 * self.fit_error:.0f} %)")
+                f"fit error {100 * self.fit_error:.0f} % in-sample{band})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"profile": self.profile, "runtime": self.runtime, "device_threads": self.device_threads,
@@ -359,7 +368,8 @@ class Fit:
                 "anchors": [{"row": a.row, "model": a.model, "kind": ANCHOR_KIND[a.model], "threads": a.threads,
                              "published_ms": a.published_ms, "target_ms": a.target_ms,
                              "residual": self.residuals[a.label]} for a in self.anchors],
-                "pool": self.pool}
+                "pool": self.pool, "loo_error": self.band.own_rms if self.band else None,
+                "band": self.band.to_dict() if self.band else None}
 
 
 def _pool_for(profile: Profile, host: HostCalibration, pool: list[Profile] | None) -> list[Anchor]:
@@ -380,7 +390,28 @@ def fit_profile(profile: Profile, host: HostCalibration, pool: list[Profile] | N
     res = {a.label: fit.predict(host.references[a.model]["p50_ms"], host.references[a.model]["dense"]) / a.target_ms - 1
            for a in mine}
     err = float(np.sqrt(np.mean(np.square(list(res.values())))))
-    return Fit(fit.profile, fit.runtime, fit.device_threads, fit.scale, rho, mine, err, res, fit.pool)
+    return Fit(fit.profile, fit.runtime, fit.device_threads, fit.scale, rho, mine, err, res, fit.pool,
+               _band(profile.id, _loo(allv, host)))
+
+
+def _band(profile_id: str, rows: list[dict[str, Any]]) -> Band:
+    own = tuple(r["error"] for r in rows if r["profile"] == profile_id and r["error"] is not None)
+    if len(own) >= MIN_OWN_ERRORS:
+        return Band("profile", band_half_width(own), len(own), own)
+    pooled = [r["error"] for r in rows if r["error"] is not None]
+    if pooled:
+        w = float(band_half_width(pooled) or 0.0)
+        w_own = max((abs(float(np.log1p(e))) for e in own), default=0.0)
+        return Band("pooled", max(w, w_own), len(pooled), own, widened=w_own > w)
+    return Band("unknown", None, 0, own)
+
+
+def error_band(profile: Profile, host: HostCalibration, pool: list[Profile] | None = None, *,
+               exclude: Anchor | None = None) -> Band:
+    """The out-of-sample error band of ``profile``'s estimates (``exclude``: leave that anchor out of the pool
+    entirely, as the coverage measurement does for the anchor it scores)."""
+    allv = [a for a in _pool_for(profile, host, pool) if a != exclude]
+    return _band(profile.id, _loo(allv, host))
 
 
 def leave_one_out(profiles: list[Profile], host: HostCalibration,
@@ -388,7 +419,10 @@ def leave_one_out(profiles: list[Profile], host: HostCalibration,
     """For every anchor of every profile: refit without it, predict it, compare with the published figure.
 
     ``fixed_rho=1.0`` gives the scalar-factor baseline (one host→device ratio per profile)."""
-    allv = [a for p in profiles for a in anchors_for(p, host.runtime, host.references)]
+    return _loo([a for p in profiles for a in anchors_for(p, host.runtime, host.references)], host, fixed_rho)
+
+
+def _loo(allv: list[Anchor], host: HostCalibration, fixed_rho: float | None = None) -> list[dict[str, Any]]:
     rows = []
     for i, a in enumerate(allv):
         rest = allv[:i] + allv[i + 1:]
@@ -415,17 +449,24 @@ def estimate(profile: Profile, host: HostCalibration, latency_ms: dict[str, floa
                f"it has no fp32 CPU row of its calibration runtime '{cal.runtime}' at "
                f"{profile.device_threads(host.runtime)} thread(s) for a reference model "
                f"({', '.join(host.references)})")
-        return {"profile": profile.id, "available": False, "reason": f"profile {profile.id} is not calibrated: {why}"}
+        return {"profile": profile.id, "available": False, "confidence": profile.confidence,
+                "reason": f"profile {profile.id} is not calibrated: {why}"}
     if op_mix and op_mix.get("basis") == host.basis:
         dense, mix_from = float(op_mix["dense"]), "measured"
     else:
         dense = float(np.mean([r["dense"] for r in host.references.values()]))
         mix_from = "assumed (mean of the reference models)"
     factor = fit.factor(dense)
+    est = {k: v * factor for k, v in latency_ms.items() if k in ("p50", "p90", "p99", "mean")}
+    band = fit.band or Band("unknown", None, 0)
+    lo, hi = band.low, band.high
     return {
         "profile": profile.id,
         "available": True,
-        "latency_ms": {k: v * factor for k, v in latency_ms.items() if k in ("p50", "p90", "p99", "mean")},
+        "latency_ms": est,
+        "band": {**band.to_dict(), "latency_ms": ({k: [v * lo, v * hi] for k, v in est.items()}
+                                                  if lo is not None and hi is not None else None)},
+        "confidence": profile.confidence,
         "factor": factor,
         "dense_fraction": dense,
         "op_mix": mix_from,

@@ -35,6 +35,16 @@ MAX_LATENCY_MS, MAX_MEMORY_MB, MAX_FILE_MB = 60_000.0, 65_536.0, 16_384.0
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """Booleans are not numbers: YAML's ``true`` is not taken as 1 for a numeric field. (A string still may
+        be: PyYAML reads ``1e3`` as one.)"""
+        kinds = set(_flatten_ann(cls.model_fields[info.field_name].annotation)) if info.field_name else set()
+        if isinstance(v, bool) and kinds & {int, float} and bool not in kinds:
+            raise ValueError("expected a number, not a boolean")
+        return v
+
 
 class Cluster(_Strict):
     cores: int = Field(ge=1, le=256, description="cores in this cluster")
@@ -150,6 +160,26 @@ class Profile(_Strict):
 
 
 # ----------------------------------------------------------------------------------------------- loading
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first at line {first}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
 def bundled_ids() -> list[str]:
     root = resources.files("chita_edge.device_profiles")
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
@@ -234,7 +264,7 @@ def _flatten_ann(ann: Any) -> list[Any]:
 def parse_profile(text: str, where: str) -> Profile:
     """Validate YAML text as a profile; every problem is a BadInput 'FILE:LINE: field F: expected ...'."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

@@ -2,7 +2,9 @@
 
 Plots (hand-written SVG, no dependency, no script): latency distribution per model, budget bars per profile,
 per-layer latency and weight size, and an accuracy-vs-latency Pareto chart when several models carry an
-accuracy. Every latency shown says where it comes from (measured-host, estimated-device (...), measured-device).
+accuracy. Every latency shown says where it comes from (measured-host, estimated-device (...), measured-device),
+and every device estimate its out-of-sample error band (error bars on the budget and Pareto charts) and the
+verdict it supports (pass, fail, uncertain: ``chita_edge.devices.gate``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import numpy as np
 from chita_edge.core.errors import BadInput
 from chita_edge.core.io import atomic_write_text
 from chita_edge.devices.bench import best_latency
+from chita_edge.devices.gate import band_text, judge, latency_check, result_word
 from chita_edge.devices.profiles import Profile
 
 PALETTE = ["#3366cc", "#dc7633", "#28a745", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d", "#d4ac0d"]
-OK, BAD = "#2e8b57", "#c0392b"
+OK, BAD, UNSURE = "#2e8b57", "#c0392b", "#d68910"
+VERDICT_COLOR = {"pass": OK, "fail": BAD, "uncertain": UNSURE}
 FONT = "font-family='Helvetica, Arial, sans-serif'"
 
 
@@ -111,21 +115,24 @@ def latency_histogram_svg(result: dict[str, Any], color: str = PALETTE[0], w: in
 
 
 def budget_rows(result: dict[str, Any], profile: Profile) -> list[dict[str, Any]]:
-    """The budget comparisons that the bars draw: (name, value, limit, provenance)."""
+    """The budget comparisons that the bars draw: name, value, limit, provenance, the estimate's band
+    (``low``/``high``, None for a measurement) and the gate's verdict (pass, fail, uncertain)."""
     b = profile.budgets
     rows = []
     if b.latency_ms is not None:
-        lat, prov = best_latency(result, profile.id)
-        pct = b.latency_ms.percentile
-        rows.append({"name": f"latency {pct}", "value": lat[pct], "limit": b.latency_ms.value, "unit": "ms",
-                     "provenance": prov})
+        c = latency_check(result, profile.id, b.latency_ms.value, b.latency_ms.percentile)
+        rows.append({"name": f"latency {b.latency_ms.percentile}", "value": c.value, "limit": c.limit, "unit": "ms",
+                     "provenance": c.provenance, "low": c.low, "high": c.high, "verdict": c.verdict, "note": c.note,
+                     "confidence": c.confidence})
     if b.peak_memory_mb is not None:
-        rows.append({"name": "peak memory", "value": result["peak_memory_mb"], "limit": b.peak_memory_mb,
-                     "unit": "MB", "provenance": "measured-device" if result.get("provenance") == "measured-device"
-                     else "measured-host"})
+        v = result["peak_memory_mb"]
+        rows.append({"name": "peak memory", "value": v, "limit": b.peak_memory_mb, "unit": "MB",
+                     "provenance": "measured-device" if result.get("provenance") == "measured-device"
+                     else "measured-host", "low": None, "high": None, "verdict": judge(v, b.peak_memory_mb)})
     if b.model_file_mb is not None:
-        rows.append({"name": "model file", "value": result["file_mb"], "limit": b.model_file_mb, "unit": "MB",
-                     "provenance": "file size"})
+        v = result["file_mb"]
+        rows.append({"name": "model file", "value": v, "limit": b.model_file_mb, "unit": "MB",
+                     "provenance": "file size", "low": None, "high": None, "verdict": judge(v, b.model_file_mb)})
     return rows
 
 
@@ -134,10 +141,10 @@ def budget_bars_svg(results: Sequence[dict[str, Any]], profile: Profile, w: int 
     rows = [(r, row) for r in results for row in budget_rows(r, profile)]
     if not rows:
         return _svg(w, 40, [f"<text x='8' y='24'>{_e(title)}: no budgets</text>"], title)
-    label_w, mr, bar_h, gap = 250, 170, 18, 8
+    label_w, mr, bar_h, gap = 210, 260, 18, 8
     h = 40 + len(rows) * (bar_h + gap) + 24
     pw = w - label_w - mr
-    maxpct = max(150.0, min(400.0, max(100 * row["value"] / row["limit"] for _, row in rows) * 1.05))
+    maxpct = max(150.0, min(400.0, max(100 * (row["high"] or row["value"]) / row["limit"] for _, row in rows) * 1.05))
 
     def X(p: float) -> float:
         return label_w + min(p, maxpct) / maxpct * pw
@@ -146,15 +153,22 @@ def budget_bars_svg(results: Sequence[dict[str, Any]], profile: Profile, w: int 
     y = 34
     for r, row in rows:
         pct = 100 * row["value"] / row["limit"]
-        color = OK if row["value"] <= row["limit"] else BAD
+        color = VERDICT_COLOR[row["verdict"]]
         label = f"{_name(r)} · {row['name']}" if len(results) > 1 else row["name"]
-        body.append(f"<text x='{label_w - 6}' y='{y + 13}' text-anchor='end'>{_e(label[:40])}</text>")
+        tip = row["provenance"] + (f"; {row['verdict']}: {row['note']}" if row.get("note") else "")
+        body.append(f"<text x='{label_w - 6}' y='{y + 13}' text-anchor='end'>{_e(label[:36])}</text>")
         body.append(f"<rect x='{label_w}' y='{y}' width='{pw}' height='{bar_h}' fill='#f0f0f0'/>")
         body.append(f"<rect x='{label_w}' y='{y}' width='{max(1.0, X(pct) - label_w):.1f}' height='{bar_h}' "
-                    f"fill='{color}'><title>{_e(row['provenance'])}</title></rect>")
+                    f"fill='{color}'><title>{_e(tip)}</title></rect>")
+        if row["low"] is not None and row["high"] is not None:  # the estimate's error bar
+            x0, x1, ym = X(100 * row["low"] / row["limit"]), X(100 * row["high"] / row["limit"]), y + bar_h / 2
+            body.append(f"<path class='errorbar' d='M{x0:.1f},{ym:.1f}H{x1:.1f}M{x0:.1f},{y + 3}V{y + bar_h - 3}"
+                        f"M{x1:.1f},{y + 3}V{y + bar_h - 3}' stroke='#222' stroke-width='1.5' fill='none'>"
+                        f"<title>error band {_fmt(row['low'])}–{_fmt(row['high'])} {row['unit']}</title></path>")
         more = "▶" if pct > maxpct else ""
+        band = f", band {_fmt(row['low'])}–{_fmt(row['high'])}" if row["low"] is not None else ""
         body.append(f"<text x='{label_w + pw + 6}' y='{y + 13}'>{_fmt(row['value'])} / {_fmt(row['limit'])} "
-                    f"{row['unit']} ({pct:.0f} %){more}</text>")
+                    f"{row['unit']} ({pct:.0f} %{band}){more}</text>")
         y += bar_h + gap
     x100 = X(100)
     body.append(f"<line x1='{x100:.1f}' y1='28' x2='{x100:.1f}' y2='{y}' stroke='#222' stroke-dasharray='4,3'/>"
@@ -214,8 +228,10 @@ def pareto_points(results: Sequence[dict[str, Any]], profile_id: str | None) -> 
         if r.get("accuracy") is None:
             continue
         lat, prov = best_latency(r, profile_id)
+        est = (r.get("device_estimates") or {}).get(profile_id or "", {})
+        band = ((est.get("band") or {}).get("latency_ms") or {}).get("p50") if prov.startswith("estimated") else None
         pts.append({"name": _name(r), "latency_ms": lat["p50"], "accuracy": r["accuracy"]["accuracy"],
-                    "provenance": prov})
+                    "provenance": prov, "low": band[0] if band else None, "high": band[1] if band else None})
     front, best = [], -math.inf
     for p in sorted(pts, key=lambda p: (p["latency_ms"], -p["accuracy"])):
         if p["accuracy"] > best:
@@ -235,7 +251,7 @@ def pareto_svg(results: Sequence[dict[str, Any]], profile_id: str | None, w: int
     ml, mr, mt, mb = 56, 24, 30, 44
     xs = [p["latency_ms"] for p in pts]
     ys = [p["accuracy"] for p in pts]
-    x0, x1 = 0.0, max(xs) * 1.1
+    x0, x1 = 0.0, max([*xs, *(p["high"] for p in pts if p["high"] is not None)]) * 1.1
     ypad = max(1.0, (max(ys) - min(ys)) * 0.15)
     y0, y1 = max(0.0, min(ys) - ypad), min(100.0, max(ys) + ypad)
     pw, ph = w - ml - mr, h - mt - mb
@@ -265,6 +281,11 @@ def pareto_svg(results: Sequence[dict[str, Any]], profile_id: str | None, w: int
         body.append(f"<path d='{d}' fill='none' stroke='{PALETTE[1]}' stroke-width='2'/>")
     for p in pts:
         c = PALETTE[1] if p["pareto"] else PALETTE[6]
+        if p["low"] is not None and p["high"] is not None:  # the estimate's error band on the latency axis
+            yy = Y(p["accuracy"])
+            body.append(f"<path class='errorbar' d='M{X(p['low']):.1f},{yy:.1f}H{X(p['high']):.1f}M{X(p['low']):.1f},"
+                        f"{yy - 4:.1f}v8M{X(p['high']):.1f},{yy - 4:.1f}v8' stroke='{c}' stroke-width='1.5' "
+                        f"fill='none'><title>error band {p['low']:.3g}–{p['high']:.3g} ms</title></path>")
         body.append(f"<circle cx='{X(p['latency_ms']):.1f}' cy='{Y(p['accuracy']):.1f}' r='5' fill='{c}'>"
                     f"<title>{_e(p['name'])}: {p['latency_ms']:.3g} ms, {p['accuracy']:.2f} % ({_e(p['provenance'])})"
                     f"</title></circle><text x='{X(p['latency_ms']) + 7:.1f}' y='{Y(p['accuracy']) - 6:.1f}' "
@@ -280,18 +301,28 @@ def _summary_rows(results: Sequence[dict[str, Any]], profiles: Sequence[Profile]
         row = [_name(r), r["runtime"], str(r["threads"]), f"{lat['p50']:.3g} / {lat['p90']:.3g} / {lat['p99']:.3g}",
                r.get("provenance", "measured-host")]
         for p in profiles:
-            est = (r.get("device_estimates") or {}).get(p.id, {})
-            row.append(f"{est['latency_ms']['p50']:.3g} / {est['latency_ms']['p90']:.3g}" if est.get("available")
-                       else "—")
+            row.append(_estimate_cell((r.get("device_estimates") or {}).get(p.id, {})))
         row += [f"{r['peak_memory_mb']:.3g}", f"{r['file_mb']:.3g}",
                 f"{r['accuracy']['accuracy']:.2f}" if r.get("accuracy") else "—"]
         rows.append(row)
     return rows
 
 
+def _estimate_cell(est: dict[str, Any]) -> str:
+    if not est.get("available"):
+        return "—"
+    e = est["latency_ms"]
+    b = (est.get("band") or {}).get("latency_ms")
+    band = f" (p90 band {b['p90'][0]:.3g}–{b['p90'][1]:.3g})" if b else " (band unknown)"
+    return f"{e['p50']:.3g} / {e['p90']:.3g}{band}"
+
+
 def _summary_header(profiles: Sequence[Profile]) -> list[str]:
     return (["model", "runtime", "threads", "host p50 / p90 / p99 ms", "provenance"]
             + [f"{p.id} est. p50 / p90 ms" for p in profiles] + ["peak MB", "file MB", "top-1 %"])
+
+
+_VERDICT_MD = {"pass": "pass", "fail": "**FAIL**", "uncertain": "**UNCERTAIN**"}
 
 
 def render_markdown(results: Sequence[dict[str, Any]], profiles: Sequence[Profile],
@@ -304,23 +335,24 @@ def render_markdown(results: Sequence[dict[str, Any]], profiles: Sequence[Profil
            "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     out += ["| " + " | ".join(row) + " |" for row in _summary_rows(results, profiles)]
     for p in profiles:
-        out += ["", f"## {p.id}: {p.name}", ""]
+        out += ["", f"## {p.id}: {p.name}", "", f"Profile confidence: **{p.confidence}**.", ""]
         for r in results:
             est = (r.get("device_estimates") or {}).get(p.id, {})
             prov = est.get("provenance") if est.get("available") else est.get("reason", "no estimate")
             out.append(f"- `{_name(r)}`: {prov}")
         rows = [(r, row) for r in results for row in budget_rows(r, p)]
         if rows:
-            out += ["", "| model | budget | value | limit | result | provenance |", "|---|---|---|---|---|---|"]
+            out += ["", "| model | budget | value | band | limit | result | provenance |",
+                    "|---|---|---|---|---|---|---|"]
             for r, row in rows:
-                ok = "pass" if row["value"] <= row["limit"] else "**FAIL**"
-                out.append(f"| {_name(r)} | {row['name']} | {_fmt(row['value'])} {row['unit']} | "
-                           f"{_fmt(row['limit'])} {row['unit']} | {ok} | {row['provenance']} |")
+                band = "—" if row["low"] is None else f"{_fmt(row['low'])}–{_fmt(row['high'])} {row['unit']}"
+                out.append(f"| {_name(r)} | {row['name']} | {_fmt(row['value'])} {row['unit']} | {band} | "
+                           f"{_fmt(row['limit'])} {row['unit']} | {_VERDICT_MD[row['verdict']]} | {row['provenance']} |")
     if checks:
-        out += ["", "## Gate", "", "| check | limit | value | result | provenance |", "|---|---|---|---|---|"]
+        out += ["", "## Gate", "", "| check | limit | value | result | band | provenance |", "|---|---|---|---|---|---|"]
         for c in checks:
             out.append(f"| {c['name']} | {c['comparison']} {c['limit']:.4g} {c['unit']} | {c['value']:.4g} {c['unit']} | "
-                       f"{'pass' if c['passed'] else '**FAIL**'} | {c['provenance']} |")
+                       f"{result_word(c)} | {band_text(c)} | {c['provenance']} |")
     pts = pareto_points(results, profiles[0].id if profiles else None)
     if len(pts) >= 2:
         out += ["", "## Accuracy vs latency", "", "| model | latency p50 ms | top-1 % | Pareto | provenance |",
@@ -344,6 +376,7 @@ CSS = """body{font-family:Helvetica,Arial,sans-serif;margin:24px;color:#222;max-
 h1{font-size:22px}h2{font-size:17px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f4f4f4}.pass{color:#2e8b57;font-weight:bold}.fail{color:#c0392b;font-weight:bold}
+.unsure{color:#d68910;font-weight:bold}
 .prov{color:#555;font-size:12px}figure{margin:12px 0}"""
 
 
@@ -360,18 +393,24 @@ def render_html(results: Sequence[dict[str, Any]], profiles: Sequence[Profile],
     parts.append("</table>")
     if checks:
         parts.append("<h2>Gate</h2><table><tr><th>check</th><th>limit</th><th>value</th><th>result</th>"
-                     "<th>provenance</th></tr>")
+                     "<th>band</th><th>provenance</th></tr>")
         for c in checks:
-            cls, word = ("pass", "pass") if c["passed"] else ("fail", "FAIL")
+            v = c.get("verdict") or ("pass" if c["passed"] else "fail")
+            cls = {"pass": "pass", "fail": "fail"}.get(v, "unsure")
+            word = result_word(c).replace("*", "")
+            note = f"<br>{_e(c['note'])}" if c.get("note") else ""
             parts.append(f"<tr><td>{_e(c['name'])}</td><td>{_e(c['comparison'])} {c['limit']:.4g} {_e(c['unit'])}</td>"
-                         f"<td>{c['value']:.4g} {_e(c['unit'])}</td><td class='{cls}'>{word}</td>"
-                         f"<td class='prov'>{_e(c['provenance'])}</td></tr>")
+                         f"<td>{c['value']:.4g} {_e(c['unit'])}</td><td class='{cls}'>{_e(word)}</td>"
+                         f"<td>{_e(band_text(c))}</td><td class='prov'>{_e(c['provenance'])}{note}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Latency distribution</h2>")
     for i, r in enumerate(results):
         parts.append(f"<figure>{latency_histogram_svg(r, PALETTE[i % len(PALETTE)])}</figure>")
     for p in profiles:
-        parts.append(f"<h2>{_e(p.id)}</h2><figure>{budget_bars_svg(results, p)}</figure><ul class='prov'>")
+        parts.append(f"<h2>{_e(p.id)}</h2><p class='prov'>Profile confidence: <b>{_e(p.confidence)}</b>. Bars: green "
+                     "pass, red fail, amber uncertain (the budget inside the estimate's error band, or a host "
+                     "timing); black whiskers: the estimate's out-of-sample error band.</p>"
+                     f"<figure>{budget_bars_svg(results, p)}</figure><ul class='prov'>")
         for r in results:
             est = (r.get("device_estimates") or {}).get(p.id, {})
             txt = est.get("provenance") if est.get("available") else est.get("reason", "no estimate")

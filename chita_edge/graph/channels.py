@@ -6,7 +6,8 @@ dropout, depthwise convs, flatten) pass it on, residual adds and multiplies join
 the next Conv/Linear consumes it. A space that reaches anything else (the model output, the input, ``cat``,
 softmax, an op we do not know, a per-channel constant) is *blocked*: its channels are not prunable. Each
 unblocked space is one ``ChannelGroupSpec`` of ``Member`` slices; ``channel_weight_indices`` gives the flat
-weight indices of one channel.
+weight indices of one channel. ``channel_report`` also returns every blocked space that has a producer, as a
+``BlockedGroup`` naming the module and op that blocked it first (``blocked_summary`` puts them on one line).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import builtins
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -40,7 +41,8 @@ from chita_edge.graph.trace import (
     trace_shapes,
 )
 
-__all__ = ["ChannelGroupSpec", "Member", "channel_groups", "channel_weight_indices", "traced_channel_groups"]
+__all__ = ["BlockedGroup", "ChannelGroupSpec", "Member", "blocked_summary", "channel_groups", "channel_report",
+           "channel_weight_indices", "traced_channel_groups"]
 
 # --------------------------------------------------------------------------------------------------------------
 # Data
@@ -116,6 +118,38 @@ class ChannelGroupSpec:
         return {"size": self.size, "members": [m.to_json() for m in self.members]}
 
 
+@dataclass(frozen=True)
+class BlockedGroup:
+    """A channel space with producers that cannot be pruned: ``size`` output channels of ``producers`` (``id`` is
+    the first), blocked first by ``op`` in ``module`` (a module path, ``""`` for the model itself) because
+    ``why``."""
+
+    id: str
+    size: int
+    producers: tuple[str, ...]
+    module: str
+    op: str
+    why: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "producers": list(self.producers)}
+
+
+def blocked_summary(blocked: list[BlockedGroup] | tuple[BlockedGroup, ...], examples: int = 2) -> str:
+    """One line: how many channel spaces are blocked, by which op and why, with the first ``examples`` of each
+    as ``at MODULE: GROUP's N channels`` (the module holding the op; the group's first producer)."""
+    if not blocked:
+        return "no channel space has a producer"
+    by: dict[tuple[str, str], list[BlockedGroup]] = {}
+    for b in blocked:
+        by.setdefault((b.op, b.why), []).append(b)
+    parts = []
+    for (op, why), bs in by.items():
+        ex = ", ".join(f"at {b.module or 'the model'}: {b.id}'s {b.size} channels" for b in bs[:examples])
+        parts.append(f"{len(bs)} by {op}, {why} ({ex}{', ...' if len(bs) > examples else ''})")
+    return f"{len(blocked)} channel space(s) blocked: " + "; ".join(parts)
+
+
 def channel_weight_indices(
     group: ChannelGroupSpec, channel: int, kinds: tuple[str, ...] = ("out", "in", "dw")
 ) -> dict[str, torch.Tensor]:
@@ -161,12 +195,14 @@ class _Spaces:
         self.size: list[int] = []
         self.blocked: list[bool] = []
         self.members: list[list[tuple[int, Member]]] = []
+        self.reason: list[tuple[str, str, str] | None] = []  # (module, op, why) that blocked the root first
 
-    def new(self, size: int, blocked: bool = False) -> int:
+    def new(self, size: int, blocked: bool = False, reason: tuple[str, str, str] | None = None) -> int:
         self.parent.append(len(self.parent))
         self.size.append(size)
         self.blocked.append(blocked)
         self.members.append([])
+        self.reason.append(reason if blocked else None)
         return len(self.parent) - 1
 
     def find(self, s: int) -> int:
@@ -175,17 +211,23 @@ class _Spaces:
             s = self.parent[s]
         return s
 
-    def block(self, s: int) -> None:
-        self.blocked[self.find(s)] = True
+    def block(self, s: int, reason: tuple[str, str, str]) -> None:
+        r = self.find(s)
+        if not self.blocked[r]:
+            self.blocked[r], self.reason[r] = True, reason
 
-    def union(self, a: int, b: int) -> int:
+    def union(self, a: int, b: int, reason: tuple[str, str, str]) -> int:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return ra
         if self.size[ra] != self.size[rb]:  # cannot be one channel set: neither is prunable
-            self.blocked[ra] = self.blocked[rb] = True
+            why = (reason[0], reason[1], f"joins channel spaces of {self.size[ra]} and {self.size[rb]} channels")
+            self.block(ra, why)
+            self.block(rb, why)
             return ra
         self.parent[rb] = ra
+        if not self.blocked[ra] and self.blocked[rb]:
+            self.reason[ra] = self.reason[rb]
         self.blocked[ra] = self.blocked[ra] or self.blocked[rb]
         self.members[ra] += self.members[rb]
         self.members[rb] = []
@@ -210,42 +252,61 @@ class _Walker:
         self.dynamic: dict[fx.Node, bool] = {}  # depends on a model input
         self.module_space: dict[tuple[str, str], tuple[int, int]] = {}  # (module, kind) -> (space, repeat)
 
+    # -- why a space is blocked: (module path, op, reason)
+    def _why(self, node: fx.Node, why: str | None = None) -> tuple[str, str, str]:
+        unknown = "an op the channel walker does not know (chita_edge/graph/trace.py)"
+        if node.op == "call_module":
+            return str(node.target), type(self.gm.get_submodule(node.target)).__name__, why or unknown
+        if node.op in ("output", "placeholder"):
+            return "", node.op, why or f"{'reaches the model output' if node.op == 'output' else 'is the model input'}"
+        stack = [v for v in (node.meta.get("nn_module_stack") or {}).values() if isinstance(v, tuple) and len(v) == 2]
+        module, owner = (str(stack[-1][0]), getattr(stack[-1][1], "__name__", str(stack[-1][1]))) if stack else (
+            "", type(self.gm).__name__)
+        if node.op == "get_attr":
+            return module, f"constant {node.target}", why or "a constant tensor"
+        fn = f".{node.target}()" if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        return module, f"{fn} in {owner}.forward", why or unknown
+
     # -- helpers
-    def _fresh_blocked(self, node: fx.Node) -> None:
+    def _fresh_blocked(self, node: fx.Node, why: str | None = None) -> None:
         shape = self.shapes.get(node)
         if shape is not None:
-            self.state[node] = (self.sp.new(shape[1] if len(shape) >= 2 else 0, blocked=True), 1)
+            self.state[node] = (self.sp.new(shape[1] if len(shape) >= 2 else 0, blocked=True,
+                                            reason=self._why(node, why)), 1)
 
-    def _block_inputs(self, node: fx.Node) -> None:
+    def _block_inputs(self, node: fx.Node, why: str | None = None) -> None:
         for a in node.all_input_nodes:
             st = self.state.get(a)
             if st is not None:
-                self.sp.block(st[0])
+                self.sp.block(st[0], self._why(node, why))
 
-    def _unknown(self, node: fx.Node) -> None:
-        self._block_inputs(node)
-        self._fresh_blocked(node)
+    def _unknown(self, node: fx.Node, why: str | None = None) -> None:
+        self._block_inputs(node, why)
+        self._fresh_blocked(node, why)
 
     def _pass(self, node: fx.Node, src: fx.Node, factor_one: bool = False) -> None:
         st = self.state.get(src)
-        if st is None or (factor_one and st[1] != 1) or node not in self.shapes:
+        if st is None or node not in self.shapes:
             self._unknown(node)
+        elif factor_one and st[1] != 1:
+            self._unknown(node, "a pooling op after a flatten")
         else:
             self.state[node] = st
             for a in node.all_input_nodes:  # other tensor inputs (rare) must not carry channels
                 if a is not src and a in self.state:
-                    self.sp.block(self.state[a][0])
+                    self.sp.block(self.state[a][0], self._why(node, "a second tensor input of a per-channel op"))
 
     def _member(self, space: int, order: int, module: str, kind: str, repeat: int, shape: tuple[int, ...]) -> int:
         """Add a member, joining the space this (module, kind) already has from another call site."""
         key = (module, kind)
         prev = self.module_space.get(key)
+        why = (module, kind, "the module is called at two places with different flatten factors")
         if prev is not None:
             if prev[1] != repeat:
-                self.sp.block(prev[0])
-                self.sp.block(space)
+                self.sp.block(prev[0], why)
+                self.sp.block(space, why)
                 return self.sp.find(space)
-            space = self.sp.union(prev[0], space)
+            space = self.sp.union(prev[0], space, why)
         else:
             self.module_space[key] = (space, repeat)
         self.sp.add(space, order, Member(module, kind, repeat, shape))
@@ -261,14 +322,14 @@ class _Walker:
             if ok_in:
                 self._member(st[0], order, name, "in", 1, shape)
             else:
-                self._block_inputs(node)
+                self._block_inputs(node, "its input's channels do not map onto the conv's in_channels")
             prev = self.module_space.get((name, "out"))
             space = prev[0] if prev is not None else self.sp.new(m.out_channels)
             self.state[node] = (self._member(space, order, name, "out", 1, shape), 1)
         elif m.groups == m.in_channels == m.out_channels and ok_in:
             self.state[node] = (self._member(st[0], order, name, "dw", 1, shape), 1)
         else:  # grouped conv or depth multiplier: its channels are tied in ways we do not model
-            self._unknown(node)
+            self._unknown(node, f"a grouped conv (groups={m.groups}, {m.in_channels} -> {m.out_channels} channels)")
 
     def _linear(self, node: fx.Node, order: int, name: str, m: nn.Linear) -> None:
         x = node.args[0]
@@ -279,20 +340,20 @@ class _Walker:
                 and self.sp.size[self.sp.find(st[0])] * st[1] == m.in_features):
             self._member(st[0], order, name, "in", st[1], shape)
         else:
-            self._block_inputs(node)
+            self._block_inputs(node, "its input does not map onto the Linear's in_features")
         out_shape = self.shapes.get(node)
         if out_shape is not None and len(out_shape) == 2:
             prev = self.module_space.get((name, "out"))
             space = prev[0] if prev is not None else self.sp.new(m.out_features)
             self.state[node] = (self._member(space, order, name, "out", 1, shape), 1)
         else:
-            self._fresh_blocked(node)
+            self._fresh_blocked(node, "a Linear applied to more than 2 dims")
 
     def _bn(self, node: fx.Node, order: int, name: str, m: nn.Module) -> None:
         x = node.args[0]
         st = self.state.get(x) if isinstance(x, fx.Node) else None
         if st is None or self.sp.size[self.sp.find(st[0])] * st[1] != m.num_features:
-            self._unknown(node)
+            self._unknown(node, "its num_features do not match the input's channels")
             return
         ref = m.weight if m.weight is not None else m.running_mean
         shape = tuple(ref.shape) if ref is not None else (m.num_features,)
@@ -310,7 +371,7 @@ class _Walker:
         elif len(si) >= 2 and len(so) == 2 and so[0] == si[0] and so[1] == math.prod(si[1:]):
             self.state[node] = (space, f * math.prod(si[2:]))  # flatten: channel c -> H*W features
         else:
-            self._unknown(node)
+            self._unknown(node, f"a reshape {si} -> {so} that moves the channel dim (e.g. a channel shuffle)")
 
     def _reduce(self, node: fx.Node) -> None:
         x = node.args[0]
@@ -321,7 +382,7 @@ class _Walker:
         nd = len(self.shapes[x])
         dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (tuple, list)) else None
         if dims is None or not all(isinstance(d, int) for d in dims) or any(d % nd in (0, 1) for d in dims):
-            self._unknown(node)
+            self._unknown(node, "a reduction over the batch or channel dim")
             return
         self._pass(node, x, factor_one=True)
 
@@ -332,7 +393,7 @@ class _Walker:
             self._unknown(node)
             return
         joined: list[_State] = []
-        ok = True
+        why = None
         for a in operands:
             sa = self.shapes[a]
             pos = 1 - (len(out) - len(sa))
@@ -340,15 +401,17 @@ class _Walker:
                 if self.dynamic.get(a, False) and a in self.state:
                     joined.append(self.state[a])
                 else:
-                    ok = False  # a per-channel constant would need slicing
-            elif self.dynamic.get(a, False):
-                ok = False  # an input-dependent tensor broadcast over channels: a removed channel's value moves
-        if not ok or not joined or len({f for _, f in joined}) != 1:
-            self._unknown(node)
+                    why = why or "a per-channel constant operand"  # would need slicing
+            elif self.dynamic.get(a, False):  # a removed channel's value would move
+                why = why or "an input-dependent operand broadcast over the channels"
+        if why is None and len({f for _, f in joined}) > 1:
+            why = "operands flattened with different factors"
+        if why is not None or not joined:
+            self._unknown(node, why)
             return
         space = joined[0][0]
         for s, _ in joined[1:]:
-            space = self.sp.union(space, s)
+            space = self.sp.union(space, s, self._why(node))
         self.state[node] = (self.sp.find(space), joined[0][1])
 
     def run(self) -> list[ChannelGroupSpec]:
@@ -393,6 +456,8 @@ class _Walker:
                     self._reshape(node)
                 elif (fn and tgt in REDUCE_FUNCTIONS) or (not fn and tgt in REDUCE_METHODS):
                     self._reduce(node)
+                elif fn and tgt in (torch.cat, torch.concat, torch.stack):
+                    self._unknown(node, "a concatenation: the walker does not split channels across its inputs")
                 else:
                     self._unknown(node)
             else:
@@ -415,6 +480,27 @@ class _Walker:
                 continue
             groups.append((producers[0][0], ChannelGroupSpec(producers[0][1].module, self.sp.size[s], tuple(members))))
         return [g for _, g in sorted(groups, key=lambda og: og[0])]
+
+    def blocked(self) -> list[BlockedGroup]:
+        """Every blocked space that has a producer, with what blocked it, in execution order."""
+        out: list[tuple[int, BlockedGroup]] = []
+        for s in range(len(self.sp.parent)):
+            if self.sp.find(s) != s or not self.sp.blocked[s]:
+                continue
+            producers = sorted((o, m.module) for o, m in self.sp.members[s] if m.kind == "out")
+            if not producers:
+                continue
+            names = tuple(dict.fromkeys(name for _, name in producers))
+            module, op, why = self.sp.reason[s] or ("", "?", "blocked")
+            out.append((producers[0][0], BlockedGroup(names[0], self.sp.size[s], names, module, op, why)))
+        return [b for _, b in sorted(out, key=lambda ob: ob[0])]
+
+
+def channel_report(model: nn.Module, example_input: Any) -> tuple[list[ChannelGroupSpec], list[BlockedGroup]]:
+    """``channel_groups`` and, for every channel space that cannot be pruned but has producers, what blocks it."""
+    gm, shapes = trace_shapes(model, example_input)
+    walker = _Walker(gm, shapes)
+    return walker.run(), walker.blocked()
 
 
 def traced_channel_groups(model: nn.Module, example_input: Any) -> tuple[fx.GraphModule, list[ChannelGroupSpec]]:

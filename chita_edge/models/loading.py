@@ -1,11 +1,17 @@
-"""Resolve a MODEL spec into an ``nn.Module``: ``zoo:NAME``, ``path/to/file.py:factory`` or ``program.pt2``."""
+"""Resolve a MODEL spec into an ``nn.Module``: ``zoo:NAME``, ``path/to/file.py:factory``, ``program.pt2``, or
+``torchvision:NAME`` / ``timm:NAME`` (``chita_edge.models.hub``, the ``zoo`` extra)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import os
-from collections.abc import Callable
+import traceback
+import warnings
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,7 @@ from chita_edge.core.checkpoint import read_weights
 from chita_edge.core.errors import BadInput
 from chita_edge.core.io import require_file
 from chita_edge.graph.plan import apply_plan
+from chita_edge.models.hub import build_hub_model, is_hub_spec
 from chita_edge.models.zoo import ZOO, default_prunable
 
 
@@ -41,6 +48,9 @@ def _from_file(spec: str) -> nn.Module:
         assert module_spec is not None and module_spec.loader is not None
         mod = importlib.util.module_from_spec(module_spec)
         module_spec.loader.exec_module(mod)
+    except SystemExit as e:
+        raise BadInput(f"{path}: importing the model file called sys.exit({e.code!r}); a model file must only "
+                       "define its factory") from None
     except Exception as e:
         raise BadInput(f"{path}: could not import the model file ({type(e).__name__}: {e})") from None
     fn = getattr(mod, factory, None)
@@ -48,6 +58,9 @@ def _from_file(spec: str) -> nn.Module:
         raise BadInput(f"{path}: has no function '{factory}' (MODEL is path/to/file.py:factory)")
     try:
         model = fn()
+    except SystemExit as e:
+        raise BadInput(f"{path}:{factory}() called sys.exit({e.code!r}); the factory must return the model, "
+                       "not exit") from None
     except Exception as e:
         raise BadInput(f"{path}:{factory}() failed ({type(e).__name__}: {e})") from None
     if not isinstance(model, nn.Module):
@@ -55,12 +68,66 @@ def _from_file(spec: str) -> nn.Module:
     return model
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:160]}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No log records or warnings while it runs: torch.export.load logs a whole traceback before it raises."""
+    before = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(before)
+
+
 def _from_pt2(spec: str) -> nn.Module:
     path = require_file(spec, "exported program")
     try:
-        return torch.export.load(str(path)).module()
+        with _quiet():
+            return torch.export.load(str(path)).module()
     except Exception as e:
-        raise BadInput(f"{path}: not a loadable torch.export program ({type(e).__name__})") from None
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                if any(n.endswith("/data.pkl") for n in z.namelist()):
+                    raise BadInput(f"{path}: a torch.save checkpoint, not a torch.export program; give it with "
+                                   "--weights and the model as MODEL") from None
+        while e.__cause__ or e.__context__:  # torch's own message points at the log lines silenced above
+            e = e.__cause__ or e.__context__  # type: ignore[assignment]
+        raise BadInput(f"{path}: not a loadable torch.export program (expected a file written by "
+                       f"torch.export.save; {_first_line(e)})") from None
+
+
+def _describe_head(head: bytes) -> str:
+    """What a file that is not a torch.save archive looks like, from its first bytes."""
+    if not head:
+        return "an empty file"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return "an HTML page, e.g. a download's error page"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head[:64]):
+        return f"text beginning {(head.strip()[:40].decode('ascii').splitlines() or [''])[0]!r}"
+    return "bytes that are neither a zip archive nor a pickle"
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """``read_weights``, after refusing a file that is not a torch.save file at all (an HTML page saved as
+    ``.pt``, random bytes) as "not a PyTorch checkpoint" rather than as pickled objects."""
+    p = require_file(path, "weights file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise BadInput(f"{p}: cannot read the weights file ({e.strerror})") from None
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80")):  # torch.save: a zip (or a legacy pickle)
+        raise BadInput(f"{p}: not a PyTorch checkpoint ({_describe_head(head)}); expected a file written by "
+                       "torch.save (a state dict or a chita-edge checkpoint)")
+    return read_weights(p)
 
 
 def model_file(spec: str | None) -> str | None:
@@ -80,12 +147,16 @@ def build_model(spec: str) -> LoadedModel:
             raise BadInput(f"model '{spec}': unknown zoo model; available: {', '.join('zoo:' + k for k in ZOO)}")
         e = ZOO[name]
         return LoadedModel(e.factory(), spec, e.prunable, e.input_shape)
+    if is_hub_spec(spec):
+        module, shape = build_hub_model(spec)
+        return LoadedModel(module, spec, input_shape=shape)
     if spec.endswith(".pt2"):
         return LoadedModel(_from_pt2(spec), spec)
     if ".py:" in spec:
         path_s = spec.rpartition(":")[0]
         return LoadedModel(_from_file(spec), f"{os.path.abspath(path_s)}:{spec.rpartition(':')[2]}")
-    raise BadInput(f"model '{spec}': expected zoo:NAME, path/to/file.py:factory or a .pt2 program")
+    raise BadInput(f"model '{spec}': expected zoo:NAME, path/to/file.py:factory, a .pt2 program, "
+                   f"torchvision:NAME or timm:NAME")
 
 
 def apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
@@ -110,8 +181,11 @@ def load_model(spec: str | None, weights: str | os.PathLike | None = None) -> Lo
     """Build the model and load weights. ``spec`` may be None when ``weights`` is a chita-edge checkpoint."""
     sd, meta = (None, None)
     if weights is not None:
-        sd, meta = read_weights(weights)
+        sd, meta = read_checkpoint(weights)
     if spec is None:
+        if weights is None:
+            raise BadInput("no model: give MODEL (zoo:NAME, path/to/file.py:factory, a .pt2 program) or a "
+                           "chita-edge checkpoint with --weights")
         if meta is None or "model" not in meta:
             raise BadInput(f"{weights}: not a chita-edge checkpoint; give the MODEL spec as well")
         spec = meta["model"]
@@ -126,15 +200,31 @@ def load_model(spec: str | None, weights: str | os.PathLike | None = None) -> Lo
     return lm
 
 
+def _raised_in_torch(e: BaseException) -> bool:
+    """Whether the innermost Python frame of ``e``'s traceback is torch's own code (not the user's forward)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    return bool(frames) and os.path.abspath(frames[-1].filename).startswith(torch_dir)
+
+
 def check_fits(lm: LoadedModel, x: torch.Tensor, where: str, labels: tuple[torch.Tensor, ...] = ()) -> None:
     """Run one example through the model; a shape mismatch, or a label the model has no output for, becomes
     one BadInput line."""
     try:
         with torch.no_grad():
             out = lm.module(x[:1])
+    except SystemExit as e:
+        raise BadInput(f"{lm.spec}: the model's forward called sys.exit({e.code!r}) on data {where}; it must return "
+                       "the logits") from None
     except Exception as e:
-        raise BadInput(f"{where}: data of shape {tuple(x.shape[1:])} does not fit the model "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        if _raised_in_torch(e):  # a layer refused the input: a shape or dtype mismatch
+            raise BadInput(f"{where}: data of shape {tuple(x.shape[1:])} does not fit the model "
+                           f"({_first_line(e)})") from None
+        raise BadInput(f"{lm.spec}: the model's forward raised on data of shape {tuple(x.shape[1:])} from {where} "
+                       f"({_first_line(e)})") from None
+    if not isinstance(out, torch.Tensor):
+        raise BadInput(f"{lm.spec}: the model's forward returns a {type(out).__name__}; expected one "
+                       "(batch, classes) tensor of logits (return only the logits)")
     if out.dim() != 2:
         raise BadInput(f"{where}: the model returns shape {tuple(out.shape)}; expected (batch, classes) logits")
     top = max((int(y.max()) for y in labels if len(y)), default=-1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from chita_edge.core.data import Dataset
-from chita_edge.core.errors import BadInput
+from chita_edge.core.errors import BadInput, check_finite, check_seed
 from chita_edge.pruning.channels import Progress, StructuredConfig, conv_linear, gradients, solve_groups
 from chita_edge.pruning.defaults import DEFAULTS
 from chita_edge.pruning.layers import PrunableParam, find_prunable, flatten_weights, num_weights
@@ -66,6 +66,8 @@ class BlockConfig:
     dtype: str = DEFAULTS["dtype"]  # G and the solve
 
     def validate(self) -> None:
+        check_finite(self, {"sparsity": "--sparsity", "l2": "--l2"})
+        check_seed(self.seed)
         if not 0.0 <= self.sparsity < 1.0:
             raise BadInput(f"--sparsity {self.sparsity}: expected a fraction in [0, 1)")
         if self.stages < 1 or self.n_grads < 1 or self.fisher_batch < 1 or not self.l2 > 0:

@@ -34,8 +34,14 @@ import torch
 from torch import nn
 
 from chita_edge.core.data import Dataset
-from chita_edge.core.errors import BadInput
-from chita_edge.graph.channels import ChannelGroupSpec, channel_groups, channel_weight_indices
+from chita_edge.core.errors import BadInput, check_finite, check_seed
+from chita_edge.graph.channels import (
+    BlockedGroup,
+    ChannelGroupSpec,
+    blocked_summary,
+    channel_report,
+    channel_weight_indices,
+)
 from chita_edge.graph.residual import ResidualBlock
 from chita_edge.pruning.batchnorm import keyed_generator, reestimate_if_better
 from chita_edge.pruning.defaults import DEFAULTS
@@ -70,12 +76,14 @@ def conv_linear(module: nn.Module, name: str) -> bool:
 @dataclass(frozen=True)
 class ChannelStructure:
     """The channel groups of a model as solver data. Family f is ``specs[f]``; its channel c is group
-    ``first[f] + c``."""
+    ``first[f] + c``. ``blocked``: the channel spaces that cannot be pruned, with the module and op that block
+    each (``BlockedGroup.to_json`` for a report)."""
 
     params: tuple[PrunableParam, ...]
     specs: tuple[ChannelGroupSpec, ...]
     groups: Groups
     first: tuple[int, ...]
+    blocked: tuple[BlockedGroup, ...] = ()
 
     @property
     def ids(self) -> list[str]:
@@ -109,16 +117,21 @@ def channel_structure(model: nn.Module, example_input: Any,
                       filter_fn: Callable[[nn.Module, str], bool] = conv_linear) -> ChannelStructure:
     """Channel groups of ``model`` over the flat vector of every weight accepted by ``filter_fn``.
 
-    A channel space with a member outside ``filter_fn`` cannot be represented in w and is left out (logged).
-    Raises ``BadInput`` when nothing is prunable by channels.
+    A channel space with a member outside ``filter_fn`` cannot be represented in w and is left out (logged, and
+    listed in ``blocked``). Raises ``BadInput`` naming the module and op that block each channel space when
+    nothing is prunable by channels.
     """
     params = find_prunable(model, filter_fn)
     by_name = {q.name: q for q in params}
     specs, families = [], []
-    for spec in channel_groups(model, example_input):
-        missing = [m.param for m in spec.members if m.kind in ("out", "in", "dw") and m.param not in by_name]
+    found, blocked = channel_report(model, example_input)
+    for spec in found:
+        missing = [m for m in spec.members if m.kind in ("out", "in", "dw") and m.param not in by_name]
         if missing:
-            log.info("channel group %s left out: %s is not a prunable weight", spec.id, missing[0])
+            log.info("channel group %s left out: %s is not a prunable weight", spec.id, missing[0].param)
+            blocked.append(BlockedGroup(spec.id, spec.size, tuple(m.module for m in spec.producers),
+                                        missing[0].module, f"{missing[0].kind} member",
+                                        f"{missing[0].param} is not a prunable weight"))
             continue
         chans = []
         for c in range(spec.size):
@@ -127,14 +140,14 @@ def channel_structure(model: nn.Module, example_input: Any,
         specs.append(spec)
         families.append(chans)
     if not specs:
-        raise BadInput(f"{type(model).__name__}: no prunable channel groups (every channel space reaches the "
-                       "model output, a concat or an unsupported op); use --structure unstructured or block")
+        raise BadInput(f"{type(model).__name__}: no prunable channel groups: {blocked_summary(blocked)}; "
+                       "use --structure unstructured or block")
     groups = Groups.from_lists(num_weights(params), families)
     first, acc = [], 0
     for s in specs:
         first.append(acc)
         acc += s.size
-    return ChannelStructure(tuple(params), tuple(specs), groups, tuple(first))
+    return ChannelStructure(tuple(params), tuple(specs), groups, tuple(first), tuple(blocked))
 
 
 
@@ -208,6 +221,8 @@ class StructuredConfig:
     dtype: str = DEFAULTS["dtype"]  # G and the solve
 
     def validate(self) -> None:
+        check_finite(self, {"l2": "--l2"})
+        check_seed(self.seed)
         if self.solver not in SOLVERS:
             raise BadInput(f"solver {self.solver!r}: expected one of {', '.join(SOLVERS)}")
         if self.n_grads < 1 or self.fisher_batch < 1:

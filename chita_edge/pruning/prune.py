@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from chita_edge.core.data import Dataset
-from chita_edge.core.errors import BadInput, RuntimeFailure
+from chita_edge.core.errors import BadInput, RuntimeFailure, check_finite, check_seed
 from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning.batchnorm import reestimate_if_better
 from chita_edge.pruning.defaults import DEFAULTS
@@ -78,6 +78,8 @@ class PruneConfig:
     memory_budget_gb: float | None = None
 
     def validate(self) -> None:
+        check_finite(self, {"sparsity": "--sparsity", "l2": "--l2"})
+        check_seed(self.seed)
         if self.method not in METHODS:
             raise BadInput(f"--method '{self.method}': expected one of {', '.join(METHODS)}")
         if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
@@ -88,6 +90,8 @@ class PruneConfig:
             raise BadInput("--grads and --fisher-batch must be >= 1")
         if not self.l2 > 0:
             raise BadInput(f"--l2 {self.l2}: expected > 0")
+        if self.block_size < 0:
+            raise BadInput(f"--block-size {self.block_size}: expected >= 0 (0: off, > 0: weights per block)")
         if self.bn_rule not in ("if-better", "always"):
             raise BadInput(f"bn_rule {self.bn_rule!r}: expected if-better or always")
         if self.refit_samples < 1 or not self.refit_damp > 0:

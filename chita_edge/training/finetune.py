@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chita_edge.core.data import Dataset
-from chita_edge.core.errors import BadInput, Interrupted
+from chita_edge.core.errors import BadInput, Interrupted, check_finite, check_seed
 from chita_edge.core.evaluate import accuracy
 from chita_edge.core.io import atomic_path
 from chita_edge.models.zoo import default_prunable
@@ -63,6 +63,8 @@ Progress = Callable[[str, int, int], None]
 STATE_FORMAT = "chita-edge/finetune-state-v1"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
+FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay", "temperature": "--temperature",
+         "distill_weight": "--distill-weight", "qat_agreement": "--qat-agreement"}  # the fields `finetune` sets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +95,8 @@ class FinetuneConfig:
     qat_dither: bool = False  # activations rounded on randomly shifted grids while training (chita_edge.training.qat)
 
     def validate(self) -> None:
+        check_finite(self, FLAGS)
+        check_seed(self.seed)
         if self.epochs < 1:
             raise BadInput(f"--epochs {self.epochs}: expected >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -105,8 +109,10 @@ class FinetuneConfig:
             raise BadInput(f"--optimizer '{self.optimizer}': expected one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise BadInput(f"schedule '{self.schedule}': expected one of {', '.join(SCHEDULES)}")
-        if not (0 <= self.momentum < 1) or self.weight_decay < 0:
-            raise BadInput("momentum must be in [0, 1) and weight decay >= 0")
+        if not 0 <= self.momentum < 1:
+            raise BadInput(f"momentum {self.momentum}: expected a fraction in [0, 1)")
+        if self.weight_decay < 0:
+            raise BadInput(f"--weight-decay {self.weight_decay}: expected >= 0")
         if not self.temperature > 0:
             raise BadInput(f"--temperature {self.temperature}: expected > 0")
         if not (0 <= self.distill_weight <= 1):

@@ -24,6 +24,7 @@ from chita_edge.core.data import load_data
 from chita_edge.core.errors import BadInput, GateFailed
 from chita_edge.core.evaluate import accuracy
 from chita_edge.core.io import atomic_path, sha256_file
+from chita_edge.devices.gate import pruned_verdicts
 from chita_edge.devices.profiles import Profile, load_profile, with_budgets
 from chita_edge.models.loading import check_fits, load_model
 from chita_edge.pruning.blocks import BlockConfig, prune_blocks
@@ -109,16 +110,34 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
 
 
 def raise_if_missed(result: dict[str, Any]) -> None:
-    """``GateFailed`` naming every budget the measured model missed."""
-    if result.get("passed", True):
+    """``GateFailed`` naming every budget the pruned model misses by ``check``'s rule (``gate.pruned_verdicts``: the
+    same budgets and percentile, no slack, the estimate's error band; a host timing cannot pass a device latency
+    budget, and an uncertain verdict fails as it does by default in ``check``)."""
+    rows = pruned_verdicts(result)
+    bad = [r for r in rows if not r["passed"]]
+    if not bad:
         return
-    parts = [f"{c['budget']} {c['measured']:.4g} {c['unit']} > {c['limit']:.4g} {c['unit']}"
-             for c in result["checks"] if not c["met"] and c["measured"] is not None]
+
+    def say(r: dict[str, Any]) -> str:
+        band = "" if r["low"] is None else f" (band {r['low']:.4g}–{r['high']:.4g} {r['unit']})"
+        what = f"{r['budget']} {'predicted ' if r['source'] == 'predicted' else ''}{r['value']:.4g} {r['unit']}{band}"
+        if r["verdict"] == "fail":
+            return f"{what} > {r['limit']:.4g} {r['unit']}"
+        return f"{what} vs {r['limit']:.4g} {r['unit']}: uncertain, {r['note']}"
+
+    parts = [say(r) for r in bad]
     beyond = {k: v for s in result.get("stages", []) for k, v in s.get("unreachable", {}).items()}
-    advice = ("; the measurements put the smallest reachable at " + ", ".join(f"{k} {v:.4g}" for k, v in beyond.items())
-              + ": raise the budget or lower --width-multiple") if beyond else \
-        "; prune again with a tighter --latency-ms / --memory-mb"
-    raise GateFailed(f"the pruned model misses its budget on {result['profile']} when measured: {'; '.join(parts)} "
+    if beyond:
+        advice = ("; the measurements put the smallest reachable at " + ", ".join(f"{k} {v:.4g}" for k, v in beyond.items())
+                  + ": raise the budget or lower --width-multiple")
+    elif any(r["verdict"] == "fail" for r in bad):
+        advice = "; prune again with a tighter --latency-ms / --memory-mb"
+    else:
+        fit = [f"--latency-ms {r['limit'] / r['band_high']:.4g}" for r in bad if r.get("band_high")]
+        advice = ("; `check` applies the same rule: prune to " + " / ".join(fit) + " so that the band's upper edge "
+                  "fits the budget, or measure on the device (chita-edge check --remote)") if fit else ""
+    head = "misses its budget" if any(r["verdict"] == "fail" for r in bad) else "is not verified within its budget"
+    raise GateFailed(f"the pruned model {head} on {result['profile']} when measured: {'; '.join(parts)} "
                      f"(checkpoint written to {result['out']}){advice}")
 
 

@@ -9,19 +9,19 @@ file -- and returns the export report.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from chita_edge.core.checkpoint import read_weights
-from chita_edge.core.data import Dataset, load_data
+from chita_edge.core.data import Dataset, data_file, load_data
 from chita_edge.core.errors import BadInput
-from chita_edge.core.io import require_file, sha256_file
+from chita_edge.core.io import refuse_overwrite, require_file, sha256_file
 from chita_edge.exporters import ExportConfig, export_model, inspect_file
 from chita_edge.exporters.export import SUFFIX, Progress
-from chita_edge.models.loading import load_model
+from chita_edge.models.loading import load_model, model_file, read_checkpoint
 
 RANDOM_PARITY_SAMPLES = 100
 HOLDOUT_SAMPLES = 1000  # int8 float fallback: training inputs after the calibration ones, never the test split
@@ -36,15 +36,38 @@ def _format_for(out: Path, fmt: str | None) -> str:
     raise BadInput(f"--out {out}: cannot tell the format from the suffix; give --format onnx or --format tflite")
 
 
+def check_out(out: Path, flag: str = "--out") -> None:
+    """BadInput now, before any work, when ``out`` cannot be written: its directory is missing or not one, it is
+    a directory, its name is too long, or the directory refuses a new file (a probe file is made and removed)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        if out.is_dir():
+            raise BadInput(f"{flag} {out}: is a directory; give a file name")
+        if not parent.is_dir():
+            what = "does not exist" if not parent.exists() else "is not a directory"
+            raise BadInput(f"{flag} {out}: directory {parent} {what}")
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=parent)
+    except OSError as e:
+        raise BadInput(f"{flag} {out}: cannot write there ({e.strerror}); choose another {flag}") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _calibration_inputs(spec: str, n: int, shape: tuple[int, ...],
                         holdout: int = 0) -> tuple[np.ndarray, np.ndarray, Dataset | None]:
     """``npz:PATH`` / ``digits`` (its training split) or a ``.npy`` array of inputs (N, *shape): the first ``n``
     to calibrate, the next ``holdout`` held out for int8's float fallback."""
     if spec.endswith(".npy"):
         p = require_file(spec, "calibration data")
+        with open(p, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":  # numpy would read the bytes as a pickle and suggest allow_pickle=True
+                raise BadInput(f"{p}: not a .npy array (expected inputs saved with numpy.save)")
         try:
             x = np.load(p, allow_pickle=False)
         except Exception as e:
+            if "allow_pickle" in str(e):
+                raise BadInput(f"{p}: refused: the array holds pickled Python objects (only numeric arrays are "
+                               "loaded; the objects were not unpickled)") from None
             raise BadInput(f"{p}: not a readable .npy array ({type(e).__name__}: {e})") from None
         if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != tuple(shape) or not np.issubdtype(x.dtype, np.number):
             raise BadInput(f"{p}: expected a numeric array of shape (N, {', '.join(map(str, shape))}), "
@@ -82,9 +105,12 @@ def export_checkpoint(
     cfg.validate()
     if parity_samples < 1 or calibration_samples < 1:
         raise BadInput("--parity-samples and calibration samples must be at least 1")
-    if out.exists() and out.resolve() == src.resolve():
-        raise BadInput(f"--out {out}: is the input checkpoint; choose another file")
-    _, meta = read_weights(src)
+    calib_file = calibration_data if calibration_data and calibration_data.endswith(".npy") else \
+        data_file(calibration_data)
+    refuse_overwrite([("--out", out)], [("checkpoint", src), ("--model file", model_file(model)),
+                                        ("--calibration-data", calib_file)])
+    check_out(out)  # before the export and its parity check, not after them
+    _, meta = read_checkpoint(src)
     if meta is None and model is None:
         raise BadInput(f"{src}: not a pruned checkpoint (a plain state dict without chita-edge metadata); "
                        f"give --model SPEC (zoo:NAME or path/to/file.py:factory) to export it")
@@ -131,7 +157,7 @@ def export_checkpoint(
     try:
         with torch.no_grad():
             y = lm.module(example)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a user's forward that calls sys.exit() is a bad model, not success
         raise BadInput(f"{src}: inputs of shape {shape} do not fit the model "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
     if not isinstance(y, torch.Tensor) or y.dim() != 2:

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from chita_edge.core.checkpoint import save_checkpoint
-from chita_edge.core.data import load_data
+from chita_edge.core.data import data_file, load_data
 from chita_edge.core.errors import BadInput
-from chita_edge.core.io import sha256_file
-from chita_edge.models.loading import check_fits, load_model
+from chita_edge.core.io import refuse_overwrite, sha256_file
+from chita_edge.models.loading import check_fits, load_model, model_file
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.training.distill import load_teacher
 from chita_edge.training.finetune import FinetuneConfig, Progress, finetune
@@ -49,8 +49,9 @@ def finetune_checkpoint(
     cfg.validate()
     src = Path(pruned)
     out = Path(out)
-    if out.exists() and src.exists() and os.path.samefile(out, src):
-        raise BadInput(f"{out}: --out is the input checkpoint; choose another --out (the input is never overwritten)")
+    refuse_overwrite([("--out", out), ("--out state", state_path_for(out))],
+                     [("checkpoint", src), ("--data", data_file(data)), ("--model file", model_file(model)),
+                      ("--teacher", teacher_weights)])
     if not out.parent.exists():
         raise BadInput(f"{out}: directory {out.parent} does not exist; choose another --out")
     lm = load_model(model, src)

@@ -24,17 +24,20 @@ import torch
 
 from chita_edge.budget.config import METHODS as BUDGET_METHODS
 from chita_edge.budget.config import BudgetConfig
+from chita_edge.core.data import data_file
 from chita_edge.core.errors import BadInput
+from chita_edge.core.io import refuse_overwrite
 from chita_edge.devices.bench import BenchConfig
 from chita_edge.devices.gate import run_check as gate_check
-from chita_edge.devices.profiles import Profile, load_profile
+from chita_edge.devices.profiles import Profile, load_profile, profile_file
+from chita_edge.models.loading import model_file
 from chita_edge.pruning.blocks import BlockConfig
 from chita_edge.pruning.prune import METHODS as PRUNE_METHODS
 from chita_edge.pruning.prune import PruneConfig
 from chita_edge.training.finetune import FinetuneConfig
 from chita_edge.training.gradual import GradualConfig
 from chita_edge.workflows.budget_jobs import prune_blocks_checkpoint, prune_budget_checkpoint
-from chita_edge.workflows.export import export_checkpoint
+from chita_edge.workflows.export import check_out, export_checkpoint
 from chita_edge.workflows.finetune import finetune_checkpoint
 from chita_edge.workflows.prune import prune_checkpoint
 from chita_edge.workflows.settings import Resolved, resolve
@@ -176,7 +179,14 @@ def budget_config(s: Resolved) -> BudgetConfig:
 
 def run_prune(job: PruneJob, progress: Progress | None = None) -> PruneResult:
     """Run one prune job (unstructured, block or to a device budget) and write its checkpoint."""
+    refuse_overwrite([("--out", job.out), ("--export", job.export),
+                      ("--out state", f"{job.out}.gradual-state" if job.gradual is not None else None)],
+                     [("--weights", job.weights), ("--data", data_file(job.data)),
+                      ("model file", model_file(job.model)), ("--profile", profile_file(job.profile))])
     structure = _check_combination(job)
+    check_out(Path(job.out))  # a bad --out fails now, not after the pruning
+    if job.export is not None:
+        check_out(Path(job.export), "--export")
     s = job.settings
     record = s.record()
     if structure == "channel":
@@ -226,6 +236,7 @@ class FinetuneResult(_Result):
 
 def run_finetune(job: FinetuneJob, progress: Progress | None = None,
                  on_epoch: Callable[[dict[str, Any]], None] | None = None) -> FinetuneResult:
+    check_out(Path(job.out))  # a bad --out fails now, not after the training
     r = finetune_checkpoint(job.pruned, job.data, job.config, job.out, distill=job.distill,
                             teacher_weights=job.teacher, resume=job.resume, model=job.model, progress=progress,
                             on_epoch=on_epoch)
@@ -286,6 +297,7 @@ class CheckJob:
     junit: Path | None = None
     estimate_on: tuple[Profile, ...] | None = None  # None: the gated profile
     step_summary: str | None = None  # None: $GITHUB_STEP_SUMMARY when set; "": none
+    uncertain: str = "fail"  # how an uncertain verdict counts: fail (default) or pass (chita_edge.devices.gate)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -298,11 +310,13 @@ class CheckResult(_Result):
 
 
 def run_check(job: CheckJob, progress: Progress | None = None) -> CheckResult:
+    refuse_overwrite([("--junit", job.junit)], [("model", job.file), ("--profile", profile_file(job.profile)),
+                                                ("--data", data_file(job.data))])
     prof = job.profile if isinstance(job.profile, Profile) else load_profile(job.profile)
     r = gate_check(str(job.file), prof, latency_ms=job.latency_ms, percentile=job.percentile,
                    memory_mb=job.memory_mb, file_mb=job.file_mb, accuracy_min=job.accuracy_min, data=job.data,
                    cfg=job.bench, junit=job.junit, estimate_on=job.estimate_on, step_summary=job.step_summary,
-                   progress=progress)
+                   progress=progress, uncertain=job.uncertain)
     return CheckResult(file=str(job.file), profile=prof.id, passed=bool(r["passed"]), checks=r["checks"], details=r)
 
 

@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from chita_edge.core.checkpoint import save_checkpoint
-from chita_edge.core.data import load_data
+from chita_edge.core.data import data_file, load_data
 from chita_edge.core.errors import BadInput, GateFailed
 from chita_edge.core.evaluate import accuracy
-from chita_edge.core.io import atomic_write_text
+from chita_edge.core.io import atomic_write_text, refuse_overwrite
 from chita_edge.devices.bench import BenchConfig, benchmark
 from chita_edge.devices.gate import summary_markdown
-from chita_edge.devices.profiles import load_profile
+from chita_edge.devices.profiles import load_profile, profile_file
 from chita_edge.devices.report import CSS, pareto_svg, write_report
-from chita_edge.models.loading import check_fits, load_model
+from chita_edge.models.loading import check_fits, load_model, model_file
 from chita_edge.training.finetune import FinetuneConfig
 from chita_edge.workflows import jobs
 from chita_edge.workflows.finetune import state_path_for
@@ -142,7 +142,7 @@ def _bench_stage(name: str, path: Path, gate_profile: Any | None, profiles: list
             job = jobs.CheckJob(file=path, profile=gate_profile, bench=cfg, latency_ms=ck.latency_ms,
                            percentile=ck.percentile, memory_mb=ck.memory_mb, file_mb=ck.file_mb,
                            accuracy_min=ck.accuracy_min, data=spec.data, junit=d / "junit.xml",
-                           estimate_on=tuple(est), step_summary="")
+                           estimate_on=tuple(est), step_summary="", uncertain=ck.uncertain)
             r = jobs.run_check(job, progress=progress)
             doc = {"file": str(path), "benchmark": r.details["benchmark"], "profile": r.profile, "passed": r.passed,
                    "budgets": r.details["budgets"], "checks": r.checks}
@@ -179,7 +179,11 @@ def run_pipeline(spec: PipelineSpec, *, out: str | os.PathLike | None = None, fo
         tflite_format.stack("TFLite export (export.formats: tflite)")  # a missing extra fails now, not later
     header = {"name": spec.name, "pipeline": {"source": source, "sha256": digest(spec.model_dump())},
               "spec": spec.model_dump()}
-    runner = StageRunner(out_dir, header, on_event=on_event, force=force)
+    refuse_overwrite([("--out", out_dir / rel) for rel in ("manifest.json", "runs.jsonl", "baseline/dense.pt")],
+                     [("pipeline file", source), ("weights", spec.weights), ("data", data_file(spec.data)),
+                      ("model file", model_file(spec.model)), *(("profile", profile_file(p)) for p in spec.profiles)])
+    runner = StageRunner(out_dir, header, on_event=on_event, force=force,
+                         own=("baseline", *ids, *(_slug(p) for p in spec.profiles)))
     t0 = time.perf_counter()
     files: list[tuple[str | None, str, Path, str]] = []  # (profile id or None, format, file, stage)
     if spec.checks.baseline:

@@ -10,13 +10,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chita_edge.core.errors import BadInput
+from chita_edge.core.errors import SEED_LIMIT, BadInput
 from chita_edge.core.io import require_file
 from chita_edge.devices.profiles import _expected, _key_node, _node_at
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # every float finite: an inf learning rate or ridge is refused when the file is loaded, not stages later
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class PruneSpec(_Strict):
@@ -41,7 +42,7 @@ class PruneSpec(_Strict):
     block_size: int | None = Field(default=None, ge=0)
     width_multiple: int | None = Field(default=None, ge=1, le=256)
     depth: bool | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
 
     def settings(self, sparsity: float | None) -> dict[str, Any]:
         """The settings this file gives (the fields it sets), by their shared names."""
@@ -75,7 +76,7 @@ class FinetuneSpec(_Strict):
     augment: bool | None = None
     bn_batches: int = Field(default=100, ge=0)
     distill: bool = False
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
 
 
 class ExportSpec(_Strict):
@@ -104,6 +105,7 @@ class CheckSpec(_Strict):
         default_factory=lambda: ["onnx", "tflite"],
         description="formats whose files get device estimates (the LiteRT host calibration takes minutes on a fresh "
                     "machine); files of other formats are gated on this host's measurement, said so")
+    uncertain: Literal["fail", "pass"] = Field(default="fail", description="how an uncertain verdict (budget inside the estimate's error band, or a device latency timed only on this host) counts")
     baseline: bool = Field(default=True, description="also export and benchmark the dense model (the report's "
                                                      "reference point)")
 
@@ -119,6 +121,13 @@ class PipelineSpec(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     checks: CheckSpec = Field(default_factory=CheckSpec)
     out: str | None = Field(default=None, description="output directory (default: NAME.out beside the file)")
+
+    @field_validator("data")
+    @classmethod
+    def _data_spec(cls, v: str) -> str:
+        if v != "digits" and not (v.startswith("npz:") and v[4:].strip()):
+            raise ValueError("expected npz:PATH (the path of an .npz file) or digits")
+        return v
 
     @model_validator(mode="after")
     def _per_profile(self) -> PipelineSpec:
@@ -198,7 +207,21 @@ def load_pipeline(path: str | os.PathLike) -> PipelineSpec:
         field = ".".join(str(x) for x in loc) or "(pipeline)"
         more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
         raise BadInput(f"{p}:{line}: field '{field}': {_expected(err, owner)}{more}") from None
-    return resolve_paths(spec, p.resolve().parent)
+    spec = resolve_paths(spec, p.resolve().parent)
+    _check_files(p, root, spec)
+    return spec
+
+
+def _check_files(p: Path, root: Any, spec: PipelineSpec) -> None:
+    """The files the pipeline reads exist: a missing one is one line naming the field, before anything runs."""
+    for name, path, what in (("weights", spec.weights, "weights file"),
+                             ("data", spec.data[4:] if spec.data.startswith("npz:") else None, "data file")):
+        if path is None or os.path.isfile(path):
+            continue
+        node = _node_at(root, (name,))[0]
+        line = node.start_mark.line + 1 if node is not None else 1
+        problem = "not found" if not os.path.lexists(path) else "is not a regular file"
+        raise BadInput(f"{p}:{line}: field '{name}': {path}: {what} {problem}")
 
 
 def _owner(loc: tuple[Any, ...]) -> type[BaseModel]:

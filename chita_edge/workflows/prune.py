@@ -8,6 +8,7 @@ from typing import Any
 
 from chita_edge.core.checkpoint import save_checkpoint
 from chita_edge.core.data import load_data
+from chita_edge.core.errors import BadInput
 from chita_edge.core.evaluate import accuracy
 from chita_edge.core.io import sha256_file
 from chita_edge.models.loading import LoadedModel, check_fits, load_model
@@ -24,6 +25,8 @@ def sparsity_of(lm: LoadedModel) -> tuple[float, dict[str, float]]:
 
 
 def evaluate_model(model: str | None, weights: str | os.PathLike | None, data: str) -> dict[str, Any]:
+    if model == "ckpt" and weights is None:
+        raise BadInput("MODEL 'ckpt' reads the model from a chita-edge checkpoint: give the checkpoint with --weights")
     lm = load_model(None if model == "ckpt" else model, weights)
     ds = load_data(data)
     check_fits(lm, ds.x_test, data, (ds.y_test,))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import platform
 import shutil
@@ -17,17 +16,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from chita_edge._version import __version__
-from chita_edge.core.checkpoint import read_weights
+from chita_edge.core.checkpoint import tensors_sha256
 from chita_edge.core.errors import BadInput
 from chita_edge.core.io import atomic_write_text, require_file, sha256_file
+from chita_edge.models.loading import read_checkpoint
 
-log = logging.getLogger(__name__)
 Event = Callable[[dict[str, Any]], None]
 MANIFEST_FORMAT = "chita-edge/pipeline-manifest-v1"
 INVOCATION_KEYS = ("resumed_from",)  # keys of a stage's result that describe one invocation: logged, not recorded
+OWN_FILES = ("manifest.json", "runs.jsonl", "report")  # what a pipeline writes at the top of its folder
 
 
 def versions() -> dict[str, str]:
@@ -61,13 +59,26 @@ class Hashes:
 
 
 def _tensordigest(path: str | os.PathLike) -> str:
-    sd, _ = read_weights(path)
-    h = hashlib.sha256(b"chita-edge/tensors-v1")
-    for name in sorted(sd):
-        t = sd[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return "tensors:" + h.hexdigest()
+    return "tensors:" + tensors_sha256(read_checkpoint(path)[0])
+
+
+def _check_shape(path: Path, manifest: dict[str, Any]) -> None:
+    """BadInput unless the manifest's stages are {name: record} with the record fields the runner reads."""
+    stages = manifest.get("stages", {})
+    problem = None if isinstance(stages, dict) else f"'stages': expected a mapping, got {type(stages).__name__}"
+    for name, rec in (stages.items() if problem is None else ()):
+        if not isinstance(rec, dict):
+            problem = f"stage {name!r}: expected a record (a mapping), got {type(rec).__name__}"
+        elif not isinstance(rec.get("outputs", {}), dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in rec.get("outputs", {}).items()):
+            problem = f"stage {name!r}: 'outputs' must map file names to hashes"
+        elif not isinstance(rec.get("result", {}), dict):
+            problem = f"stage {name!r}: 'result' must be a mapping"
+        if problem:
+            break
+    if problem:
+        raise BadInput(f"{path}: not a valid chita-edge pipeline manifest ({problem}); it is left as it is: repair "
+                       "or remove it, or choose an empty or new output directory (--out)")
 
 
 def data_identity(spec: str, hashes: Hashes) -> dict[str, str]:
@@ -78,7 +89,11 @@ def data_identity(spec: str, hashes: Hashes) -> dict[str, str]:
 
 @dataclass
 class StageRunner:
-    """Runs named stages in ``out``, keyed by the hash of their inputs and settings; keeps ``manifest.json``."""
+    """Runs named stages in ``out``, keyed by the hash of their inputs and settings; keeps ``manifest.json``.
+
+    ``own``: the top-level folders this pipeline's stages write (besides those its manifest records). An existing
+    ``out`` holding anything else -- a ``manifest.json`` that is not a pipeline manifest, a file of the user's --
+    is refused before anything is written there."""
 
     out: Path
     header: dict[str, Any]
@@ -87,28 +102,68 @@ class StageRunner:
     hashes: Hashes = field(default_factory=Hashes)
     manifest: dict[str, Any] = field(default_factory=dict)
     log_rows: list[dict[str, Any]] = field(default_factory=list)
+    own: tuple[str, ...] = ()
+    created: list[Path] = field(default_factory=list)  # folders this run made, deepest first (see ``discard``)
+    had_manifest: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.out.exists() and not self.out.is_dir():
             raise BadInput(f"{self.out}: the output directory is a file")
-        self.out.mkdir(parents=True, exist_ok=True)
-        path = self.out / "manifest.json"
-        old: dict[str, Any] = {}
-        if path.is_file():
-            try:
-                old = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                log.warning("%s: unreadable; every stage runs again", path)
-            if old.get("format") != MANIFEST_FORMAT:
-                old = {}
+        old = self._previous_manifest()
+        self.had_manifest = self.path.exists()
         self.manifest = {"format": MANIFEST_FORMAT, **self.header, "versions": versions(),
                          "stages": dict(old.get("stages") or {}), "verdict": None}
+
+    def _previous_manifest(self) -> dict[str, Any]:
+        """The manifest of an earlier run in ``out`` ({} for a new or empty folder); BadInput when ``out`` holds
+        anything that is not this pipeline's."""
+        if not self.out.is_dir():
+            return {}
+        path = self.out / "manifest.json"
+        old: Any = {}
+        if path.exists():
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError):
+                old = None
+            if not isinstance(old, dict) or old.get("format") != MANIFEST_FORMAT:
+                raise BadInput(f"{path}: not a chita-edge pipeline manifest (expected format {MANIFEST_FORMAT}); "
+                               "it is left as it is: choose an empty or new output directory (--out)")
+            _check_shape(path, old)
+        stages = old.get("stages") if isinstance(old.get("stages"), dict) else {}
+        own = {*OWN_FILES, *self.own, *(str(k).split("/", 1)[0] for k in stages)}
+        foreign = sorted(e.name for e in self.out.iterdir()
+                         if e.name not in own and not (e.name.startswith(".") and e.name.endswith(".part")))
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise BadInput(f"{self.out}: the output directory holds {foreign[0]!r}{more}, not written by this "
+                           "pipeline; choose an empty or new output directory (--out), nothing there is overwritten")
+        return old
 
     @property
     def path(self) -> Path:
         return self.out / "manifest.json"
 
+    def _mkdir(self, d: Path) -> None:
+        """``mkdir -p d``, remembering the folders it creates."""
+        self.created += [p for p in (d, *d.parents) if not p.exists()]
+        d.mkdir(parents=True, exist_ok=True)
+
+    def discard(self) -> None:
+        """After a failure before any stage finished: remove what this run created (the manifest, the empty stage
+        folders, the output folder), so that a bad input leaves nothing behind. Folders holding files stay."""
+        if any(isinstance(r, dict) and r.get("status") == "done" for r in self.manifest["stages"].values()):
+            return
+        if not self.had_manifest:
+            self.path.unlink(missing_ok=True)
+        for d in self.created:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
     def save(self) -> None:
+        self._mkdir(self.out)
         atomic_write_text(self.path, json.dumps(self.manifest, indent=2, sort_keys=False, default=str) + "\n")
 
     def _emit(self, row: dict[str, Any]) -> None:
@@ -137,7 +192,7 @@ class StageRunner:
             self._emit({"stage": name, "status": "skipped", "reason": "inputs and settings unchanged"})
             return rec  # type: ignore[return-value]
         sdir = self.out / name
-        sdir.mkdir(parents=True, exist_ok=True)
+        self._mkdir(sdir)
         donor = next((k for k, r in stages.items() if k != name and not self.force and self._valid(r, key)), None)
         t0 = time.perf_counter()
         if donor is not None:
@@ -148,7 +203,11 @@ class StageRunner:
             stages.pop(name, None)
             self.save()
             self._emit({"stage": name, "status": "running"})
-            result, how = dict(fn(sdir)), "ran"
+            try:
+                result, how = dict(fn(sdir)), "ran"
+            except BaseException:
+                self.discard()
+                raise
         # what this invocation did (resumed a fine-tuning) goes to runs.jsonl, not to the manifest: a run that was
         # killed and started again ends with the same manifest as one that was not
         done_how = {k: result.pop(k) for k in INVOCATION_KEYS if k in result}

@@ -32,7 +32,7 @@ from typing import Any
 from chita_edge.budget.config import BudgetConfig
 from chita_edge.core.checkpoint import save_checkpoint
 from chita_edge.core.data import load_data
-from chita_edge.core.errors import BadInput
+from chita_edge.core.errors import BadInput, check_finite, check_seed
 from chita_edge.core.evaluate import accuracy
 from chita_edge.core.io import atomic_write_text, sha256_file
 from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
@@ -74,6 +74,8 @@ class SweepConfig:
         return self.sparsities or self.latency_fractions
 
     def validate(self) -> None:
+        check_finite(self, {"sparsities": "--sparsities", "latency_fractions": "--latency-fractions"})
+        check_seed(self.seed)
         if bool(self.sparsities) == bool(self.latency_fractions):
             raise BadInput("sweep: give exactly one of --sparsities and --latency-fractions")
         for s in self.sparsities:
