@@ -376,3 +376,13 @@ def test_export_checks_out_before_exporting(ws, tmp_path, monkeypatch, where):
     one_error(run_cli("export", ws["ckpt"], "--out", out), 2, "--out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
+
+
+def test_check_refuses_a_junit_path_it_cannot_write_before_timing(tmp_path, monkeypatch):
+    """--junit into a missing directory fails first (exit 2), not after the benchmark runs."""
+    ran = []
+    monkeypatch.setattr("chita_edge.workflows.jobs.gate_check", lambda *a, **k: ran.append(1))
+    (tmp_path / "m.onnx").write_bytes(b"x")
+    r = run_cli("check", tmp_path / "m.onnx", "--profile", "phone-mid-sd670", "--junit",
+                tmp_path / "nope" / "budgets.xml")
+    assert r.code == 2 and "--junit" in r.stderr and "does not exist" in r.stderr and not ran

@@ -26,9 +26,29 @@ from chita_edge.core.io import atomic_path, require_file
 FORMAT = "chita-edge/checkpoint-v1"
 
 
+def _describe_head(head: bytes) -> str:
+    """What a file that is not a torch.save archive looks like, from its first bytes."""
+    if not head:
+        return "an empty file"
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        return "an HTML page, e.g. a download's error page"
+    if all(32 <= b < 127 or b in b"\t\r\n" for b in head[:64]):
+        return f"text beginning {(head.strip()[:40].decode('ascii').splitlines() or [''])[0]!r}"
+    return "bytes that are neither a zip archive nor a pickle"
+
+
 def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Load a state dict (plain, or a chita-edge checkpoint) safely. Returns (state_dict, meta or None)."""
     p = require_file(path, "weights file")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(64)
+    except OSError as e:
+        raise BadInput(f"{p}: cannot read the weights file ({e.strerror})") from None
+    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80")):  # torch.save: a zip (or a legacy pickle)
+        raise BadInput(f"{p}: not a PyTorch checkpoint ({_describe_head(head)}); expected a file written by "
+                       "torch.save (a state dict or a chita-edge checkpoint)")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:

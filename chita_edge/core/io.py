@@ -134,3 +134,20 @@ def refuse_overwrite(outputs: Paths, inputs: Paths) -> None:
             if same_file(out, inp):
                 raise BadInput(f"{flag} {out}: is the input {name} {inp}; choose another {flag.split()[0]} "
                                "(an input is never overwritten)")
+
+
+def check_out(out: Path, flag: str = "--out") -> None:
+    """BadInput now, before any work, when ``out`` cannot be written: its directory is missing or not one, it is
+    a directory, its name is too long, or the directory refuses a new file (a probe file is made and removed)."""
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        if out.is_dir():
+            raise BadInput(f"{flag} {out}: is a directory; give a file name")
+        if not parent.is_dir():
+            what = "does not exist" if not parent.exists() else "is not a directory"
+            raise BadInput(f"{flag} {out}: directory {parent} {what}")
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=parent)
+    except OSError as e:
+        raise BadInput(f"{flag} {out}: cannot write there ({e.strerror}); choose another {flag}") from None
+    os.close(fd)
+    os.unlink(probe)

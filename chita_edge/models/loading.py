@@ -103,33 +103,6 @@ def _from_pt2(spec: str) -> nn.Module:
                        f"torch.export.save; {_first_line(e)})") from None
 
 
-def _describe_head(head: bytes) -> str:
-    """What a file that is not a torch.save archive looks like, from its first bytes."""
-    if not head:
-        return "an empty file"
-    text = head.lstrip().lower()
-    if text.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
-        return "an HTML page, e.g. a download's error page"
-    if all(32 <= b < 127 or b in b"\t\r\n" for b in head[:64]):
-        return f"text beginning {(head.strip()[:40].decode('ascii').splitlines() or [''])[0]!r}"
-    return "bytes that are neither a zip archive nor a pickle"
-
-
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """``read_weights``, after refusing a file that is not a torch.save file at all (an HTML page saved as
-    ``.pt``, random bytes) as "not a PyTorch checkpoint" rather than as pickled objects."""
-    p = require_file(path, "weights file")
-    try:
-        with open(p, "rb") as f:
-            head = f.read(64)
-    except OSError as e:
-        raise BadInput(f"{p}: cannot read the weights file ({e.strerror})") from None
-    if not head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"\x80")):  # torch.save: a zip (or a legacy pickle)
-        raise BadInput(f"{p}: not a PyTorch checkpoint ({_describe_head(head)}); expected a file written by "
-                       "torch.save (a state dict or a chita-edge checkpoint)")
-    return read_weights(p)
-
-
 def model_file(spec: str | None) -> str | None:
     """The file a MODEL spec reads (``file.py:factory`` -> file.py, ``program.pt2``; ``zoo:NAME`` -> None)."""
     if not spec or spec.startswith("zoo:"):
@@ -181,7 +154,7 @@ def load_model(spec: str | None, weights: str | os.PathLike | None = None) -> Lo
     """Build the model and load weights. ``spec`` may be None when ``weights`` is a chita-edge checkpoint."""
     sd, meta = (None, None)
     if weights is not None:
-        sd, meta = read_checkpoint(weights)
+        sd, meta = read_weights(weights)
     if spec is None:
         if weights is None:
             raise BadInput("no model: give MODEL (zoo:NAME, path/to/file.py:factory, a .pt2 program) or a "

@@ -9,19 +9,19 @@ file -- and returns the export report.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from chita_edge.core.checkpoint import read_weights
 from chita_edge.core.data import Dataset, data_file, load_data
 from chita_edge.core.errors import BadInput
-from chita_edge.core.io import refuse_overwrite, require_file, sha256_file
+from chita_edge.core.io import check_out, refuse_overwrite, require_file, sha256_file
 from chita_edge.exporters import ExportConfig, export_model, inspect_file
 from chita_edge.exporters.export import SUFFIX, Progress
-from chita_edge.models.loading import load_model, model_file, read_checkpoint
+from chita_edge.models.loading import load_model, model_file
 
 RANDOM_PARITY_SAMPLES = 100
 HOLDOUT_SAMPLES = 1000  # int8 float fallback: training inputs after the calibration ones, never the test split
@@ -34,23 +34,6 @@ def _format_for(out: Path, fmt: str | None) -> str:
         if out.suffix.lower() == suffix:
             return f
     raise BadInput(f"--out {out}: cannot tell the format from the suffix; give --format onnx or --format tflite")
-
-
-def check_out(out: Path, flag: str = "--out") -> None:
-    """BadInput now, before any work, when ``out`` cannot be written: its directory is missing or not one, it is
-    a directory, its name is too long, or the directory refuses a new file (a probe file is made and removed)."""
-    parent = out.parent if str(out.parent) else Path(".")
-    try:
-        if out.is_dir():
-            raise BadInput(f"{flag} {out}: is a directory; give a file name")
-        if not parent.is_dir():
-            what = "does not exist" if not parent.exists() else "is not a directory"
-            raise BadInput(f"{flag} {out}: directory {parent} {what}")
-        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=parent)
-    except OSError as e:
-        raise BadInput(f"{flag} {out}: cannot write there ({e.strerror}); choose another {flag}") from None
-    os.close(fd)
-    os.unlink(probe)
 
 
 def _calibration_inputs(spec: str, n: int, shape: tuple[int, ...],
@@ -110,7 +93,7 @@ def export_checkpoint(
     refuse_overwrite([("--out", out)], [("checkpoint", src), ("--model file", model_file(model)),
                                         ("--calibration-data", calib_file)])
     check_out(out)  # before the export and its parity check, not after them
-    _, meta = read_checkpoint(src)
+    _, meta = read_weights(src)
     if meta is None and model is None:
         raise BadInput(f"{src}: not a pruned checkpoint (a plain state dict without chita-edge metadata); "
                        f"give --model SPEC (zoo:NAME or path/to/file.py:factory) to export it")

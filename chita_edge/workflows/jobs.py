@@ -26,7 +26,7 @@ from chita_edge.budget.config import METHODS as BUDGET_METHODS
 from chita_edge.budget.config import BudgetConfig
 from chita_edge.core.data import data_file
 from chita_edge.core.errors import BadInput
-from chita_edge.core.io import refuse_overwrite
+from chita_edge.core.io import check_out, refuse_overwrite
 from chita_edge.devices.bench import BenchConfig
 from chita_edge.devices.gate import run_check as gate_check
 from chita_edge.devices.profiles import Profile, load_profile, profile_file
@@ -37,7 +37,7 @@ from chita_edge.pruning.prune import PruneConfig
 from chita_edge.training.finetune import FinetuneConfig
 from chita_edge.training.gradual import GradualConfig
 from chita_edge.workflows.budget_jobs import prune_blocks_checkpoint, prune_budget_checkpoint
-from chita_edge.workflows.export import check_out, export_checkpoint
+from chita_edge.workflows.export import export_checkpoint
 from chita_edge.workflows.finetune import finetune_checkpoint
 from chita_edge.workflows.prune import prune_checkpoint
 from chita_edge.workflows.settings import Resolved, resolve
@@ -310,6 +310,8 @@ class CheckResult(_Result):
 
 
 def run_check(job: CheckJob, progress: Progress | None = None) -> CheckResult:
+    if job.junit is not None:
+        check_out(Path(job.junit), "--junit")  # a bad --junit fails now, not after the timing runs
     refuse_overwrite([("--junit", job.junit)], [("model", job.file), ("--profile", profile_file(job.profile)),
                                                 ("--data", data_file(job.data))])
     prof = job.profile if isinstance(job.profile, Profile) else load_profile(job.profile)

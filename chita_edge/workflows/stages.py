@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from chita_edge._version import __version__
-from chita_edge.core.checkpoint import tensors_sha256
+from chita_edge.core.checkpoint import read_weights, tensors_sha256
 from chita_edge.core.errors import BadInput
 from chita_edge.core.io import atomic_write_text, require_file, sha256_file
-from chita_edge.models.loading import read_checkpoint
 
 Event = Callable[[dict[str, Any]], None]
 MANIFEST_FORMAT = "chita-edge/pipeline-manifest-v1"
@@ -59,7 +58,7 @@ class Hashes:
 
 
 def _tensordigest(path: str | os.PathLike) -> str:
-    return "tensors:" + tensors_sha256(read_checkpoint(path)[0])
+    return "tensors:" + tensors_sha256(read_weights(path)[0])
 
 
 def _check_shape(path: Path, manifest: dict[str, Any]) -> None:
