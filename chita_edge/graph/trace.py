@@ -150,10 +150,22 @@ def first_line(e: BaseException) -> str:
     return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
+class _Tracer(fx.Tracer):
+    """fx's tracer, with every BatchNorm module a leaf: a library's subclass that also applies its activation
+    (timm's ``BatchNormAct2d``) stays one per-channel module instead of being traced into ``F.batch_norm`` on
+    attribute constants, which the channel walker cannot follow."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace(model: nn.Module, needed_by: str = "structured pruning") -> fx.GraphModule:
-    """``torch.fx.symbolic_trace(model)``; ``BadInput`` saying that ``needed_by`` needs a traceable model if not."""
+    """``torch.fx.symbolic_trace(model)`` with BatchNorm modules as leaves; ``BadInput`` saying that ``needed_by``
+    needs a traceable model if it cannot be traced."""
     try:
-        return fx.symbolic_trace(model)
+        root = model
+        graph = _Tracer().trace(root)
+        return fx.GraphModule(root, graph, root.__class__.__name__)
     except Exception as e:
         raise BadInput(
             f"{type(model).__name__}: {needed_by} needs a torch.fx-traceable model, but symbolic_trace "
