@@ -149,3 +149,13 @@ def digits():
     from chita_edge.core.data import load_digits_dataset
 
     return load_digits_dataset()
+
+
+def tiny_board(latency_ms: float | None = None, *, board_id: str = "tiny-board") -> str:
+    """An uncalibrated device profile (YAML): a check measures on this host, with no host calibration (fast). Its
+    budgets: 5 MB of file, and ``latency_ms`` at p90 when given (which this host cannot verify: uncertain)."""
+    budgets = "{model_file_mb: 5}" if latency_ms is None else \
+        f"{{latency_ms: {{value: {latency_ms}, percentile: p90}}, model_file_mb: 5}}"
+    return (f"id: {board_id}\nname: a test board\nform_factor: sbc\nsoc: test\n"
+            "clusters: [{cores: 2, core: Cortex-A55, max_ghz: 1.5}]\nthreads: 1\n"
+            f"runtimes: {{onnxruntime: {{threads: 1}}}}\nbudgets: {budgets}\n")

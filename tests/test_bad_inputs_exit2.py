@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from chita_edge.exporters import ExportConfig
-from conftest import CliResult, model_file, run_cli, tiny_mlp
+from conftest import CliResult, model_file, run_cli, tiny_board, tiny_mlp
 
 from chita_edge.budget.config import BudgetConfig
 from chita_edge.core.errors import BadInput
@@ -79,15 +79,6 @@ MODELS = model_file(tiny_mlp, mlp="tiny_mlp(16)") + textwrap.dedent("""
         return _CtrlC()
 """)
 
-PROFILE = """id: tiny-board
-name: a test board
-form_factor: sbc
-soc: test
-clusters: [{cores: 2, core: Cortex-A55, max_ghz: 1.5}]
-threads: 1
-runtimes: {onnxruntime: {threads: 1}}
-budgets: {latency_ms: {value: 1000, percentile: p90}, model_file_mb: 5}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +93,7 @@ def ws(tmp_path_factory) -> dict[str, Path]:
     assert r.code == 0, r.stderr
     r = run_cli("export", f["ckpt"], "--out", f["onnx"], "--parity-samples", "5")
     assert r.code == 0, r.stderr
-    (d / "board.yaml").write_text(PROFILE)
+    (d / "board.yaml").write_text(tiny_board(1000))
     return f
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TINY, model_file, run_cli, tiny_mlp
+from conftest import ROOT, TINY, model_file, run_cli, tiny_board, tiny_mlp
 
 from chita_edge.core.checkpoint import FORMAT, read_weights, save_checkpoint
 from chita_edge.core.data import load_data
@@ -27,16 +27,6 @@ from chita_edge.core.io import atomic_write_text, refuse_overwrite
 from chita_edge.devices.profiles import load_profile
 
 BOARD = (ROOT / "device_profiles" / "sbc-rpi4.yaml").read_text(encoding="utf-8")
-# uncalibrated: a check measures here, with no host calibration (fast)
-TEST_BOARD = """id: tiny-board
-name: a test board
-form_factor: sbc
-soc: test
-clusters: [{cores: 2, core: Cortex-A55, max_ghz: 1.5}]
-threads: 1
-runtimes: {onnxruntime: {threads: 1}}
-budgets: {model_file_mb: 5}
-"""
 
 
 @pytest.fixture
@@ -110,7 +100,7 @@ def test_prune_and_finetune_refuse_to_write_over_the_data(ws, cli):
 def test_check_refuses_junit_over_the_model_or_the_profile(ws, cli):
     model = _onnx(ws / "m.onnx")
     board = ws / "board.yaml"
-    board.write_text(TEST_BOARD)
+    board.write_text(tiny_board())
     same = _unchanged(model, board)
     fast = ("--runs", "2", "--warmup", "0")
     r = cli("check", model, "--profile", board, "--junit", model, *fast)
@@ -146,7 +136,7 @@ def test_refuse_overwrite_names_the_flag_and_ignores_missing_entries(tmp_path):
 # ------------------------------------------------------------------------------------ the pipeline's folder
 def _pipeline(tmp: Path) -> Path:
     (tmp / "tiny.py").write_text(TINY)
-    (tmp / "board.yaml").write_text(TEST_BOARD)
+    (tmp / "board.yaml").write_text(tiny_board())
     p = tmp / "pipe.yaml"
     p.write_text(f"name: t\nmodel: {tmp / 'tiny.py'}:mlp\ndata: digits\nprofiles: [./board.yaml]\n"
                  "prune: {method: magnitude, sparsity: 0.5}\nexport: {formats: [onnx], parity_samples: 20}\n"

@@ -7,27 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_board
 
 from chita_edge.core.errors import BadInput
 from chita_edge.workflows import pipeline, pipeline_spec
 
 DEMO = Path(__file__).resolve().parents[1] / "chita_edge" / "workflows" / "demo.py"
 
-# an uncalibrated profile: measured here, no host calibration needed (keeps the tests fast); its latency budget
-# cannot be verified on this host (uncertain), which these runs accept with checks.uncertain: pass
-PROFILE = """id: tiny-board
-name: a test board
-form_factor: sbc
-soc: test
-clusters: [{cores: 2, core: Cortex-A55, max_ghz: 1.5}]
-threads: 1
-runtimes: {onnxruntime: {threads: 1}}
-budgets: {latency_ms: {value: LAT, percentile: p90}, model_file_mb: 5}
-"""
-
-
 def write(tmp: Path, lat: float = 1000, **over: str) -> Path:
-    (tmp / "tiny-board.yaml").write_text(PROFILE.replace("LAT", str(lat)))
+    # uncalibrated (measured here, fast); its latency budget cannot be verified on this host (uncertain), which these
+    # runs accept with checks.uncertain: pass
+    (tmp / "tiny-board.yaml").write_text(tiny_board(lat))
     w = tmp.parent / "w.pt"  # shared by the runs of one test: the same weights (the key holds their path)
     if not w.exists():
         from chita_edge.workflows.demo import DigitsCNN
@@ -167,7 +157,7 @@ def test_broken_budget_exits_1_naming_it(tmp_path, cli):
 
 
 def test_same_settings_for_two_profiles_reuse_the_work(tmp_path, cli):
-    (tmp_path / "other.yaml").write_text(PROFILE.replace("LAT", "1000").replace("tiny-board", "other-board"))
+    (tmp_path / "other.yaml").write_text(tiny_board(1000, board_id="other-board"))
     p = write(tmp_path, profiles="[./tiny-board.yaml, ./other.yaml]", finetune=None)
     r = cli("run", p, "--json")
     assert r.code == 0, r.stderr
