@@ -46,7 +46,8 @@ Progress = Callable[[str, int, int], None]
 @dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     """What to write. ``layout``: dense (as trained), compact (zero channels removed), sparse (smallest file the
-    runtime can use; sparse kernels where they pay), auto (per-layer choice for speed, with reasons)."""
+    runtime can use; sparse kernels where they pay, XNNPACK off if need be), auto (per-layer choice for speed,
+    with reasons; keeps XNNPACK, because the constants behind switching it off were measured on x86 only)."""
 
     format: str
     layout: str = "dense"
@@ -344,6 +345,7 @@ def export_model(
         decisions, req = L.plan_tflite(ws, plan_layout)
         F.apply(mobj, ws, info, decisions)
     cb("convert", 3, 3)
+    notes.extend(L.plan_notes(cfg.layout, decisions, req))
 
     zeros = _zeros_report(model, ws)
     if not zeros["zeros_kept"]:

@@ -14,10 +14,16 @@ onnxruntime 1.31 and ai-edge-litert 2.3, batch 1, one thread (``../shared/docs/r
   convolutions then run 4-5x slower on the built-in kernels.
 * A DENSIFY op in front of any other weight shrinks the file and costs peak memory at load, at the same speed;
   XNNPACK accepts it for float weights but not for int8 ones.
+
+None of this was measured on ARM. Each decision that rests on a constant names it in its ``why``
+(``[rests on LITERT_SPARSE_FC_COST[bcsr1x4]=2.6, MIN_GAIN=0.9: measured on x86 only]``) and ``plan_notes`` says
+so in the report. The whole-file XNNPACK-off switch is therefore opt-in: ``sparse`` takes it where the constants
+predict a gain; ``auto`` never does and says when it would have.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +35,11 @@ LITERT_SPARSE_FC_COST = {"bcsr1x4": 2.6, "csr": 8.2, "bcsr1x16": 1.5}
 LITERT_NO_XNNPACK_PENALTY = 4.5
 # A layout change must promise at least this much (predicted latency ratio) to be taken.
 MIN_GAIN = 0.9
+# Where the three constants above were measured. None of them has been measured on ARM, where the devices run:
+# every decision that rests on them names them (``[rests on ...]`` in its ``why``) and the report says so.
+MEASURED_ON = "x86-64 (2-core AVX-512), ai-edge-litert 2.3, batch 1, 1 thread"
+# How ``auto`` declines the whole-file XNNPACK-off switch; ``--layout sparse`` is the opt-in.
+OPT_IN = "opt in with --layout sparse"
 
 FC, CONV, DEPTHWISE, OTHER = "fc", "conv", "depthwise", "other"
 
@@ -162,6 +173,17 @@ def coo_bytes(a: np.ndarray) -> int:
     return nnz * (np.asarray(a).itemsize + 8)
 
 
+def _fc_cost(encoding: str) -> str:
+    return f"LITERT_SPARSE_FC_COST[{encoding}]={LITERT_SPARSE_FC_COST[encoding]:g}"
+
+
+_GAIN, _PENALTY = f"MIN_GAIN={MIN_GAIN:g}", f"LITERT_NO_XNNPACK_PENALTY={LITERT_NO_XNNPACK_PENALTY:g}"
+
+
+def _rests_on(*constants: str) -> str:
+    return f" [rests on {', '.join(constants)}: measured on x86 only]"
+
+
 def predicted_fc_ratio(encoding: str, a: np.ndarray) -> float | None:
     """Predicted latency of a direct sparse FULLY_CONNECTED relative to dense (``c * stored fraction``)."""
     if encoding == CSR:
@@ -193,7 +215,9 @@ def plan_onnx(weights: list[Weight], layout: str) -> tuple[list[Decision], dict[
         elif layout == "auto" and zf > 0:
             out.append(Decision(w.name, DENSE, K_DENSE, f"{zf:.0%} zeros stored densely: ONNX Runtime has no sparse "
                                 f"CPU kernels and densifies sparse initializers at load, so only the download "
-                                f"would shrink (to {min(coo, dense) / dense:.0%}) at a peak-memory cost", dense, 1.0))
+                                f"would shrink (to {min(coo, dense) / dense:.0%}) at a peak-memory cost [no cost "
+                                f"constant: densifying at load was measured with onnxruntime 1.31 on x86]",
+                                dense, 1.0))
         else:
             out.append(Decision(w.name, DENSE, K_DENSE, f"layout {layout}", dense, 1.0))
     return out, {}
@@ -229,8 +253,10 @@ def plan_tflite(weights: list[Weight], layout: str) -> tuple[list[Decision], dic
 
     ``sparse``: direct sparse FULLY_CONNECTED weights where the built-in kernel is predicted faster and turning
     XNNPACK off for the file does not cost more than it gains; DENSIFY for the other weights where that shrinks
-    the file. ``auto``: the same choice of direct sparse FC weights, every other weight dense (DENSIFY buys
-    download size only, at a peak-memory cost). ``dense`` / ``compact``: everything dense.
+    the file. ``auto``: every weight dense, so the file keeps XNNPACK: the whole-file XNNPACK-off switch rests on
+    constants measured on x86 only, so ``auto`` does not take it; where those constants predict that it pays,
+    each FC weight's ``why`` says so and how to opt in (``--layout sparse``). DENSIFY buys download size only, at
+    a peak-memory cost. ``dense`` / ``compact``: everything dense.
     """
     by_name = {w.name: w for w in weights}
     total = sum(w.macs for w in weights) or 1
@@ -241,12 +267,18 @@ def plan_tflite(weights: list[Weight], layout: str) -> tuple[list[Decision], dic
         if cands:
             est = sum(w.macs * (cands[w.name][1] if w.name in cands else 1.0 if w.kind == FC
                                 else LITERT_NO_XNNPACK_PENALTY) for w in weights) / total
-            if est < MIN_GAIN:
+            basis = _rests_on(*(_fc_cost(e) for e in sorted({e for e, _ in cands.values()})), _GAIN, _PENALTY)
+            if est < MIN_GAIN and layout == "sparse":
                 direct = cands
+            elif est < MIN_GAIN:
+                why_not_direct = (f"LiteRT's sparse FULLY_CONNECTED kernels are predicted to run the model at "
+                                  f"{est:.2f}x dense latency, but only with XNNPACK off for the whole file, a switch "
+                                  f"unverified on ARM: auto keeps XNNPACK; {OPT_IN} and time it on the device"
+                                  f"{basis}")
             else:
                 why_not_direct = (f"sparse FULLY_CONNECTED kernels would need XNNPACK off for the whole file, "
                                   f"estimated {est:.2f}x dense latency (convolutions run ~"
-                                  f"{LITERT_NO_XNNPACK_PENALTY:g}x slower on built-in kernels)")
+                                  f"{LITERT_NO_XNNPACK_PENALTY:g}x slower on built-in kernels){basis}")
     out: list[Decision] = []
     for w in weights:
         zf = w.zero_fraction
@@ -255,7 +287,8 @@ def plan_tflite(weights: list[Weight], layout: str) -> tuple[list[Decision], dic
             block = {CSR: 1, BCSR4: 4, BCSR16: 16}[enc]
             b = csr_bytes(w.values, block) or w.dense_bytes
             out.append(Decision(w.name, enc, K_SPARSE, f"{zf:.0%} zeros: LiteRT's built-in sparse FULLY_CONNECTED "
-                                f"kernel, predicted {r:.2f}x dense latency; needs XNNPACK off", b, r))
+                                f"kernel, predicted {r:.2f}x dense latency; needs XNNPACK off"
+                                f"{_rests_on(_fc_cost(enc), _GAIN, _PENALTY)}", b, r))
             continue
         best = _best_direct(w)
         if layout == "sparse":
@@ -265,8 +298,8 @@ def plan_tflite(weights: list[Weight], layout: str) -> tuple[list[Decision], dic
                                     f"XNNPACK off for the whole file", w.dense_bytes, 1.0))
             elif d is not None:
                 reason = why_not_direct if best and why_not_direct else (
-                    f"the direct sparse kernel is predicted {best[1]:.2f}x dense at this sparsity" if best else
-                    "no sparse kernel for this op")
+                    f"the direct sparse kernel is predicted {best[1]:.2f}x dense at this sparsity"
+                    f"{_rests_on(_fc_cost(best[0]), _GAIN)}" if best else "no sparse kernel for this op")
                 out.append(Decision(w.name, d[0], K_DENSIFIED, f"{zf:.0%} zeros: DENSIFY shrinks it to "
                                     f"{d[1] / w.dense_bytes:.0%} of dense bytes (same speed, more peak memory at "
                                     f"load); {reason}", d[1], 1.0))
@@ -277,9 +310,11 @@ def plan_tflite(weights: list[Weight], layout: str) -> tuple[list[Decision], dic
             if best and why_not_direct:
                 reason = why_not_direct
             elif best:
-                reason = f"the direct sparse kernel is predicted {best[1]:.2f}x dense at this sparsity"
+                reason = (f"the direct sparse kernel is predicted {best[1]:.2f}x dense at this sparsity, not below "
+                          f"{MIN_GAIN:g}{_rests_on(_fc_cost(best[0]), _GAIN)}")
             else:
-                reason = "no sparse kernel for this op; DENSIFY would only shrink the download, at a peak-memory cost"
+                reason = ("no sparse kernel for this op; DENSIFY would only shrink the download, at a peak-memory "
+                          "cost [no cost constant]")
             out.append(Decision(w.name, DENSE, K_DENSE, f"{zf:.0%} zeros kept dense: {reason}", w.dense_bytes, 1.0))
         else:
             out.append(Decision(w.name, DENSE, K_DENSE, f"layout {layout}", w.dense_bytes, 1.0))
@@ -292,7 +327,27 @@ def plan_tflite(weights: list[Weight], layout: str) -> tuple[list[Decision], dic
     return out, req
 
 
+def plan_notes(layout: str, decisions: list[Decision], req: dict[str, Any]) -> list[str]:
+    """Report notes for a plan: which x86-measured constants its decisions rest on, and whether it took (or, in
+    ``auto``, declined) the whole-file XNNPACK-off switch, which nobody has verified on ARM."""
+    used = sorted({c for d in decisions for m in re.findall(r"\[rests on (.*?): measured on x86 only\]", d.why)
+                   for c in m.split(", ")})
+    notes = []
+    if used:
+        notes.append(f"layout {layout}: decisions rest on {', '.join(used)}, measured on {MEASURED_ON} "
+                     f"(exporters/layouts.py), not on ARM; on the device they are predictions")
+    if any(d.kernel == K_SPARSE for d in decisions) and req.get("xnnpack") is False:
+        notes.append("XNNPACK is off for the whole file so that LiteRT's sparse FULLY_CONNECTED kernels can run: "
+                     "the speed-up that justified it is unverified on ARM (measured on x86 only); time the file "
+                     "on the device (bench --remote) against the --layout auto export")
+    if any(OPT_IN in d.why for d in decisions):
+        notes.append(f"auto kept XNNPACK on: turning it off for the whole file for sparse FULLY_CONNECTED kernels "
+                     f"is predicted to pay on x86 but is unverified on ARM; {OPT_IN} (see each layer's why)")
+    return notes
+
+
 __all__ = [
     "BCSR4", "BCSR16", "COO", "CSR", "DENSE", "DENSIFY_BCSR4", "DENSIFY_CSR", "Decision", "Weight",
-    "block_zero_fraction", "coo_bytes", "csr_arrays", "csr_bytes", "plan_onnx", "plan_tflite", "zero_fraction",
+    "block_zero_fraction", "coo_bytes", "csr_arrays", "csr_bytes", "plan_notes", "plan_onnx", "plan_tflite",
+    "zero_fraction",
 ]

@@ -15,6 +15,7 @@ from conftest import run_cli
 from torch import nn
 
 from chita_edge.core.errors import BadInput, RuntimeFailure
+from chita_edge.devices.band import TAIL_WIDENING
 from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
 from chita_edge.devices.bench_child import measure
 from chita_edge.devices.calibration import (
@@ -196,10 +197,33 @@ def test_fit_on_real_rows_and_provenance_string():
     assert fit.band.basis == "pooled" and "leave-one-out, pooled over" in fit.band.describe()  # 2 anchors: too few
     e = estimate(p, host, {"p50": 2.0, "p90": 3.0, "p99": 4.0, "mean": 2.5}, {"dense": 1.0, "basis": "time"})
     assert e["available"] and e["factor"] == pytest.approx(fit.scale)
-    assert e["latency_ms"]["p90"] == pytest.approx(3.0 * fit.scale)
+    # p50 from the calibration; p90/p99 = p50 x this host's own tail ratio (3/2, 4/2) x the stated extra factor
+    assert e["latency_ms"]["p50"] == pytest.approx(2.0 * fit.scale)
+    assert e["latency_ms"]["p90"] == pytest.approx(2.0 * fit.scale * 1.5 * TAIL_WIDENING)
+    assert e["latency_ms"]["p99"] == pytest.approx(2.0 * fit.scale * 2.0 * TAIL_WIDENING)
+    assert TAIL_WIDENING > 1 and e["tails"]["host_tail_ratio"] == {"p90": 1.5, "p99": 2.0}
+    assert e["tails"]["extra_factor"] == TAIL_WIDENING and f"tail ratio x {TAIL_WIDENING:g}" in e["provenance"]
+    band_hi = e["band"]["latency_ms"]["p90"][1]
+    assert band_hi == pytest.approx(e["latency_ms"]["p90"] * e["band"]["high"])  # the band rides on the widened tail
     # a depthwise-heavier model gets a larger factor when non-dense work is slower on the device
     e2 = estimate(p, host, {"p50": 2.0}, {"dense": 0.5, "basis": "time"})
     assert (e2["factor"] > e["factor"]) == (fit.rho > 1)
+
+
+def test_estimate_records_the_thread_assumption_and_the_published_speedup():
+    host = fake_host(mobilenet_v1=(8.2, 0.75), mobilenet_v2=(6.2, 0.8), resnet18=(24.2, 0.99))
+    assert host.threads == 1
+    e = estimate(load_profile("phone-mid-sd670"), host, {"p50": 1.0, "p90": 1.0}, {"dense": 0.9, "basis": "time"})
+    th = e["threads"]
+    assert th["host"] == 1 and th["anchors"] == 2 and "carries the anchors'" in th["correction"]
+    # R16/R17: the same Pixel 3a at 1 and 2 threads (MobileNetV1 88 / 46 ms, ..., MobileNetV3-small 14 / 8 ms)
+    assert th["published_speedup"] == pytest.approx({"R16:mobilenet_v1": 88 / 46, "R16:mobilenet_v2": 55 / 28,
+                                                     "R17:mobilenet_v3_large": 44 / 24, "R17:mobilenet_v3_small": 14 / 8})
+    assert "host 1 thread(s), anchors at 2: carries the anchors' thread speed-up (R16:mobilenet_v1 x1.91" \
+        in e["provenance"] and e["fit"]["threads"] == th
+    w = estimate(load_profile("watch-a55-dual"), host, {"p50": 1.0}, {"dense": 0.9, "basis": "time"})
+    assert w["threads"]["anchors"] == 1 and w["threads"]["correction"].startswith("none needed")
+    assert "anchors at 1)" in w["provenance"]
 
 
 def test_uncalibrated_profile_has_no_estimate_and_says_why(tmp_path):
@@ -238,7 +262,9 @@ def test_bench_with_profiles_gives_estimates_with_provenance(tiny_onnx, tmp_path
     assert est["provenance"].startswith("estimated-device (calibrated, anchors R41:mobilenet_v1, R41:resnet18, "
                                         "fit error ")
     for k in ("p50", "p90", "p99", "mean"):
-        assert est["latency_ms"][k] == pytest.approx(d["latency_ms"][k] * est["factor"])
+        tail = 1.0 if k in ("p50", "mean") else max(1.0, d["latency_ms"][k] / d["latency_ms"]["p50"]) * TAIL_WIDENING
+        base = d["latency_ms"]["p50"] if tail != 1.0 else d["latency_ms"][k]
+        assert est["latency_ms"][k] == pytest.approx(base * est["factor"] * tail)
         lo, hi = est["band"]["latency_ms"][k]  # the leave-one-out error band travels with every estimate
         assert lo < est["latency_ms"][k] < hi
     assert est["confidence"] == "medium" and d["device_estimates"]["my-board"]["confidence"] == "medium"

@@ -174,6 +174,34 @@ def test_tflite_plan_uses_sparse_fc_kernels_only_where_they_pay():
     assert dec[0].encoding == L.DENSE
 
 
+def test_auto_reasons_name_the_x86_constants_and_the_xnnpack_switch_is_opt_in():
+    fc = _weight("fc", L.FC, _blocky(64, 64, 0.9), 4096)
+    consts = ("LITERT_SPARSE_FC_COST[bcsr1x4]=2.6", "MIN_GAIN=0.9", "LITERT_NO_XNNPACK_PENALTY=4.5")
+    # the x86 constants predict the sparse kernel pays, but auto does not switch XNNPACK off for the file
+    dec, req = L.plan_tflite([fc], "auto")
+    assert dec[0].encoding == L.DENSE and req == {"xnnpack": True}
+    assert all(c in dec[0].why for c in consts) and "measured on x86 only" in dec[0].why
+    assert L.OPT_IN in dec[0].why
+    notes = L.plan_notes("auto", dec, req)
+    assert any(n.startswith("auto kept XNNPACK on") for n in notes)
+    assert any(all(c in n for c in consts) and L.MEASURED_ON in n and "not on ARM" in n for n in notes)
+    # the opt-in: --layout sparse takes the switch, and the report calls it unverified on ARM
+    dec, req = L.plan_tflite([fc], "sparse")
+    assert dec[0].encoding == L.BCSR4 and req["xnnpack"] is False and all(c in dec[0].why for c in consts)
+    assert any("unverified on ARM" in n for n in L.plan_notes("sparse", dec, req))
+    # a prediction short of the gain names its cost constant and MIN_GAIN; a conv-dominated model names all three
+    half = np.where(np.random.default_rng(1).random((64, 64)) < 0.5, 0, 1).astype(np.float32)
+    dec, _ = L.plan_tflite([_weight("fc", L.FC, half, 4096)], "auto")
+    assert "LITERT_SPARSE_FC_COST[" in dec[0].why and "MIN_GAIN=0.9" in dec[0].why
+    conv = _weight("conv", L.CONV, np.ones((16, 3, 3, 16), np.float32), 10 * 4096, direct=False)
+    dec, req = L.plan_tflite([conv, fc], "auto")
+    assert req == {"xnnpack": True} and all(c in dec[1].why for c in consts) and L.OPT_IN not in dec[1].why
+    assert not any(n.startswith("auto kept") for n in L.plan_notes("auto", dec, req))
+    # no decision without zeros rests on a constant: no note
+    dec, req = L.plan_tflite([_weight("d", L.FC, np.ones((8, 8), np.float32), 64)], "auto")
+    assert L.plan_notes("auto", dec, req) == []
+
+
 def test_onnx_plan_stores_coo_only_where_the_file_shrinks():
     rng = np.random.default_rng(0)
     w90 = np.where(rng.random((64, 64)) < 0.9, 0, 1).astype(np.float32)

@@ -102,10 +102,16 @@ def test_cli_export_tflite_and_inspect(tiny, tmp_path):  # noqa: F811
     r = run_cli("export", tiny["mlp_ckpt"], "--format", "tflite", "--layout", "auto", "--out", out,
                 "--parity-samples", "100")
     assert r.code == 0, r.stderr
-    assert "requires: no XNNPACK" in r.stderr and out.exists()
-    r = run_cli("export", tiny["mlp_ckpt"], "--layout", "sparse", "--out", tmp_path / "j.tflite", "--json",
+    # auto keeps XNNPACK (switching it off rests on x86-only constants) and says how to opt in
+    assert "requires: no XNNPACK" not in r.stderr and out.exists()
+    assert "note: auto kept XNNPACK on" in r.stderr and "opt in with --layout sparse" in r.stderr
+    assert "LITERT_NO_XNNPACK_PENALTY=4.5" in r.stderr
+    assert file_requirements(out)["xnnpack"] is True
+    out = tmp_path / "j.tflite"
+    r = run_cli("export", tiny["mlp_ckpt"], "--layout", "sparse", "--out", out, "--json",
                 "--parity-samples", "50")
     assert r.code == 0 and r.json()["requires"]["xnnpack"] is False  # stdout holds exactly the JSON object
+    assert any("unverified on ARM" in n for n in r.json()["notes"])
     r = run_cli("inspect", out)
     assert r.code == 0 and "verdict:" in r.stderr and "sparse kernel" in r.stdout
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+from importlib import resources
+from pathlib import Path
 
 import pytest
+import tomllib
 from conftest import SHARED, run_cli
 
 from chita_edge.core.errors import BadInput
@@ -87,6 +90,111 @@ def test_calibration_rows_are_copied_from_devices_md(shared_dir):
             assert r.row in lines, (p.id, r.row)
             numbers = {float(x) for x in re.findall(r"\d+(?:\.\d+)?", lines[r.row])}
             assert r.latency_ms in numbers, (p.id, r.row, r.model, r.latency_ms)
+
+
+# ----------------------------------------------------------------------------------- SOURCES.md (in-repo record)
+def _md_table(text: str, heading: str) -> list[dict[str, str]]:
+    """The first markdown table under ``## heading`` as one dict per line, keyed by the header cells."""
+    lines = text.split(f"\n## {heading}\n", 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    rows = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines[start:end]]
+    head, body = rows[0], rows[2:]
+    assert all(len(r) == len(head) for r in body), heading
+    return [dict(zip(head, r, strict=True)) for r in body]
+
+
+def _sources_md() -> str:
+    return (resources.files("chita_edge.device_profiles") / "SOURCES.md").read_text(encoding="utf-8")
+
+
+def _published(text: str) -> dict[tuple[str, str], list[dict]]:
+    """SOURCES.md's row table as typed fields, by (row id, model)."""
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in _md_table(text, "Rows"):
+        th = r["Threads"]
+        out.setdefault((r["Row"], r["Model"]), []).append({
+            "device": r["Device"], "input": int(r["Input"]), "runtime": r["Runtime"],
+            "runtime_version": r["Version / date"], "precision": r["Precision"],
+            "threads": None if th == "—" else int(th.split()[0]), "threads_unstated": th.endswith("[?]"),
+            "delegate": r["Delegate"], "latency_ms": float(r["Latency ms"]), "source": r["Src"]})
+    return out
+
+
+FIELDS = ("device", "input", "runtime", "runtime_version", "precision", "threads", "delegate", "latency_ms", "source")
+
+
+def row_problems(rows, text: str) -> list[str]:
+    """Every disagreement between profile rows ``(profile id, CalibrationRow)`` and SOURCES.md, one line each."""
+    pub, keys = _published(text), {r["Key"] for r in _md_table(text, "Sources")}
+    problems = []
+    for pid, r in rows:
+        where = f"{pid} {r.row} {r.model}"
+        if r.source not in keys:
+            problems.append(f"{where}: source {r.source!r} has no entry in SOURCES.md's Sources table")
+        cands = pub.get((r.row, r.model))
+        if not cands:
+            problems.append(f"{where}: no such row and model in SOURCES.md")
+            continue
+        mine = {f: getattr(r, f) for f in FIELDS}
+        best = max(cands, key=lambda c: sum(c[f] == mine[f] for f in FIELDS))
+        problems += [f"{where}: {f} {mine[f]!r}, published {best[f]!r}" for f in FIELDS if best[f] != mine[f]]
+        if best["threads_unstated"] and "[?]" not in (r.note or ""):
+            problems.append(f"{where}: the source does not state the thread count; the row's note must say '[?]'")
+    return problems
+
+
+def _all_rows():
+    return [(p.id, r) for p in load_all() for r in p.calibration.rows]
+
+
+def test_every_calibration_row_matches_sources_md_field_by_field():
+    text = _sources_md()
+    assert row_problems(_all_rows(), text) == []
+    # every source key in the row table has an entry, and every listed row is carried by some profile
+    keys = {r["Key"] for r in _md_table(text, "Sources")}
+    assert {r["Src"] for r in _md_table(text, "Rows")} <= keys
+    used = {(r.row, r.model, r.precision, r.delegate, r.threads, r.latency_ms) for _, r in _all_rows()}
+    for (row, model), cands in _published(text).items():
+        for c in cands:
+            assert (row, model, c["precision"], c["delegate"], c["threads"], c["latency_ms"]) in used, (row, model, c)
+    for r in _md_table(text, "Sources"):
+        assert re.search(r"https://\S+", r["Publication or benchmark page"]) and r["Table / figure"] and r["Date"]
+
+
+@pytest.mark.parametrize("change,field", [({"threads": 4}, "threads"), ({"input": 96}, "input"),
+                                          ({"runtime": "tflite"}, "runtime"), ({"latency_ms": 88.5}, "latency_ms"),
+                                          ({"source": "NOPE"}, "source")])
+def test_a_changed_field_in_one_row_fails_the_sources_check(change, field):
+    rows = _all_rows()
+    i = next(i for i, (pid, r) in enumerate(rows) if pid == "phone-mid-sd670" and r.threads == 1)
+    pid, r = rows[i]
+    rows[i] = (pid, r.model_copy(update=change))
+    problems = row_problems(rows, _sources_md())
+    assert problems and all(p.startswith(f"phone-mid-sd670 {r.row} {r.model}") for p in problems), problems
+    assert any(field in p for p in problems), problems
+
+
+def test_a_one_four_thread_swap_fails_the_sources_check():
+    rows = _all_rows()
+    swapped = []
+    for pid, r in rows:  # phone-low-a53: R50 at 4 and at 1 thread, the latencies left where they were
+        if pid == "phone-low-a53" and r.threads in (1, 4):
+            r = r.model_copy(update={"threads": 5 - r.threads})
+        swapped.append((pid, r))
+    problems = row_problems(swapped, _sources_md())
+    assert len(problems) == 6 and all("threads" in p or "latency_ms" in p for p in problems), problems
+
+
+def test_unstated_thread_counts_must_be_flagged_in_the_row():
+    rows = [(pid, r.model_copy(update={"note": None}) if r.row == "R39" else r) for pid, r in _all_rows()]
+    assert any("does not state the thread count" in p for p in row_problems(rows, _sources_md()))
+
+
+def test_sources_md_ships_as_package_data():
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "*.md" in data["chita_edge.device_profiles"] and (root / "device_profiles" / "SOURCES.md").is_file()
 
 
 def test_user_yaml_path_is_accepted_and_round_trips(tmp_path):

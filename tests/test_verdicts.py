@@ -9,17 +9,20 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 import pytest
-from conftest import run_cli
-from test_bench import calib_env, fake_host, tiny_onnx  # noqa: F401  (fixtures)
+from conftest import run_cli, shared_path
+from test_bench import calib_env, export_onnx, fake_host, tiny_onnx  # noqa: F401  (fixtures)
 from test_gate import RESULT, board
 
 from chita_edge.cli import ui
+from chita_edge.core.checkpoint import read_weights
 from chita_edge.core.errors import BadInput, GateFailed
 from chita_edge.devices.band import BAND_QUANTILE, MIN_OWN_ERRORS, band_half_width
+from chita_edge.devices.bench import BenchConfig, benchmark
 from chita_edge.devices.calibration import error_band, fit_profile, leave_one_out
 from chita_edge.devices.gate import evaluate, judge, junit_xml, pruned_verdicts, run_check, summary_markdown
 from chita_edge.devices.profiles import load_all, load_profile, with_budgets
 from chita_edge.devices.report import render_html, render_markdown
+from chita_edge.models.zoo import ResNet20
 from chita_edge.workflows.budget_jobs import raise_if_missed
 from chita_edge.workflows.pipeline_spec import CheckSpec
 
@@ -171,3 +174,24 @@ def test_profiles_calibrate_prints_the_leave_one_out_error(calib_env, monkeypatc
     f = d["fits"]["sbc-rpi4"]
     assert f["band"]["basis"] == "pooled" and f["loo_error"] is not None  # 2 anchors in the reduced calibration
     assert f["loo_error"] == pytest.approx(math.sqrt(np.mean(np.square(f["band"]["own_errors"]))))
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_a_budget_pruned_resnet20_passes_check_on_its_profile(tmp_path):
+    """Acceptance (issue 19): ``prune --profile`` to a latency budget that needs pruning (0.6x the dense estimate),
+    then ``check`` on the same profile and budget: both exit 0 (one rule, the band's upper edge within budget)."""
+    ckpt, data = shared_path("checkpoints/resnet20_cifar10.pt"), shared_path("data/cifar10.npz")
+    prof = "watch-a55-dual"  # calibrated; p90 budget; 1 device thread like the host
+    dense = ResNet20().eval()
+    dense.load_state_dict(read_weights(ckpt)[0])
+    export_onnx(dense, tmp_path / "dense.onnx", (1, 3, 32, 32))
+    est = benchmark(tmp_path / "dense.onnx", [load_profile(prof)], BenchConfig(runs=50))["device_estimate"]
+    budget = f"{0.6 * est['latency_ms']['p90']:.3f}"
+    f = tmp_path / "f.onnx"
+    r = run_cli("prune", "zoo:resnet20", "--weights", ckpt, "--data", f"npz:{data}", "--profile", prof,
+                "--latency-ms", budget, "--search-stages", "1", "--export", f, "--out", tmp_path / "p.pt",
+                "--threads", "1", "--json")
+    assert r.code == 0, r.stderr[-2000:]
+    c = run_cli("check", f, "--profile", prof, "--latency-ms", budget, "--json")
+    assert c.code == 0, (budget, c.stdout[-2000:], c.stderr[-2000:])

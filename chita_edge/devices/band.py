@@ -75,3 +75,34 @@ def band_half_width(errors: Collection[float]) -> float | None:
         return None
     return float(np.quantile(np.abs(np.log1p(np.asarray(list(errors), dtype=float))), BAND_QUANTILE,
                              method="higher"))
+
+
+# Device tails: no anchor publishes a device p90/p99 (the rows are medians or averages), so an estimate's p50 (and
+# mean) come from the calibration and its p90/p99 from the p50 with a stated widening: this host's own tail ratio
+# for the file (host pXX / host p50, at least 1) times ``TAIL_WIDENING``, an allowance for what the host does not
+# see on a phone or watch (DVFS, thermal throttling, background load). It is a stated assumption, not a measurement.
+TAIL_WIDENING = 1.2
+
+
+def tail_estimates(p50_device: float, host_latency: dict[str, float]) -> tuple[dict[str, float], dict[str, Any]]:
+    """Device p90/p99 from the device p50: ``p50 × max(1, host pXX / host p50) × TAIL_WIDENING``; with the record
+    of how (``tails`` in the estimate)."""
+    hp50 = float(host_latency.get("p50") or 0.0)
+    ratios = {k: max(1.0, float(host_latency[k]) / hp50) for k in ("p90", "p99") if k in host_latency and hp50 > 0}
+    return ({k: p50_device * r * TAIL_WIDENING for k, r in ratios.items()},
+            {"method": "device pXX = device p50 x this host's pXX/p50 for this file x extra factor",
+             "host_tail_ratio": ratios, "extra_factor": TAIL_WIDENING})
+
+
+# Threads: the host is timed with 1 thread, the anchors are at the device's thread count.
+
+def thread_speedups(profile: Any, threads: int) -> dict[str, float]:
+    """Published speed-ups t(1 thread) / t(``threads``) of the profile's own CPU fp32 rows of its calibration
+    runtime, where the same device, model and input appear at both thread counts (``R16:mobilenet_v1``: 1.91)."""
+    cal = profile.calibration
+    if cal is None or threads == 1:
+        return {}
+    rows = [r for r in cal.rows if r.delegate == "cpu" and r.precision == "fp32" and r.runtime == cal.runtime]
+    one = {(r.device, r.model, r.input): r for r in rows if r.threads == 1}
+    return {f"{r.row}:{r.model}": one[(r.device, r.model, r.input)].latency_ms / r.latency_ms
+            for r in rows if r.threads == threads and (r.device, r.model, r.input) in one}

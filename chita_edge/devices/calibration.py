@@ -15,11 +15,8 @@ shared by all bundled profiles (a least-squares fit in log space over every prof
 therefore needs one anchor to be calibrated; with a depthwise-heavy and a dense anchor its own rows pin both
 terms. The fit error printed in the provenance is the RMS relative error on the profile's own anchors (in-sample).
 
-Every estimate also carries an out-of-sample error band (``Band``): each anchor of the pool is predicted by a fit
-without it (leave-one-out) and the band's half-width, in log space, is the 90th percentile (the next larger
-observed value) of ``|ln(estimate / published)|`` over the profile's own held-out anchors when it has at least
-``MIN_OWN_ERRORS`` of them, else over every held-out anchor of the pool (said so; widened to the profile's own
-largest held-out error); with none it is unknown (``chita_edge.devices.band``).
+Every estimate also carries an out-of-sample error band (``chita_edge.devices.band``), its p90/p99 are its p50
+times this host's tail ratio and a stated widening, and it records the thread counts it maps between.
 """
 
 from __future__ import annotations
@@ -40,7 +37,14 @@ from torch import nn
 
 from chita_edge.core.errors import BadInput, MissingExtra, RuntimeFailure
 from chita_edge.core.io import atomic_write_text
-from chita_edge.devices.band import MIN_OWN_ERRORS, Band, band_half_width
+from chita_edge.devices.band import (
+    MIN_OWN_ERRORS,
+    TAIL_WIDENING,
+    Band,
+    band_half_width,
+    tail_estimates,
+    thread_speedups,
+)
 from chita_edge.devices.bench_child import host_info, runtime_version
 from chita_edge.devices.child import run_child
 from chita_edge.devices.profiles import Profile, load_all
@@ -349,6 +353,19 @@ class Fit:
     residuals: dict[str, float]
     pool: list[str]
     band: Band | None = None  # out-of-sample error band (leave-one-out)
+    host_threads: int = 1  # the host calibration's threads (the anchors are at ``device_threads``)
+    thread_speedups: tuple[tuple[str, float], ...] = ()  # published t(1 thread) / t(device threads), same device
+
+    @property
+    def threads(self) -> dict[str, Any]:
+        """The thread correction, explicit: the factor maps a ``host_threads`` timing onto anchors at ``device_threads``,
+        so it carries the anchors' speed-up (``published_speedup``, same device at both counts) to every model."""
+        same = self.host_threads == self.device_threads
+        return {"host": self.host_threads, "anchors": self.device_threads,
+                "correction": "none needed (same thread count)" if same else
+                f"implicit: the factor carries the anchors' {self.host_threads}->{self.device_threads}-thread "
+                "speed-up (not validated for models smaller than the anchors)",
+                "published_speedup": dict(self.thread_speedups)}
 
     def predict(self, host_ms: float, dense: float) -> float:
         return self.scale * host_ms * (dense + self.rho * (1.0 - dense))
@@ -369,7 +386,7 @@ class Fit:
                              "published_ms": a.published_ms, "target_ms": a.target_ms,
                              "residual": self.residuals[a.label]} for a in self.anchors],
                 "pool": self.pool, "loo_error": self.band.own_rms if self.band else None,
-                "band": self.band.to_dict() if self.band else None}
+                "band": self.band.to_dict() if self.band else None, "threads": self.threads}
 
 
 def _pool_for(profile: Profile, host: HostCalibration, pool: list[Profile] | None) -> list[Anchor]:
@@ -391,7 +408,9 @@ def fit_profile(profile: Profile, host: HostCalibration, pool: list[Profile] | N
            for a in mine}
     err = float(np.sqrt(np.mean(np.square(list(res.values())))))
     return Fit(fit.profile, fit.runtime, fit.device_threads, fit.scale, rho, mine, err, res, fit.pool,
-               _band(profile.id, _loo(allv, host)))
+               _band(profile.id, _loo(allv, host)), host.threads,
+               tuple(thread_speedups(profile, fit.device_threads).items()))
+
 
 
 def _band(profile_id: str, rows: list[dict[str, Any]]) -> Band:
@@ -457,7 +476,15 @@ def estimate(profile: Profile, host: HostCalibration, latency_ms: dict[str, floa
         dense = float(np.mean([r["dense"] for r in host.references.values()]))
         mix_from = "assumed (mean of the reference models)"
     factor = fit.factor(dense)
-    est = {k: v * factor for k, v in latency_ms.items() if k in ("p50", "p90", "p99", "mean")}
+    # p50 and mean from the calibration; p90/p99 from the p50 with a stated widening (band.TAIL_WIDENING)
+    est = {k: v * factor for k, v in latency_ms.items() if k in ("p50", "mean")}
+    tails, tail_note = tail_estimates(est["p50"], latency_ms) if "p50" in est else ({}, None)
+    est.update(tails)
+    th = fit.threads
+    speed = ", ".join(f"{k} x{v:.2f}" for k, v in th["published_speedup"].items()) or "not published for this profile"
+    how = (f"; p50 calibrated, p90/p99 = p50 x this host's tail ratio x {TAIL_WIDENING:g}; host {th['host']} "
+           f"thread(s), anchors at {th['anchors']}" + ("" if th["host"] == th["anchors"] else
+                                                     f": carries the anchors' thread speed-up ({speed})") + ")")
     band = fit.band or Band("unknown", None, 0)
     lo, hi = band.low, band.high
     return {
@@ -470,7 +497,9 @@ def estimate(profile: Profile, host: HostCalibration, latency_ms: dict[str, floa
         "factor": factor,
         "dense_fraction": dense,
         "op_mix": mix_from,
-        "provenance": fit.provenance,
+        "provenance": fit.provenance[:-1] + how,
+        "tails": tail_note,
+        "threads": th,
         "fit": fit.to_dict(),
         "host_calibration": {"runtime": host.runtime, "threads": host.threads, "resolution": host.resolution,
                              "cache": host.path, "references": host.references},

@@ -2,7 +2,7 @@
 
 A profile names a device class (``phone-flagship-sd8g2``, ``sbc-rpi4`` ...), its CPU, the runtime settings a
 deployment would use there, the budgets a model must meet, and the published reference measurements
-(``calibration.rows``, each with its row id in ``docs/devices.md``) that the host→device estimate is fitted to.
+(``calibration.rows``, each with its row id in ``device_profiles/SOURCES.md``) that the host→device estimate is fitted to.
 Anywhere a profile id is accepted, a path to a YAML file is accepted too. This is the only module importing yaml.
 """
 
@@ -84,7 +84,7 @@ class Budgets(_Strict):
 
 
 class CalibrationRow(_Strict):
-    row: str = Field(pattern=r"^R\d{2,3}$", description="row id in docs/devices.md, e.g. R27")
+    row: str = Field(pattern=r"^R\d{2,3}$", description="row id in device_profiles/SOURCES.md, e.g. R27")
     device: str = Field(min_length=1)
     model: str = Field(pattern=r"^[a-z0-9_]+$", description="reference model, e.g. mobilenet_v1")
     input: int = Field(default=224, ge=8, le=4096)
@@ -94,7 +94,7 @@ class CalibrationRow(_Strict):
     threads: int | None = Field(default=None, ge=1, le=256, description="CPU threads (required for CPU rows)")
     delegate: Literal["cpu", "gpu", "npu", "nnapi", "edgetpu"] = "cpu"
     latency_ms: float = Field(gt=0, le=1e6)
-    source: str = Field(min_length=1, description="source key in docs/devices.md §5, e.g. NCNN")
+    source: str = Field(min_length=1, description="source key in device_profiles/SOURCES.md, e.g. NCNN")
     proxy: bool = False
     clock_ghz: float | None = Field(default=None, gt=0, le=6.0, description="clock of the measured board")
     note: str | None = None
