@@ -193,5 +193,7 @@ def test_a_budget_pruned_resnet20_passes_check_on_its_profile(tmp_path):
                 "--latency-ms", budget, "--search-stages", "1", "--export", f, "--out", tmp_path / "p.pt",
                 "--threads", "1", "--json")
     assert r.code == 0, r.stderr[-2000:]
-    c = run_cli("check", f, "--profile", prof, "--latency-ms", budget, "--json")
+    # check measures once; the search planned below the band's upper edge by its own timing spread, and the device
+    # p90 is the p50 times a stated widening (not this host's noisy tail), so the two agree run after run
+    c = run_cli("check", f, "--profile", prof, "--latency-ms", budget, "--runs", "100", "--json")
     assert c.code == 0, (budget, c.stdout[-2000:], c.stderr[-2000:])

@@ -37,6 +37,7 @@ import copy
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Mapping
@@ -138,6 +139,7 @@ class _Search:
         # The limits the search compares with: a budget over its estimate's error band (``check``'s rule: the band's
         # upper edge must be within budget). 1 until the dense measurement says the latency is a banded estimate.
         self.edge = {k: 1.0 for k in limits}
+        self.timing_spread = 0.0
         self.eff = dict(limits)
         self.targets = {k: limits[k] * cfg.margin for k in limits}
         self.dense_measured: dict[str, Any] | None = None
@@ -169,7 +171,12 @@ class _Search:
         self.dense_measured = dense_measured
         high = ((dense_measured or {}).get("latency_band") or {}).get("high")
         if high and "latency_ms" in self.limits:  # a device estimate: plan so that its band's upper edge fits
-            self.edge["latency_ms"] = float(high)
+            # ... with room for the timing's own noise: `check` measures again, once. The relative spread of the
+            # dense model's repeated measurements (max - min over the median) is that room.
+            lat = [float(v) for v in (dense_measured or {}).get("latency_samples") or []]
+            spread = (max(lat) - min(lat)) / statistics.median(lat) if len(lat) >= 2 else 0.0
+            self.edge["latency_ms"] = float(high) * (1.0 + spread)
+            self.timing_spread = spread
             self.eff = {k: self.limits[k] / self.edge[k] for k in self.limits}
             self.targets = {k: self.eff[k] * cfg.margin for k in self.eff}
         return {k: (dense_measured[k] / self.dense_pred[k]) if dense_measured else 1.0 for k in RESOURCES}
@@ -326,6 +333,7 @@ class _Search:
                             dense_predicted={k: self.dense_pred[k] * res["corr"].get(k, 1.0) for k in self.dense_pred},
                             met=met, stages=self.info,
                             cost_model={**self.cm.describe(), "correction": res["corr"],
+                                        "planned_edge": dict(self.edge), "timing_spread": self.timing_spread,
                                         "channel_block": resolve_block(cfg), "tightened": tightened},
                             export=measured["file"] if measured else None, timings=self.timings,
                             dropped=sorted(st.dropped))

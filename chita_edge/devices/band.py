@@ -78,20 +78,21 @@ def band_half_width(errors: Collection[float]) -> float | None:
 
 
 # Device tails: no anchor publishes a device p90/p99 (the rows are medians or averages), so an estimate's p50 (and
-# mean) come from the calibration and its p90/p99 from the p50 with a stated widening: this host's own tail ratio
-# for the file (host pXX / host p50, at least 1) times ``TAIL_WIDENING``, an allowance for what the host does not
-# see on a phone or watch (DVFS, thermal throttling, background load). It is a stated assumption, not a measurement.
-TAIL_WIDENING = 1.2
+# mean) come from the calibration and its p90/p99 from the p50 with a stated widening, ``TAIL_WIDENING``: an
+# allowance for what a phone or watch adds over its median (DVFS, thermal throttling, background load). It is a
+# stated assumption, not a measurement. This host's own tail (p90/p50) is not used: it measures this x86 host's
+# interference, not the device's, and it moves by 10 % and more between processes on a shared machine, which
+# would make the same file pass and fail the same budget.
+TAIL_WIDENING = {"p90": 1.2, "p99": 1.5}
 
 
 def tail_estimates(p50_device: float, host_latency: dict[str, float]) -> tuple[dict[str, float], dict[str, Any]]:
-    """Device p90/p99 from the device p50: ``p50 × max(1, host pXX / host p50) × TAIL_WIDENING``; with the record
-    of how (``tails`` in the estimate)."""
-    hp50 = float(host_latency.get("p50") or 0.0)
-    ratios = {k: max(1.0, float(host_latency[k]) / hp50) for k in ("p90", "p99") if k in host_latency and hp50 > 0}
-    return ({k: p50_device * r * TAIL_WIDENING for k, r in ratios.items()},
-            {"method": "device pXX = device p50 x this host's pXX/p50 for this file x extra factor",
-             "host_tail_ratio": ratios, "extra_factor": TAIL_WIDENING})
+    """Device p90/p99 from the device p50: ``p50 × TAIL_WIDENING[pXX]``; with the record of how (``tails`` in the
+    estimate). ``host_latency`` says which percentiles were asked for."""
+    keys = [k for k in ("p90", "p99") if k in host_latency]
+    return ({k: p50_device * TAIL_WIDENING[k] for k in keys},
+            {"method": "device pXX = device p50 x a stated widening (no device tail is published)",
+             "widening": {k: TAIL_WIDENING[k] for k in keys}})
 
 
 # Threads: the host is timed with 1 thread, the anchors are at the device's thread count.

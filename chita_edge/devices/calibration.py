@@ -16,7 +16,7 @@ therefore needs one anchor to be calibrated; with a depthwise-heavy and a dense 
 terms. The fit error printed in the provenance is the RMS relative error on the profile's own anchors (in-sample).
 
 Every estimate also carries an out-of-sample error band (``chita_edge.devices.band``), its p90/p99 are its p50
-times this host's tail ratio and a stated widening, and it records the thread counts it maps between.
+times a stated widening, and it records the thread counts it maps between.
 """
 
 from __future__ import annotations
@@ -482,7 +482,7 @@ def estimate(profile: Profile, host: HostCalibration, latency_ms: dict[str, floa
     est.update(tails)
     th = fit.threads
     speed = ", ".join(f"{k} x{v:.2f}" for k, v in th["published_speedup"].items()) or "not published for this profile"
-    how = (f"; p50 calibrated, p90/p99 = p50 x this host's tail ratio x {TAIL_WIDENING:g}; host {th['host']} "
+    how = (f"; p50 calibrated, p90/p99 = p50 x {TAIL_WIDENING['p90']:g} / {TAIL_WIDENING['p99']:g}; host {th['host']} "
            f"thread(s), anchors at {th['anchors']}" + ("" if th["host"] == th["anchors"] else
                                                      f": carries the anchors' thread speed-up ({speed})") + ")")
     band = fit.band or Band("unknown", None, 0)
