@@ -85,7 +85,8 @@ def ws(tmp_path_factory) -> dict[str, Path]:
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHITA_TEST_")}
-    env.update({"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", **(extra or {})})
+    # PYTHONFAULTHANDLER: a child that hangs is sent SIGABRT and prints every thread's stack (see _interrupt)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONFAULTHANDLER": "1", **(extra or {})})
     return env
 
 
@@ -118,9 +119,13 @@ def _interrupt(cwd: Path, args: list, sig: int, marker: Path, env: dict[str, str
     try:
         out, err = p.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        p.kill()
-        out, err = p.communicate()
-        pytest.fail(f"still running 60 s after the signal:\n{err}")
+        p.send_signal(signal.SIGABRT)  # faulthandler dumps the stacks of the hung child
+        try:
+            out, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+        pytest.fail(f"still running 60 s after the signal; its stacks:\n{err[-6000:]}")
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 

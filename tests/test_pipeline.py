@@ -177,3 +177,15 @@ def test_a_model_file_gets_the_same_module_name_in_every_process():
     names = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip() for seed in ("1", "2")}
     assert len(names) == 1 and next(iter(names)).startswith("chita_edge_user_"), names
+
+
+def test_the_run_verdict_shows_each_checks_band_and_margin():
+    from chita_edge.cli.run_cmd import _check_cell
+
+    est = {"name": "latency_ms.p90", "value": 0.374, "low": 0.25, "high": 0.57, "comparison": "<=", "limit": 50,
+           "unit": "ms", "passed": True, "verdict": "pass"}
+    assert _check_cell(est) == "latency_ms.p90 0.374 [0.25-0.57] <= 50 ms (upper edge 1 % of budget)"
+    assert "UNCERTAIN" in _check_cell({**est, "value": 40, "low": 30, "high": 60, "passed": False,
+                                       "verdict": "uncertain"})
+    assert _check_cell({"name": "accuracy", "value": 98.6, "comparison": ">=", "limit": 85, "unit": "%",
+                        "passed": True}).endswith("(+13.6 %)")

@@ -31,11 +31,26 @@ def _event_printer(json_out: bool):
     return on_event
 
 
+def _margin(c: dict[str, Any]) -> str:
+    """How far a check is from its limit: the upper edge of an estimate's error band (or the value) as a share of
+    a ceiling, or the points above a floor."""
+    if c["comparison"] == ">=":
+        return f"{c['value'] - c['limit']:+.3g} {c['unit']}"
+    edge = c.get("high") if c.get("high") is not None else c["value"]
+    return f"{'upper edge ' if c.get('high') is not None else ''}{100 * edge / c['limit']:.0f} % of budget"
+
+
+def _check_cell(c: dict[str, Any]) -> str:
+    band = f" [{c['low']:.3g}-{c['high']:.3g}]" if c.get("high") is not None and c.get("low") is not None else ""
+    word = "" if c.get("verdict", "pass" if c["passed"] else "fail") == "pass" else f" {c.get('verdict', 'fail').upper()}"
+    return (f"{c['name']} {c['value']:.3g}{band}{word} {c['comparison']} {c['limit']:.3g} {c['unit']} "
+            f"({_margin(c)})")
+
+
 def _render(summary: dict[str, Any]) -> None:
     ui.table(f"{summary['name']}: verdict", ["target", "file", "result", "checks"],
              [[v["profile"], Path(v["file"]).name, "pass" if v["passed"] else "FAIL",
-               ", ".join(f"{c['name']} {c['value']:.3g}{'' if c['passed'] else ' BREAKS'} {c['comparison']} "
-                         f"{c['limit']:.3g} {c['unit']}" for c in v["checks"])] for v in summary["verdicts"]])
+               ", ".join(_check_cell(c) for c in v["checks"])] for v in summary["verdicts"]])
     ran = sum(s["status"] == "ran" for s in summary["stages"])
     skipped = sum(s["status"] == "skipped" for s in summary["stages"])
     resumed = sum(s["status"] == "resumed" for s in summary["stages"])
