@@ -305,32 +305,28 @@ def reestimate_bn(model: nn.Module, data: Dataset, cfg: StructuredConfig, stage:
 # Baseline criteria (no data)
 
 
-def l1_filter_norms(model: nn.Module, cs: ChannelStructure) -> torch.Tensor:
-    """Per channel: the L1 norm of its producers' output filters (Li et al. 2017, "Pruning Filters for
-    Efficient ConvNets"), summed over the producers of a coupled group; depthwise filters count too."""
+def _filter_norms(model: nn.Module, cs: ChannelStructure, order: int) -> torch.Tensor:  # order: 1 or 2
+    """Per channel: the L``order`` norm (1 or 2) of its producers' and depthwise output filters, together."""
     params = dict(model.named_parameters())
     out = torch.zeros(cs.groups.num_groups, dtype=torch.float64)
     for f, spec in enumerate(cs.specs):
         acc = torch.zeros(spec.size, dtype=torch.float64)
         for m in spec.members:
             if m.kind in ("out", "dw"):
-                wt = params[m.param].detach().double()
-                acc += wt.reshape(spec.size, -1).abs().sum(1)
-        out[cs.channels(f)] = acc
+                acc += params[m.param].detach().double().reshape(spec.size, -1).abs().pow(order).sum(1)
+        out[cs.channels(f)] = acc if order == 1 else acc.sqrt()
     return out
+
+
+def l1_filter_norms(model: nn.Module, cs: ChannelStructure) -> torch.Tensor:
+    """Per channel: the L1 norm of its producers' output filters (Li et al. 2017, "Pruning Filters for
+    Efficient ConvNets"), summed over the producers of a coupled group; depthwise filters count too."""
+    return _filter_norms(model, cs, 1)
 
 
 def l2_filter_norms(model: nn.Module, cs: ChannelStructure) -> torch.Tensor:
     """Per channel: the L2 norm of its producers' (and depthwise) output filters."""
-    params = dict(model.named_parameters())
-    out = torch.zeros(cs.groups.num_groups, dtype=torch.float64)
-    for f, spec in enumerate(cs.specs):
-        acc = torch.zeros(spec.size, dtype=torch.float64)
-        for m in spec.members:
-            if m.kind in ("out", "dw"):
-                acc += params[m.param].detach().double().reshape(spec.size, -1).pow(2).sum(1)
-        out[cs.channels(f)] = acc.sqrt()
-    return out
+    return _filter_norms(model, cs, 2)
 
 
 def round_width(width: float, size: int, multiple: int) -> int:
