@@ -136,16 +136,25 @@ class _Search:
         known = set(getattr(cm, "blocks", {}) or {})
         self.blocks = [b for b in blocks if b.id in known]
         self.all_blocks = frozenset(b.id for b in self.blocks)
-        # The limits the search compares with: a budget over its estimate's error band (``check``'s rule: the band's
-        # upper edge must be within budget). 1 until the dense measurement says the latency is a banded estimate.
+        # Per budget, the factor its measurement may still be off by (``check``'s rule: the band's upper edge must be
+        # within budget; see ``eff``). 1 until the dense measurement says the latency is a banded estimate.
         self.edge = {k: 1.0 for k in limits}
         self.timing_spread = 0.0
-        self.eff = dict(limits)
-        self.targets = {k: limits[k] * cfg.margin for k in limits}
         self.dense_measured: dict[str, Any] | None = None
         self.floor: dict[str, float] = {}
         self.info: list[dict[str, Any]] = []
         self.st = SearchState(alive=torch.ones(cs.groups.num_groups, dtype=torch.bool), dropped=set())
+
+    @property
+    def eff(self) -> dict[str, float]:
+        """The limits the search compares with: each budget over its planned edge (1, or the latency estimate's
+        band and timing spread)."""
+        return {k: self.limits[k] / self.edge[k] for k in self.limits}
+
+    @property
+    def targets(self) -> dict[str, float]:
+        """What the stages plan to: the compared limits times ``cfg.margin``."""
+        return {k: v * self.cfg.margin for k, v in self.eff.items()}
 
     def run(self, dense_measured: dict[str, Any] | None, t0: float) -> BudgetResult:
         corr = self.anchor(dense_measured)
@@ -177,8 +186,6 @@ class _Search:
             spread = (max(lat) - min(lat)) / statistics.median(lat) if len(lat) >= 2 else 0.0
             self.edge["latency_ms"] = float(high) * (1.0 + spread)
             self.timing_spread = spread
-            self.eff = {k: self.limits[k] / self.edge[k] for k in self.limits}
-            self.targets = {k: self.eff[k] * cfg.margin for k in self.eff}
         return {k: (dense_measured[k] / self.dense_pred[k]) if dense_measured else 1.0 for k in RESOURCES}
 
     def refuse_impossible(self, corr: Mapping[str, float]) -> None:
