@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from chita_edge.core.errors import SEED_LIMIT, BadInput
 from chita_edge.core.io import require_file
-from chita_edge.devices.profiles import _expected, _key_node, _node_at
+from chita_edge.devices.profiles import _expected, _key_node, _node_at, read_yaml
 
 
 class _Strict(BaseModel):
@@ -175,19 +175,12 @@ def resolve_paths(spec: PipelineSpec, base: Path) -> PipelineSpec:
 
 def load_pipeline(path: str | os.PathLike) -> PipelineSpec:
     """Read and validate pipeline.yaml; a problem is one BadInput 'FILE:LINE: field F: expected ...'."""
-    import yaml  # the one yaml.safe_load of the pipeline; the line lookup reuses the profiles' helpers
-
     p = require_file(path, "pipeline file")
     try:
         text = p.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except (OSError, UnicodeDecodeError) as e:
         raise BadInput(f"{p}: cannot read the pipeline file ({e})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise BadInput(f"{p}{f':{mark.line + 1}' if mark else ''}: not valid YAML ({problem})") from None
+    data, root = read_yaml(text, str(p))  # the profiles' YAML reader and line lookup
     if not isinstance(data, dict):
         raise BadInput(f"{p}:1: expected a mapping of pipeline fields (name, model, weights, data, profiles, prune, "
                        f"finetune, export, checks, out), got {type(data).__name__}")
