@@ -60,6 +60,10 @@ def test_schema_errors_name_file_line_and_field(tmp_path, cli):
     p = write(tmp_path, export="{formats: [onnx, pdf]}")
     with pytest.raises(BadInput, match=r"field 'export.formats.1'"):
         pipeline_spec.load_pipeline(p)
+    p = write(tmp_path)
+    p.write_text(p.read_text() + "out: elsewhere\n")  # PyYAML alone would keep the last one silently
+    r = cli("run", p)
+    assert r.code == 2 and f"{p}:11: " in r.stderr and "key 'out' given twice (first at line 10)" in r.stderr
 
 
 def test_relative_paths_resolve_against_the_file(tmp_path):

@@ -99,3 +99,19 @@ def test_sweep_bad_input_is_one_line(cli, args, needle):
 def test_sweep_unknown_profile(cli):
     r = cli("sweep", f"{DEMO}:digits_cnn", "--data", "digits", "--profiles", "no-such-board", "--sparsities", "0.5")
     assert r.code == 2 and "no-such-board" in r.stderr
+
+
+def test_sweep_never_writes_over_an_input(tmp_path, cli):
+    out = tmp_path / "sweep"
+    (out / "files").mkdir(parents=True)
+    w = out / "files" / "w.pt"  # the sweep's own files go there
+    torch.save({"x": torch.zeros(1)}, w)
+    r = cli("sweep", f"{DEMO}:digits_cnn", "--weights", w, "--data", "digits", "--profiles", PROFILE,
+            "--sparsities", "0.5", "--out", out)
+    assert r.code == 2 and "writes its files into" in r.stderr and "--weights" in r.stderr
+    page = out / "report.html"  # a file the report replaces, given as an input
+    page.write_text("mine")
+    r = cli("sweep", f"{DEMO}:digits_cnn", "--data", f"npz:{page}", "--profiles", PROFILE, "--sparsities", "0.5",
+            "--out", out)
+    assert r.code == 2 and "is the input --data" in r.stderr and page.read_text() == "mine"
+    assert sorted(p.name for p in out.rglob("*")) == ["files", "report.html", "w.pt"]

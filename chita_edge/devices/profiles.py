@@ -261,12 +261,12 @@ def _flatten_ann(ann: Any) -> list[Any]:
     return out
 
 
-def read_yaml(text: str, where: str, loader: type[yaml.SafeLoader] = yaml.SafeLoader) -> tuple[Any, yaml.Node | None]:
-    """The data of YAML ``text`` (loaded with ``loader``, a SafeLoader) and its node tree, for the line of a field
+def read_yaml(text: str, where: str) -> tuple[Any, yaml.Node | None]:
+    """The data of YAML ``text`` (a SafeLoader that refuses duplicate keys: ``UniqueKeyLoader``) and its node tree, for the line of a field
     (``_node_at``); malformed YAML is one BadInput 'WHERE:LINE: not valid YAML (...)'. The one YAML reader of the
     profiles and of pipeline.yaml."""
     try:
-        data = yaml.load(text, Loader=loader)  # noqa: S506 (a SafeLoader)
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -278,7 +278,7 @@ def read_yaml(text: str, where: str, loader: type[yaml.SafeLoader] = yaml.SafeLo
 
 def parse_profile(text: str, where: str) -> Profile:
     """Validate YAML text as a profile; every problem is a BadInput 'FILE:LINE: field F: expected ...'."""
-    data, root = read_yaml(text, where, UniqueKeyLoader)
+    data, root = read_yaml(text, where)
     if not isinstance(data, dict):
         raise BadInput(f"{where}:1: expected a mapping of profile fields (id, name, form_factor, ...), "
                        f"got {type(data).__name__}")

@@ -31,14 +31,14 @@ from typing import Any
 
 from chita_edge.budget.config import BudgetConfig
 from chita_edge.core.checkpoint import save_checkpoint
-from chita_edge.core.data import load_data
+from chita_edge.core.data import data_file, load_data
 from chita_edge.core.errors import BadInput, check_finite, check_seed
 from chita_edge.core.evaluate import accuracy
-from chita_edge.core.io import atomic_write_text, sha256_file
+from chita_edge.core.io import atomic_write_text, refuse_overwrite, sha256_file
 from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
-from chita_edge.devices.profiles import Budgets, load_profile
+from chita_edge.devices.profiles import Budgets, load_profile, profile_file
 from chita_edge.devices.report import pareto_svg, write_report
-from chita_edge.models.loading import check_fits, load_model
+from chita_edge.models.loading import check_fits, load_model, model_file
 from chita_edge.pruning.defaults import DEFAULTS
 from chita_edge.workflows.budget_jobs import prune_budget_checkpoint
 from chita_edge.workflows.export import export_checkpoint
@@ -124,6 +124,17 @@ def _point(profile_id: str, label: str, value: float | None, sparsity: float, be
             "file": bench["file"], **(extra or {})}
 
 
+def _refuse_inputs_under(out_dir: Path, inputs: list[tuple[str, str | os.PathLike | None]]) -> None:
+    """BadInput before any work when the sweep would write over an input: its report files, or anything in
+    ``out_dir/files`` (the sweep's own checkpoints and exported files)."""
+    refuse_overwrite([("--out", out_dir / f"report.{ext}") for ext in ("json", "md", "html")], inputs)
+    files = out_dir / "files"
+    for name, inp in inputs:
+        if inp is not None and str(inp) and Path(inp).resolve().parent == files.resolve():
+            raise BadInput(f"--out {out_dir}: the sweep writes its files into {files}, where the input {name} {inp} "
+                           "lies; choose another --out (an input is never overwritten)")
+
+
 def run_sweep(model: str, weights: str | os.PathLike | None, data: str, profiles: Sequence[str], cfg: SweepConfig,
               *, out: str | os.PathLike | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Prune, export, benchmark and evaluate at every point of ``cfg`` for every profile; returns the JSON-able
@@ -144,6 +155,9 @@ def run_sweep(model: str, weights: str | os.PathLike | None, data: str, profiles
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise BadInput(f"--out {out_dir}: exists and is not a directory")
+        _refuse_inputs_under(out_dir, [("--weights", weights), ("--data", data_file(data)),
+                                       ("--model file", model_file(model)),
+                                       *(("--profiles", profile_file(p)) for p in profiles)])
         (out_dir / "files").mkdir(parents=True, exist_ok=True)
     w = str(weights) if weights is not None else None
     t0 = time.perf_counter()
