@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from chita_edge.exporters import export_model
 from chita_edge.exporters.export import ExportConfig, _check_parity
 from conftest import run_cli
 from torch import nn
@@ -26,7 +27,7 @@ from chita_edge.models.hub import (
     parse_spec,
 )
 from chita_edge.models.loading import load_model
-from chita_edge.pruning.channels import channel_structure
+from chita_edge.pruning.channels import apply_keep, channel_structure, l1_filter_norms
 
 SIZE = 32
 
@@ -121,36 +122,87 @@ def test_fp32_parity_scales_with_the_outputs():
 
 
 # ------------------------------------------------------------------------------------------------ the matrix
-# (family, name, channel groups found on 32x32 inputs or None when a known op blocks them all, what blocks them)
+# (family, name, channel groups found on 32x32 inputs, the ops that block the other channel spaces besides the
+# model output -- each named in the report and left unpruned)
 MATRIX = [
-    ("torchvision", "mobilenet_v3_small", 27, None),
-    ("torchvision", "resnet18", 12, None),
-    ("torchvision", "mobilenet_v2", 25, None),
-    ("timm", "mobilenetv2_050", 25, None),  # BatchNormAct2d is traced as one BatchNorm module (graph/trace.py)
+    ("torchvision", "mobilenet_v3_small", 27, ()),
+    ("torchvision", "resnet18", 12, ()),
+    ("torchvision", "mobilenet_v2", 25, ()),
+    ("torchvision", "mnasnet0_5", 25, ()),
+    ("torchvision", "efficientnet_b0", 40, ()),  # StochasticDepth: an identity in eval mode
+    ("torchvision", "shufflenet_v2_x0_5", 18, (".view() in InvertedResidual.forward",)),  # the channel shuffle
+    ("torchvision", "regnet_x_400mf", 5, ("Conv2d",)),  # its grouped convs (groups=2..25)
+    ("timm", "mobilenetv2_050", 25, ()),  # BatchNormAct2d is traced as one BatchNorm module (graph/trace.py)
+    ("timm", "efficientnet_lite0", 24, ()),
+    ("timm", "mobilenetv3_small_050", 26, ()),  # timm's Linear (an nn.Linear subclass) is a leaf module
+    ("timm", "ghostnet_050", 31, ()),  # Ghost modules: cat + slice; SE gates and shortcuts cut to line up
 ]
 IDS = [f"{f}:{n}" for f, n, _, _ in MATRIX]
+DENSE_EXPORT = IDS[:3] + ["timm:mobilenetv2_050"]  # unstructured prune + dense export (the CLI path)
 
 
 def spec_of(family: str, name: str) -> str:
     return f"{family}:{name}?num_classes=10&input_size={SIZE}"
 
 
-@pytest.mark.parametrize("family,name,groups,blocker", MATRIX, ids=IDS)
-def test_channel_groups_of_each_family_or_what_blocks_them(family, name, groups, blocker):
+@pytest.mark.parametrize("family,name,groups,blockers", MATRIX, ids=IDS)
+def test_channel_groups_of_each_family_and_what_blocks_the_rest(family, name, groups, blockers):
     need(family)
     lm = load_model(spec_of(family, name))
     found, blocked = channel_report(lm.module, torch.rand(1, 3, SIZE, SIZE))
     assert len(found) == groups
     assert any(b.why == "reaches the model output" for b in blocked)  # the classifier's outputs, always
-    if blocker is None:
-        channel_structure(lm.module, torch.rand(1, 3, SIZE, SIZE))
-        return
-    assert all(b.op in (blocker, "output") for b in blocked)
-    with pytest.raises(BadInput) as e:  # the refusal names the module and op that block each group
-        channel_structure(lm.module, torch.rand(1, 3, SIZE, SIZE))
+    assert {b.op for b in blocked} - {"output"} == set(blockers)
+    assert all(b.module and b.why for b in blocked if b.op != "output")  # each names its module and reason
+    cs = channel_structure(lm.module, torch.rand(1, 3, SIZE, SIZE))
+    assert len(cs.specs) == groups
+
+
+def _convnext_like() -> nn.Module:
+    """torchvision's ConvNeXt with two tiny stages: CNBlocks (depthwise 7x7, channels-last LayerNorm, a Linear
+    MLP, layer scale, stochastic depth) and LayerNorm2d downsampling."""
+    tv = import_torchvision()
+    cfg = tv.models.convnext.CNBlockConfig
+    torch.manual_seed(0)
+    return tv.models.convnext.ConvNeXt([cfg(16, 32, 1), cfg(32, None, 1)], stochastic_depth_prob=0.1,
+                                       num_classes=10).eval()
+
+
+def test_a_convnext_like_model_is_refused_naming_the_module_and_op_and_what_stays_unpruned():
+    need("torchvision")
+    found, blocked = channel_report(_convnext_like(), torch.rand(1, 3, SIZE, SIZE))
+    assert not found
+    by = {b.id: b for b in blocked}
+    assert (by["features.0.0"].module, by["features.0.0"].op) == ("features.0.1", ".permute() in LayerNorm2d.forward")
+    assert "channels last for a LayerNorm over the channels" in by["features.0.0"].why
+    assert (by["features.2.1"].op, by["features.2.1"].why) == ("mul in CNBlock.forward", "a per-channel constant operand")
+    assert by["features.1.0.block.3"].size == 64 and by["features.1.0.block.3"].op == "Linear"  # the MLP's hidden layer
+    with pytest.raises(BadInput) as e:
+        channel_structure(_convnext_like(), torch.rand(1, 3, SIZE, SIZE))
     msg = str(e.value)
-    assert "no prunable channel groups" in msg and "\n" not in msg
-    assert f"by {blocker}" in msg and "at bn1: conv_stem's 16 channels" in msg and blocked_summary(blocked) in msg
+    assert "no prunable channel groups" in msg and "\n" not in msg and blocked_summary(blocked) in msg
+    assert "by .permute() in LayerNorm2d.forward" in msg and "at features.0.1: features.0.0's 16 channels" in msg
+
+
+class _StochasticDepth(nn.Module):
+    """EfficientNet's MBConv tail: a 1x1 projection, StochasticDepth (identity in eval mode) and the shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.expand, self.project = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1)
+        self.drop = import_torchvision().ops.StochasticDepth(0.2, "row")
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.stem(x)
+        return self.head((s + self.drop(self.project(torch.relu(self.expand(s))))).mean((2, 3)))
+
+
+def test_stochastic_depth_passes_the_channels_on():
+    need("torchvision")
+    found, blocked = channel_report(_StochasticDepth(), torch.rand(1, 3, SIZE, SIZE))
+    assert [g.id for g in found] == ["stem", "expand"] and [b.op for b in blocked] == ["output"]
+    assert {m.module for m in found[0].members} == {"stem", "expand", "project", "head"}
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +228,8 @@ def settled_weights(spec: str, path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,name", [(f, n) for f, n, _, _ in MATRIX], ids=IDS)
+@pytest.mark.parametrize("family,name", [(f, n) for f, n, _, _ in MATRIX if f"{f}:{n}" in DENSE_EXPORT],
+                         ids=DENSE_EXPORT)
 def test_each_family_prunes_and_exports_with_parity(family, name, images, tmp_path):
     need(family)
     spec = spec_of(family, name)
@@ -191,6 +244,28 @@ def test_each_family_prunes_and_exports_with_parity(family, name, images, tmp_pa
     p = r.json()["parity"]
     assert p["passed"] and p["inputs"] == "data" and p["samples"] == 32 and p["top1_agreement"] == 1.0
     assert p["error_to_tolerance"] < 0.1 and (tmp_path / "p.onnx").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family,name", [(f, n) for f, n, _, _ in MATRIX], ids=IDS)
+def test_each_family_prunes_channels_and_exports_compact_with_parity(family, name, tmp_path):
+    need(family)
+    spec = spec_of(family, name)
+    settled_weights(spec, tmp_path / "w.pt")
+    m = load_model(spec, tmp_path / "w.pt").module.eval()
+    x = torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    cs = channel_structure(m, x[:1])
+    norms = l1_filter_norms(m, cs)
+    keep = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+    for f, s in enumerate(cs.specs):  # a quarter of every group, the smallest L1 filters (structured, one shot)
+        sl = cs.channels(f)
+        keep[sl.start + norms[sl].argsort()[:max(1, s.size // 4)]] = False
+    apply_keep(m, cs, keep)
+    r = export_model(m, ExportConfig(format="onnx", layout="compact"), example_input=x[:1], out=tmp_path / "c.onnx",
+                     parity_inputs=x)
+    assert r.parity.passed and r.parity.top1_agreement == 1.0 and r.parity.error_to_tolerance < 0.5
+    assert r.compact["removed_channels"] == int((~keep).sum())
+    assert r.compact["params_after"] < r.compact["params_before"]
 
 
 class _Cumulative(nn.Module):

@@ -184,7 +184,8 @@ def test_mlp_and_flatten_groups():
 
 
 class Blocked(nn.Module):
-    """a/b go through cat, d's output is scaled per channel by a constant, e feeds the output: only c is free."""
+    """a/b go through cat (each reaches c at its offset), d's output is scaled per channel by a constant and feeds
+    the output: a, b and c are free."""
 
     def __init__(self):
         super().__init__()
@@ -210,7 +211,10 @@ class Gated(nn.Module):
 
 def test_blocked_channels_are_not_groups():
     groups = channel_groups(Blocked(), torch.rand(1, 3, 4, 4))
-    assert [(g.id, members(g)) for g in groups] == [("c", [("c", "out", 1), ("d", "in", 1)])]
+    assert [(g.id, members(g)) for g in groups] == [("a", [("a", "out", 1), ("c", "in", 1)]),
+                                                    ("b", [("b", "out", 1), ("c", "in", 1)]),
+                                                    ("c", [("c", "out", 1), ("d", "in", 1)])]
+    assert [m.offset for g in groups[:2] for m in g.consumers] == [0, 4]
     assert channel_groups(Gated(), torch.rand(1, 3, 4, 4)) == []
 
 

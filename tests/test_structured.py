@@ -11,7 +11,9 @@ from conftest import tiny_resnet
 from torch import nn
 
 from chita_edge.core.data import Dataset
+from chita_edge.graph.channels import channel_report, channel_weight_indices
 from chita_edge.graph.compact import compact_model
+from chita_edge.graph.plan import apply_plan
 from chita_edge.pruning.blocks import BlockConfig, block_structure, prune_blocks
 from chita_edge.pruning.channels import (
     alive_channels,
@@ -364,3 +366,183 @@ def test_prune_blocks_reaches_the_block_sparsity():
     zero_blocks = (allw == 0).all(1)
     assert int((~zero_blocks).sum()) == 15
     assert not bool(select_groups(torch.ones(3), Groups.from_lists(3, [[[0], [1], [2]]]), torch.tensor([0])).any())
+
+
+# ------------------------------------------------------------------------------------------------ concatenations
+class _DenseLike(nn.Module):
+    """DenseNet's dense block and transition (cat -> BatchNorm -> ReLU -> conv) and a SqueezeNet Fire module (two
+    expand convs concatenated), ending in a classifier over the concatenated channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.norm1, self.conv1 = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, padding=1)
+        self.norm2, self.conv2 = nn.BatchNorm2d(10), nn.Conv2d(10, 4, 3, padding=1)
+        self.squeeze = nn.Conv2d(14, 5, 1)
+        self.e1, self.e3 = nn.Conv2d(5, 3, 1), nn.Conv2d(5, 4, 3, padding=1)
+        self.norm5 = nn.BatchNorm2d(7)
+        self.head = nn.Linear(7 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [torch.relu(self.bn0(self.stem(x)))]
+        for norm, conv in ((self.norm1, self.conv1), (self.norm2, self.conv2)):
+            feats.append(conv(torch.relu(norm(torch.cat(feats, 1)))))
+        s = torch.relu(self.squeeze(torch.cat(feats, dim=1)))
+        y = torch.cat([torch.relu(self.e1(s)), torch.relu(self.e3(s))], 1)
+        y = nn.functional.adaptive_avg_pool2d(torch.relu(self.norm5(y)), 2)
+        return self.head(torch.flatten(y, 1))
+
+
+class _GhostLike(nn.Module):
+    """timm's GhostModule: a primary conv, a cheap depthwise conv of its output, both concatenated and sliced to
+    ``oup`` channels (``out[:, :oup]``), then the next conv."""
+
+    def __init__(self, oup: int = 8) -> None:
+        super().__init__()
+        self.oup = oup
+        self.primary, self.bn1 = nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.cheap, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4)
+        self.conv = nn.Conv2d(oup, 6, 1)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = torch.relu(self.bn1(self.primary(x)))
+        x2 = torch.relu(self.bn2(self.cheap(x1)))
+        out = torch.cat([x1, x2], dim=1)[:, :self.oup]
+        return self.head(torch.relu(self.conv(out)).mean((2, 3)))
+
+
+def _randomise_bn(m: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for bn in m.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.weight.data.copy_(torch.rand(bn.num_features, generator=g) + 0.5)
+            bn.bias.data.copy_(torch.randn(bn.num_features, generator=g) * 0.1)
+
+
+def _prune_compact_replay(m: nn.Module, fresh: nn.Module, x: torch.Tensor, drop: int = 1) -> dict:
+    """Remove channels 0..drop-1 of every group (apply_keep), compact, and replay the plan on a fresh model."""
+    cs = channel_structure(m, x[:1])
+    keep = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+    for f in range(len(cs.specs)):
+        keep[cs.first[f]:cs.first[f] + drop] = False
+    apply_keep(m, cs, keep)
+    new, plan = compact_model(m, x)  # raises RuntimeFailure when the output moved
+    assert set(plan["keep"]) == set(cs.ids)
+    apply_plan(fresh, plan)
+    fresh.load_state_dict(new.state_dict(), strict=True)
+    with torch.no_grad():
+        m.eval(), new.eval(), fresh.eval()
+        assert torch.allclose(new(x), m(x), atol=1e-5) and torch.equal(fresh(x), new(x))
+    return plan
+
+
+def test_a_concatenation_maps_each_input_onto_its_consumers_at_an_offset():
+    torch.manual_seed(0)
+    m = _DenseLike()
+    _randomise_bn(m)
+    x = torch.rand(3, 3, 16, 16)
+    found, blocked = channel_report(m, x[:1])
+    assert [b.op for b in blocked] == ["output"]  # nothing blocked by the cats
+    by = {g.id: g for g in found}
+    assert set(by) == {"stem", "conv1", "conv2", "squeeze", "e1", "e3"}
+    stem = {(mm.module, mm.kind, mm.offset, mm.total) for mm in by["stem"].members}
+    assert stem == {("stem", "out", 0, 0), ("bn0", "bn", 0, 0), ("norm1", "bn", 0, 0), ("norm2", "bn", 0, 10),
+                    ("conv2", "in", 0, 10), ("squeeze", "in", 0, 14), ("conv1", "in", 0, 0)}
+    assert {(mm.module, mm.offset) for mm in by["conv2"].consumers} == {("squeeze", 10)}
+    assert {(mm.module, mm.kind, mm.repeat, mm.offset, mm.total) for mm in by["e3"].members if mm.kind != "out"} == {
+        ("norm5", "bn", 1, 3, 7), ("head", "in", 4, 12, 28)}  # after the flatten: 4 features per channel at 3 * 4
+    idx = channel_weight_indices(by["conv2"], 1)["squeeze.weight"]
+    assert idx.tolist() == [o * 14 + 11 for o in range(5)]  # input channel 10 + 1 of every output row
+    plan = _prune_compact_replay(m, _DenseLike(), x)
+    assert plan["keep"]["conv1"] == [1, 2, 3] and plan["groups"]["conv1"]["members"][-1] == {
+        "module": "squeeze", "kind": "in", "repeat": 1, "offset": 6, "total": 14}
+    new_sq = m.get_submodule("squeeze").weight.shape
+    assert new_sq == (5, 14, 1, 1)  # the original is untouched; the compact copy shrank (checked in the helper)
+
+
+def test_a_ghost_module_prunes_its_primary_channels_through_the_cheap_conv_and_the_slice():
+    torch.manual_seed(0)
+    m = _GhostLike()
+    _randomise_bn(m)
+    x = torch.rand(3, 3, 16, 16)
+    found, _ = channel_report(m, x[:1])
+    primary = next(g for g in found if g.id == "primary")
+    assert {(mm.module, mm.kind, mm.offset) for mm in primary.members} == {
+        ("primary", "out", 0), ("bn1", "bn", 0), ("cheap", "dw", 0), ("bn2", "bn", 0), ("conv", "in", 0),
+        ("conv", "in", 4)}
+    plan = _prune_compact_replay(m, _GhostLike(), x, drop=2)
+    assert plan["keep"]["primary"] == [2, 3]
+
+
+def test_a_slice_that_cuts_a_concatenated_space_is_named():
+    found, blocked = channel_report(_GhostLike(oup=7), torch.rand(1, 3, 16, 16))
+    assert "primary" not in {g.id for g in found}
+    b = next(b for b in blocked if b.id == "primary")
+    assert b.op == "getitem in _GhostLike.forward" and "channel slice [0:7] that cuts" in b.why
+
+
+class _LibraryLinear(nn.Linear):
+    """timm's ``Linear``: an nn.Linear subclass with its own forward (fx would trace it into F.linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_subclasses_of_linear_and_conv_are_leaf_modules():
+    class LibraryConv(nn.Conv2d):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._conv_forward(x, self.weight, self.bias)
+
+    m = nn.Sequential(LibraryConv(3, 8, 3), nn.ReLU(), nn.Flatten(), _LibraryLinear(8 * 14 * 14, 12), nn.ReLU(),
+                      _LibraryLinear(12, 10))
+    found, blocked = channel_report(m, torch.rand(1, 3, 16, 16))
+    assert [g.id for g in found] == ["0", "3"] and [b.op for b in blocked] == ["output"]
+    assert [(mm.module, mm.kind, mm.repeat) for mm in found[0].members] == [("0", "out", 1), ("3", "in", 196)]
+
+
+class _GhostBottleneck(_GhostLike):
+    """A Ghost bottleneck's tail: the Ghost module's output (two halves of one channel space) gated by a
+    squeeze-excitation and added to a 1x1-conv shortcut: the gate's and the shortcut's single channel space is cut
+    in two, each half joining the primary conv's channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.se_reduce, self.se_expand = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+        self.shortcut, self.bn3 = nn.Conv2d(3, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = torch.relu(self.bn1(self.primary(x)))
+        out = torch.cat([x1, self.bn2(self.cheap(x1))], dim=1)[:, :self.oup]
+        out = out * torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(out.mean((2, 3), keepdim=True)))))
+        out = out + self.bn3(self.shortcut(x))
+        return self.head(torch.relu(self.conv(out)).mean((2, 3)))
+
+
+def test_a_single_space_added_to_a_concatenation_is_cut_to_line_up():
+    torch.manual_seed(0)
+    m = _GhostBottleneck()
+    _randomise_bn(m)
+    x = torch.rand(3, 3, 16, 16)
+    found, blocked = channel_report(m, x[:1])
+    assert [b.op for b in blocked] == ["output"]
+    primary = next(g for g in found if g.id == "primary")
+    assert {(mm.module, mm.kind, mm.offset, mm.total) for mm in primary.members} >= {
+        ("se_expand", "out", 0, 8), ("se_expand", "out", 4, 8), ("shortcut", "out", 0, 8), ("shortcut", "out", 4, 8),
+        ("bn3", "bn", 4, 8), ("se_reduce", "in", 4, 8), ("conv", "in", 0, 8), ("conv", "in", 4, 8)}
+    plan = _prune_compact_replay(m, _GhostBottleneck(), x)
+    assert plan["keep"]["primary"] == [1, 2, 3]
+
+
+def test_removal_curves_read_a_concatenation_consumer_at_its_offset():
+    torch.manual_seed(0)
+    m = _DenseLike().eval()
+    x = torch.rand(8, 3, 16, 16)
+    with torch.no_grad():
+        m.squeeze.weight[:, 11] = 0.0  # conv2's channel 1 as squeeze sees it (conv2 sits at offset 10 of 14)
+    cs = channel_structure(m, x[:1])
+    f = cs.ids.index("conv2")
+    order, cum = removal_curves(m, cs, x, alive_channels(m, cs), min_width={s.id: 1 for s in cs.specs})[f]
+    assert int(order[0]) - cs.first[f] == 1 and float(cum[0]) < 1e-9  # free to remove: first, at no cost

@@ -2,11 +2,14 @@
 
 A ``torch.fx`` trace of the model (``chita_edge.graph.trace``) is walked once; every tensor carries the "channel
 space" of its dim 1. Conv/Linear outputs open a new space, per-channel ops (BatchNorm, activations, pooling,
-dropout, depthwise convs, flatten) pass it on, residual adds and multiplies join the spaces of their operands, and
-the next Conv/Linear consumes it. A space that reaches anything else (the model output, the input, ``cat``,
-softmax, an op we do not know, a per-channel constant) is *blocked*: its channels are not prunable. Each
-unblocked space is one ``ChannelGroupSpec`` of ``Member`` slices; ``channel_weight_indices`` gives the flat
-weight indices of one channel. ``channel_report`` also returns every blocked space that has a producer, as a
+dropout, depthwise convs, flatten, eval-mode identities such as ``StochasticDepth``) pass it on, residual adds and
+multiplies join the spaces of their operands, and the next Conv/Linear consumes it. A ``torch.cat`` along the
+channels makes dim 1 a sequence of spaces: every per-channel op and consumer after it gets one member per space,
+at that space's offset (``Member.offset`` / ``total``), and a constant slice ``x[:, a:b]`` keeps the spaces it
+covers whole. A space that reaches anything else (the model output, the input, a channel shuffle or permute,
+a grouped conv, softmax, an op we do not know, a per-channel constant) is *blocked*: its channels are not
+prunable. Each unblocked space is one ``ChannelGroupSpec`` of ``Member`` slices (``chita_edge.graph.members``);
+``channel_weight_indices`` gives the flat weight indices of one channel. ``channel_report`` also returns every blocked space that has a producer, as a
 ``BlockedGroup`` naming the module and op that blocked it first (``blocked_summary`` puts them on one line).
 """
 
@@ -15,13 +18,19 @@ from __future__ import annotations
 import builtins
 import math
 import operator
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from chita_edge.core.errors import BadInput
+from chita_edge.graph.members import (  # re-exported: the public names of channel groups
+    BlockedGroup,
+    ChannelGroupSpec,
+    Member,
+    Spaces,
+    blocked_summary,
+    channel_weight_indices,
+)
 from chita_edge.graph.trace import (
     BINARY_FUNCTIONS,
     BINARY_METHODS,
@@ -29,6 +38,7 @@ from chita_edge.graph.trace import (
     ELEMENTWISE_FUNCTIONS,
     ELEMENTWISE_METHODS,
     ELEMENTWISE_MODULES,
+    IDENTITY_FUNCTION_NAMES,
     POOL_FUNCTIONS,
     POOL_MODULES,
     QUERY_METHODS,
@@ -37,6 +47,7 @@ from chita_edge.graph.trace import (
     RESHAPE_FUNCTIONS,
     RESHAPE_METHODS,
     RESHAPE_MODULES,
+    function_name,
     is_conv,
     trace_shapes,
 )
@@ -45,200 +56,12 @@ __all__ = ["BlockedGroup", "ChannelGroupSpec", "Member", "blocked_summary", "cha
            "channel_weight_indices", "traced_channel_groups"]
 
 # --------------------------------------------------------------------------------------------------------------
-# Data
-
-
-@dataclass(frozen=True)
-class Member:
-    """One coupled slice: channel ``c`` of a group is ``weight.narrow(dim, c * repeat, repeat)`` of ``module``.
-
-    kind:
-      ``"out"`` output channel of a Conv/Linear: weight dim 0 and ``bias[c]`` (a producer);
-      ``"in"``  input channel of a Conv/Linear: weight dim 1 (a consumer); after a flatten, each channel
-                covers ``repeat = H * W`` consecutive input features of the Linear;
-      ``"dw"``  depthwise conv (``groups == in_channels == out_channels``): weight dim 0 and ``bias[c]``; the
-                channel passes through it (its input ``c`` and output ``c`` are the same channel);
-      ``"bn"``  BatchNorm ``weight``, ``bias``, ``running_mean``, ``running_var`` entries.
-    shape: the shape of ``module.weight`` (of ``running_mean`` for a BatchNorm without affine).
-    """
-
-    module: str
-    kind: str
-    repeat: int = 1
-    shape: tuple[int, ...] = ()
-
-    @property
-    def dim(self) -> int:
-        return 1 if self.kind == "in" else 0
-
-    @property
-    def param(self) -> str:
-        """State-dict name of the weight this member slices (as ``PrunableParam.name``)."""
-        return f"{self.module}.weight" if self.module else "weight"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"module": self.module, "kind": self.kind, "repeat": self.repeat}
-
-
-@dataclass(frozen=True)
-class ChannelGroupSpec:
-    """``size`` channels that must be removed together: channel ``c`` is slice ``c`` of every member.
-
-    Worked example, ``zoo.ResNet20`` (16/32/64 channels per stage, 12 groups)::
-
-        id "layer1.0.conv1", size 16: the free channels of a block's first conv
-            layer1.0.conv1 out  (weight[c], 16x16x3x3 -> a 1x16x3x3 slice)
-            layer1.0.bn1   bn
-            layer1.0.conv2 in   (weight[:, c], a 16x1x3x3 slice)
-        id "conv1", size 16: stage 1's residual stream; every branch feeding an add shares channel c
-            conv1 out, bn1 bn,
-            layer1.{0,1,2}.conv1 in, layer1.{0,1,2}.conv2 out, layer1.{0,1,2}.bn2 bn,
-            layer2.0.conv1 in, layer2.0.downsample.0 in
-        id "layer2.0.conv2", size 32: stage 2's stream, with layer2.0.downsample.0 out / .1 bn as producers
-        id "layer3.0.conv2", size 64: stage 3's stream, consumed by fc in (fc's outputs are never prunable)
-
-    plus "layer{1,2,3}.{0,1,2}.conv1" for the other blocks. Removing channel 5 of "conv1" removes
-    ``conv1.weight[5]``, ``bn1.*[5]``, ``layer1.0.conv2.weight[5]``, ..., ``layer2.0.downsample.0.weight[:, 5]``.
-    The id is the name of the group's first producer in execution order, stable across fresh models.
-    """
-
-    id: str
-    size: int
-    members: tuple[Member, ...]
-
-    @property
-    def producers(self) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.kind == "out")
-
-    @property
-    def consumers(self) -> tuple[Member, ...]:
-        return tuple(m for m in self.members if m.kind == "in")
-
-    def to_json(self) -> dict[str, Any]:
-        return {"size": self.size, "members": [m.to_json() for m in self.members]}
-
-
-@dataclass(frozen=True)
-class BlockedGroup:
-    """A channel space with producers that cannot be pruned: ``size`` output channels of ``producers`` (``id`` is
-    the first), blocked first by ``op`` in ``module`` (a module path, ``""`` for the model itself) because
-    ``why``."""
-
-    id: str
-    size: int
-    producers: tuple[str, ...]
-    module: str
-    op: str
-    why: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "producers": list(self.producers)}
-
-
-def blocked_summary(blocked: list[BlockedGroup] | tuple[BlockedGroup, ...], examples: int = 2) -> str:
-    """One line: how many channel spaces are blocked, by which op and why, with the first ``examples`` of each
-    as ``at MODULE: GROUP's N channels`` (the module holding the op; the group's first producer)."""
-    if not blocked:
-        return "no channel space has a producer"
-    by: dict[tuple[str, str], list[BlockedGroup]] = {}
-    for b in blocked:
-        by.setdefault((b.op, b.why), []).append(b)
-    parts = []
-    for (op, why), bs in by.items():
-        ex = ", ".join(f"at {b.module or 'the model'}: {b.id}'s {b.size} channels" for b in bs[:examples])
-        parts.append(f"{len(bs)} by {op}, {why} ({ex}{', ...' if len(bs) > examples else ''})")
-    return f"{len(blocked)} channel space(s) blocked: " + "; ".join(parts)
-
-
-def channel_weight_indices(
-    group: ChannelGroupSpec, channel: int, kinds: tuple[str, ...] = ("out", "in", "dw")
-) -> dict[str, torch.Tensor]:
-    """Flat indices (into ``weight.reshape(-1)``) of every weight of ``channel``, per weight name.
-
-    A structured solver treats channel ``c`` as one group of weights: the producers' output slices, the
-    depthwise slices and the consumers' input slices. Keys are state-dict weight names (``"conv1.weight"``,
-    as ``PrunableParam.name``), values sorted int64 tensors. BatchNorm entries are left out unless ``"bn"``
-    is in ``kinds``.
-    """
-    if not 0 <= channel < group.size:
-        raise BadInput(f"channel {channel}: group '{group.id}' has channels 0..{group.size - 1}")
-    out: dict[str, torch.Tensor] = {}
-    for m in group.members:
-        if m.kind not in kinds:
-            continue
-        idx = _slice_indices(m.shape, m.dim, channel * m.repeat, m.repeat)
-        prev = out.get(m.param)
-        out[m.param] = idx if prev is None else torch.unique(torch.cat([prev, idx]))
-    return out
-
-
-def _slice_indices(shape: tuple[int, ...], dim: int, start: int, length: int) -> torch.Tensor:
-    """Flat row-major indices of ``t.narrow(dim, start, length)`` for a tensor ``t`` of ``shape``."""
-    outer = math.prod(shape[:dim])
-    mid = shape[dim]
-    inner = math.prod(shape[dim + 1:])
-    o = torch.arange(outer).view(-1, 1, 1) * (mid * inner)
-    j = (start + torch.arange(length)).view(1, -1, 1) * inner
-    k = torch.arange(inner).view(1, 1, -1)
-    return (o + j + k).reshape(-1)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # The channel-space walk
 
 
-class _Spaces:
-    """Union-find over channel spaces; a root carries its size, blocked flag and members."""
-
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int] = []
-        self.blocked: list[bool] = []
-        self.members: list[list[tuple[int, Member]]] = []
-        self.reason: list[tuple[str, str, str] | None] = []  # (module, op, why) that blocked the root first
-
-    def new(self, size: int, blocked: bool = False, reason: tuple[str, str, str] | None = None) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(size)
-        self.blocked.append(blocked)
-        self.members.append([])
-        self.reason.append(reason if blocked else None)
-        return len(self.parent) - 1
-
-    def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
-
-    def block(self, s: int, reason: tuple[str, str, str]) -> None:
-        r = self.find(s)
-        if not self.blocked[r]:
-            self.blocked[r], self.reason[r] = True, reason
-
-    def union(self, a: int, b: int, reason: tuple[str, str, str]) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        if self.size[ra] != self.size[rb]:  # cannot be one channel set: neither is prunable
-            why = (reason[0], reason[1], f"joins channel spaces of {self.size[ra]} and {self.size[rb]} channels")
-            self.block(ra, why)
-            self.block(rb, why)
-            return ra
-        self.parent[rb] = ra
-        if not self.blocked[ra] and self.blocked[rb]:
-            self.reason[ra] = self.reason[rb]
-        self.blocked[ra] = self.blocked[ra] or self.blocked[rb]
-        self.members[ra] += self.members[rb]
-        self.members[rb] = []
-        return ra
-
-    def add(self, s: int, order: int, member: Member) -> None:
-        self.members[self.find(s)].append((order, member))
-
-
-# State of a tensor node: (space, factor) -- feature i of dim 1 is channel i // factor of the space.
-_State = tuple[int, int]
+# State of a tensor node: (spaces, factor) -- dim 1 is the concatenation of the spaces' channels (one space unless
+# a ``torch.cat`` joined several), and feature i of a space's stretch is its channel i // factor.
+_State = tuple[tuple[int, ...], int]
 
 
 class _Walker:
@@ -247,10 +70,11 @@ class _Walker:
     def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]]):
         self.gm = gm
         self.shapes = shapes
-        self.sp = _Spaces()
+        self.sp = Spaces()
         self.state: dict[fx.Node, _State] = {}
         self.dynamic: dict[fx.Node, bool] = {}  # depends on a model input
-        self.module_space: dict[tuple[str, str], tuple[int, int]] = {}  # (module, kind) -> (space, repeat)
+        # (module, kind, offset) -> (space, repeat)
+        self.module_space: dict[tuple[str, str, int], tuple[int, int]] = {}
 
     # -- why a space is blocked: (module path, op, reason)
     def _why(self, node: fx.Node, why: str | None = None) -> tuple[str, str, str]:
@@ -268,24 +92,62 @@ class _Walker:
         return module, f"{fn} in {owner}.forward", why or unknown
 
     # -- helpers
+    def _st(self, node: Any) -> _State | None:
+        """The state of a node, with the spaces cut since (``Spaces.split``) read as their pieces."""
+        st = self.state.get(node) if isinstance(node, fx.Node) else None
+        return None if st is None else (self.sp.expand(st[0]), st[1])
+
+    def _split(self, s: int, sizes: list[int]) -> tuple[int, ...]:
+        """Cut space ``s`` into pieces of ``sizes`` channels, re-keying the modules' members to the pieces."""
+        r = self.sp.find(s)
+        pieces = self.sp.split(r, sizes)
+        for (module, kind, off), (space, rep) in list(self.module_space.items()):
+            if self.sp.find(space) == r:
+                del self.module_space[(module, kind, off)]
+                start = 0
+                for p, n in zip(pieces, sizes, strict=True):
+                    self.module_space[(module, kind, off + start * rep)] = (p, rep)
+                    start += n
+        return tuple(pieces)
+
+    def _size(self, s: int) -> int:
+        return self.sp.size[self.sp.find(s)]
+
+    def _width(self, st: _State) -> int:
+        """The length of dim 1 a state describes."""
+        return sum(self._size(s) for s in st[0]) * st[1]
+
+    def _segments(self, st: _State) -> list[tuple[int, int, int]]:
+        """(space, offset along dim 1, total) per stretch of a state; total 0 when it is one space (no cat)."""
+        total = self._width(st) if len(st[0]) > 1 else 0
+        out, off = [], 0
+        for s in st[0]:
+            out.append((s, off, total))
+            off += self._size(s) * st[1]
+        return out
+
+    def _block_state(self, st: _State, reason: tuple[str, str, str]) -> None:
+        for s in st[0]:
+            self.sp.block(s, reason)
+
     def _fresh_blocked(self, node: fx.Node, why: str | None = None) -> None:
         shape = self.shapes.get(node)
         if shape is not None:
-            self.state[node] = (self.sp.new(shape[1] if len(shape) >= 2 else 0, blocked=True,
-                                            reason=self._why(node, why)), 1)
+            self.state[node] = ((self.sp.new(shape[1] if len(shape) >= 2 else 0, blocked=True,
+                                             reason=self._why(node, why)),), 1)
 
     def _block_inputs(self, node: fx.Node, why: str | None = None) -> None:
         for a in node.all_input_nodes:
-            st = self.state.get(a)
+            st = self._st(a)
             if st is not None:
-                self.sp.block(st[0], self._why(node, why))
+                self._block_state(st, self._why(node, why))
 
     def _unknown(self, node: fx.Node, why: str | None = None) -> None:
         self._block_inputs(node, why)
         self._fresh_blocked(node, why)
 
     def _pass(self, node: fx.Node, src: fx.Node, factor_one: bool = False) -> None:
-        st = self.state.get(src)
+        st = self._st(src)
         if st is None or node not in self.shapes:
             self._unknown(node)
         elif factor_one and st[1] != 1:
@@ -294,11 +156,12 @@ class _Walker:
             self.state[node] = st
             for a in node.all_input_nodes:  # other tensor inputs (rare) must not carry channels
                 if a is not src and a in self.state:
-                    self.sp.block(self.state[a][0], self._why(node, "a second tensor input of a per-channel op"))
+                    self._block_state(self._st(a), self._why(node, "a second tensor input of a per-channel op"))
 
-    def _member(self, space: int, order: int, module: str, kind: str, repeat: int, shape: tuple[int, ...]) -> int:
-        """Add a member, joining the space this (module, kind) already has from another call site."""
-        key = (module, kind)
+    def _member(self, space: int, order: int, module: str, kind: str, repeat: int, shape: tuple[int, ...],
+                offset: int = 0, total: int = 0) -> int:
+        """Add a member, joining the space this (module, kind, offset) already has from another call site."""
+        key = (module, kind, offset)
         prev = self.module_space.get(key)
         why = (module, kind, "the module is called at two places with different flatten factors")
         if prev is not None:
@@ -309,67 +172,74 @@ class _Walker:
             space = self.sp.union(prev[0], space, why)
         else:
             self.module_space[key] = (space, repeat)
-        self.sp.add(space, order, Member(module, kind, repeat, shape))
+        self.sp.add(space, order, Member(module, kind, repeat, shape, offset, total))
         return self.sp.find(space)
+
+    def _new_out(self, order: int, name: str, size: int, shape: tuple[int, ...]) -> _State:
+        prev = self.module_space.get((name, "out", 0))
+        space = prev[0] if prev is not None and self._size(prev[0]) == size else self.sp.new(size)
+        return (self._member(space, order, name, "out", 1, shape),), 1
 
     # -- ops
     def _conv(self, node: fx.Node, order: int, name: str, m: nn.Module) -> None:
         x = node.args[0]
-        st = self.state.get(x) if isinstance(x, fx.Node) else None
-        ok_in = st is not None and st[1] == 1 and self.sp.size[self.sp.find(st[0])] == m.in_channels
+        st = self._st(x)
+        ok_in = st is not None and st[1] == 1 and self._width(st) == m.in_channels
         shape = tuple(m.weight.shape)
         if m.groups == 1:
             if ok_in:
-                self._member(st[0], order, name, "in", 1, shape)
+                for s, off, total in self._segments(st):
+                    self._member(s, order, name, "in", 1, shape, off, total)
             else:
                 self._block_inputs(node, "its input's channels do not map onto the conv's in_channels")
-            prev = self.module_space.get((name, "out"))
-            space = prev[0] if prev is not None else self.sp.new(m.out_channels)
-            self.state[node] = (self._member(space, order, name, "out", 1, shape), 1)
+            self.state[node] = self._new_out(order, name, m.out_channels, shape)
         elif m.groups == m.in_channels == m.out_channels and ok_in:
-            self.state[node] = (self._member(st[0], order, name, "dw", 1, shape), 1)
-        else:  # grouped conv or depth multiplier: its channels are tied in ways we do not model
-            self._unknown(node, f"a grouped conv (groups={m.groups}, {m.in_channels} -> {m.out_channels} channels)")
+            self.state[node] = (tuple(self._member(s, order, name, "dw", 1, shape, off, total)
+                                      for s, off, total in self._segments(st)), 1)
+        else:  # grouped conv or depth multiplier: its channels are tied across groups, which we do not model
+            self._unknown(node, f"a grouped conv (groups={m.groups}, {m.in_channels} -> {m.out_channels} channels: "
+                                f"pruning it would have to remove the same channels from every group)")
 
     def _linear(self, node: fx.Node, order: int, name: str, m: nn.Linear) -> None:
         x = node.args[0]
-        st = self.state.get(x) if isinstance(x, fx.Node) else None
+        st = self._st(x)
         in_shape = self.shapes.get(x) if isinstance(x, fx.Node) else None
         shape = tuple(m.weight.shape)
-        if (st is not None and in_shape is not None and len(in_shape) == 2
-                and self.sp.size[self.sp.find(st[0])] * st[1] == m.in_features):
-            self._member(st[0], order, name, "in", st[1], shape)
+        if st is not None and in_shape is not None and len(in_shape) == 2 and self._width(st) == m.in_features:
+            for s, off, total in self._segments(st):
+                self._member(s, order, name, "in", st[1], shape, off, total)
         else:
             self._block_inputs(node, "its input does not map onto the Linear's in_features")
         out_shape = self.shapes.get(node)
         if out_shape is not None and len(out_shape) == 2:
-            prev = self.module_space.get((name, "out"))
-            space = prev[0] if prev is not None else self.sp.new(m.out_features)
-            self.state[node] = (self._member(space, order, name, "out", 1, shape), 1)
-        else:
-            self._fresh_blocked(node, "a Linear applied to more than 2 dims")
+            self.state[node] = self._new_out(order, name, m.out_features, shape)
+        elif out_shape is not None:  # blocked, but reported with the Linear as its producer
+            why = self._why(node, "a Linear over the last of more than 2 dims (channels last, e.g. after a permute)")
+            space = self.sp.new(m.out_features, blocked=True, reason=why)
+            self.state[node] = ((self._member(space, order, name, "out", 1, shape),), 1)
 
     def _bn(self, node: fx.Node, order: int, name: str, m: nn.Module) -> None:
         x = node.args[0]
-        st = self.state.get(x) if isinstance(x, fx.Node) else None
-        if st is None or self.sp.size[self.sp.find(st[0])] * st[1] != m.num_features:
+        st = self._st(x)
+        if st is None or self._width(st) != m.num_features:
             self._unknown(node, "its num_features do not match the input's channels")
             return
         ref = m.weight if m.weight is not None else m.running_mean
         shape = tuple(ref.shape) if ref is not None else (m.num_features,)
-        self.state[node] = (self._member(st[0], order, name, "bn", st[1], shape), st[1])
+        self.state[node] = (tuple(self._member(s, order, name, "bn", st[1], shape, off, total)
+                                  for s, off, total in self._segments(st)), st[1])
 
     def _reshape(self, node: fx.Node) -> None:
         x = node.args[0]
         if not isinstance(x, fx.Node) or x not in self.state or node not in self.shapes:
             self._unknown(node)
             return
-        space, f = self.state[x]
+        spaces, f = self._st(x)
         si, so = self.shapes[x], self.shapes[node]
         if len(si) >= 2 and len(so) >= 2 and si[:2] == so[:2]:
-            self.state[node] = (space, f)  # dim 1 untouched (row-major)
+            self.state[node] = (spaces, f)  # dim 1 untouched (row-major)
         elif len(si) >= 2 and len(so) == 2 and so[0] == si[0] and so[1] == math.prod(si[1:]):
-            self.state[node] = (space, f * math.prod(si[2:]))  # flatten: channel c -> H*W features
+            self.state[node] = (spaces, f * math.prod(si[2:]))  # flatten: channel c -> H*W features
         else:
             self._unknown(node, f"a reshape {si} -> {so} that moves the channel dim (e.g. a channel shuffle)")
 
@@ -399,20 +269,98 @@ class _Walker:
             pos = 1 - (len(out) - len(sa))
             if pos >= 0 and sa[pos] == out[1]:  # covers the channel dim
                 if self.dynamic.get(a, False) and a in self.state:
-                    joined.append(self.state[a])
+                    joined.append(self._st(a))
                 else:
                     why = why or "a per-channel constant operand"  # would need slicing
             elif self.dynamic.get(a, False):  # a removed channel's value would move
                 why = why or "an input-dependent operand broadcast over the channels"
         if why is None and len({f for _, f in joined}) > 1:
             why = "operands flattened with different factors"
+        if why is None and len({len(s) for s, _ in joined}) > 1:  # a cat on one side: cut the one-space operands
+            sizes = [self._size(s) for s in max(joined, key=lambda st: len(st[0]))[0]]
+            if all(len(s) == len(sizes) or (len(s) == 1 and self._size(s[0]) == sum(sizes)) for s, _ in joined):
+                cut = []
+                for spaces, f in joined:
+                    spaces = self.sp.expand(spaces)  # the same operand twice: cut once
+                    cut.append((spaces if len(spaces) == len(sizes) else self._split(spaces[0], sizes), f))
+                joined = cut
+            else:
+                why = "operands concatenated from channel spaces that do not line up"
+        if why is None and len(joined[0][0]) > 1 and any(
+                [self._size(s) for s in st[0]] != [self._size(s) for s in joined[0][0]] for st in joined):
+            why = "operands concatenated from channel spaces that do not line up"
         if why is not None or not joined:
             self._unknown(node, why)
             return
-        space = joined[0][0]
-        for s, _ in joined[1:]:
-            space = self.sp.union(space, s, self._why(node))
-        self.state[node] = (self.sp.find(space), joined[0][1])
+        spaces = list(joined[0][0])
+        for other, _ in joined[1:]:  # stretch by stretch
+            spaces = [self.sp.union(a, b, self._why(node)) for a, b in zip(spaces, other, strict=True)]
+        self.state[node] = (tuple(self.sp.find(s) for s in spaces), joined[0][1])
+
+    def _permute(self, node: fx.Node) -> None:
+        """A permute/transpose that keeps dims 0 and 1 in place passes the channels on; any other blocks them."""
+        x, rest = node.args[0] if node.args else None, list(node.args[1:])
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        nd = len(self.shapes[x]) if isinstance(x, fx.Node) and x in self.shapes else 0
+        if node.target in ("transpose", torch.transpose):
+            moved = {d % nd for d in dims if isinstance(d, int)} if nd else {0}
+            keeps = len(dims) == 2 and not moved & {0, 1}
+        else:
+            keeps = nd > 1 and all(isinstance(d, int) for d in dims) and [d % nd for d in dims[:2]] == [0, 1]
+        if keeps and isinstance(x, fx.Node):
+            self._pass(node, x)
+        else:
+            self._unknown(node, "a permute that moves the channel dim (e.g. to channels last for a LayerNorm over "
+                                "the channels, as in ConvNeXt)")
+
+    def _cat(self, node: fx.Node) -> None:
+        """``torch.cat`` along the channels: the output's dim 1 is its inputs' spaces one after the other."""
+        xs = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = self.shapes.get(node)
+        if (out is None or not isinstance(xs, (list, tuple)) or not all(isinstance(a, fx.Node) for a in xs)
+                or not isinstance(dim, int)):
+            self._unknown(node)
+            return
+        if node.target is torch.stack or len(out) < 2 or dim % len(out) != 1:
+            self._unknown(node, f"a {'stack' if node.target is torch.stack else 'concatenation'} along dim {dim}, "
+                                f"not the channels")
+            return
+        sts = [self._st(a) for a in xs]
+        if any(st is None or st[1] != 1 for st in sts):
+            self._unknown(node, "a concatenation of tensors without channel spaces (or after a flatten)")
+            return
+        self.state[node] = (tuple(s for st in sts for s in st[0]), 1)
+
+    def _getitem(self, node: fx.Node) -> None:
+        """``x[:, a:b]``: a constant slice of the channels keeps the stretches of whole spaces inside it."""
+        x, idx = node.args[0], node.args[1] if len(node.args) > 1 else None
+        st = self._st(x)
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        full = slice(None)
+        if (st is None or node not in self.shapes or len(idx) < 1 or idx[0] != full
+                or any(i != full and i is not Ellipsis for i in idx[2:])):
+            self._unknown(node, "an indexing op other than a constant slice of the channels (x[:, a:b])")
+            return
+        ch = idx[1] if len(idx) > 1 and idx[1] is not Ellipsis else full
+        width = self._width(st)
+        if not isinstance(ch, slice) or ch.step not in (None, 1) or st[1] != 1 or not all(
+                v is None or isinstance(v, int) for v in (ch.start, ch.stop)):
+            self._unknown(node, "an index of the channels that is not a constant slice (x[:, a:b])")
+            return
+        lo, hi, _ = ch.indices(width)
+        kept: list[int] = []
+        why = self._why(node, f"a channel slice [{lo}:{hi}] that cuts a channel space of a concatenation")
+        for s, off, _ in self._segments(st):
+            a, b = max(lo, off), min(hi, off + self._size(s))
+            if a >= b:
+                continue  # not used here
+            if (a, b) == (off, off + self._size(s)):
+                kept.append(s)
+            else:
+                self.sp.block(s, why)
+                kept.append(self.sp.new(b - a, blocked=True, reason=why))
+        self.state[node] = (tuple(kept), 1)
 
     def run(self) -> list[ChannelGroupSpec]:
         for order, node in enumerate(self.gm.graph.nodes):
@@ -446,9 +394,12 @@ class _Walker:
                     continue  # shape queries do not use the values
                 if fn and tgt is operator.getitem and node not in self.shapes:
                     continue  # indexing a size tuple
-                if (fn and tgt in BINARY_FUNCTIONS) or (not fn and tgt in BINARY_METHODS):
+                if fn and tgt is operator.getitem:
+                    self._getitem(node)
+                elif (fn and tgt in BINARY_FUNCTIONS) or (not fn and tgt in BINARY_METHODS):
                     self._binary(node)
-                elif ((fn and tgt in ELEMENTWISE_FUNCTIONS) or (not fn and tgt in ELEMENTWISE_METHODS)) and first is not None:
+                elif ((fn and (tgt in ELEMENTWISE_FUNCTIONS or function_name(tgt) in IDENTITY_FUNCTION_NAMES))
+                      or (not fn and tgt in ELEMENTWISE_METHODS)) and first is not None:
                     self._pass(node, first)
                 elif fn and tgt in POOL_FUNCTIONS and first is not None:
                     self._pass(node, first, factor_one=True)
@@ -457,7 +408,11 @@ class _Walker:
                 elif (fn and tgt in REDUCE_FUNCTIONS) or (not fn and tgt in REDUCE_METHODS):
                     self._reduce(node)
                 elif fn and tgt in (torch.cat, torch.concat, torch.stack):
-                    self._unknown(node, "a concatenation: the walker does not split channels across its inputs")
+                    self._cat(node)
+                elif (fn and tgt in (torch.permute, torch.transpose)) or (not fn and tgt in ("permute", "transpose")):
+                    self._permute(node)
+                elif (fn and tgt in (torch.chunk, torch.split)) or (not fn and tgt in ("chunk", "split")):
+                    self._unknown(node, "a split of the channels into parts (e.g. ShuffleNetV2's channel split)")
                 else:
                     self._unknown(node)
             else:
@@ -469,11 +424,11 @@ class _Walker:
         for s in range(len(self.sp.parent)):
             if self.sp.find(s) != s or self.sp.blocked[s] or not self.sp.members[s]:
                 continue
-            seen: set[tuple[str, str]] = set()
+            seen: set[tuple[str, str, int]] = set()
             members: list[Member] = []
             for _, m in sorted(self.sp.members[s], key=lambda om: om[0]):
-                if (m.module, m.kind) not in seen:
-                    seen.add((m.module, m.kind))
+                if (m.module, m.kind, m.offset) not in seen:
+                    seen.add((m.module, m.kind, m.offset))
                     members.append(m)
             producers = [(o, m) for o, m in sorted(self.sp.members[s], key=lambda om: om[0]) if m.kind == "out"]
             if not producers:

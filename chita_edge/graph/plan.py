@@ -11,8 +11,10 @@ A plan is versioned JSON-able data::
                     {"module": "layer1.0.conv2", "kind": "in",  "repeat": 1}]}},
      "add_bias": []}                                           # consumers that gained a (folded) bias
 
-Only groups (``chita_edge.graph.channels``) that lose channels appear. A plan that also removes residual blocks
-(``chita_edge.graph.residual``) has ``"version": 2`` and ``"drop": {"layer1.1": "identity"}`` (module path ->
+Only groups (``chita_edge.graph.channels``) that lose channels appear. A member of a module that sees a
+concatenation (``torch.cat`` of several groups along the channels) also has ``"offset"`` and ``"total"``: the
+group's channels start at ``offset`` of the module's ``total`` channels; each group removes its own slice.
+A plan that also removes residual blocks (``chita_edge.graph.residual``) has ``"version": 2`` and ``"drop": {"layer1.1": "identity"}`` (module path ->
 what replaces it); a plan without dropped blocks stays version 1. The plan names modules, so it can be replayed
 on a fresh model without tracing or an example input; ``apply_plan`` shrinks the Conv/Linear/BatchNorm modules
 in place (same objects, same names, so the state-dict keys are unchanged) and a structurally pruned state dict
@@ -86,7 +88,7 @@ def _fold_delta(mod: nn.Module, m: Member, channel: int, acts: list[torch.Tensor
         return None
     w = mod.weight.detach()
     delta = torch.zeros(w.shape[0], dtype=torch.float64)
-    lo, r = channel * m.repeat, m.repeat
+    lo, r = m.offset + channel * m.repeat, m.repeat
     for act in acts:
         s = act.narrow(1, lo, r).to(torch.float64)
         if s.abs().max() <= tol + ACT_ATOL:
@@ -102,7 +104,7 @@ def _fold_delta(mod: nn.Module, m: Member, channel: int, acts: list[torch.Tensor
             v = s.mean()
             if not _foldable_conv(mod) or (s - v).abs().max() > slack:
                 return None  # zero padding (or a varying value) would change the borders
-            delta += v * w[:, channel].to(torch.float64).sum(dim=tuple(range(1, w.dim() - 1)))
+            delta += v * w[:, lo].to(torch.float64).sum(dim=tuple(range(1, w.dim() - 1)))
     return delta
 
 
@@ -116,11 +118,11 @@ def zero_plan(model: nn.Module, example_input: Any, tol: float) -> tuple[dict[st
     with torch.no_grad():
         for g in groups:
             zero = torch.ones(g.size, dtype=torch.bool)
-            for p in g.producers:
+            for p in g.producers:  # a producer's output may be cut over several groups (at p.offset)
                 mod = mods[p.module]
-                zero &= mod.weight.detach().reshape(g.size, -1).abs().amax(dim=1) <= tol
+                zero &= mod.weight.detach().narrow(0, p.offset, g.size).reshape(g.size, -1).abs().amax(dim=1) <= tol
                 if mod.bias is not None:
-                    zero &= mod.bias.detach().abs() <= tol
+                    zero &= mod.bias.detach().narrow(0, p.offset, g.size).abs() <= tol
             if zero.any():
                 candidates[g.id] = zero.nonzero().flatten().tolist()
     plan, folds = _empty_plan(), {}
@@ -217,7 +219,8 @@ def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, di
         raise _bad(where, "field 'add_bias' must be a list of module names")
     drop = _resolve_drop(model, plan, where)
     mods = {n: m for n, m in model.named_modules() if not any(n == d or n.startswith(d + ".") for d in drop)}
-    sel: dict[str, dict[str, list[int]]] = {}
+    gone: dict[str, dict[str, tuple[int, set[int]]]] = {}  # module -> slot -> (dim length, removed indices)
+    spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for gid, entry in groups.items():
         size = entry.get("size") if isinstance(entry, dict) else None
         members = entry.get("members") if isinstance(entry, dict) else None
@@ -236,8 +239,13 @@ def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, di
                 raise _bad(where, f"groups['{gid}'] member {mem!r}: expected {{'module': str, 'kind': one of "
                                   f"{', '.join(KINDS)}, 'repeat': int}}")
             name, kind, r = mem["module"], mem["kind"], mem.get("repeat", 1)
+            off, total = mem.get("offset", 0), mem.get("total", 0)
             if not _is_int(r) or r < 1:
                 raise _bad(where, f"groups['{gid}'] member '{name}': 'repeat' must be an integer >= 1")
+            if not (_is_int(off) and _is_int(total) and off >= 0 and (total == 0 and off == 0
+                                                                      or off + size * r <= total)):
+                raise _bad(where, f"groups['{gid}'] member '{name}': 'offset' {off!r} and 'total' {total!r} must be "
+                                  f"integers with offset + size * repeat <= total (or both 0)")
             if name not in mods:
                 raise _bad(where, f"group '{gid}' names module '{name}', which this model does not have")
             mod = mods[name]
@@ -245,14 +253,19 @@ def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, di
             if have is None:
                 raise _bad(where, f"group '{gid}': module '{name}' ({type(mod).__name__}) cannot be a "
                                   f"'{kind}' member")
-            if have != size * r:
+            if have != (total or size * r):
                 raise _bad(where, f"group '{gid}': module '{name}' has {have} {kind} channels, the plan expects "
-                                  f"{size * r} (made for another model, or applied already?)")
-            idx = [c * r + j for c in kept for j in range(r)]
+                                  f"{total or size * r} (made for another model, or applied already?)")
             slot = "out" if kind in ("dw", "bn") else kind
-            if slot in sel.setdefault(name, {}):
+            lo, hi = off, off + size * r
+            if any(a < hi and lo < b for a, b in spans.get((name, slot), [])):
                 raise _bad(where, f"module '{name}' appears as '{kind}' in more than one group")
-            sel[name][slot] = idx
+            spans.setdefault((name, slot), []).append((lo, hi))
+            kept_set = set(kept)
+            removed = gone.setdefault(name, {}).setdefault(slot, (have, set()))[1]
+            removed.update(off + c * r + j for c in range(size) if c not in kept_set for j in range(r))
+    sel = {name: {slot: [i for i in range(n) if i not in removed] for slot, (n, removed) in slots.items()}
+           for name, slots in gone.items()}
     for name in add_bias:
         if not isinstance(mods.get(name), (nn.Linear, *CONV)):
             raise _bad(where, f"add_bias names '{name}', which is not a Conv/Linear module of this model")

@@ -36,6 +36,7 @@ __all__ = [
     "ELEMENTWISE_FUNCTIONS",
     "ELEMENTWISE_METHODS",
     "ELEMENTWISE_MODULES",
+    "IDENTITY_FUNCTION_NAMES",
     "POOL_FUNCTIONS",
     "POOL_MODULES",
     "QUERY_METHODS",
@@ -49,6 +50,7 @@ __all__ = [
     "as_args",
     "eval_no_grad",
     "first_line",
+    "function_name",
     "is_add_node",
     "is_bn_node",
     "is_conv",
@@ -77,6 +79,10 @@ ELEMENTWISE_FUNCTIONS = {
     F.hardtanh, F.softplus, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.dropout, F.dropout1d, F.dropout2d,
     F.dropout3d, torch.clamp, torch.abs, operator.neg, operator.pos,
 }
+# Library functions that fx records as calls (``torch.fx.wrap``) and that leave each channel on its own in eval mode,
+# where the walker traces: an identity or a per-sample scaling (torchvision's ``StochasticDepth``, used by
+# EfficientNet and ConvNeXt). Named by ``module.name`` so that this layer needs no import of the library.
+IDENTITY_FUNCTION_NAMES = frozenset({"torchvision.ops.stochastic_depth.stochastic_depth"})
 ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "clamp", "clamp_", "clamp_min", "clamp_max", "abs",
                         "neg", "contiguous", "float", "double", "half"}
 POOL_FUNCTIONS = {
@@ -150,13 +156,22 @@ def first_line(e: BaseException) -> str:
     return (s.splitlines()[0] if s else type(e).__name__)[:200]
 
 
+def function_name(target: Any) -> str:
+    """``module.name`` of a called function (as ``IDENTITY_FUNCTION_NAMES`` spells it)."""
+    return f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', '')}"
+
+
+_LEAF_TYPES = (nn.modules.batchnorm._BatchNorm, nn.Linear, *CONV)
+
+
 class _Tracer(fx.Tracer):
-    """fx's tracer, with every BatchNorm module a leaf: a library's subclass that also applies its activation
-    (timm's ``BatchNormAct2d``) stays one per-channel module instead of being traced into ``F.batch_norm`` on
-    attribute constants, which the channel walker cannot follow."""
+    """fx's tracer, with every BatchNorm, Linear and Conv module a leaf, a library's subclass included: timm's
+    ``BatchNormAct2d`` (which also applies its activation) stays one per-channel module and timm's ``Linear``
+    one Linear, instead of being traced into ``F.batch_norm`` / ``F.linear`` on attribute constants, which the
+    channel walker cannot follow."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+        return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, module_qualified_name)
 
 
 def trace(model: nn.Module, needed_by: str = "structured pruning") -> fx.GraphModule:

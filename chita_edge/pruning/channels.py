@@ -170,7 +170,7 @@ def apply_keep(model: nn.Module, cs: ChannelStructure, keep: torch.Tensor) -> No
             continue
         for m in spec.members:
             mod = mods[m.module]
-            rows = (gone.view(-1, 1) * m.repeat + torch.arange(m.repeat).view(1, -1)).reshape(-1)
+            rows = (m.offset + gone.view(-1, 1) * m.repeat + torch.arange(m.repeat).view(1, -1)).reshape(-1)
             if m.kind in ("out", "dw") and getattr(mod, "bias", None) is not None:
                 mod.bias[rows] = 0.0
             elif m.kind == "bn":
@@ -313,7 +313,8 @@ def _filter_norms(model: nn.Module, cs: ChannelStructure, order: int) -> torch.T
         acc = torch.zeros(spec.size, dtype=torch.float64)
         for m in spec.members:
             if m.kind in ("out", "dw"):
-                acc += params[m.param].detach().double().reshape(spec.size, -1).abs().pow(order).sum(1)
+                rows = params[m.param].detach().double().narrow(0, m.offset, spec.size)  # at an offset: after a cat
+                acc += rows.reshape(spec.size, -1).abs().pow(order).sum(1)
         out[cs.channels(f)] = acc if order == 1 else acc.sqrt()
     return out
 

@@ -75,8 +75,9 @@ def removal_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, aliv
             Hd.diagonal().add_(damp * float(H.diagonal().mean()) + 1e-12)
             Hinv.append(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
             W.append(Wl)
-            b = Wl.shape[1] // spec.size
-            blocks.append(torch.arange(spec.size).view(-1, 1) * b + torch.arange(b).view(1, -1))
+            kk = Wl.shape[1] // (m.total or spec.size * m.repeat)  # columns per input channel (k*k; 1 for a Linear)
+            b = m.repeat * kk  # a consumer of a concatenation sees the group at m.offset
+            blocks.append(m.offset * kk + torch.arange(spec.size).view(-1, 1) * b + torch.arange(b).view(1, -1))
             scale.append(1.0 / max(energy, 1e-30))
         if steps <= 0 or not Hinv:
             curves.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)))
