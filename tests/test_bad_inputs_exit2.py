@@ -182,7 +182,7 @@ def test_prune_refuses_non_finite_and_negative_settings_up_front(ws, tmp_path, a
         raise AssertionError("gradients were collected for settings that should have been refused")
 
     monkeypatch.setattr("chita_edge.pruning.gradients.collect_gradients", never)
-    monkeypatch.setattr("chita_edge.pruning.prune.collect_gradients", never)
+    monkeypatch.setattr("chita_edge.pruning.distributed.collect_gradients", never)
     monkeypatch.setattr("chita_edge.pruning.channels.collect_gradients", never)
     r = run_cli("prune", f"{ws['model']}:mlp", "--data", f"npz:{ws['data']}", "--sparsity", "0.5", *argv,
                 "--out", tmp_path / "p.pt")

@@ -139,7 +139,7 @@ def _assert_clean(r: subprocess.CompletedProcess, out: Path, directory: Path) ->
 
 PHASES = {
     # phase: (patched function, argv builder)
-    "gradients": ("chita_edge.pruning.prune:collect_gradients",
+    "gradients": ("chita_edge.pruning.distributed:collect_gradients",
                   lambda w, out: ["prune", f"{w['model']}:mlp", "--data", f"npz:{w['data']}", "--sparsity", "0.5",
                                   "--method", "chita", "--grads", "16", "--out", out]),
     "solving": ("chita_edge.solvers.chita:chita",

@@ -23,7 +23,7 @@ def captured(monkeypatch):
     """Replace the prune job by a recorder: the CLI's job, not its run, is under test."""
     seen: list[jobs.PruneJob] = []
 
-    def fake(job, progress=None):
+    def fake(job, progress=None, announce=None):
         jobs._check_combination(job)
         seen.append(job)
         return jobs.PruneResult(model=job.model, method=job.settings["method"], structure=job.settings["structure"],
@@ -93,7 +93,7 @@ def test_a_profile_prunes_to_its_budgets_with_its_width_multiple(captured, tmp_p
     assert (s["structure"], s.source("structure")) == ("channel", "profile")
     assert (s["width_multiple"], s.source("width_multiple")) == (8, "profile")
     cfg = jobs.budget_config(s)
-    assert (cfg.method, cfg.stages, cfg.width_multiple, cfg.n_grads) == ("chita", 2, 8, DEFAULTS["n_grads"])
+    assert (cfg.method, cfg.stages, cfg.width_multiple, cfg.n_grads) == ("chita-layerwise", 2, 8, DEFAULTS["n_grads"])
     assert job.budgets == {"latency_ms": 3.0}
 
 

@@ -1,6 +1,8 @@
 """torchvision and timm models (``torchvision:NAME`` / ``timm:NAME``, the ``zoo`` extra): the import shim, the
 specs, the fp32 parity tolerance, what blocks structured pruning, and a small matrix of families (random init,
-32x32 inputs): unstructured prune, dense fp32 ONNX export with parity, and their channel groups.
+32x32 inputs): unstructured prune through the CLI, dense fp32 ONNX export with parity, their channel groups, the
+budget cost model's units (a layer fed by a concatenation scales with each input) and a budget prune through the
+CLI (stand-in cost model and device), and TFLite with parity for the smallest families (slow).
 
 Tests that need torchvision or timm skip with the reason when the extra is not installed."""
 
@@ -15,9 +17,20 @@ import torch
 from chita_edge.exporters import export_model
 from chita_edge.exporters.export import ExportConfig, _check_parity
 from conftest import run_cli
+from test_budget import FakeCostModel
 from torch import nn
 
+from chita_edge.budget import costmodel as C
+from chita_edge.budget import search
+from chita_edge.budget import timing as T
+from chita_edge.budget import units as U
+from chita_edge.budget.config import BudgetConfig
+from chita_edge.budget.costmodel import CostModel, widths_of
+from chita_edge.budget.memory import MemoryModel
+from chita_edge.budget.search import prune_to_budget
+from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, MissingExtra
+from chita_edge.devices.profiles import load_profile, with_budgets
 from chita_edge.graph.channels import blocked_summary, channel_report
 from chita_edge.models.hub import (
     DETECTION_OPS,
@@ -287,3 +300,134 @@ def test_a_refusal_names_the_module_and_op_that_block_each_group():
         channel_structure(_Cumulative(), torch.rand(1, 3, SIZE, SIZE))
     msg = str(e.value)
     assert "no prunable channel groups" in msg and "cumsum" in msg and "conv" in msg and "\n" not in msg
+
+
+# ------------------------------------------------------------------------------------------------ budget: cat
+class _Fire(nn.Module):
+    """SqueezeNet's shape in miniature: a Fire module (squeeze, two expand convs concatenated) read by a conv
+    classifier whose outputs are the model output, so that its cost moves only with the concatenated widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.squeeze = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+        self.e1, self.e3 = nn.Conv2d(8, 32, 1), nn.Conv2d(8, 32, 3, padding=1)
+        self.classifier = nn.Conv2d(64, 10, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.squeeze(torch.relu(self.stem(x))))
+        cat = torch.relu(torch.cat([torch.relu(self.e1(s)), torch.relu(self.e3(s))], 1))
+        return self.classifier(cat).mean((2, 3))
+
+
+def test_a_unit_fed_by_a_concatenation_scales_with_each_of_its_parts():
+    m, x = _Fire().eval(), torch.rand(1, 3, 8, 8)
+    g = U.trace_graph(m, x, channel_structure(m, x).specs)
+    units = {u.name: u for u in U.split_units(g)}
+    assert set(units["classifier"].axes) == {"e1", "e3"}  # was none: the classifier looked fixed-width
+    assert g.parts["cat"] == (("e1", 1), ("e3", 1)) and g.parts["relu_4"] == g.parts["cat"]
+    assert U.scaled_shape(g, "cat", {**g.sizes, "e1": 8, "e3": 16}) == (1, 24, 8, 8)
+    mod, inputs = U.build_unit(g, units["classifier"], {**g.sizes, "e1": 8, "e3": 16})
+    assert inputs[0].shape[1] == 24 and mod(*inputs).shape == (1, 10, 8, 8)
+    assert "32*1c+32*1c" in units["classifier"].signature
+
+
+def test_a_budget_under_the_dense_latency_is_met_through_a_concatenation(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
+    # a unit's time stands in as its ONNX file's size (its weights: cin * cout * k), so nothing is timed here
+    monkeypatch.setattr(T, "time_file", lambda path, x, threads, runs: (path.stat().st_size * 1e-5, 1))
+    monkeypatch.setattr(T, "time_overhead", lambda threads, runs=400: (0.001, 0.0, "test"))
+    monkeypatch.setattr(C, "memory_model", lambda threads=1, **kw: MemoryModel(3.0, 2.0, 2.5, 1.5, 2.0, 16))
+    m, gen = _Fire().eval(), torch.Generator().manual_seed(0)
+    xs, ys = torch.rand(48, 3, 8, 8, generator=gen), torch.randint(0, 10, (48,), generator=gen)
+    data = Dataset("synthetic", xs, ys, xs[:16], ys[:16])
+    cm = CostModel.build(m, xs[:1], None, width_multiple=4, runs=1)
+    dense = cm.predict({}).latency_ms
+    assert cm.predict({"e1": 16, "e3": 16}).latency_ms < 0.75 * dense  # the classifier shrinks with the cat
+    prof = load_profile("phone-mid-sd670")
+    budgets = with_budgets(prof, latency_ms=0.6 * dense, memory_mb=1000, file_mb=1000)
+    cfg = BudgetConfig(method="l1-uniform", verify=False, calib_samples=32, width_multiple=4)
+    res = prune_to_budget(m, xs[:1], data, prof, budgets, cfg, cost_model=cm)
+    assert res.passed and res.predicted["latency_ms"] <= 0.6 * dense
+    assert res.widths["e1"] + res.widths["e3"] < 64 and res.model.classifier.in_channels < 64
+
+
+# ------------------------------------------------------------------------------------------------ the CLI matrix
+@pytest.mark.parametrize("family,name", [(f, n) for f, n, _, _ in MATRIX], ids=IDS)
+def test_each_family_prunes_unstructured_through_the_cli(family, name, images, tmp_path):
+    need(family)
+    r = run_cli("prune", spec_of(family, name), "--data", f"npz:{images}", "--method", "magnitude",
+                "--sparsity", "0.5", "--out", tmp_path / "p.pt", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert load_model(None, tmp_path / "p.pt").spec == spec_of(family, name)
+
+
+# one family with residuals, one with SE and inverted residuals, one with concatenations
+BUDGET = ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "timm:ghostnet_050"]
+
+
+@pytest.mark.parametrize("spec", BUDGET)
+def test_the_cost_model_units_of_a_family_build_at_reduced_widths(spec):
+    """Every unit the cost model would time rebuilds alone at the narrowest widths and runs (no timing here)."""
+    need(spec.split(":")[0])
+    m = load_model(f"{spec}?num_classes=10&input_size={SIZE}").module.eval()
+    x = torch.rand(1, 3, SIZE, SIZE)
+    g = U.trace_graph(m, x, channel_structure(m, x).specs)
+    narrow = {k: max(1, v // 4) for k, v in g.sizes.items()}
+    units = U.split_units(g)
+    assert all(len(u.axes) <= U.MAX_AXES for u in units)
+    for u in units:
+        mod, inputs = U.build_unit(g, u, narrow)
+        with torch.no_grad():
+            out = mod(*inputs)
+        assert tuple(out.shape) == U.scaled_shape(g, u.nodes[-1], narrow), u.name
+
+
+@pytest.mark.parametrize("spec", BUDGET)
+def test_a_family_prunes_to_a_latency_budget_through_the_cli(spec, images, tmp_path, monkeypatch):
+    """The budget path end to end (channel groups, search, compaction, the checkpoint's plan); the cost model is
+    the analytic stand-in of tests/test_budget.py and the device a measurement linear in the widths."""
+    need(spec.split(":")[0])
+    spec = f"{spec}?num_classes=10&input_size={SIZE}"
+    specs = channel_structure(load_model(spec).module.eval(), torch.rand(1, 3, SIZE, SIZE)).specs
+    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
+                                                          FakeCostModel({s.id: s.size for s in specs})))
+    full = sum(s.size for s in specs)
+
+    def fake_measure(model, x, profile, path, **kw):  # 1 ms for the dense model, linear in the widths
+        path.write_bytes(b"onnx")
+        lat = sum(widths_of(model, specs).values()) / full
+        return {"latency_ms": lat, "memory_mb": 5.0, "file_mb": 0.05, "file": str(path), "percentile": "p90"}
+
+    monkeypatch.setattr(search, "measure_model", fake_measure)
+    r = run_cli("prune", spec, "--data", f"npz:{images}", "--out", tmp_path / "p.pt", "--profile", "phone-mid-sd670",
+                "--latency-ms", "0.7", "--memory-mb", "1000", "--file-mb", "1000", "--method", "l1-uniform",
+                "--search-stages", "1", "--json")
+    assert r.code == 0, r.stderr
+    d = r.json()
+    assert d["passed"] and all(row["width"] <= row["of"] for row in d["layers"])
+    lm = load_model(None, tmp_path / "p.pt")
+    assert sum(p.numel() for p in lm.module.parameters()) == d["params_after"] < d["params_before"]
+    with torch.no_grad():
+        assert lm.module(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 10)
+
+
+TFLITE = ["timm:mobilenetv3_small_050", "torchvision:shufflenet_v2_x0_5"]  # the smallest (litert-torch is slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", TFLITE)
+def test_a_small_family_exports_to_tflite_with_parity(spec, images, tmp_path):
+    need(spec.split(":")[0])
+    pytest.importorskip("litert_torch", reason="needs the tflite extra (litert-torch)")
+    pytest.importorskip("ai_edge_litert", reason="needs the tflite extra (ai-edge-litert)")
+    spec = f"{spec}?num_classes=10&input_size={SIZE}"
+    settled_weights(spec, tmp_path / "w.pt")
+    r = run_cli("prune", spec, "--weights", tmp_path / "w.pt", "--data", f"npz:{images}", "--method", "magnitude",
+                "--sparsity", "0.5", "--out", tmp_path / "p.pt", "--json")
+    assert r.code == 0, r.stderr
+    r = run_cli("export", tmp_path / "p.pt", "--format", "tflite", "--parity-samples", "16",
+                "--out", tmp_path / "p.tflite", "--json")
+    assert r.code == 0, r.stderr
+    p = r.json()["parity"]
+    assert p["passed"] and p["top1_agreement"] == 1.0 and (tmp_path / "p.tflite").stat().st_size > 0

@@ -16,11 +16,13 @@ import pytest
 from conftest import run_cli
 from test_bench import tiny_onnx  # noqa: F401  (fixture)
 
-from chita_edge.devices.profiles import load_profile
+from chita_edge.devices.headline import headline_rows
+from chita_edge.devices.profiles import load_profile, with_budgets
 from chita_edge.devices.report import (
     BAD,
     OK,
     UNSURE,
+    _place_labels,
     pareto_points,
     render_html,
     render_markdown,
@@ -69,7 +71,7 @@ def test_report_files_are_complete_and_self_contained(tmp_path):
     doc = json.loads(Path(paths["json"]).read_text())
     assert doc["format"] == "chita-edge/report-v1" and len(doc["results"]) == 4 and doc["profiles"][0]["id"] == "sbc-rpi4"
     html = Path(paths["html"]).read_text()
-    assert html.count("<svg") == 4 + 1 + 1 + 4  # histograms, budget bars, Pareto, layers
+    assert html.count("<svg") == 4 + 1 + 2 + 4  # histograms, budget bars, accuracy vs latency and vs file, layers
     assert "<script" not in html and not re.search(r"(src|href)=['\"]?(https?:|//)", html)
     assert "Accuracy vs latency" in html and "estimated-device (calibrated, anchors R41" in html
     md = Path(paths["markdown"]).read_text()
@@ -162,3 +164,82 @@ def test_html_report_renders_in_headless_chromium(tiny_onnx, tmp_path):  # noqa:
         assert 0.002 < dark < 0.5
         console = [ln for ln in p.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
         assert console == [], console
+
+
+# ------------------------------------------------------------------------- headline, budget line, labels
+def _tight_rpi4():
+    """sbc-rpi4 with budgets the dense fake (p50 2 ms host, x10 on the Pi; 1.05 MB) breaks and s90 meets."""
+    prof = load_profile("sbc-rpi4")
+    return prof.model_copy(update={"budgets": with_budgets(prof, latency_ms=12.0, percentile="p90", file_mb=0.5)})
+
+
+def test_headline_compares_each_target_with_dense():
+    prof = _tight_rpi4()
+    dense, target = fake_result("dense.onnx", 2.0, 91.0, 1.05, seed=1), fake_result("sbc-rpi4.onnx", 0.5, 89.5, 0.11)
+    rows = headline_rows([dense, target, fake_result("other.tflite", 0.4, 80.0, 0.1) | {"runtime": "litert"}], [prof])
+    assert len(rows) == 1  # no dense file of the litert runtime: nothing to compare that one with
+    r = rows[0]
+    assert r["target"] == "sbc-rpi4" and r["file"] == "sbc-rpi4.onnx" and r["dense_file"] == "dense.onnx"
+    assert r["latency_x"] == pytest.approx(dense["latency_ms"]["p90"] / target["latency_ms"]["p90"])
+    assert r["latency_provenance"] == "estimated-device" and r["latency_percentile"] == "p90"
+    assert r["size_x"] == pytest.approx(1.05 / 0.11) and r["accuracy_delta"] == pytest.approx(-1.5)
+    assert (r["verdict"], r["dense_verdict"]) == ("pass", "fail")
+    assert set(r["broken_by_dense_met_by_pruning"]) == {"latency p90", "model file"}
+    html = render_html([dense, target], [prof])
+    assert html.index("What pruning bought") < html.index("Every file") < html.index("<svg")
+    assert "<td>9.55×</td>" in html and "class='budget'" in html and "class='dense'" in html
+    md = render_markdown([dense, target], [prof])
+    assert md.index("## What pruning bought") < md.index("## Every file") and "| sbc-rpi4 | sbc-rpi4.onnx |" in md
+
+
+def test_label_column_keeps_labels_apart():
+    ys = _place_labels([100.0, 100.0, 101.0, 300.0, 299.0], top=40, bottom=310, step=15)
+    s = sorted(ys)
+    assert all(b - a >= 15 - 1e-9 for a, b in zip(s, s[1:], strict=False)) and min(ys) >= 40 and max(ys) <= 310
+
+
+BOXES_JS = """<script>
+const out = [];
+document.querySelectorAll('svg').forEach((svg, i) => {
+  const labels = [...svg.querySelectorAll('text.label')];
+  if (!labels.length) return;
+  const all = [...svg.querySelectorAll('text')].map(t => {
+    const r = t.getBoundingClientRect();
+    return {svg: i, label: t.classList.contains('label'), text: t.textContent, x0: r.left, y0: r.top, x1: r.right, y1: r.bottom};
+  });
+  out.push(...all);
+});
+const pre = document.createElement('pre'); pre.id = 'label-boxes'; pre.textContent = JSON.stringify(out);
+document.body.appendChild(pre);
+</script>"""
+
+
+def label_overlaps(page: Path, tmp_path: Path) -> tuple[int, list[tuple[str, str]]]:
+    """Render ``page`` in headless Chromium with a script that records the boxes of every text of each chart that
+    has point labels; returns (number of labels, pairs of texts whose boxes intersect, a label being one of them)."""
+    probe = tmp_path / f"boxes-{page.parent.name}-{page.stem}.html"
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", BOXES_JS + "</body>"), encoding="utf-8")
+    p = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'chromium-boxes'}", "--dump-dom", probe.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    m = re.search(r"<pre id=\"label-boxes\">(.*?)</pre>", p.stdout, re.S)
+    assert m, p.stderr[-2000:]
+    boxes = json.loads(m.group(1).replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+    bad = []
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1:]:
+            if a["svg"] == b["svg"] and (a["label"] or b["label"]) and a["x0"] < b["x1"] and b["x0"] < a["x1"] \
+                    and a["y0"] < b["y1"] and b["y0"] < a["y1"]:
+                bad.append((a["text"], b["text"]))
+    return sum(b["label"] for b in boxes), bad
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (apt-get install -y chromium) to measure the labels")
+def test_chart_labels_do_not_overlap_in_chromium(tmp_path):
+    # the dense point and a target's point on top of each other (the demo's old report), plus two close ones
+    same = [fake_result("dense.onnx", 2.0, 91.0, 1.05, seed=1), fake_result("sbc-rpi4.onnx", 2.0, 91.0, 1.05, seed=1),
+            fake_result("s50.onnx", 1.9, 90.9, 0.5, seed=2), fake_result("s90.onnx", 0.5, 86.0, 0.11, seed=3)]
+    paths = write_report(tmp_path / "rep", same, [_tight_rpi4()])
+    n, bad = label_overlaps(Path(paths["html"]), tmp_path)
+    assert n == 2 * 5 and bad == []  # two charts (latency, file size): four points and the budget line each

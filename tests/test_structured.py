@@ -214,16 +214,17 @@ def test_masked_layer_backsolve_refits_each_row_on_its_own_support():
                           layer_backsolve(Xp.T @ Xp, Xp.T @ Xd, W_bar, keep, lam), atol=1e-9)
 
 
-def test_obs_removal_cost_equals_the_refit_error():
+@pytest.mark.parametrize("cols", [2, 1], ids=["conv-like: 2 columns a channel", "linear: 1 column a channel"])
+def test_obs_removal_cost_equals_the_refit_error(cols):
     g = torch.Generator().manual_seed(1)
-    X = torch.randn(300, 8, generator=g, dtype=torch.float64)
-    W = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    X = torch.randn(300, 4 * cols, generator=g, dtype=torch.float64)
+    W = torch.randn(4, 4 * cols, generator=g, dtype=torch.float64)
     H = X.T @ X
-    blocks = torch.arange(8).view(4, 2)  # 4 channels of 2 columns
+    blocks = torch.arange(4 * cols).view(4, cols)  # 4 channels of `cols` columns
     order, cum = obs_removal_order([torch.linalg.inv(H)], [W], [blocks], [1.0], torch.ones(4, dtype=torch.bool), 2)
     assert order.numel() == 2 and cum.numel() == 2 and bool((cum[1:] >= cum[:-1]).all())
     # the cost after removing the chosen channels is the error of the exact least-squares re-fit
-    keep = torch.ones(8, dtype=torch.bool)
+    keep = torch.ones(4 * cols, dtype=torch.bool)
     for c in order.tolist():
         keep[blocks[c]] = False
     Wr = layer_backsolve(H, H, W, keep, 1e-12)
@@ -232,7 +233,7 @@ def test_obs_removal_cost_equals_the_refit_error():
     # and it is the cheapest first removal
     firsts = []
     for c in range(4):
-        k1 = torch.ones(8, dtype=torch.bool)
+        k1 = torch.ones(4 * cols, dtype=torch.bool)
         k1[blocks[c]] = False
         W1 = layer_backsolve(H, H, W, k1, 1e-12)
         firsts.append(float(((X @ W1.T - X @ W.T) ** 2).sum()))

@@ -23,7 +23,13 @@ from chita_edge.pruning.defaults import DEFAULTS
 
 Progress = Callable[[str, int, int], None]
 
-METHODS = ("chita", "chita-fisher", "l1-uniform", "norm-global")
+# what each method is: ``chita-layerwise`` (group-OBS removal order on the layer-wise CHITA quadratic, probe curves,
+# greedy search, layer-wise re-fit; the default), ``chita-fisher`` (the paper's global G from mini-batch gradients,
+# group IHT + backsolve); the two baselines. The old names stay accepted (``ALIASES``).
+METHODS = ("chita-layerwise", "chita-fisher", "l1-uniform", "norm-global")
+ALIASES = {"chita": "chita-layerwise", "chita++": "chita-layerwise"}
+PREFER = ("under", "nearest")
+UNCERTAIN = ("fail", "pass")  # as check's --uncertain: what the landing window and the verdicts judge
 STRUCTURES = ("auto", "channel", "block", "unstructured")
 RESOURCES = ("latency_ms", "memory_mb", "file_mb")
 
@@ -32,7 +38,7 @@ RESOURCES = ("latency_ms", "memory_mb", "file_mb")
 class BudgetConfig:
     """Knobs of the budget search (what they do: ``chita_edge.budget.search``'s docstring)."""
 
-    method: str = "chita"
+    method: str = "chita-layerwise"  # or an alias (``ALIASES``), turned into its name
     structure: str = "channel"
     stages: int = DEFAULTS["search_stages"]  # stages of the search (G recomputed at each), each measured
     n_grads: int = DEFAULTS["n_grads"]  # n: rows of G (chita-fisher)
@@ -49,7 +55,18 @@ class BudgetConfig:
     relax_below: float = 0.9  # after a tightening round lands below this fraction of a budget: relax (bisection)
     relax_steps: int = 2  # bisection steps between the last missing and the tightened correction
     bench_runs: int = 100
-    bench_repeats: int = 3  # benchmark processes per measurement; the median is used
+    bench_repeats: int = 3  # benchmark processes per measurement (at least); the median is used
+    precision: float | None = 0.03  # repeat them until the latency's 95 % interval is within this (None: don't)
+    bench_max_repeats: int = 10  # ... but at most this many processes (then the floor reached is reported)
+    reuse_measurements: bool = True  # a file measured before (same bytes, profile, host) is not re-timed
+    land_low: float = 0.90  # after verifying: measured under this fraction of the budget gives width back
+    land_aim: float = 0.95  # ... re-planned with the cost model corrected by the measurements, aiming here
+    land_steps: int = 5  # at most this many re-plans to land in [land_low, 1] x the budget
+    prefer: str = "under"  # when no width lands in the window: under (meet the budget) or nearest (either side)
+    # a device estimate's latency: "fail" (check's default) judges the upper edge of its error band -- the window
+    # [land_low, 1] and the verdicts apply to it, so that `check` passes; "pass" (check --uncertain pass) judges the
+    # point estimate (a budget inside the band is accepted). Both judge with the measurement's interval.
+    uncertain: str = "fail"
     bn_batches: int = 16  # BatchNorm re-estimation batches when it is on
     refit: bool | None = None  # layer-wise re-fit after each stage; None: on for chita, off for the baselines
     bn_reestimate: bool | None = None  # None: on where there is no re-fit (it undoes a re-fit's calibration)
@@ -62,11 +79,23 @@ class BudgetConfig:
     dtype: str = DEFAULTS["dtype"]  # structured CHITA's G and solve (chita-fisher)
     threads: int = 1  # host threads for timing (the benchmark's host setting)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
+
     def validate(self) -> None:
         check_finite(self, {"l2": "--l2"})
         check_seed(self.seed)
         if self.method not in METHODS:
-            raise BadInput(f"method {self.method!r}: expected one of {', '.join(METHODS)}")
+            raise BadInput(f"method {self.method!r}: expected one of {', '.join(METHODS)} (or chita, an alias of "
+                           "chita-layerwise)")
+        if self.prefer not in PREFER:
+            raise BadInput(f"--prefer {self.prefer!r}: expected one of {', '.join(PREFER)}")
+        if self.uncertain not in UNCERTAIN:
+            raise BadInput(f"--uncertain {self.uncertain!r}: expected one of {', '.join(UNCERTAIN)}")
+        if not 0 < self.land_low <= self.land_aim <= 1 or self.land_steps < 0:
+            raise BadInput("land_low and land_aim must satisfy 0 < land_low <= land_aim <= 1, land_steps >= 0")
+        if self.precision is not None and not 0 < self.precision < 1 or self.bench_max_repeats < self.bench_repeats:
+            raise BadInput("precision must be in (0, 1) and bench_max_repeats >= bench_repeats")
         if self.structure not in STRUCTURES:
             raise BadInput(f"--structure {self.structure!r}: expected one of {', '.join(STRUCTURES)}")
         if self.stages < 1:
@@ -84,7 +113,7 @@ class BudgetConfig:
 
     @property
     def do_refit(self) -> bool:
-        return self.refit if self.refit is not None else self.method == "chita"
+        return self.refit if self.refit is not None else self.method == "chita-layerwise"
 
     @property
     def do_bn(self) -> bool:
@@ -113,6 +142,8 @@ class BudgetResult:
     export: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)  # residual blocks removed whole (also in plan["drop"])
+    landing: dict[str, Any] = field(default_factory=dict)  # where it landed in the window, the nearest either side
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # each measurement's verdict and its interval
 
     @property
     def passed(self) -> bool:
@@ -121,7 +152,7 @@ class BudgetResult:
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("plan", "widths", "sizes", "budgets", "percentile", "predicted",
                                            "measured", "dense_measured", "dense_predicted", "met", "stages",
-                                           "cost_model", "export", "timings")}
+                                           "cost_model", "export", "timings", "landing", "decisions")}
         d["passed"] = self.passed
         d["dropped_blocks"] = list(self.dropped)
         d["layers"] = [{"group": g, "width": self.widths[g], "of": self.sizes[g],

@@ -1,7 +1,17 @@
-"""Measuring a candidate of the budget search: export it to ONNX and benchmark it for the profile."""
+"""Measuring a candidate of the budget search: export it to ONNX and benchmark it for the profile.
+
+The latency is measured until it is known well enough to decide with (``measure_model``): benchmark processes
+are repeated until the 95 % interval of the latency (``latency_interval``: the median of the per-process values
+times ``exp(+-h)``, ``h`` = Student's t over the spread of their logarithms, ``precision_of``) is within
+``precision`` (3 %), or ``max_repeats`` processes ran; then ``precise`` is false and ``latency_precision`` is the
+floor reached. Measurements are cached per file (its SHA-256), profile, percentile, runs and host
+(``reuse``): the same file is not re-timed, so that the same inputs and cache give the same decisions.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -10,22 +20,79 @@ import torch
 from torch import nn
 
 from chita_edge.budget.config import Progress
+from chita_edge.budget.timing import RUNTIME, cache_dir, fingerprint
+from chita_edge.core.errors import BadInput
+from chita_edge.core.io import atomic_write_text, sha256_file
+from chita_edge.devices import bench_child
 from chita_edge.devices.bench import BenchConfig, benchmark, best_latency
 from chita_edge.devices.profiles import Profile
 from chita_edge.exporters import ExportConfig, export_model
 
+PRECISION = 0.03  # the relative half-width of the latency's 95 % interval that a measurement aims for
+MEASUREMENTS_FORMAT = "chita-edge/measurements-v1"
+# Student's t, 97.5 % quantile, by degrees of freedom (1..20); beyond 20: 2.09 down to 1.96
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086)
+
+
+def precision_of(samples: list[float]) -> float:
+    """The relative half-width (log space) of the 95 % interval of the typical value of ``samples`` (one per
+    benchmark process): t(0.975, n - 1) * sd(ln x) / sqrt(n); infinite with fewer than two samples."""
+    xs = [math.log(max(v, 1e-12)) for v in samples]
+    if len(xs) < 2:
+        return math.inf
+    t = _T975[len(xs) - 2] if len(xs) - 1 <= len(_T975) else 1.96 + 2.6 / (len(xs) - 1)
+    return t * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def _cache_path() -> Path:
+    return cache_dir() / f"measurements-{fingerprint(bench_child.runtime_version(RUNTIME), 1)}.json"
+
+
+def _cached(key: str) -> dict[str, Any] | None:
+    p = _cache_path()
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+        return d["entries"].get(key) if d.get("format") == MEASUREMENTS_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _store(key: str, value: dict[str, Any]) -> None:
+    p = _cache_path()
+    try:
+        d = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+        entries = d.get("entries", {}) if d.get("format") == MEASUREMENTS_FORMAT else {}
+    except (OSError, ValueError, AttributeError):
+        entries = {}
+    entries[key] = value
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, json.dumps({"format": MEASUREMENTS_FORMAT, "entries": entries}, sort_keys=True))
+    except (OSError, BadInput):
+        pass
+
 
 def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profile, path: Path, *, percentile: str,
                   runs: int, repeats: int, parity_inputs: torch.Tensor | None = None,
-                  progress: Progress | None = None) -> dict[str, Any]:
-    """Export ``model`` to ONNX at ``path`` (compact layout, parity-checked) and benchmark it ``repeats`` times
-    for ``profile``; medians of the latency at ``percentile`` (device estimate), peak memory and file size."""
+                  progress: Progress | None = None, precision: float | None = None, max_repeats: int | None = None,
+                  reuse: bool = False) -> dict[str, Any]:
+    """Export ``model`` to ONNX at ``path`` (compact layout, parity-checked) and benchmark it at least ``repeats``
+    times for ``profile`` -- with ``precision``, until the latency's 95 % interval is within it (at most
+    ``max_repeats`` times); medians of the latency at ``percentile`` (device estimate), peak memory and file size.
+    ``reuse``: a cached measurement of the same file (bytes), profile, percentile, runs and host is returned."""
     px = parity_inputs if parity_inputs is not None else example_input
     export_model(model, ExportConfig(format="onnx", layout="compact"), example_input=example_input[:1], out=path,
                  parity_inputs=px[:16], parity_source="data" if parity_inputs is not None else "random")
+    key = f"{sha256_file(path)}|{profile.id}|{percentile}|{runs}|{precision}" if reuse else ""
+    if reuse and (hit := _cached(key)) is not None:
+        return {**hit, "file": str(path), "cached": True}
     lats, hosts, mems, dens, prov = [], [], [], [], ""
     res: dict[str, Any] = {}
-    for i in range(repeats):
+    est: dict[str, Any] = {}
+    most = max(repeats, max_repeats or repeats) if precision is not None else repeats
+    i = 0
+    while i < most:
         res = benchmark(path, [profile], BenchConfig(runs=runs, warmup=max(5, runs // 10), profile_runs=3))
         lat, prov = best_latency(res, profile.id)
         lats.append(float(lat[percentile]))
@@ -34,11 +101,22 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
         est = (res.get("device_estimates") or {}).get(profile.id) or {}
         if est.get("dense_fraction") is not None:
             dens.append(float(est["dense_fraction"]))
+        i += 1
         if progress:
-            progress("benchmarking", i + 1, repeats)
-    return {"latency_ms": statistics.median(lats), "host_latency_ms": statistics.median(hosts),
-            "memory_mb": statistics.median(mems), "file_mb": float(res["file_mb"]), "percentile": percentile,
-            "dense_fraction": statistics.median(dens) if dens else None,
-            "latency_band": est.get("band"),  # the estimate's error band (factors), for check's rule in prune
-            "latency_provenance": prov, "repeats": repeats, "runs": runs, "latency_samples": lats,
-            "memory_samples": mems, "file": str(path)}
+            progress("benchmarking", i, most)
+        if i >= repeats and (precision is None or precision_of(lats) <= precision):
+            break
+    value = statistics.median(lats)
+    h = precision_of(lats)
+    out = {"latency_ms": value, "host_latency_ms": statistics.median(hosts),
+           "memory_mb": statistics.median(mems), "file_mb": float(res["file_mb"]), "percentile": percentile,
+           "dense_fraction": statistics.median(dens) if dens else None,
+           "latency_band": est.get("band"),  # the estimate's error band (factors), for check's rule in prune
+           "latency_provenance": prov, "repeats": len(lats), "runs": runs, "latency_samples": lats,
+           "latency_precision": h if math.isfinite(h) else None,
+           "latency_interval": [value * math.exp(-h), value * math.exp(h)] if math.isfinite(h) else None,
+           "precise": None if precision is None else h <= precision, "target_precision": precision,
+           "memory_samples": mems, "file": str(path), "cached": False}
+    if reuse:
+        _store(key, {k: v for k, v in out.items() if k not in ("file", "cached")})
+    return out

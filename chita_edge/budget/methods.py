@@ -4,7 +4,7 @@
 residual blocks back, the layer-wise re-fit, BatchNorm re-estimation, the stage's record); the choice of the
 widths and channels is one function per method in ``STAGE_METHODS``:
 
-* ``chita``: group-OBS removal curves on the layer-wise CHITA quadratic, probed by the output divergence,
+* ``chita-layerwise``: group-OBS removal curves on the layer-wise CHITA quadratic, probed by the output divergence,
   residual blocks as moves, the NetAdapt-style greedy (``greedy_widths``);
 * ``chita-fisher``: the paper's global G (mini-batch gradients), the joint no-refit saliency for the greedy,
   then group IHT + backsolve at the chosen widths (``solve_groups``);
@@ -201,7 +201,7 @@ def _norm_global(s: _Stage) -> Choice:
 
 
 STAGE_METHODS: dict[str, Callable[[_Stage], Choice]] = {
-    "chita": _chita, "chita-fisher": _chita_fisher, "l1-uniform": _l1_uniform, "norm-global": _norm_global}
+    "chita-layerwise": _chita, "chita-fisher": _chita_fisher, "l1-uniform": _l1_uniform, "norm-global": _norm_global}
 
 
 def run_stage(env: StageEnv, st: SearchState, tgt: Mapping[str, float], corr: Mapping[str, float],

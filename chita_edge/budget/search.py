@@ -5,7 +5,7 @@ its checkpoint-writing job behind ``chita-edge prune --profile`` is ``workflows.
 the search loop (Steps 1, 2 and 5); ``budget.config`` the settings and result, ``budget.methods`` one stage of
 each method (Steps 3 and 4), ``budget.criteria`` the greedy width search, ``budget.measure`` the benchmark.
 
-The search (``method="chita"``), a NetAdapt-style greedy loop on the cost model, in ``stages`` steps:
+The search (``method="chita-layerwise"``, alias ``chita``), a NetAdapt-style greedy loop on the cost model, in ``stages`` steps:
 
 Step 1: measure the dense model (export + ``bench``) and anchor the cost model to it: the ratio of measured to
         predicted dense latency (at the budget's percentile), memory and file size corrects every prediction.
@@ -23,6 +23,11 @@ Step 4: zero the chosen channels (weights, producer biases, BatchNorm gamma/beta
 Step 5: compact, export, benchmark; when a measurement misses its budget (beyond ``slack``), correct that
         resource's prediction by the miss and run one more stage, up to ``max_tighten`` times -- unless the
         corrected prediction of the narrowest widths is itself over the budget (then it stops: unreachable).
+Step 6: land (``land``, ``choose``): a measurement decides with its interval (``decide``, the gate's rule: an
+        uncertain verdict is a miss); while the best round that meets every budget is under ``land_low`` x it,
+        re-plan from an earlier stage's state with the cost model corrected by that round's own measurement,
+        aiming at ``land_aim``; keep the nearest rounds under and over the budget and return one (``prefer``).
+        Every verdict, with its interval and the cost model's error, is in ``BudgetResult.decisions``.
 
 ``method="chita-fisher"`` uses the paper's global G instead (mini-batch gradients; joint no-refit saliency for
 the greedy, then ``group_chita`` -- group IHT + backsolve -- at the chosen widths). Baselines with the same
@@ -37,7 +42,6 @@ import copy
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Mapping
@@ -62,6 +66,7 @@ from chita_edge.budget.measure import measure_model
 from chita_edge.budget.methods import SearchState, StageEnv, calibration_images, groups_inside, run_stage
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, GateFailed
+from chita_edge.devices.gate import judge
 from chita_edge.devices.profiles import Budgets, Profile
 from chita_edge.graph.compact import compact_model
 from chita_edge.graph.residual import residual_blocks
@@ -90,12 +95,12 @@ def prune_to_budget(model: nn.Module, example_input: torch.Tensor, data: Dataset
     """Prune ``model`` in place (zeroed channels, zeroed residual blocks) to meet ``budgets`` on ``profile``;
     returns the compacted model.
 
-    ``data`` (training images and labels) is needed for ``method="chita"`` (gradients, BatchNorm statistics).
+    ``data`` (training images and labels) is needed for ``method="chita-layerwise"`` (gradients, BatchNorm statistics).
     ``cost_model`` / ``dense_measured`` may be passed in to share them between runs on the same model.
     Raises ``GateFailed`` when the budget cannot be reached by any allowed widths.
     """
     cfg.validate()
-    if cfg.method in ("chita", "chita-fisher") and data is None:
+    if cfg.method in ("chita-layerwise", "chita-fisher") and data is None:
         raise BadInput("structured CHITA needs data (--data) for gradients; or use a data-free baseline method")
     t0 = time.perf_counter()
     x1 = example_input[:1]
@@ -132,23 +137,31 @@ class _Search:
         # parity inputs for the exports: test images where there are some (else the exporter's random inputs)
         self.parity = data.x_test[:16] if data is not None and len(data.x_test) else None
         # residual blocks the search may remove whole (structured CHITA only; the baselines prune channels)
-        blocks = residual_blocks(model, x1) if cfg.depth and cfg.method == "chita" else []
+        blocks = residual_blocks(model, x1) if cfg.depth and cfg.method == "chita-layerwise" else []
         known = set(getattr(cm, "blocks", {}) or {})
         self.blocks = [b for b in blocks if b.id in known]
         self.all_blocks = frozenset(b.id for b in self.blocks)
-        # Per budget, the factor its measurement may still be off by (``check``'s rule: the band's upper edge must be
-        # within budget; see ``eff``). 1 until the dense measurement says the latency is a banded estimate.
+        # Per budget, the factor the judged figure is of the measured one (see ``eff``): the device estimate's
+        # band's upper edge for the latency with ``uncertain="fail"`` (``check``'s default rule), else 1.
+        # ``band_high``: that edge whatever the rule, for the reported gate-upper / budget ratio.
         self.edge = {k: 1.0 for k in limits}
-        self.timing_spread = 0.0
+        self.band_high = 1.0
         self.dense_measured: dict[str, Any] | None = None
         self.floor: dict[str, float] = {}
         self.info: list[dict[str, Any]] = []
+        self.decisions: list[dict[str, Any]] = []
+        self.corr0: dict[str, float] = {}
+        self.under: Kept | None = None  # the measured round nearest under the budget (max ratio, every budget met)
+        self.over: Kept | None = None  # ... and nearest over it (min ratio, a budget missed or uncertain)
+        self.measured_keys: dict[tuple[Any, ...], bool] = {}  # widths measured: met?
+        self.bases: list[tuple[dict[str, Any], dict[str, float]]] = []  # states before the first stages
+        self.landing: dict[str, Any] = {}
         self.st = SearchState(alive=torch.ones(cs.groups.num_groups, dtype=torch.bool), dropped=set())
 
     @property
     def eff(self) -> dict[str, float]:
-        """The limits the search compares with: each budget over its planned edge (1, or the latency estimate's
-        band and timing spread)."""
+        """The limits the search compares the measured figures with: each budget over its edge (1, or the latency
+        estimate's band's upper edge when the gate's verdict counts an uncertain one as a failure)."""
         return {k: self.limits[k] / self.edge[k] for k in self.limits}
 
     @property
@@ -158,20 +171,103 @@ class _Search:
 
     def run(self, dense_measured: dict[str, Any] | None, t0: float) -> BudgetResult:
         corr = self.anchor(dense_measured)
+        self.corr0 = dict(corr)
         self.refuse_impossible(corr)
         self.env = self.stage_env()
-        self.run_stages(self.cfg.stages, corr)
+        self.run_stages(self.cfg.stages, corr, keep_bases=self.cfg.verify and self.cfg.land_steps > 0)
         res = self.verify("first", corr)
         res, tightened = self.tighten(res, corr)
+        if self.cfg.verify:
+            self.land()
+            res = self.choose(res)
         return self.result(res, tightened, t0)
+
+    def land(self) -> None:
+        """Give width back while the best round that meets every budget is more than ``1 - land_low`` under it:
+        correct the cost model by that round's own measurement (scale = measured / predicted), re-plan from the
+        last stage's state that is still wide enough, aiming at ``land_aim`` x the budget; a re-plan is kept
+        between the widest round that met (``lo``) and the narrowest that missed (``hi``), bisected when the
+        correction points outside. A plan whose widths were measured before is not measured again."""
+        cfg, eff = self.cfg, self.eff
+        if self.under is None:
+            return
+        k = max(eff, key=lambda r: self.under[0]["measured"][r] / eff[r])  # type: ignore[index]
+        lo = self.under[0]["pred"][k] / self.under[0]["corr"][k]
+        hi = (self.over[0]["pred"][k] / self.over[0]["corr"][k]) if self.over is not None else math.inf
+        for _ in range(cfg.land_steps):
+            u = self.under[0]
+            if u["ratio"] >= cfg.land_low or hi / lo < 1.01:
+                break
+            raw_u = u["pred"][k] / u["corr"][k]
+            # aim so that the measurement's interval (its upper edge, as wide as this round's) stays within
+            aim = min(cfg.land_aim, 0.995 * u["measured"][k] / u["upper"][k])
+            want = aim * eff[k] / (u["measured"][k] / raw_u)
+            if not lo < want < hi:
+                want = math.sqrt(lo * hi) if math.isfinite(hi) else lo * 1.1
+            c = dict(u["corr"])
+            c[k] = eff[k] * cfg.margin / want
+            self.restore(self.base_for(k, want))
+            self.run_stages(1, c)
+            key = self.config_key()
+            if key in self.measured_keys:  # the grid gives the same widths: no new file to measure
+                if self.measured_keys[key]:
+                    lo = max(lo, want)
+                else:
+                    hi = min(hi, want)
+                self.info.append({"land": "same widths as an earlier round", "planned_raw": want,
+                                  "met_before": self.measured_keys[key]})
+                continue
+            r = self.verify("land", c)
+            raw = r["pred"][k] / c[k]
+            if r["missed"]:
+                hi = min(hi, raw)
+            else:
+                lo = max(lo, raw)
+
+    def base_for(self, k: str, want: float) -> dict[str, Any]:
+        """The most pruned state before a stage whose predicted ``k`` (uncorrected) is still at least ``want``."""
+        ok = [snap for snap, pred in self.bases if pred[k] >= want]
+        return ok[-1] if ok else self.bases[0][0]
+
+    def choose(self, res: Round) -> Round:
+        """The result: the round nearest under the budget (``prefer="under"``), or, with ``prefer="nearest"`` and
+        none in the window, whichever of the nearest under and over it is closer; the state is restored to it."""
+        cfg, under, over = self.cfg, self.under, self.over
+        self.landing = {"window": [cfg.land_low, 1.0], "prefer": cfg.prefer, "uncertain": cfg.uncertain,
+                        "judged": ("the point estimate" if self.edge.get("latency_ms", 1.0) == 1.0
+                                   else "the upper edge of the estimate's error band (check's rule)"),
+                        "under": self._summary(under[0]) if under else None,
+                        "over": self._summary(over[0]) if over else None}
+        pick = under
+        if under is None or (cfg.prefer == "nearest" and over is not None and under[0]["ratio"] < cfg.land_low
+                             and over[0]["ratio"] - 1 < 1 - under[0]["ratio"]):
+            pick = over if under is None or cfg.prefer == "nearest" else under
+        if pick is None:
+            return res
+        self.landing["chosen"] = "under" if pick is under else "over"
+        self.landing["in_window"] = cfg.land_low <= pick[0]["ratio"] <= 1.0 and not pick[0]["missed"]
+        chosen = self.landing[self.landing["chosen"]]
+        self.landing.update({k: chosen[k] for k in ("measured_over_budget", "upper_edge_over_budget")})
+        if not self.landing["in_window"] and under is not None and over is not None:
+            self.landing["note"] = ("no width on the grid lands in the window: the nearest under and over the "
+                                    "budget are reported (--prefer under|nearest picks)")
+        self.restore(pick[1])
+        return pick[0]
+
+    def _summary(self, r: Round) -> dict[str, Any]:
+        lim = self.limits
+        return {"judged_over_budget": r["ratio"],
+                "measured_over_budget": max(r["measured"][k] / lim[k] for k in lim),  # point / budget
+                "upper_edge_over_budget": max(r["measured"][k] * self.gate_edge(k) / lim[k] for k in lim),
+                "measured": {k: r["measured"][k] for k in self.limits},
+                "widths": dict(r["key"][:len(self.cs.sizes)]), "dropped": list(r["key"][len(self.cs.sizes):]),
+                "missed": sorted(r["missed"])}
 
     def anchor(self, dense_measured: dict[str, Any] | None) -> dict[str, float]:
         """Step 1: anchor the cost model to the measured dense model; returns the correction per resource."""
         cfg = self.cfg
         if cfg.verify and cfg.dense_anchor and dense_measured is None:
-            dense_measured = measure_model(self.model, self.x1, self.profile, self.wd / "dense.onnx",
-                                           percentile=self.pct, runs=cfg.bench_runs, repeats=cfg.bench_repeats,
-                                           parity_inputs=self.parity, progress=self.progress)
+            dense_measured = self.measure(self.model, self.wd / "dense.onnx")
         if dense_measured and dense_measured.get("dense_fraction"):
             # the benchmark's op mix of the dense model fixes the non-dense time the units do not see, so that the
             # device factor follows the op mix as channels go (else a pruned model's estimate is ~20 % low)
@@ -179,13 +275,13 @@ class _Search:
             self.dense_pred = resources_of(self.cm.predict({}))
         self.dense_measured = dense_measured
         high = ((dense_measured or {}).get("latency_band") or {}).get("high")
-        if high and "latency_ms" in self.limits:  # a device estimate: plan so that its band's upper edge fits
-            # ... with room for the timing's own noise: `check` measures again, once. The relative spread of the
-            # dense model's repeated measurements (max - min over the median) is that room.
-            lat = [float(v) for v in (dense_measured or {}).get("latency_samples") or []]
-            spread = (max(lat) - min(lat)) / statistics.median(lat) if len(lat) >= 2 else 0.0
-            self.edge["latency_ms"] = float(high) * (1.0 + spread)
-            self.timing_spread = spread
+        if high and "latency_ms" in self.limits:  # a device estimate with an error band
+            self.band_high = float(high)
+            # the window and the verdicts judge what the gate judges: the band's upper edge by default (so that
+            # `check` passes), the point estimate with uncertain="pass" (`check --uncertain pass`). The timing's
+            # own noise is the measurement's interval, which ``decide`` applies: no extra margin here.
+            if self.cfg.uncertain == "fail":
+                self.edge["latency_ms"] = float(high)
         return {k: (dense_measured[k] / self.dense_pred[k]) if dense_measured else 1.0 for k in RESOURCES}
 
     def refuse_impossible(self, corr: Mapping[str, float]) -> None:
@@ -213,7 +309,7 @@ class _Search:
         cfg, data = self.cfg, self.data
         dense = copy.deepcopy(self.model).eval()
         stats = None
-        if cfg.do_refit and data is not None and cfg.method in ("chita", "l1-uniform", "norm-global"):
+        if cfg.do_refit and data is not None and cfg.method in ("chita-layerwise", "l1-uniform", "norm-global"):
             stats = LayerStats(dense, calibration_images(data, cfg.calib_samples, cfg.seed))
             stats.gram = {n: stats.dense_H(n) for n in stats.names}  # the model is still the dense one
         return StageEnv(model=self.model, dense=dense, stats=stats, data=data, cs=self.cs, cm=self.cm, cfg=cfg,
@@ -225,14 +321,18 @@ class _Search:
     def restore(self, snap: dict[str, Any]) -> None:
         self.st.restore(self.model, self.env.stats, snap)
 
-    def run_stages(self, n_st: int, c: Mapping[str, float]) -> None:
-        """Prune ``n_st`` stages (one for the baselines) on the schedule from here to the targets."""
+    def run_stages(self, n_st: int, c: Mapping[str, float], keep_bases: bool = False) -> None:
+        """Prune ``n_st`` stages (one for the baselines) on the schedule from here to the targets;
+        ``keep_bases``: keep the state before each stage (with its uncorrected prediction) for ``land``."""
         st, cs = self.st, self.cs
         start = {k: resources_of(self.cm.predict(cs.widths(st.alive), dropped=frozenset(st.dropped)))[k] * c[k]
                  for k in self.targets}
         if self.cfg.method in ("l1-uniform", "norm-global"):
             n_st = 1
         for tgt in _schedule(start, self.targets, n_st):
+            if keep_bases:
+                raw = resources_of(self.cm.predict(cs.widths(st.alive), dropped=frozenset(st.dropped)))
+                self.bases.append((self.snapshot(), raw))
             st.alive = run_stage(self.env, st, tgt, c, self.info)
             st.stage_no += 1
             if self.progress:
@@ -249,17 +349,65 @@ class _Search:
             return out
         ts = time.perf_counter()
         n = sum(1 for r in self.info if "verify" in r)
-        m = measure_model(new, self.x1, self.profile, self.wd / f"pruned-{n}.onnx", percentile=self.pct,
-                          runs=cfg.bench_runs, repeats=cfg.bench_repeats, parity_inputs=self.parity,
-                          progress=self.progress)
+        m = self.measure(new, self.wd / f"pruned-{n}.onnx")
         self.timings["verify_s"] = self.timings.get("verify_s", 0.0) + time.perf_counter() - ts
-        missed = {k: m[k] / limits[k] for k in limits if m[k] > limits[k] * (1 + cfg.slack)}
+        verdicts = self.decide(n, label, m, c, pred)
+        missed = {k: m[k] / limits[k] for k in limits if verdicts[k] != "pass"}
         self.info.append({"verify": n, "kind": label, "measured": {k: m[k] for k in RESOURCES},
                           "predicted": pred, "missed": sorted(missed), "dropped": sorted(st.dropped),
                           "measured_over_budget": {k: m[k] / self.limits[k] for k in limits},
-                          "upper_edge_over_budget": {k: m[k] * self.edge[k] / self.limits[k] for k in limits}})
-        out.update(measured=m, missed=missed)
+                          "upper_edge_over_budget": {k: m[k] * self.gate_edge(k) / self.limits[k] for k in limits}})
+        iv = m.get("latency_interval")
+        upper = {k: float(iv[1]) if k == "latency_ms" and iv else float(m[k]) for k in limits}
+        out.update(measured=m, missed=missed, ratio=max(m[k] / limits[k] for k in limits), upper=upper,
+                   key=self.config_key())
+        self.measured_keys[out["key"]] = not missed
+        # the nearest round on either side of the budget, with its state (``choose`` picks one of them)
+        if not missed and (self.under is None or out["ratio"] > self.under[0]["ratio"]):
+            self.under = (out, self.snapshot())
+        elif missed and (self.over is None or out["ratio"] < self.over[0]["ratio"]):
+            self.over = (out, self.snapshot())
         return out
+
+    def gate_edge(self, k: str) -> float:
+        """The factor from a measured figure to the upper edge the gate judges (the band's, for a latency)."""
+        return self.band_high if k == "latency_ms" else 1.0
+
+    def measure(self, model: nn.Module, path: Path) -> dict[str, Any]:
+        cfg = self.cfg
+        return measure_model(model, self.x1, self.profile, path, percentile=self.pct, runs=cfg.bench_runs,
+                             repeats=cfg.bench_repeats, parity_inputs=self.parity, progress=self.progress,
+                             precision=cfg.precision, max_repeats=cfg.bench_max_repeats,
+                             reuse=cfg.reuse_measurements)
+
+    def config_key(self) -> tuple[Any, ...]:
+        """The widths and removed blocks of the model now: two rounds with the same key are the same file."""
+        return tuple(sorted(self.cs.widths(self.st.alive).items())) + tuple(sorted(self.st.dropped))
+
+    def decide(self, n: int, label: str, m: Mapping[str, Any], c: Mapping[str, float],
+               pred: Mapping[str, float]) -> dict[str, str]:
+        """Each budget's verdict on measurement ``n``, the gate's way (``devices.gate.judge``): pass when the
+        latency's interval (its measurement precision) is within the limit, fail when it is all over it, else
+        uncertain (counted as a miss). The record says whether the interval straddles the limit or the landing
+        window's lower edge: then another measurement of the same file could have tipped that decision."""
+        cfg, limits = self.cfg, self.eff
+        verdicts = {}
+        for k in limits:
+            lim = limits[k] * (1 + cfg.slack)
+            iv = m.get("latency_interval") if k == "latency_ms" else None
+            lo, hi = (float(iv[0]), float(iv[1])) if iv else (float(m[k]), float(m[k]))
+            verdicts[k] = judge(m[k], lim, lo, hi)
+            raw = pred[k] / c[k] if c[k] else pred[k]
+            self.decisions.append({
+                "verify": n, "kind": label, "budget": k, "measured": float(m[k]), "interval": [lo, hi],
+                "limit": lim, "verdict": verdicts[k], "cached": bool(m.get("cached")),
+                "precise": m.get("precise") if k == "latency_ms" else True,
+                "repeats": m.get("repeats"), "predicted_raw": raw, "scale": float(m[k]) / raw if raw else None,
+                "error_dense_anchored": float(m[k]) / (raw * self.corr0.get(k, 1.0)) - 1 if raw else None,
+                "error_corrected": float(m[k]) / pred[k] - 1 if pred[k] else None,
+                "tipped": [f"{w} {x:.4g}" for w, x in (("limit", lim), ("window", cfg.land_low * lim))
+                           if lo <= x <= hi and lo < hi]})
+        return verdicts
 
     def tighten(self, res: Round, corr: dict[str, float]) -> tuple[Round, bool]:
         """Step 5: while a measurement misses its budget, correct the missed predictions and prune one more
@@ -273,8 +421,8 @@ class _Search:
             # correct each missed prediction by the miss, proportionally (measured / predicted), and prune one more
             # stage to the same target -- from a snapshot, so that an over-shoot can be relaxed.
             new_corr = dict(corr)
-            for k in res["missed"]:
-                new_corr[k] *= res["measured"][k] / max(res["pred"][k], 1e-12)
+            for k in res["missed"]:  # the interval's upper edge: an uncertain verdict is a miss, as in check
+                new_corr[k] *= res["upper"][k] / max(res["pred"][k], 1e-12)
             # With the corrected predictions, a budget below the smallest reachable value cannot be met by pruning
             # further: stop here (the result reports the miss) instead of pruning to the narrowest widths for nothing.
             beyond = {k: self.floor[k] * new_corr[k] for k in res["missed"]
@@ -330,7 +478,8 @@ class _Search:
         limits, cfg, cs, st = self.limits, self.cfg, self.cs, self.st
         eff = self.eff
         measured, pred = res["measured"], res["pred"]
-        met = {k: (measured[k] <= eff[k] * (1 + cfg.slack)) if measured else (pred[k] <= eff[k]) for k in limits}
+        # measured: the verdict of ``decide`` (an uncertain one counts as a miss, as in ``check``)
+        met = {k: (k not in res["missed"]) if measured else (pred[k] <= eff[k]) for k in limits}
         self.timings["total_s"] = time.perf_counter() - t0
         gone = groups_inside(cs, st.dropped)
         widths = {g: w for g, w in cs.widths(st.alive).items() if g not in gone}
@@ -340,7 +489,13 @@ class _Search:
                             dense_predicted={k: self.dense_pred[k] * res["corr"].get(k, 1.0) for k in self.dense_pred},
                             met=met, stages=self.info,
                             cost_model={**self.cm.describe(), "correction": res["corr"],
-                                        "planned_edge": dict(self.edge), "timing_spread": self.timing_spread,
-                                        "channel_block": resolve_block(cfg), "tightened": tightened},
+                                        "planned_edge": dict(self.edge), "band_high": self.band_high,
+                                        "channel_block": resolve_block(cfg), "tightened": tightened,
+                                        # its error on each verified round: against the dense anchor only, and
+                                        # with the correction from earlier rounds' own measurements
+                                        "verify_error": [{k: d[k] for k in ("verify", "kind", "scale",
+                                                                           "error_dense_anchored",
+                                                                           "error_corrected")}
+                                                         for d in self.decisions if d["budget"] == "latency_ms"]},
                             export=measured["file"] if measured else None, timings=self.timings,
-                            dropped=sorted(st.dropped))
+                            dropped=sorted(st.dropped), landing=self.landing, decisions=self.decisions)

@@ -4,7 +4,9 @@ Units follow how ONNX Runtime fuses the graph on CPU: a Conv or Linear with the 
 residual add that follow it, a depthwise conv with its BatchNorm and activation, and every other op on its own.
 
 * ``TracedGraph`` / ``trace_graph``: the traced model with every node's shape and channel space
-  (``chita_edge.graph.channels`` channel groups), its users and its execution order.
+  (``chita_edge.graph.channels`` channel groups), its users and its execution order. A tensor whose dim 1 is a
+  concatenation along the channels (``torch.cat``, DenseNet/SqueezeNet/Inception-style) has ``parts``: its
+  inputs' spaces at their offsets, so that a unit fed by a ``cat`` scales with each of them.
 * ``Unit`` / ``split_units``: the units and the channel spaces whose widths each depends on; a unit's
   ``signature`` (what it computes, without names) keys its timings in the cache.
 * ``build_unit``: one unit rebuilt alone at given widths (random weights and inputs, fixed seed), ready to
@@ -16,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ from chita_edge.graph.channels import ChannelGroupSpec
 from chita_edge.graph.trace import BN, is_add_node, is_bn_node, is_conv, is_depthwise, trace_shapes
 
 DENSE, DEPTHWISE, OTHER = "dense", "depthwise", "other"
+MAX_AXES = 3  # channel spaces per unit at most: a unit's table is timed on the product of their width grids
 
 _ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                 nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Identity, nn.Dropout)
@@ -57,6 +60,24 @@ class TracedGraph:
     sizes: dict[str, int]
     users: dict[str, list[str]]
     order: dict[str, int]
+    # node -> dim 1 as a concatenation, in order: (channel space, features per channel) or (None, fixed width);
+    # such a node's ``fam`` is (None, 1)
+    parts: dict[str, tuple[tuple[str | None, int], ...]] = field(default_factory=dict)
+
+    def pieces(self, name: str) -> tuple[tuple[str | None, int], ...]:
+        """Node ``name``'s dim 1 as pieces (space, features per channel) / (None, fixed width); ``()`` without
+        a channel dim."""
+        if name in self.parts:
+            return self.parts[name]
+        f, r = self.fam.get(name, (None, 1))
+        s = self.shapes.get(name, ())
+        if f is not None:
+            return ((f, r),)
+        return ((None, s[1]),) if len(s) >= 2 else ()
+
+    def spaces(self, name: str) -> list[str]:
+        """The channel spaces node ``name``'s dim 1 scales with, each once, in order."""
+        return list(dict.fromkeys(f for f, _ in self.pieces(name) if f is not None))
 
 
 def _is_act(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -72,25 +93,45 @@ def trace_graph(model: nn.Module, example: torch.Tensor, specs: Sequence[Channel
     gm, node_shapes = trace_shapes(model, example[:1], needed_by="the cost model")
     shapes = {n.name: s for n, s in node_shapes.items()}
     out_fam, dw_fam = {}, {}
+    segments: dict[str, list[tuple[int, int, str, int, int]]] = {}  # module -> its output as groups at offsets
     for s in specs:
         for m in s.members:
             if m.kind == "out":
                 out_fam[m.module] = s.id
             elif m.kind == "dw":
                 dw_fam[m.module] = s.id
+            if m.kind in ("out", "dw") and m.total:
+                segments.setdefault(m.module, []).append((m.offset, m.total, s.id, m.repeat, s.size))
     fam: dict[str, tuple[str | None, int]] = {}
     users: dict[str, list[str]] = {}
     order: dict[str, int] = {}
+    parts: dict[str, tuple[tuple[str | None, int], ...]] = {}
     for i, n in enumerate(gm.graph.nodes):
         order[n.name] = i
         users[n.name] = [u.name for u in n.users]
         ins = [a for a in n.all_input_nodes if a.name in shapes]
-        if n.op == "call_module" and is_conv(gm.get_submodule(n.target)) and not is_depthwise(gm.get_submodule(n.target)):
+        if n.op == "call_module" and n.target in segments:  # a producer of a concatenation's groups at offsets
+            fam[n.name], parts[n.name] = (None, 1), _segment_parts(segments[n.target])
+        elif n.op == "call_module" and is_conv(gm.get_submodule(n.target)) and not is_depthwise(gm.get_submodule(n.target)):
             fam[n.name] = (out_fam.get(n.target), 1)
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear):
             fam[n.name] = (out_fam.get(n.target), 1)
         elif n.op == "call_module" and is_depthwise(gm.get_submodule(n.target)):
-            fam[n.name] = (dw_fam.get(n.target), 1)
+            src = ins[0] if ins else None
+            if src is not None and src.name in parts:  # per channel: the concatenation passes through
+                fam[n.name], parts[n.name] = (None, 1), parts[src.name]
+            else:  # its channels are its input's: fixed where those are
+                fixed = src is not None and fam.get(src.name, (None, 1))[0] is None
+                fam[n.name] = (None if fixed else dw_fam.get(n.target), 1)
+        elif _cat_inputs(n, shapes) is not None:
+            fam[n.name] = (None, 1)
+            traced = TracedGraph(gm, shapes, fam, {}, users, order, parts)
+            parts[n.name] = tuple(p for a in _cat_inputs(n, shapes) for p in traced.pieces(a.name))
+        elif ins and n.name in shapes and ins[0].name in parts:  # after a concatenation: element-wise keeps it
+            si, so = shapes[ins[0].name], shapes[n.name]
+            fam[n.name] = (None, 1)
+            if len(so) == len(si) and so[1:2] == si[1:2]:
+                parts[n.name] = parts[ins[0].name]
         elif ins and n.name in shapes:
             src = ins[0]
             f, r = fam.get(src.name, (None, 1))
@@ -102,7 +143,34 @@ def trace_graph(model: nn.Module, example: torch.Tensor, specs: Sequence[Channel
             fam[n.name] = (f, r)
         else:
             fam[n.name] = (None, 1)
-    return TracedGraph(gm, shapes, fam, {s.id: s.size for s in specs}, users, order)
+    return TracedGraph(gm, shapes, fam, {s.id: s.size for s in specs}, users, order, parts)
+
+
+def _segment_parts(segs: list[tuple[int, int, str, int, int]]) -> tuple[tuple[str | None, int], ...]:
+    """(offset, total, space, repeat, size) segments of a dim as pieces in order, the gaps as fixed widths."""
+    out: list[tuple[str | None, int]] = []
+    at, total = 0, segs[0][1]
+    for offset, _, space, repeat, size in sorted(segs):
+        if offset > at:
+            out.append((None, offset - at))
+        out.append((space, repeat))
+        at = offset + size * repeat
+    if total > at:
+        out.append((None, total - at))
+    return tuple(out)
+
+
+def _cat_inputs(n: fx.Node, shapes: Mapping[str, tuple[int, ...]]) -> list[fx.Node] | None:
+    """The inputs of ``n`` when it is a ``torch.cat`` along dim 1 of traced tensors, else None."""
+    if n.op != "call_function" or n.target not in (torch.cat, torch.concat) or n.name not in shapes:
+        return None
+    xs = n.args[0] if n.args else n.kwargs.get("tensors")
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    out = shapes[n.name]
+    if (not isinstance(xs, (list, tuple)) or not all(isinstance(a, fx.Node) and a.name in shapes for a in xs)
+            or not isinstance(dim, int) or len(out) < 2 or dim % len(out) != 1):
+        return None
+    return list(xs)
 
 
 def split_units(g: TracedGraph) -> list[Unit]:
@@ -143,7 +211,11 @@ def split_units(g: TracedGraph) -> list[Unit]:
         # non-tensor helpers used only by this unit (size queries) come along
         axes: list[str] = []
         ext = _external_inputs(members, g)
+        cat_axes: list[str] = []
         for a in [*ext, members[-1]]:
+            if a.name in g.parts:
+                cat_axes += [f for f in g.spaces(a.name) if f not in cat_axes]
+                continue
             f = g.fam.get(a.name, (None, 1))[0]
             if f is not None and f not in axes:
                 axes.append(f)
@@ -154,6 +226,10 @@ def split_units(g: TracedGraph) -> list[Unit]:
                     f = g.fam.get(m.name, (None, 1))[0]
                     if f is not None and f not in axes:
                         axes.append(f)
+        # the spaces of a concatenation it reads or writes, the widest first, up to MAX_AXES in all (each axis
+        # multiplies the timed grid by its points); the others are timed at their full width
+        cat_axes = sorted((f for f in cat_axes if f not in axes), key=lambda f: -g.sizes[f])
+        axes += cat_axes[:max(0, MAX_AXES - len(axes))]
         units.append(Unit(n.target if n.op == "call_module" else n.name, kind, tuple(m.name for m in members),
                           tuple(axes), _signature(members, g)))
     return units
@@ -196,6 +272,8 @@ def _signature(members: list[fx.Node], g: TracedGraph) -> str:
             dims = list(s[1:])
             if f is not None and dims:
                 dims[0] = f"{g.sizes[f]}*{r}c"  # scaled dim: full size and features per channel
+            elif a.name in g.parts and dims:  # a concatenation: its pieces in order
+                dims[0] = "+".join(f"{g.sizes[p]}*{q}c" if p is not None else str(q) for p, q in g.parts[a.name])
             parts.append("x".join(str(d) for d in dims))
     return ";".join(parts)
 
@@ -231,6 +309,8 @@ def scaled_shape(g: TracedGraph, name: str, widths: Mapping[str, int]) -> tuple[
     f, r = g.fam.get(name, (None, 1))
     if f is not None and len(s) >= 2:
         s[1] = widths[f] * r
+    elif name in g.parts and len(s) >= 2:
+        s[1] = sum(widths[p] * q if p is not None else q for p, q in g.parts[name])
     s[0] = 1
     return tuple(s)
 

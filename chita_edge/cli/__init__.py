@@ -19,6 +19,7 @@ from chita_edge.cli import (
 )
 from chita_edge.cli.app import app
 from chita_edge.core.errors import ChitaError
+from chita_edge.pruning.distributed import record_exit
 
 try:  # typer >= 0.2x vendors its own click: its usage errors are not click's classes
     from typer._click import exceptions as _typer_click
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         _main(argv)
+    except SystemExit as e:  # under `prune --workers`: the launcher forwards the code of the rank that failed
+        record_exit(e.code if isinstance(e.code, int) else (0 if e.code is None else 1))
+        raise
     finally:
         if own:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -9,7 +9,6 @@ verdict it supports (pass, fail, uncertain: ``chita_edge.devices.gate``).
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -23,42 +22,20 @@ from chita_edge.core.errors import BadInput
 from chita_edge.core.io import atomic_write_text
 from chita_edge.devices.bench import best_latency
 from chita_edge.devices.gate import band_text, judge, latency_check, result_word
+from chita_edge.devices.headline import headline_html, headline_markdown, headline_rows
 from chita_edge.devices.profiles import Profile
-
-PALETTE = ["#3366cc", "#dc7633", "#28a745", "#8e44ad", "#c0392b", "#16a085", "#7f8c8d", "#d4ac0d"]
-OK, BAD, UNSURE = "#2e8b57", "#c0392b", "#d68910"
-VERDICT_COLOR = {"pass": OK, "fail": BAD, "uncertain": UNSURE}
-FONT = "font-family='Helvetica, Arial, sans-serif'"
-
-
-def _e(s: Any) -> str:
-    return html.escape(str(s), quote=True)
-
-
-def _name(result: dict[str, Any]) -> str:
-    return os.path.basename(result["file"])
-
-
-def _fmt(v: float | None, unit: str = "") -> str:
-    if v is None:
-        return "—"
-    return f"{v:.3g}{unit}" if abs(v) < 100 else f"{v:.0f}{unit}"
-
-
-def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    if hi <= lo:
-        hi = lo + 1
-    raw = (hi - lo) / n
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
-    return [start + i * step for i in range(int((hi - start) / step) + 2) if start + i * step <= hi + 1e-9]
-
-
-def _svg(w: int, h: int, body: list[str], title: str) -> str:
-    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' viewBox='0 0 {w} {h}' role='img' "
-            f"aria-label='{_e(title)}' {FONT} font-size='12'><rect width='{w}' height='{h}' fill='white'/>"
-            + "".join(body) + "</svg>")
+from chita_edge.devices.svg import (  # noqa: F401  (OK, UNSURE: the verdict colours, imported from here)
+    BAD,
+    OK,
+    PALETTE,
+    UNSURE,
+    VERDICT_COLOR,
+)
+from chita_edge.devices.svg import esc as _e
+from chita_edge.devices.svg import file_name as _name
+from chita_edge.devices.svg import fmt as _fmt
+from chita_edge.devices.svg import nice_ticks as _nice_ticks
+from chita_edge.devices.svg import svg_doc as _svg
 
 
 # --------------------------------------------------------------------------------------------------- plots
@@ -222,16 +199,19 @@ def layers_svg(result: dict[str, Any], top: int = 15, w: int = 760) -> str | Non
     return _svg(w, h, body, title)
 
 
-def pareto_points(results: Sequence[dict[str, Any]], profile_id: str | None) -> list[dict[str, Any]]:
+def pareto_points(results: Sequence[dict[str, Any]], profile_id: str | None, pct: str = "p50") -> list[dict[str, Any]]:
+    """One point per result with an accuracy (latency at ``pct`` on the profile, best evidence first), the
+    Pareto front flagged, the dense baseline (a file named ``dense.*``) flagged."""
     pts = []
     for r in results:
         if r.get("accuracy") is None:
             continue
         lat, prov = best_latency(r, profile_id)
         est = (r.get("device_estimates") or {}).get(profile_id or "", {})
-        band = ((est.get("band") or {}).get("latency_ms") or {}).get("p50") if prov.startswith("estimated") else None
-        pts.append({"name": _name(r), "latency_ms": lat["p50"], "accuracy": r["accuracy"]["accuracy"],
-                    "provenance": prov, "low": band[0] if band else None, "high": band[1] if band else None})
+        band = ((est.get("band") or {}).get("latency_ms") or {}).get(pct) if prov.startswith("estimated") else None
+        pts.append({"name": _name(r), "latency_ms": lat[pct], "accuracy": r["accuracy"]["accuracy"],
+                    "provenance": prov, "low": band[0] if band else None, "high": band[1] if band else None,
+                    "dense": os.path.splitext(_name(r))[0] == "dense", "file_mb": float(r["file_mb"])})
     front, best = [], -math.inf
     for p in sorted(pts, key=lambda p: (p["latency_ms"], -p["accuracy"])):
         if p["accuracy"] > best:
@@ -242,16 +222,56 @@ def pareto_points(results: Sequence[dict[str, Any]], profile_id: str | None) -> 
     return pts
 
 
-def pareto_svg(results: Sequence[dict[str, Any]], profile_id: str | None, w: int = 640, h: int = 360) -> str | None:
-    pts = pareto_points(results, profile_id)
+def _place_labels(anchors: Sequence[float], top: float, bottom: float, step: float) -> list[float]:
+    """Label baselines for a column of labels: each as close to its anchor's height as it can be while no two are
+    closer than ``step`` and all lie in [top, bottom] (labels in one column never overlap)."""
+    order = sorted(range(len(anchors)), key=lambda i: anchors[i])
+    ys = [0.0] * len(anchors)
+    prev = top - step
+    for i in order:
+        ys[i] = prev = max(anchors[i], prev + step)
+    over = prev - bottom
+    if over > 0:  # pushed past the bottom: shift the stack up, keeping the spacing
+        for i in order:
+            ys[i] -= over
+        prev = top - step
+        for i in order:
+            ys[i] = prev = max(ys[i], prev + step)
+    return ys
+
+
+def pareto_svg(results: Sequence[dict[str, Any]], profile: Profile | str | None, w: int = 760,
+               h: int = 360, axis: str = "latency") -> str | None:
+    """Accuracy against latency (``axis="latency"``, at the latency budget's percentile) or model file size
+    (``"file"``) on ``profile``, its budget a dashed red vertical line (an arrow at the right edge when it lies
+    far beyond every point), the dense baseline a black diamond, the latency Pareto front in orange. Point labels
+    sit in a column right of the plot, one line apart, each joined to its point by a thin leader: they never
+    overlap."""
+    prof = profile if isinstance(profile, Profile) else None
+    profile_id = prof.id if prof else profile
+    lat_budget = prof.budgets.latency_ms if prof else None
+    pct = lat_budget.percentile if lat_budget else "p50"
+    pts = pareto_points(results, profile_id, pct)
     if len(pts) < 2:
         return None
     provs = {p["provenance"].split(" (")[0] for p in pts}
-    title = f"Accuracy vs latency p50{f' on {profile_id}' if profile_id else ''} ({', '.join(sorted(provs))})"
-    ml, mr, mt, mb = 56, 24, 30, 44
-    xs = [p["latency_ms"] for p in pts]
+    if axis == "file":
+        limit = prof.budgets.model_file_mb if prof else None
+        key, unit, what = "file_mb", "MB", "model file"
+        title = f"Accuracy vs model file size{f' for {profile_id}' if profile_id else ''}"
+        for p in pts:
+            p["low"] = p["high"] = None
+    else:
+        limit = lat_budget.value if lat_budget else None
+        key, unit, what = "latency_ms", "ms", f"latency {pct}"
+        title = f"Accuracy vs latency {pct}{f' on {profile_id}' if profile_id else ''} ({', '.join(sorted(provs))})"
+    lab_w = 210  # the label column
+    ml, mr, mt, mb = 56, 24 + lab_w, 30, 44
+    xs = [p[key] for p in pts]
     ys = [p["accuracy"] for p in pts]
-    x0, x1 = 0.0, max([*xs, *(p["high"] for p in pts if p["high"] is not None)]) * 1.1
+    far = max([*xs, *(p["high"] for p in pts if p["high"] is not None)])
+    off_chart = limit is not None and limit > 3 * far  # drawn as an arrow, not squeezing every point to the left
+    x0, x1 = 0.0, max(far, limit if limit is not None and not off_chart else 0.0) * 1.1
     ypad = max(1.0, (max(ys) - min(ys)) * 0.15)
     y0, y1 = max(0.0, min(ys) - ypad), min(100.0, max(ys) + ypad)
     pw, ph = w - ml - mr, h - mt - mb
@@ -272,25 +292,56 @@ def pareto_svg(results: Sequence[dict[str, Any]], profile_id: str | None, w: int
         if y0 <= t <= y1:
             body.append(f"<line x1='{ml}' y1='{Y(t):.1f}' x2='{ml + pw}' y2='{Y(t):.1f}' stroke='#eee'/>"
                         f"<text x='{ml - 6}' y='{Y(t) + 4:.1f}' text-anchor='end'>{t:g}</text>")
-    body.append(f"<text x='{ml + pw / 2}' y='{h - 8}' text-anchor='middle'>latency p50 (ms)</text>")
+    body.append(f"<text x='{ml + pw / 2}' y='{h - 8}' text-anchor='middle'>{what} ({unit})</text>")
     body.append(f"<text x='14' y='{mt + ph / 2}' transform='rotate(-90 14 {mt + ph / 2})' "
                 f"text-anchor='middle'>top-1 accuracy (%)</text>")
+    if limit is not None:  # the device's budget: points left of the line meet it
+        tip = f"<title>{what} budget of {_e(profile_id)}: &lt;= {limit:.4g} {unit}</title>"
+        if off_chart:
+            xb, ym = ml + pw, mt + 8
+            body.append(f"<path class='budget' d='M{xb - 14:.1f},{ym}H{xb:.1f}M{xb - 5:.1f},{ym - 4}L{xb:.1f},{ym}"
+                        f"L{xb - 5:.1f},{ym + 4}' stroke='{BAD}' stroke-width='1.5' fill='none'>{tip}</path>")
+        else:
+            xb = X(limit)
+            body.append(f"<line class='budget' x1='{xb:.1f}' y1='{mt}' x2='{xb:.1f}' y2='{mt + ph}' stroke='{BAD}' "
+                        f"stroke-width='1.5' stroke-dasharray='6,4'>{tip}</line>")
     front = sorted((p for p in pts if p["pareto"]), key=lambda p: p["latency_ms"])
     if len(front) > 1:
-        d = " ".join(f"{'M' if i == 0 else 'L'}{X(p['latency_ms']):.1f},{Y(p['accuracy']):.1f}" for i, p in enumerate(front))
+        d = " ".join(f"{'M' if i == 0 else 'L'}{X(p[key]):.1f},{Y(p['accuracy']):.1f}" for i, p in enumerate(front))
         body.append(f"<path d='{d}' fill='none' stroke='{PALETTE[1]}' stroke-width='2'/>")
-    for p in pts:
-        c = PALETTE[1] if p["pareto"] else PALETTE[6]
+    texts = [(p, f"{p['name'][:26]}{' (baseline)' if p['dense'] else ''}") for p in pts]
+    if limit is not None:
+        texts.append((None, f"budget {limit:.3g} {unit}{' (off the chart →)' if off_chart else ''}"))
+    anchors = [Y(p["accuracy"]) + 4 if p else mt + 12 for p, _ in texts]
+    lx = ml + pw + 24
+    for (p, text), ly in zip(texts, _place_labels(anchors, mt + 10, mt + ph, 15), strict=True):
+        if p is None:
+            body.append(f"<line x1='{lx - 22}' y1='{ly - 4:.1f}' x2='{lx - 4}' y2='{ly - 4:.1f}' stroke='{BAD}' "
+                        f"stroke-width='1.5' stroke-dasharray='6,4'/><text class='label' x='{lx}' y='{ly:.1f}' "
+                        f"font-size='11' fill='{BAD}'>{_e(text)}</text>")
+            continue
+        c = "#111" if p["dense"] else (PALETTE[1] if p["pareto"] else PALETTE[6])
+        px, py = X(p[key]), Y(p["accuracy"])
         if p["low"] is not None and p["high"] is not None:  # the estimate's error band on the latency axis
-            yy = Y(p["accuracy"])
-            body.append(f"<path class='errorbar' d='M{X(p['low']):.1f},{yy:.1f}H{X(p['high']):.1f}M{X(p['low']):.1f},"
-                        f"{yy - 4:.1f}v8M{X(p['high']):.1f},{yy - 4:.1f}v8' stroke='{c}' stroke-width='1.5' "
+            body.append(f"<path class='errorbar' d='M{X(p['low']):.1f},{py:.1f}H{X(p['high']):.1f}M{X(p['low']):.1f},"
+                        f"{py - 4:.1f}v8M{X(p['high']):.1f},{py - 4:.1f}v8' stroke='{c}' stroke-width='1.5' "
                         f"fill='none'><title>error band {p['low']:.3g}–{p['high']:.3g} ms</title></path>")
-        body.append(f"<circle cx='{X(p['latency_ms']):.1f}' cy='{Y(p['accuracy']):.1f}' r='5' fill='{c}'>"
-                    f"<title>{_e(p['name'])}: {p['latency_ms']:.3g} ms, {p['accuracy']:.2f} % ({_e(p['provenance'])})"
-                    f"</title></circle><text x='{X(p['latency_ms']) + 7:.1f}' y='{Y(p['accuracy']) - 6:.1f}' "
-                    f"font-size='11'>{_e(p['name'][:28])}</text>")
+        tip = f"<title>{_e(p['name'])}: {p[key]:.3g} {unit}, {p['accuracy']:.2f} % ({_e(p['provenance'])})</title>"
+        if p["dense"]:
+            body.append(f"<path class='dense' d='M{px:.1f},{py - 7:.1f}l7,7l-7,7l-7,-7z' fill='#111'>{tip}</path>")
+        else:
+            body.append(f"<circle cx='{px:.1f}' cy='{py:.1f}' r='5' fill='{c}'>{tip}</circle>")
+        bold = " font-weight='bold'" if p["dense"] else ""
+        body.append(f"<path d='M{px + 6:.1f},{py:.1f}L{lx - 4},{ly - 4:.1f}' stroke='#bbb' stroke-width='0.8' "
+                    f"fill='none'/><text class='label' x='{lx}' y='{ly:.1f}' font-size='11' fill='{c}'{bold}>"
+                    f"{_e(text)}</text>")
     return _svg(w, h, body, title)
+
+
+def device_charts(results: Sequence[dict[str, Any]], profile: Profile) -> list[str]:
+    """The charts of one device: accuracy vs latency, and accuracy vs file size when the profile has a file budget."""
+    axes = ["latency"] + (["file"] if profile.budgets.model_file_mb is not None else [])
+    return [svg for svg in (pareto_svg(results, profile, axis=a) for a in axes) if svg]
 
 
 # ------------------------------------------------------------------------------------------------ documents
@@ -331,11 +382,12 @@ def render_markdown(results: Sequence[dict[str, Any]], profiles: Sequence[Profil
     out = ["# chita-edge benchmark report", "",
            "Figures are per inference, batch 1. `measured-host`: this machine; `measured-device`: on the device "
            "over SSH; `estimated-device (...)`: host latency × the profile's calibrated factor. "
-           "Plots: see report.html.", "",
-           "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+           "Plots: see report.html.", "", *headline_markdown(headline_rows(results, profiles)),
+           "## Every file", "", "| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     out += ["| " + " | ".join(row) + " |" for row in _summary_rows(results, profiles)]
     for p in profiles:
-        out += ["", f"## {p.id}: {p.name}", "", f"Profile confidence: **{p.confidence}**.", ""]
+        out += ["", f"## {p.id}: {p.name}", "", f"Profile confidence: **{p.confidence}**.", "",
+                *([f"Notes: {p.notes}", ""] if p.notes else [])]
         for r in results:
             est = (r.get("device_estimates") or {}).get(p.id, {})
             prov = est.get("provenance") if est.get("available") else est.get("reason", "no estimate")
@@ -387,7 +439,7 @@ def render_html(results: Sequence[dict[str, Any]], profiles: Sequence[Profile],
              f"<style>{CSS}</style></head><body><h1>chita-edge benchmark report</h1>",
              "<p class='prov'>Per inference, batch 1. <b>measured-host</b>: this machine; <b>measured-device</b>: on "
              "the device over SSH; <b>estimated-device (…)</b>: host latency × the profile's calibrated factor.</p>",
-             "<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in hdr) + "</tr>"]
+             headline_html(headline_rows(results, profiles)), "<h2>Every file</h2><table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in hdr) + "</tr>"]
     for row in _summary_rows(results, profiles):
         parts.append("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>")
     parts.append("</table>")
@@ -407,7 +459,9 @@ def render_html(results: Sequence[dict[str, Any]], profiles: Sequence[Profile],
     for i, r in enumerate(results):
         parts.append(f"<figure>{latency_histogram_svg(r, PALETTE[i % len(PALETTE)])}</figure>")
     for p in profiles:
-        parts.append(f"<h2>{_e(p.id)}</h2><p class='prov'>Profile confidence: <b>{_e(p.confidence)}</b>. Bars: green "
+        budget_note = f" Notes: {_e(p.notes)}" if p.notes else ""
+        parts.append(f"<h2>{_e(p.id)}</h2><p class='prov'>Profile confidence: <b>{_e(p.confidence)}</b>.{budget_note} "
+                     "Bars: green "
                      "pass, red fail, amber uncertain (the budget inside the estimate's error band, or a host "
                      "timing); black whiskers: the estimate's out-of-sample error band.</p>"
                      f"<figure>{budget_bars_svg(results, p)}</figure><ul class='prov'>")
@@ -416,9 +470,10 @@ def render_html(results: Sequence[dict[str, Any]], profiles: Sequence[Profile],
             txt = est.get("provenance") if est.get("available") else est.get("reason", "no estimate")
             parts.append(f"<li>{_e(_name(r))}: {_e(txt)}</li>")
         parts.append("</ul>")
-    pareto = pareto_svg(results, profiles[0].id if profiles else None)
-    if pareto:
-        parts.append(f"<h2>Accuracy vs latency</h2><figure>{pareto}</figure>")
+    charts = [svg for p in profiles for svg in device_charts(results, p)] if profiles else \
+        [svg for svg in [pareto_svg(results, None)] if svg]
+    if charts:
+        parts.append("<h2>Accuracy vs latency</h2>" + "".join(f"<figure>{svg}</figure>" for svg in charts))
     for r in results:
         svg = layers_svg(r)
         if svg:
@@ -439,7 +494,8 @@ def write_report(out_dir: str | os.PathLike, results: Sequence[dict[str, Any]], 
         raise BadInput(f"--report {d}: cannot create the directory ({e.strerror})") from None
     doc = {"format": "chita-edge/report-v1", "profiles": [p.model_dump(exclude_none=True) for p in profiles],
            "results": list(results), "checks": list(checks) if checks else None,
-           "pareto": pareto_points(results, profiles[0].id if profiles else None)}
+           "pareto": pareto_points(results, profiles[0].id if profiles else None),
+           "headline": headline_rows(results, profiles)}  # what pruning bought (chita_edge.devices.headline)
     paths = {"json": str(d / "report.json"), "markdown": str(d / "report.md"), "html": str(d / "report.html")}
     atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=str))
     atomic_write_text(paths["markdown"], render_markdown(results, profiles, checks))

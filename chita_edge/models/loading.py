@@ -11,6 +11,7 @@ import os
 import traceback
 import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,9 @@ def apply_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], where: str) 
         if shapes:
             parts.append(f"shape mismatch {', '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''}")
         raise BadInput(f"{where}: weights do not fit the model ({'; '.join(parts)})")
+    if getattr(sd, "_metadata", None) is None:  # a plain dict (a checkpoint file): the model's own module versions,
+        sd = OrderedDict(sd)  # which some modules require (torchvision's MNASNet refuses a state dict without)
+        sd._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(sd, strict=True)
 
 

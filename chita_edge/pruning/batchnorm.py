@@ -92,15 +92,18 @@ def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per
     was = model.training
     model.eval()
     xc, yc = x[check], y[check]
-    before = {k: v.clone() for k, v in model.state_dict().items()
+    before = {k: v.clone() for k, v in model.named_buffers()
               if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     loss_before = _loss(model, xc, yc)
     reestimate_batchnorm(model, x, order, batch_size=batch_size, batches=batches)
     model.eval()
     loss_after = _loss(model, xc, yc)
     kept = always or loss_after < loss_before
-    if not kept:
-        model.load_state_dict(before, strict=False)
+    if not kept:  # copied back buffer by buffer: a partial load_state_dict loses the modules' version metadata,
+        with torch.no_grad():  # which some refuse (torchvision's MNASNet)
+            for k, v in model.named_buffers():
+                if k in before:
+                    v.copy_(before[k])
     model.train(was)
     return {"kept": "re-estimated" if kept else "previous", "loss_before": loss_before, "loss_after": loss_after,
             "check_samples": len(check), "held_out": held_out}

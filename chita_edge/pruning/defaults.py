@@ -35,6 +35,7 @@ DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "dtype": "float64",  # solver precision
     "seed": 0,
     "block_size": 0,  # > 0: block-diagonal Fisher of this many weights per block
+    "block_support": "saliency",  # block mode: global OBS-saliency threshold; "magnitude": the reference's rule
     "first_order": None,  # None: on for chita++, off otherwise
     "refit": None,  # None: on for the data-driven methods (chita, chita++, bso), off for the magnitude baselines
     "width_multiple": None,  # None: the device profile's

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,9 +21,11 @@ from torch import nn
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, RuntimeFailure, check_finite, check_seed
 from chita_edge.models.zoo import default_prunable
+from chita_edge.pruning import blockwise
 from chita_edge.pruning.batchnorm import reestimate_if_better
 from chita_edge.pruning.defaults import DEFAULTS
-from chita_edge.pruning.gradients import check_memory, collect_gradients, gradient_memory_bytes
+from chita_edge.pruning.distributed import collect_gradients_split
+from chita_edge.pruning.gradients import check_memory, gradient_memory_bytes
 from chita_edge.pruning.layers import (
     PrunableParam,
     find_prunable,
@@ -55,7 +58,13 @@ class PruneConfig:
     first_order: bool | None = None
     keep_pruned: bool = True  # CHITA++: weights pruned at an earlier stage stay zero
     start_sparsity: float = 0.1  # s0 of the cubic schedule
-    block_size: int = 0  # > 0: block mode (per-block solves on column slices of G)
+    block_size: int = 0  # > 0: block mode (per-block solves, G streamed by groups of blocks: pruning/blockwise.py)
+    # block mode's support: "saliency" (a global threshold over per-block OBS saliencies) or "magnitude" (the
+    # reference code's rule: the k largest |w| over the model, then per-block solves)
+    block_support: str = DEFAULTS["block_support"]
+    # block mode's second pass over G_g: "spill" G_g (float16, scaled per column) to disk in the first pass and
+    # read it back (g passes over the data instead of 2g - 1; docs/benchmarks.md, eighth session), or "recompute"
+    block_stream: str = "spill"
     max_iter: int = 500
     backsolve_every: int = 3  # IHT: jump to the exact backsolve once the support is stable this many steps
     active_set: bool = True
@@ -92,6 +101,12 @@ class PruneConfig:
             raise BadInput(f"--l2 {self.l2}: expected > 0")
         if self.block_size < 0:
             raise BadInput(f"--block-size {self.block_size}: expected >= 0 (0: off, > 0: weights per block)")
+        if self.block_support not in blockwise.SUPPORTS:
+            raise BadInput(f"--block-support {self.block_support!r}: expected one of {', '.join(blockwise.SUPPORTS)}")
+        if self.block_stream not in ("recompute", "spill"):
+            raise BadInput(f"block_stream {self.block_stream!r}: expected recompute or spill")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise BadInput(f"--memory-gb {self.memory_budget_gb}: expected > 0")
         if self.bn_rule not in ("if-better", "always"):
             raise BadInput(f"bn_rule {self.bn_rule!r}: expected if-better or always")
         if self.refit_samples < 1 or not self.refit_damp > 0:
@@ -132,27 +147,6 @@ def _magnitude_uniform(w: torch.Tensor, params: list[PrunableParam], s: float, a
         mask = solver.top_k_mask(w[sl].abs(), k, None if allowed is None else allowed[sl])
         out[sl] = torch.where(mask, w[sl], torch.zeros_like(w[sl]))
     return out
-
-
-def _solve_blocks(method: str, G: torch.Tensor, w_bar: torch.Tensor, k: int, lam: float, a: torch.Tensor | None,
-                  allowed: torch.Tensor | None, params: list[PrunableParam], cfg: PruneConfig) -> torch.Tensor:
-    """Block mode: the support is chosen globally by magnitude, then each contiguous block inside one tensor
-    is re-solved on its own columns G_b (IHT with its share k_b of the support, then the backsolve)."""
-    support = solver.top_k_mask(w_bar.abs(), k, allowed)
-    w = torch.zeros_like(w_bar)
-    for q in params:
-        for start in range(q.offset, q.offset + q.numel, cfg.block_size):
-            b = slice(start, min(start + cfg.block_size, q.offset + q.numel))
-            kb = int(support[b].sum())
-            if kb == 0:
-                continue
-            Gb, ab = G[:, b], (a[b] if a is not None else None)
-            alb = allowed[b] if allowed is not None else None
-            if method == "bso":
-                w[b] = solver.backsolve(Gb, w_bar[b], support[b], lam, ab)
-            else:
-                w[b] = solver.chita(Gb, w_bar[b], kb, lam, a=ab, allowed=alb, max_iter=cfg.max_iter, tol=cfg.tol).w
-    return w
 
 
 @torch.no_grad()
@@ -247,8 +241,15 @@ def prune_weights(
     data: Dataset,
     cfg: PruneConfig,
     progress: Progress | None = None,
+    *,
+    state_path: str | os.PathLike | None = None,
+    resume: bool = False,
+    announce: Callable[[str], None] | None = None,
 ) -> PruneReport:
-    """Prune ``params`` of ``model`` in place to ``cfg.sparsity``; returns the report."""
+    """Prune ``params`` of ``model`` in place to ``cfg.sparsity``; returns the report.
+
+    Block mode (``cfg.block_size > 0`` with a gradient method): ``announce`` gets the memory plan before work
+    starts; the finished groups of blocks are saved to ``state_path`` and ``resume=True`` continues from there."""
     cfg.validate()
     t0 = time.perf_counter()
     dtype = getattr(torch, cfg.dtype)
@@ -272,16 +273,36 @@ def prune_weights(
     dense = copy.deepcopy(model) if cfg.refit else None
     t_grad = t_solve = 0.0
     stages: list[dict[str, Any]] = []
+    streamed = needs_grads and cfg.block_size > 0
+    plan = resumed = None
+    first = 0
+    if streamed:
+        if resume:
+            resumed = blockwise.read_resume(state_path, asdict(cfg)) if state_path else None
+            if resumed is None:
+                raise BadInput("--resume: block mode keeps its state beside --out; give --out")
+            model.load_state_dict(resumed["model"])
+            first, stages = int(resumed["stage"]), list(resumed["stages"])
+            plan = blockwise.BlockPlan(**{**resumed["plan"], "groups": tuple(map(tuple, resumed["plan"]["groups"]))})
+        else:
+            gb = cfg.memory_budget_gb
+            plan = blockwise.plan_blocks(params, cfg.n_grads, cfg.block_size, int(gb * 2**30) if gb else None,
+                                         solver_bytes=torch.empty((), dtype=dtype).element_size(),
+                                         spill=cfg.block_stream == "spill")
+        if announce:
+            announce(plan.describe() + (f" (resumed at stage {first + 1}, from {state_path})" if resumed else ""))
     for si, s in enumerate(targets):
+        if si < first:
+            continue
         w_bar = flatten_weights(model, params).to(dtype)
         allowed = (w_bar != 0) if (cfg.keep_pruned and si > 0) else None
         k = keep_count(s, p)
         if allowed is not None:
             k = min(k, int(allowed.sum()))
         G = a = None
-        if needs_grads:
+        if needs_grads and not streamed:
             tg = time.perf_counter()
-            G = collect_gradients(model, params, data.x_train, data.y_train, n=cfg.n_grads, m=cfg.fisher_batch,
+            G = collect_gradients_split(model, params, data.x_train, data.y_train, n=cfg.n_grads, m=cfg.fisher_batch,
                                   seed=cfg.seed + si, progress=progress,
                                   memory_budget_bytes=int(cfg.memory_budget_gb * 2**30) if cfg.memory_budget_gb else None)
             G = G.to(dtype)
@@ -304,14 +325,25 @@ def prune_weights(
         ts = time.perf_counter()
         lam = cfg.l2 * cfg.n_grads / 2.0
         info: dict[str, Any] = {"stage": si, "sparsity": s, "k": k}
-        if needs_grads and cfg.prune_inert:
+        if needs_grads and cfg.prune_inert and not streamed:
             info["inert_weights"] = info_inert
         if cfg.method == "magnitude":
             w = solver.hard_threshold(w_bar, k, allowed)
         elif cfg.method == "magnitude-uniform":
             w = _magnitude_uniform(w_bar, params, s, allowed)
-        elif cfg.block_size > 0:
-            w = _solve_blocks(cfg.method, G, w_bar, k, lam, a, allowed, params, cfg)
+        elif streamed:
+            assert plan is not None
+            with blockwise.spill_folder(state_path if cfg.block_stream == "spill" else None) as spill:
+                w, binfo = blockwise.run_stage(
+                    model, params, data, stage_index=si, cfg=asdict(cfg), plan=plan, stages=stages,
+                    spill=spill if cfg.block_stream == "spill" else None, state_path=state_path,
+                    state=resumed["state"] if resumed is not None and si == first else None, w_bar=w_bar, k=k,
+                    lam=lam, allowed=allowed, method=cfg.method, support=cfg.block_support, prune_inert=cfg.prune_inert,
+                    first_order=bool(cfg.first_order or (cfg.first_order is None and cfg.method == "chita++")),
+                    n=cfg.n_grads, m=cfg.fisher_batch, seed=cfg.seed + si, max_iter=cfg.max_iter, tol=cfg.tol,
+                    dtype=dtype, progress=progress)
+            info.update(binfo)
+            t_grad += binfo["gradients_s"]
         else:
             # Weights pruned at an earlier stage stay zero: solve on the allowed columns only (exact, since
             # w_bar is zero there), which makes late CHITA++ stages cheap.

@@ -61,7 +61,7 @@ def hard_threshold(v: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
 def top_k_mask(score: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
     if allowed is not None:
         score = torch.where(allowed, score, torch.full_like(score, -math.inf))
-    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
     mask[torch.topk(score, k, sorted=False).indices] = True
     return mask
 
@@ -69,7 +69,7 @@ def top_k_mask(score: Tensor, k: int, allowed: Tensor | None = None) -> Tensor:
 def spectral_norm_sq(G: Tensor, iters: int = 12, seed: int = 0) -> float:
     """sigma_max(G)^2 by power iteration on G^T G (a slight over-estimate is added by the caller)."""
     gen = torch.Generator().manual_seed(seed)
-    v = torch.randn(G.shape[1], generator=gen, dtype=G.dtype)
+    v = torch.randn(G.shape[1], generator=gen, dtype=G.dtype).to(G.device)  # the same draw on every device
     v /= v.norm()
     s = 0.0
     for _ in range(iters):
@@ -149,7 +149,7 @@ def _cholesky(K: Tensor) -> Tensor:
         if int(info) == 0:
             return L
         log.warning("backsolve: system not positive definite; ridge raised by %.3g", extra)
-        L, info = torch.linalg.cholesky_ex(K + extra * torch.eye(K.shape[0], dtype=K.dtype))
+        L, info = torch.linalg.cholesky_ex(K + extra * torch.eye(K.shape[0], dtype=K.dtype, device=K.device))
         extra *= 10.0
     if int(info) != 0:
         raise FloatingPointError("backsolve: the system is not positive definite; use a larger l2")
@@ -393,7 +393,7 @@ def chita(
                 cand = hard_threshold(w - tau * g, k, allowed) != 0
                 tau *= 2.0
                 key = cand.nonzero().squeeze(1)
-                if torch.equal(cand, support) or (h := hash(key.numpy().tobytes())) in seen:
+                if torch.equal(cand, support) or (h := hash(key.cpu().numpy().tobytes())) in seen:
                     continue
                 seen.add(h)
                 w_c = backsolve(G, w_bar, cand, lam, a, K=support_gram(G, cand, ref) if woodbury else None)

@@ -436,11 +436,11 @@ def obs_removal_order(Hinv: Sequence[Tensor], W: Sequence[Tensor], blocks: Seque
             B = Bl[cand]  # (c, b)
             b = B.shape[1]
             Hbb = Hl[B.unsqueeze(2), B.unsqueeze(1)]  # (c, b, b)
-            if b == 1:
-                Hbb_inv = 1.0 / Hbb.clamp_min(1e-300)
-            else:
-                eye = torch.eye(b, dtype=Hl.dtype)
-                Hbb_inv = torch.linalg.solve(Hbb + 1e-12 * eye, eye.expand_as(Hbb))
+            if b == 1:  # one column per channel (a Linear consumer): ||W_:,j||^2 / Hinv_jj, no batched products
+                cost += s * (Wl[:, B[:, 0]].pow(2).sum(0) / Hbb.reshape(-1).clamp_min(1e-300)).double()
+                continue
+            eye = torch.eye(b, dtype=Hl.dtype)
+            Hbb_inv = torch.linalg.solve(Hbb + 1e-12 * eye, eye.expand_as(Hbb))
             Wb = Wl[:, B].permute(1, 0, 2)  # (c, out, b)
             cost += s * torch.einsum("cob,cbe,coe->c", Wb, Hbb_inv, Wb).double()
         r = min(chunk, steps - len(order))

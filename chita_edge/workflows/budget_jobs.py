@@ -26,8 +26,11 @@ from chita_edge.core.evaluate import accuracy
 from chita_edge.core.io import atomic_path, sha256_file
 from chita_edge.devices.gate import pruned_verdicts
 from chita_edge.devices.profiles import Profile, load_profile, with_budgets
+from chita_edge.exporters import ExportConfig, export_model
 from chita_edge.models.loading import check_fits, load_model
 from chita_edge.pruning.blocks import BlockConfig, prune_blocks
+from chita_edge.training.finetune import FinetuneConfig
+from chita_edge.workflows.finetune import finetune_checkpoint
 
 Progress = Callable[[str, int, int], None]
 
@@ -37,11 +40,21 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
                             latency_ms: float | None = None, percentile: str | None = None,
                             memory_mb: float | None = None, file_mb: float | None = None,
                             export: str | os.PathLike | None = None, progress: Progress | None = None,
-                            settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                            settings: dict[str, Any] | None = None, finetune: FinetuneConfig | None = None,
+                            distill: bool = False) -> dict[str, Any]:
     """What ``chita-edge prune --profile P`` does; returns the JSON-able report (``passed`` says whether every
     budget was met when measured). Raises ``GateFailed`` before pruning when the budget is unreachable.
-    ``settings``: the resolved settings with their sources, recorded in the checkpoint and the result."""
+    ``settings``: the resolved settings with their sources, recorded in the checkpoint and the result.
+    ``finetune``: then fine-tune the pruned model (the finetune job, ``finetune_checkpoint``; ``distill``: the
+    dense model as teacher) and write that to ``out`` (and ``export``); the report gives the accuracy before and
+    after (``finetune``). The architecture does not change, so the latency measured before it still holds."""
     cfg.validate()
+    if finetune is not None:
+        finetune.validate()
+        if not data:
+            raise BadInput("--finetune-epochs needs --data (training images)")
+    elif distill:
+        raise BadInput("--distill with --profile needs --finetune-epochs (it distils while fine-tuning)")
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     budgets = with_budgets(prof, latency_ms=latency_ms, percentile=percentile, memory_mb=memory_mb, file_mb=file_mb)
     lm = load_model(model_spec, weights)
@@ -75,7 +88,7 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
             "source_weights": str(weights) if weights else None,
             "source_sha256": sha256_file(weights) if weights else None,
             "data": data,
-            "method": f"{cfg.method}-structured" if cfg.method.startswith("chita") else cfg.method,
+            "method": cfg.method,  # what ran: chita-layerwise, chita-fisher, l1-uniform or norm-global
             "structure": structure,
             "profile": prof.id,
             "budgets": res.budgets,
@@ -88,9 +101,22 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
             / max(1, sum(p.numel() for p in lm.module.parameters())),
             "settings": settings,
         }
-        save_checkpoint(out, res.model.state_dict(), meta)
+        tuned = None
+        if finetune is not None and data:
+            pruned = Path(wd) / "pruned.pt"
+            save_checkpoint(pruned, res.model.state_dict(), meta)
+            tuned = finetune_checkpoint(pruned, data, finetune, out, distill=distill, teacher_weights=weights,
+                                        model=model_spec, progress=progress)
+        else:
+            save_checkpoint(out, res.model.state_dict(), meta)
         exported = None
-        if export and res.export:
+        if export and res.export and tuned is not None:  # the measured file's weights are the pruned ones
+            lt = load_model(model_spec, out)
+            export_model(lt.module, ExportConfig(format="onnx", layout="compact"), example_input=example, out=export,
+                         parity_inputs=ds.x_test[:16] if ds is not None and len(ds.x_test) else None,
+                         parity_source="data" if ds is not None and len(ds.x_test) else "random")
+            exported = str(export)
+        elif export and res.export:
             with atomic_path(export) as tmp:
                 tmp.write_bytes(Path(res.export).read_bytes())
             exported = str(export)
@@ -102,18 +128,26 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
                        "predicted": res.predicted[k], "measured": m, "unit": unit[k], "met": res.met[k]})
     d = res.to_dict()
     d.pop("export", None)
+    ft = None
+    if tuned is not None:
+        ft = {"epochs": tuned["epochs"], "distill": distill, "accuracy_before": acc, "accuracy_after": tuned["accuracy"],
+              "config": tuned.get("config"), "seconds": tuned.get("seconds"),
+              "note": "the latency was measured before fine-tuning; fine-tuning keeps the architecture"}
+        acc = tuned["accuracy"]
     return {"model": lm.spec, "profile": prof.id, "method": meta["method"], "structure": structure,
-            "passed": res.passed, "checks": checks, "dense_accuracy": dense_acc, "accuracy": acc,
+            "passed": res.passed, "checks": checks, "dense_accuracy": dense_acc, "accuracy": acc, "finetune": ft,
             "params_before": sum(p.numel() for p in lm.module.parameters()),
             "params_after": sum(p.numel() for p in res.model.parameters()),
-            "out": str(out), "export": exported, "slack": cfg.slack, "settings": settings, **d}
+            "out": str(out), "export": exported, "slack": cfg.slack, "uncertain": cfg.uncertain,
+            "settings": settings, **d}
 
 
 def raise_if_missed(result: dict[str, Any]) -> None:
     """``GateFailed`` naming every budget the pruned model misses by ``check``'s rule (``gate.pruned_verdicts``: the
     same budgets and percentile, no slack, the estimate's error band; a host timing cannot pass a device latency
-    budget, and an uncertain verdict fails as it does by default in ``check``)."""
-    rows = pruned_verdicts(result)
+    budget, and an uncertain verdict fails as it does by default in ``check``, unless the result was pruned with
+    ``uncertain="pass"``, as ``check --uncertain pass``)."""
+    rows = pruned_verdicts(result, result.get("uncertain", "fail"))
     bad = [r for r in rows if not r["passed"]]
     if not bad:
         return

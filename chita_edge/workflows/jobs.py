@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from chita_edge.budget.config import ALIASES as BUDGET_ALIASES
 from chita_edge.budget.config import METHODS as BUDGET_METHODS
 from chita_edge.budget.config import BudgetConfig
 from chita_edge.core.data import data_file
@@ -32,6 +33,7 @@ from chita_edge.devices.gate import run_check as gate_check
 from chita_edge.devices.profiles import Profile, load_profile, profile_file
 from chita_edge.models.loading import model_file
 from chita_edge.pruning.blocks import BlockConfig
+from chita_edge.pruning.distributed import launched, process_group, resolve_device
 from chita_edge.pruning.prune import METHODS as PRUNE_METHODS
 from chita_edge.pruning.prune import PruneConfig
 from chita_edge.training.finetune import FinetuneConfig
@@ -39,7 +41,7 @@ from chita_edge.training.gradual import GradualConfig
 from chita_edge.workflows.budget_jobs import prune_blocks_checkpoint, prune_budget_checkpoint
 from chita_edge.workflows.export import export_checkpoint
 from chita_edge.workflows.finetune import finetune_checkpoint
-from chita_edge.workflows.prune import prune_checkpoint
+from chita_edge.workflows.prune import block_state_path, prune_checkpoint
 from chita_edge.workflows.settings import Resolved, resolve
 
 Progress = Callable[[str, int, int], None]
@@ -74,7 +76,9 @@ class PruneJob:
     ``settings`` are the resolved pruning settings (``structure``: unstructured or block to ``settings["sparsity"]``,
     channel to the budgets of ``profile``). ``budgets`` override the profile's (latency_ms, percentile, memory_mb,
     file_mb); ``export`` keeps the verified ONNX file of a budget run; ``gradual`` prunes in steps with masked
-    fine-tuning between them (unstructured only)."""
+    fine-tuning between them (unstructured only). ``device`` (auto, cpu or cuda): where an unstructured prune
+    runs its gradients, solves and re-fit; launched by torchrun, the job joins its process group
+    (``chita_edge.pruning.distributed``) and only rank 0 writes."""
 
     model: str
     data: str
@@ -86,6 +90,12 @@ class PruneJob:
     export: Path | None = None
     gradual: GradualConfig | None = None
     resume: bool = False
+    device: str = "cpu"
+    finetune: FinetuneConfig | None = None  # budget mode: fine-tune the pruned model (distill: dense teacher)
+    distill: bool = False
+    prefer: str = "under"  # budget mode, when no width lands in [0.9, 1] x the budget: under or nearest
+    uncertain: str = "fail"  # budget mode, as check's: fail judges the band's upper edge, pass the point estimate
+    memory_gb: float | None = None  # block mode's cap on peak memory (None: from the free RAM)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,20 +134,26 @@ def _check_combination(job: PruneJob) -> str:
         if job.profile is None:
             raise BadInput("--structure channel: structured pruning prunes to a device budget; give --profile "
                            "(e.g. --profile phone-mid-sd670, with --latency-ms to override its budget)")
-        unused = sorted(given & {"sparsity", "stages", "block_size", "first_order", "refit"})
+        unused = sorted(given & {"sparsity", "stages", "block_size", "block_support", "first_order", "refit"})
         if unused:
             raise BadInput(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: not used when pruning to a "
                            "device budget (--profile); the search sets the widths (use --search-stages)")
-        method = "chita" if s["method"] == "chita++" else s["method"]
+        method = BUDGET_ALIASES.get(s["method"], s["method"])
         if method not in BUDGET_METHODS:
-            raise BadInput(f"--method {s['method']}: pruning to a budget takes one of chita++ (= chita), "
-                           f"{', '.join(BUDGET_METHODS)}")
+            raise BadInput(f"--method {s['method']}: pruning to a budget takes one of {', '.join(BUDGET_METHODS)} "
+                           "(chita and chita++ are aliases of chita-layerwise)")
         return structure
+    if job.finetune is not None or job.distill:
+        raise BadInput("--finetune-epochs and --distill fine-tune after pruning to a device budget (--profile); "
+                       "without one, prune and then run chita-edge finetune")
     if job.profile is not None and "structure" in given:
         raise BadInput(f"--structure {structure} with --profile: only channel pruning lowers latency and memory "
                        "on dense kernels; use --structure channel, or prune to a sparsity without --profile")
-    if job.resume and job.gradual is None:
-        raise BadInput("--resume continues a --gradual run (its state beside --out); give --gradual too")
+    if job.resume and job.gradual is None and not s["block_size"]:
+        raise BadInput("--resume continues a --gradual run or block mode (--block-size) from its state beside "
+                       "--out; give --gradual or the same --block-size")
+    if job.memory_gb is not None and (structure != "unstructured" or not s["block_size"]):
+        raise BadInput("--memory-gb caps block mode (--block-size > 0, unstructured); give --block-size too")
     if s["sparsity"] is None:
         raise BadInput("--sparsity is required (or give --profile to prune to a device budget)")
     if not 0.0 <= s["sparsity"] < 1.0:
@@ -151,7 +167,7 @@ def _check_combination(job: PruneJob) -> str:
             raise BadInput(f"--method {s['method']}: block pruning is structured CHITA (chita or chita++)")
         if job.gradual is not None:
             raise BadInput("--gradual prunes unstructured; leave out --structure block")
-        unused = sorted(given & {"block_size", "first_order", "refit"})
+        unused = sorted(given & {"block_size", "block_support", "first_order", "refit"})
         if unused:
             raise BadInput(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: not used by block pruning "
                            "(--structure block)")
@@ -160,10 +176,11 @@ def _check_combination(job: PruneJob) -> str:
     return structure
 
 
-def prune_config(s: Resolved) -> PruneConfig:
+def prune_config(s: Resolved, memory_gb: float | None = None) -> PruneConfig:
     return PruneConfig(sparsity=s["sparsity"], method=s["method"], stages=s["stages"], n_grads=s["n_grads"],
                        fisher_batch=s["fisher_batch"], l2=s["l2"], first_order=s["first_order"],
-                       block_size=s["block_size"], seed=s["seed"], dtype=s["dtype"], layerwise_refit=s["refit"])
+                       block_size=s["block_size"], block_support=s["block_support"], seed=s["seed"], dtype=s["dtype"],
+                       layerwise_refit=s["refit"], memory_budget_gb=memory_gb)
 
 
 def block_config(s: Resolved) -> BlockConfig:
@@ -172,18 +189,25 @@ def block_config(s: Resolved) -> BlockConfig:
 
 
 def budget_config(s: Resolved) -> BudgetConfig:
-    return BudgetConfig(method="chita" if s["method"] == "chita++" else s["method"], structure="channel",
+    return BudgetConfig(method=BUDGET_ALIASES.get(s["method"], s["method"]), structure="channel",
                         stages=s["search_stages"], n_grads=s["n_grads"], fisher_batch=s["fisher_batch"], l2=s["l2"],
                         dtype=s["dtype"], seed=s["seed"], width_multiple=s["width_multiple"], depth=s["depth"])
 
 
-def run_prune(job: PruneJob, progress: Progress | None = None) -> PruneResult:
-    """Run one prune job (unstructured, block or to a device budget) and write its checkpoint."""
+def run_prune(job: PruneJob, progress: Progress | None = None,
+              announce: Callable[[str], None] | None = None) -> PruneResult:
+    """Run one prune job (unstructured, block or to a device budget) and write its checkpoint. ``announce``
+    gets block mode's memory plan before work starts."""
     refuse_overwrite([("--out", job.out), ("--export", job.export),
-                      ("--out state", f"{job.out}.gradual-state" if job.gradual is not None else None)],
+                      ("--out state", f"{job.out}.gradual-state" if job.gradual is not None else None),
+                      ("--out state", block_state_path(job.out))],
                      [("--weights", job.weights), ("--data", data_file(job.data)),
                       ("model file", model_file(job.model)), ("--profile", profile_file(job.profile))])
     structure = _check_combination(job)
+    device = resolve_device(job.device)
+    if (device.type != "cpu" or launched()) and (structure != "unstructured" or job.gradual is not None):
+        raise BadInput("--device cuda and several processes (torchrun, --workers) run unstructured one-shot pruning "
+                       "only; leave them out with --structure block, --profile or --gradual")
     check_out(Path(job.out))  # a bad --out fails now, not after the pruning
     if job.export is not None:
         check_out(Path(job.export), "--export")
@@ -192,18 +216,22 @@ def run_prune(job: PruneJob, progress: Progress | None = None) -> PruneResult:
     if structure == "channel":
         b = job.budgets
         r = prune_budget_checkpoint(job.model, job.weights, job.data, profile=job.profile, out=job.out,
-                                    cfg=budget_config(s), latency_ms=b.get("latency_ms"),
+                                    cfg=dataclasses.replace(budget_config(s), prefer=job.prefer,
+                                                            uncertain=job.uncertain),
+                                    latency_ms=b.get("latency_ms"),
                                     percentile=b.get("percentile"), memory_mb=b.get("memory_mb"),
                                     file_mb=b.get("file_mb"), export=job.export, progress=progress,
-                                    settings=record)
+                                    settings=record, finetune=job.finetune, distill=job.distill)
         passed = bool(r.get("passed", True))
     elif structure == "block":
         r = prune_blocks_checkpoint(job.model, job.weights, job.data, block_config(s), job.out, progress=progress,
                                     settings=record)
         passed = True
     else:
-        r = prune_checkpoint(job.model, job.weights, job.data, prune_config(s), job.out, progress=progress,
-                             gradual=job.gradual, resume=job.resume, settings=record)
+        with process_group(device):
+            r = prune_checkpoint(job.model, job.weights, job.data, prune_config(s, job.memory_gb), job.out,
+                                 progress=progress, gradual=job.gradual, resume=job.resume, settings=record,
+                                 device=device, announce=announce)
         passed = True
     return PruneResult(model=r.get("model", job.model), method=r.get("method", s["method"]), structure=structure,
                        out=str(job.out), accuracy=r.get("accuracy"), dense_accuracy=r.get("dense_accuracy"),

@@ -31,8 +31,9 @@ from chita_edge.core.evaluate import accuracy
 from chita_edge.core.io import atomic_write_text, refuse_overwrite
 from chita_edge.devices.bench import BenchConfig, benchmark
 from chita_edge.devices.gate import summary_markdown
+from chita_edge.devices.headline import headline_html, headline_rows
 from chita_edge.devices.profiles import load_profile, profile_file
-from chita_edge.devices.report import CSS, pareto_svg, write_report
+from chita_edge.devices.report import CSS, device_charts, write_report
 from chita_edge.models.loading import check_fits, load_model, model_file
 from chita_edge.training.finetune import FinetuneConfig
 from chita_edge.workflows import jobs
@@ -60,10 +61,11 @@ def _prune_stage(spec: PipelineSpec, profile: str, runner: StageRunner, progress
                                      ("memory_mb", spec.checks.memory_mb), ("file_mb", spec.checks.file_mb))
                    if v is not None}
         settings["budget_overrides"] = budgets
+        settings["uncertain"] = spec.checks.uncertain  # the search judges the latency as the run's checks do
 
     def run(d: Path) -> dict[str, Any]:
         job = jobs.PruneJob(model=spec.model, weights=spec.weights, data=spec.data, out=d / "pruned.pt",
-                       settings=resolved, profile=prof, budgets=budgets)
+                       settings=resolved, profile=prof, budgets=budgets, uncertain=spec.checks.uncertain)
         r = jobs.run_prune(job, progress=progress).to_dict()
         keys = {"channel": ("method", "accuracy", "dense_accuracy", "params_before", "params_after", "passed"),
                 "block": ("sparsity", "accuracy", "dense_accuracy")}.get(pr.structure,
@@ -280,6 +282,7 @@ def write_comparative_report(out_dir: Path, results: list[dict[str, Any]], profi
     paths = write_report(out_dir, results, profiles, checks or None)
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>chita-edge: {H.escape(title)}"
              f"</title><style>{CSS}</style></head><body><h1>chita-edge pipeline: {H.escape(title)}</h1>"]
+    parts.append(headline_html(headline_rows(results, profiles)))  # what pruning bought, first
     if verdicts:
         ok = all(v["passed"] for v in verdicts)
         parts.append(f"<p class='{'pass' if ok else 'fail'}'>Verdict: "
@@ -293,13 +296,12 @@ def write_comparative_report(out_dir: Path, results: list[dict[str, Any]], profi
         parts.append("</table>")
     parts.append("<h2>Accuracy vs latency, per device</h2><p class='prov'>Every file (the dense baseline and the "
                  "model pruned for each target) is estimated on every device; the orange line is the Pareto "
-                 "front.</p>")
+                 "front, the black diamond the dense baseline, the red dashed line the device's budget (latency, "
+                 "and model file size where the profile sets one).</p>")
     for p in profiles:
         # one latency axis per chart: the files estimated for this device (others were measured on this host)
         mine = [r for r in results if (r.get("device_estimates") or {}).get(p.id, {}).get("available")]
-        svg = pareto_svg(mine if len(mine) >= 2 else results, p.id)
-        if svg:
-            parts.append(f"<figure>{svg}</figure>")
+        parts += [f"<figure>{svg}</figure>" for svg in device_charts(mine if len(mine) >= 2 else results, p)]
     parts.append("<p><a href='report.html'>Full benchmark report</a> (latency distributions, budgets, layers) · "
                  "<a href='report.md'>Markdown</a> · <a href='report.json'>JSON</a></p></body></html>\n")
     index = out_dir / "index.html"

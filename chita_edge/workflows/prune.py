@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from chita_edge.core.checkpoint import save_checkpoint
 from chita_edge.core.data import load_data
@@ -12,6 +16,7 @@ from chita_edge.core.errors import BadInput
 from chita_edge.core.evaluate import accuracy
 from chita_edge.core.io import sha256_file
 from chita_edge.models.loading import LoadedModel, check_fits, load_model
+from chita_edge.pruning.distributed import data_on, is_main, model_on, world
 from chita_edge.pruning.layers import find_prunable, layer_sparsity
 from chita_edge.pruning.prune import Progress, PruneConfig, PruneReport, prune_weights
 from chita_edge.training.gradual import GradualConfig, gradual_prune
@@ -38,12 +43,17 @@ def evaluate_model(model: str | None, weights: str | os.PathLike | None, data: s
 def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, cfg: PruneConfig,
                      out: str | os.PathLike, progress: Progress | None = None, *,
                      gradual: GradualConfig | None = None, resume: bool = False,
-                     settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                     settings: dict[str, Any] | None = None,
+                     device: torch.device | None = None,
+                     announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Load, prune, evaluate and save: what ``chita-edge prune`` does.
 
     ``gradual`` (a ``chita_edge.training.gradual.GradualConfig``): prune in steps on the cubic schedule from 50 % with
     masked fine-tuning between them (state beside ``out`` for ``resume``). ``settings``: the resolved settings with
-    their sources, recorded in the checkpoint and the result."""
+    their sources, recorded in the checkpoint and the result. ``device``: where the pruning (gradients, solves,
+    re-fit) runs (default: the CPU); with several processes (``chita_edge.pruning.distributed``) every rank prunes
+    and only rank 0 writes ``out``. Block mode (``cfg.block_size``): ``announce`` gets the memory plan; its state
+    (finished groups of blocks) is kept in ``{out}.block-state`` while it runs, for ``resume``."""
     cfg.validate()
     lm = load_model(model, weights)
     ds = load_data(data)
@@ -58,7 +68,10 @@ def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, c
                              layer_sparsity=g.layer_sparsity, timings=g.timings, config=g.config)
         extra = {"gradual_steps": g.steps}
     else:
-        report = prune_weights(lm.module, params, ds, cfg, progress)
+        dev = device or torch.device("cpu")
+        with model_on(lm.module, dev):
+            report = prune_weights(lm.module, params, data_on(ds, dev), cfg, progress, resume=resume,
+                                   state_path=block_state_path(out), announce=announce)
     acc = accuracy(lm.module, ds.x_test, ds.y_test)
     meta = {
         "model": lm.spec,
@@ -73,9 +86,16 @@ def prune_checkpoint(model: str, weights: str | os.PathLike | None, data: str, c
         "prunable": [q.name for q in params],
         "settings": settings,
     }
-    save_checkpoint(out, lm.module.state_dict(), meta)
+    if is_main():
+        save_checkpoint(out, lm.module.state_dict(), meta)
+        Path(block_state_path(out)).unlink(missing_ok=True)  # the run is complete: nothing to resume
     return {**report.to_dict(), **extra, "model": lm.spec, "dense_accuracy": dense_acc, "accuracy": acc,
-            "out": str(out), "settings": settings}
+            "out": str(out), "settings": settings, "device": str(device or "cpu"), "processes": world()[1]}
 
 
-__all__ = ["PruneConfig", "evaluate_model", "prune_checkpoint"]
+def block_state_path(out: str | os.PathLike) -> str:
+    """Where block mode keeps its finished groups of blocks while it runs (removed when ``out`` is written)."""
+    return f"{out}.block-state"
+
+
+__all__ = ["PruneConfig", "block_state_path", "evaluate_model", "prune_checkpoint"]

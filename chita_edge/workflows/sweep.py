@@ -275,7 +275,7 @@ def write_sweep_report(out_dir: Path, doc: dict[str, Any], results: list[dict[st
     parts.append("</table>")
     for p in profs:
         mine = [r for r in results if p.id in (r.get("profiles") or [])]  # the files benchmarked for this device
-        svg = pareto_svg(mine, p.id)
+        svg = pareto_svg(mine, p)
         if svg:
             parts.append(f"<figure>{svg}</figure>")
     page = Path(paths["html"]).read_text(encoding="utf-8")

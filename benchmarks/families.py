@@ -1,0 +1,277 @@
+"""Issue 18: torchvision/timm families on trained weights and through every export step.
+
+Sections (each printed as a table as soon as it is done):
+  A. accuracy: each of --families (default timm:mobilenetv2_050 and torchvision:mnasnet0_5, 32x32 inputs,
+     10 classes) trained on the CIFAR-10 subset (5085 train / 1017 test images of ../shared/data/cifar10.npz),
+     then pruned one shot at 50 / 70 / 90 % with CHITA and with magnitude, both followed by the same layer-wise
+     re-fit (``layerwise_refit=True``) and BatchNorm re-estimation; top-1 on the 1017 test images.
+  B. budgets: the same trained models pruned to 0.7x and 0.5x of the dense model's measured device latency
+     (p50) on --profile (structured CHITA, the default budget method), with the accuracy kept and the measured
+     latency over the dense one.
+  C. the family matrix: every family of tests/test_model_families.py (random init, BatchNorm statistics settled
+     on random images) through the CLI: magnitude prune 50 %, TFLite export with parity, and ``check`` on the
+     .tflite file against --profile.
+
+Training recipe (short on purpose: a shared, loaded 2-core host): AdamW (weight decay 5e-4), batch 64,
+learning rate 2e-3 with a cosine decay over --epochs (default 10), random horizontal flips and
+4-pixel shifted crops, pixels in [0, 1] (these models apply no normalisation), 1 thread. Trained weights are
+cached under --work as NAME-eEPOCHS.pt (a state dict) and reused.
+
+CHITA settings: --grads gradient rows (default 128, one sample each), or block mode with --block-size N.
+
+    python benchmarks/families.py --work /tmp/families                  # A, B and C
+    python benchmarks/families.py --work /tmp/families --sections A     # accuracy only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from chita_edge.budget.config import BudgetConfig
+from chita_edge.budget.costmodel import CostModel
+from chita_edge.budget.measure import measure_model
+from chita_edge.budget.search import prune_to_budget
+from chita_edge.core.data import load_data
+from chita_edge.core.errors import GateFailed
+from chita_edge.core.evaluate import accuracy
+from chita_edge.devices.profiles import load_profile, with_budgets
+from chita_edge.models.loading import load_model
+from chita_edge.pruning.prune import PruneConfig, prune
+
+SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+MATRIX = ["torchvision:mobilenet_v3_small", "torchvision:resnet18", "torchvision:mobilenet_v2",
+          "torchvision:mnasnet0_5", "torchvision:efficientnet_b0", "torchvision:shufflenet_v2_x0_5",
+          "torchvision:regnet_x_400mf", "timm:mobilenetv2_050", "timm:efficientnet_lite0",
+          "timm:mobilenetv3_small_050", "timm:ghostnet_050"]
+SIZE = 32
+PCT = "p50"
+
+
+def log(msg: str) -> None:
+    print(f"# {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
+
+
+def spec_of(name: str) -> str:
+    return f"{name}?num_classes=10&input_size={SIZE}"
+
+
+def train(name: str, ds, args) -> Path:
+    """Train ``name`` with the recipe of the docstring, or reuse its cached weights."""
+    path = Path(args.work) / f"{name.replace(':', '-')}-e{args.epochs}.pt"
+    if path.exists():
+        return path
+    m = load_model(spec_of(name)).module
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=5e-4)
+    steps = args.epochs * math.ceil(len(ds.x_train) / 64)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(0)
+    for epoch in range(args.epochs):
+        m.train()
+        perm = torch.randperm(len(ds.x_train), generator=gen)
+        t0, total = time.perf_counter(), 0.0
+        for i in range(0, len(perm), 64):
+            idx = perm[i:i + 64]
+            x, y = ds.x_train[idx], ds.y_train[idx]
+            flip = torch.rand(len(x), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(3), x)
+            dx, dy = torch.randint(-4, 5, (2,), generator=gen).tolist()
+            x = torch.roll(nn.functional.pad(x, (4, 4, 4, 4)), (dy, dx), (2, 3))[:, :, 4:4 + SIZE, 4:4 + SIZE]
+            loss = nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        log(f"{name} epoch {epoch + 1}/{args.epochs}: loss {total / len(perm):.3f}, "
+            f"test {accuracy(m, ds.x_test, ds.y_test):.2f} %, {time.perf_counter() - t0:.0f} s")
+    m.eval()
+    torch.save(m.state_dict(), path)
+    return path
+
+
+def section_a(names: list[str], weights: dict[str, Path], ds, args) -> list[dict[str, Any]]:
+    rows = []
+    for name in names:
+        dense = load_model(spec_of(name), weights[name])
+        d_acc = accuracy(dense.module, ds.x_test, ds.y_test)
+        for s in args.sparsities:
+            row: dict[str, Any] = {"family": name, "sparsity": s, "dense": d_acc}
+            for method in ("chita", "magnitude"):
+                lm = load_model(spec_of(name), weights[name])
+                cfg = PruneConfig(sparsity=s, method=method, n_grads=args.grads, block_size=args.block_size,
+                                  layerwise_refit=True, refit_samples=args.refit_samples)
+                t0 = time.perf_counter()
+                rep = prune(lm.module, cfg, ds, lm.prunable)
+                row[method] = accuracy(lm.module, ds.x_test, ds.y_test)
+                row[f"{method}_s"] = time.perf_counter() - t0
+                row[f"{method}_sparsity"] = rep.sparsity
+                log(f"[A] {name} {s} {method}: {row[method]:.2f} % in {row[f'{method}_s']:.0f} s")
+            rows.append(row)
+    print("\n| family | dense % | sparsity | CHITA + re-fit % | magnitude + re-fit % | CHITA - magnitude (pts) "
+          "| CHITA s | magnitude s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| `{r['family']}` | {r['dense']:.2f} | {r['sparsity']:.0%} | {r['chita']:.2f} | {r['magnitude']:.2f}"
+              f" | {r['chita'] - r['magnitude']:+.2f} | {r['chita_s']:.0f} | {r['magnitude_s']:.0f} |", flush=True)
+    return rows
+
+
+def section_b(names: list[str], weights: dict[str, Path], ds, args) -> list[dict[str, Any]]:
+    prof = load_profile(args.profile)
+    wd = Path(args.work) / "budget"
+    wd.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        lm = load_model(spec_of(name), weights[name])
+        model, x1 = lm.module.eval(), ds.x_train[:1]
+        d_acc = accuracy(model, ds.x_test, ds.y_test)
+        t0 = time.perf_counter()
+        cm = CostModel.build(model, x1, prof)
+        log(f"[B] {name}: cost model in {time.perf_counter() - t0:.0f} s")
+        dm = measure_model(model, x1, prof, wd / f"dense-{name.replace(':', '-')}.onnx", percentile=PCT,
+                           runs=args.runs, repeats=args.repeats, parity_inputs=ds.x_test[:16])
+        for frac in args.fractions:
+            limit = frac * dm["latency_ms"]
+            row: dict[str, Any] = {"family": name, "fraction": frac, "dense_ms": dm["latency_ms"], "dense": d_acc,
+                                   "budget_ms": limit}
+            cfg = BudgetConfig(bench_runs=args.runs, bench_repeats=args.repeats, calib_samples=args.calib)
+            t0 = time.perf_counter()
+            try:
+                res = prune_to_budget(copy.deepcopy(model), x1, ds, prof, with_budgets(prof, latency_ms=limit,
+                                                                                       percentile=PCT),
+                                      cfg, cost_model=cm, dense_measured=dm, work_dir=wd)
+            except GateFailed as e:
+                row.update(met=False, error=str(e))
+                rows.append(row)
+                log(f"[B] {row}")
+                continue
+            meas = res.measured or {}
+            row.update(met=res.passed, accuracy=accuracy(res.model, ds.x_test, ds.y_test),
+                       measured_ms=meas.get("latency_ms"), seconds=time.perf_counter() - t0,
+                       params=sum(p.numel() for p in res.model.parameters()),
+                       dense_params=sum(p.numel() for p in model.parameters()))
+            rows.append(row)
+            log(f"[B] {row}")
+    print(f"\n| family | budget (x dense p50) | dense ms ({args.profile}) | measured ms | measured / dense | met | "
+          "accuracy % (dense) | params kept | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "accuracy" not in r:
+            print(f"| `{r['family']}` | {r['fraction']} | {r['dense_ms']:.2f} | -- | -- | no: {r['error'][:80]} | "
+                  f"-- ({r['dense']:.2f}) | -- | -- |")
+            continue
+        ms = r["measured_ms"]
+        print(f"| `{r['family']}` | {r['fraction']} | {r['dense_ms']:.2f} | {ms:.2f} | {ms / r['dense_ms']:.2f} | "
+              f"{'yes' if r['met'] else 'no'} | {r['accuracy']:.2f} ({r['dense']:.2f}) | "
+              f"{r['params'] / r['dense_params']:.0%} | {r['seconds']:.0f} |", flush=True)
+    return rows
+
+
+def cli(*args: Any) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-m", "chita_edge.cli", *map(str, args), "--json"], capture_output=True,
+                       text=True)
+    if r.returncode not in (0, 1):
+        raise RuntimeError(f"chita-edge {args[0]}: exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    return {"code": r.returncode, **json.loads(r.stdout)}
+
+
+def section_c(args) -> list[dict[str, Any]]:
+    wd = Path(args.work) / "matrix"
+    wd.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    images = wd / "images.npz"
+    np.savez(images, x_train=rng.random((64, 3, SIZE, SIZE), dtype=np.float32), y_train=rng.integers(0, 10, 64),
+             x_test=rng.random((32, 3, SIZE, SIZE), dtype=np.float32), y_test=rng.integers(0, 10, 32))
+    rows = []
+    for name in args.matrix:
+        row: dict[str, Any] = {"family": name}
+        base = wd / name.replace(":", "-")
+        try:
+            m = load_model(spec_of(name)).module
+            for bn in m.modules():  # BatchNorm statistics of random images: logits that are not vanishingly small
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                    bn.momentum = None
+            m.train()
+            with torch.no_grad():
+                m(torch.rand(32, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)))
+            torch.save(m.state_dict(), f"{base}-w.pt")
+            t0 = time.perf_counter()
+            cli("prune", spec_of(name), "--weights", f"{base}-w.pt", "--data", f"npz:{images}", "--method",
+                "magnitude", "--sparsity", "0.5", "--out", f"{base}-p.pt")
+            e = cli("export", f"{base}-p.pt", "--format", "tflite", "--parity-samples", "32", "--out",
+                    f"{base}.tflite")
+            row.update(export_s=time.perf_counter() - t0, parity=e["parity"])
+            c = cli("check", f"{base}.tflite", "--profile", args.profile, "--runs", "20")
+            row.update(check_code=c["code"], check=c)
+        except Exception as e:  # keep going: one family must not hide the others
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
+        log(f"[C] {name}: {json.dumps(row, default=str)[:400]}")
+    print(f"\n| family | TFLite parity (error / tolerance, top-1 agreement) | check on {args.profile} | s |")
+    print("|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| `{r['family']}` | failed: {r['error'][:120]} | -- | -- |")
+            continue
+        p = r["parity"]
+        print(f"| `{r['family']}` | {'passed' if p['passed'] else 'FAILED'} ({p['error_to_tolerance']:.3f}, "
+              f"{p['top1_agreement']:.2f}) | exit {r['check_code']} ({'within' if r['check_code'] == 0 else 'over'} "
+              f"its budgets) | {r['export_s']:.0f} |", flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/chita-families")
+    ap.add_argument("--sections", default="ABC")
+    ap.add_argument("--families", default="timm:mobilenetv2_050,torchvision:mnasnet0_5")
+    ap.add_argument("--matrix", default=",".join(MATRIX))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--sparsities", default="0.5,0.7,0.9")
+    ap.add_argument("--fractions", default="0.7,0.5")
+    ap.add_argument("--grads", type=int, default=128)
+    ap.add_argument("--block-size", type=int, default=0)
+    ap.add_argument("--refit-samples", type=int, default=512)
+    ap.add_argument("--profile", default="phone-mid-sd670")
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    args.fractions = [float(f) for f in args.fractions.split(",")]
+    args.matrix = args.matrix.split(",")
+    names = args.families.split(",")
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {"args": {k: v for k, v in vars(args).items()}}
+    if set(args.sections) & {"A", "B"}:
+        ds = load_data(f"npz:{SHARED / 'data' / 'cifar10.npz'}")
+        weights = {n: train(n, ds, args) for n in names}
+        if "A" in args.sections:
+            out["A"] = section_a(names, weights, ds, args)
+        if "B" in args.sections:
+            out["B"] = section_b(names, weights, ds, args)
+    if "C" in args.sections:
+        out["C"] = section_c(args)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
