@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from chita_edge.budget.costmodel import widths_of
 from chita_edge.budget.measure import measure_model, precision_of
 from chita_edge.budget.search import prune_to_budget
 from chita_edge.core.errors import BadInput, GateFailed
+from chita_edge.devices.gate import judge
 from chita_edge.devices.profiles import load_profile, with_budgets
 from chita_edge.pruning.channels import channel_structure
 from chita_edge.workflows import jobs
@@ -187,6 +189,18 @@ def test_measurement_repeats_until_the_p90_is_known_to_3_percent(monkeypatch, tm
     assert lo < m["latency_ms"] < hi and hi / m["latency_ms"] == pytest.approx(1 + 0.03, abs=0.031)
 
 
+def test_repeats_stop_once_the_interval_settles_every_decision(monkeypatch, tmp_path):
+    noisy = [1.0, 1.1, 0.9, 1.05, 0.95, 1.08, 0.93]  # never within 3 % in these few repeats
+    prof, calls = _fake_bench(monkeypatch, noisy)
+    far = measure_model(nn.Linear(2, 2), torch.rand(1, 2), prof, tmp_path / "m.onnx", percentile="p90", runs=1,
+                        repeats=3, precision=0.03, max_repeats=7, decided=lambda m: m["latency_interval"][1] < 30.0)
+    assert len(calls) == 3 and far["precise"] is False  # 2 ms against a 30 ms limit: three repeats decide it
+    prof, calls = _fake_bench(monkeypatch, noisy)
+    near = measure_model(nn.Linear(2, 2), torch.rand(1, 2), prof, tmp_path / "m.onnx", percentile="p90", runs=1,
+                         repeats=3, precision=0.03, max_repeats=7, decided=lambda m: not m["latency_interval"][0] <= 2.04 <= m["latency_interval"][1])
+    assert len(calls) == 7 and near["latency_interval"][0] <= 2.04 <= near["latency_interval"][1]
+
+
 def test_a_noisy_latency_reports_the_floor_it_reached(monkeypatch, tmp_path):
     prof, calls = _fake_bench(monkeypatch, [1.0, 1.6, 0.7])
     m = measure_model(nn.Linear(2, 2), torch.rand(1, 2), prof, tmp_path / "m.onnx", percentile="p90", runs=1,
@@ -295,3 +309,12 @@ def test_pipeline_fine_tunes_after_a_budget_prune_stage_and_reports_both_accurac
     assert ft["result"]["initial_accuracy"] == pytest.approx(before) and after is not None and after != before
     meta = load_model(None, tmp_path / "out" / "tiny-board/finetune/finetuned.pt").meta
     assert meta["finetune"]["distill"] and meta["finetune"]["teacher"] and meta["pruned_accuracy"] == before
+
+
+def test_a_round_passes_only_where_one_more_run_would_pass_too():
+    # check measures once: the median's interval (3 processes, +-3 %) widens to where a single run is expected
+    m = {"latency_ms": 1.0, "latency_interval": [math.exp(-0.03), math.exp(0.03)], "repeats": 3}
+    lo, hi = search.one_run_interval(m)
+    assert hi == pytest.approx(math.exp(0.03 * 2)) and lo == pytest.approx(math.exp(-0.06))
+    assert judge(1.0, 1.04, *search.one_run_interval(m)) == "uncertain"  # the median's interval alone would pass
+    assert search.one_run_interval({"latency_ms": 1.0, "latency_interval": [0.9, 1.1]}) == [0.9, 1.1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,11 +77,15 @@ def _store(key: str, value: dict[str, Any]) -> None:
 def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profile, path: Path, *, percentile: str,
                   runs: int, repeats: int, parity_inputs: torch.Tensor | None = None,
                   progress: Progress | None = None, precision: float | None = None, max_repeats: int | None = None,
-                  reuse: bool = False) -> dict[str, Any]:
+                  reuse: bool = False, decided: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
     """Export ``model`` to ONNX at ``path`` (compact layout, parity-checked) and benchmark it at least ``repeats``
     times for ``profile`` -- with ``precision``, until the latency's 95 % interval is within it (at most
     ``max_repeats`` times); medians of the latency at ``percentile`` (device estimate), peak memory and file size.
-    ``reuse``: a cached measurement of the same file (bytes), profile, percentile, runs and host is returned."""
+    ``reuse``: a cached measurement of the same file (bytes), profile, percentile, runs and host is returned.
+    ``decided(m)``: true when the measurement so far (``latency_ms``, ``latency_interval``, ``repeats``) already
+    settles every decision made with it (its interval straddles no limit and no window edge); then the repeats stop
+    before ``precision`` is reached, since more of them could not change a verdict (the result still says
+    ``precise: false`` and the interval it reached)."""
     px = parity_inputs if parity_inputs is not None else example_input
     export_model(model, ExportConfig(format="onnx", layout="compact"), example_input=example_input[:1], out=path,
                  parity_inputs=px[:16], parity_source="data" if parity_inputs is not None else "random")
@@ -104,8 +109,14 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
         i += 1
         if progress:
             progress("benchmarking", i, most)
-        if i >= repeats and (precision is None or precision_of(lats) <= precision):
-            break
+        if i >= repeats:
+            h = precision_of(lats)
+            if precision is None or h <= precision:
+                break
+            mid = statistics.median(lats)
+            if decided is not None and math.isfinite(h) and decided(
+                    {"latency_ms": mid, "latency_interval": [mid * math.exp(-h), mid * math.exp(h)], "repeats": i}):
+                break
     value = statistics.median(lats)
     h = precision_of(lats)
     out = {"latency_ms": value, "host_latency_ms": statistics.median(hosts),

@@ -88,6 +88,17 @@ def _schedule(start: Mapping[str, float], final: Mapping[str, float], stages: in
     return out
 
 
+def one_run_interval(m: Mapping[str, Any]) -> list[float] | None:
+    """Where one more benchmark process of the same file is expected (95 %): ``check`` measures once, so a round
+    passes only when such a single run would pass too. From the median's interval over ``repeats`` processes
+    (half-width h in log space) the prediction interval is h * sqrt(n + 1); without ``repeats``, the interval."""
+    iv, n, v = m.get("latency_interval"), m.get("repeats"), m.get("latency_ms")
+    if not iv or not n or n < 2 or not v or iv[1] <= v:
+        return list(iv) if iv else None
+    w = math.log(float(iv[1]) / float(v)) * math.sqrt(n + 1)
+    return [float(v) * math.exp(-w), float(v) * math.exp(w)]
+
+
 def prune_to_budget(model: nn.Module, example_input: torch.Tensor, data: Dataset | None, profile: Profile,
                     budgets: Budgets, cfg: BudgetConfig, *, work_dir: str | os.PathLike | None = None,
                     cost_model: CostModel | None = None, dense_measured: dict[str, Any] | None = None,
@@ -357,7 +368,7 @@ class _Search:
                           "predicted": pred, "missed": sorted(missed), "dropped": sorted(st.dropped),
                           "measured_over_budget": {k: m[k] / self.limits[k] for k in limits},
                           "upper_edge_over_budget": {k: m[k] * self.gate_edge(k) / self.limits[k] for k in limits}})
-        iv = m.get("latency_interval")
+        iv = one_run_interval(m)
         upper = {k: float(iv[1]) if k == "latency_ms" and iv else float(m[k]) for k in limits}
         out.update(measured=m, missed=missed, ratio=max(m[k] / limits[k] for k in limits), upper=upper,
                    key=self.config_key())
@@ -378,7 +389,18 @@ class _Search:
         return measure_model(model, self.x1, self.profile, path, percentile=self.pct, runs=cfg.bench_runs,
                              repeats=cfg.bench_repeats, parity_inputs=self.parity, progress=self.progress,
                              precision=cfg.precision, max_repeats=cfg.bench_max_repeats,
-                             reuse=cfg.reuse_measurements)
+                             reuse=cfg.reuse_measurements, decided=self.settled)
+
+    def settled(self, m: Mapping[str, Any]) -> bool:
+        """Whether measurement ``m`` so far already settles the verdict and the landing (``decide``): its interval
+        (``one_run_interval``) straddles neither the limit nor the window's lower edge, so more benchmark repeats
+        cannot tip either."""
+        iv = one_run_interval(m)
+        if "latency_ms" not in self.eff or not iv:
+            return True
+        lo, hi = iv
+        lim = self.eff["latency_ms"] * (1 + self.cfg.slack)
+        return not any(lo <= x <= hi for x in (lim, self.cfg.land_low * lim))
 
     def config_key(self) -> tuple[Any, ...]:
         """The widths and removed blocks of the model now: two rounds with the same key are the same file."""
@@ -394,7 +416,7 @@ class _Search:
         verdicts = {}
         for k in limits:
             lim = limits[k] * (1 + cfg.slack)
-            iv = m.get("latency_interval") if k == "latency_ms" else None
+            iv = one_run_interval(m) if k == "latency_ms" else None
             lo, hi = (float(iv[0]), float(iv[1])) if iv else (float(m[k]), float(m[k]))
             verdicts[k] = judge(m[k], lim, lo, hi)
             raw = pred[k] / c[k] if c[k] else pred[k]
