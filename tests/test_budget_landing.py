@@ -314,7 +314,7 @@ def test_pipeline_fine_tunes_after_a_budget_prune_stage_and_reports_both_accurac
 def test_a_round_passes_only_where_one_more_run_would_pass_too():
     # check measures once: the median's interval (3 processes, +-3 %) widens to where a single run is expected
     m = {"latency_ms": 1.0, "latency_interval": [math.exp(-0.03), math.exp(0.03)], "repeats": 3}
-    lo, hi = search.one_run_interval(m)
+    lo, hi = measure.one_run_interval(m)
     assert hi == pytest.approx(math.exp(0.03 * 2)) and lo == pytest.approx(math.exp(-0.06))
-    assert judge(1.0, 1.04, *search.one_run_interval(m)) == "uncertain"  # the median's interval alone would pass
-    assert search.one_run_interval({"latency_ms": 1.0, "latency_interval": [0.9, 1.1]}) == [0.9, 1.1]
+    assert judge(1.0, 1.04, *measure.one_run_interval(m)) == "uncertain"  # the median's interval alone would pass
+    assert measure.one_run_interval({"latency_ms": 1.0, "latency_interval": [0.9, 1.1]}) == [0.9, 1.1]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,17 @@ def _store(key: str, value: dict[str, Any]) -> None:
         atomic_write_text(p, json.dumps({"format": MEASUREMENTS_FORMAT, "entries": entries}, sort_keys=True))
     except (OSError, BadInput):
         pass
+
+
+def one_run_interval(m: Mapping[str, Any]) -> list[float] | None:
+    """Where one more benchmark process of the same file is expected (95 %): ``check`` measures once, so a round
+    passes only when such a single run would pass too. From the median's interval over ``repeats`` processes
+    (half-width h in log space) the prediction interval is h * sqrt(n + 1); without ``repeats``, the interval."""
+    iv, n, v = m.get("latency_interval"), m.get("repeats"), m.get("latency_ms")
+    if not iv or not n or n < 2 or not v or iv[1] <= v:
+        return list(iv) if iv else None
+    w = math.log(float(iv[1]) / float(v)) * math.sqrt(n + 1)
+    return [float(v) * math.exp(-w), float(v) * math.exp(w)]
 
 
 def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profile, path: Path, *, percentile: str,

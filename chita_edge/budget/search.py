@@ -62,7 +62,7 @@ from chita_edge.budget.config import (
     resources_of,
 )
 from chita_edge.budget.costmodel import CostModel
-from chita_edge.budget.measure import measure_model
+from chita_edge.budget.measure import measure_model, one_run_interval
 from chita_edge.budget.methods import SearchState, StageEnv, calibration_images, groups_inside, run_stage
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, GateFailed
@@ -86,17 +86,6 @@ def _schedule(start: Mapping[str, float], final: Mapping[str, float], stages: in
         q = t / stages
         out.append({k: (final[k] if start[k] <= final[k] else start[k] * (final[k] / start[k]) ** q) for k in final})
     return out
-
-
-def one_run_interval(m: Mapping[str, Any]) -> list[float] | None:
-    """Where one more benchmark process of the same file is expected (95 %): ``check`` measures once, so a round
-    passes only when such a single run would pass too. From the median's interval over ``repeats`` processes
-    (half-width h in log space) the prediction interval is h * sqrt(n + 1); without ``repeats``, the interval."""
-    iv, n, v = m.get("latency_interval"), m.get("repeats"), m.get("latency_ms")
-    if not iv or not n or n < 2 or not v or iv[1] <= v:
-        return list(iv) if iv else None
-    w = math.log(float(iv[1]) / float(v)) * math.sqrt(n + 1)
-    return [float(v) * math.exp(-w), float(v) * math.exp(w)]
 
 
 def prune_to_budget(model: nn.Module, example_input: torch.Tensor, data: Dataset | None, profile: Profile,
