@@ -312,6 +312,12 @@ def test_dense_measurement_anchors_the_op_mix(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------- the command
 
 
+def use_fake_cost_model(monkeypatch) -> None:
+    """``CostModel.build`` returns a ``FakeCostModel`` of the channel groups' sizes (no layer timing)."""
+    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
+                                                          FakeCostModel({s.id: s.size for s in specs})))
+
+
 def _write_model_and_data(tmp_path):
     (tmp_path / "tiny.py").write_text(model_file(tiny_resnet, make="tiny_resnet().train()"))
     g = np.random.default_rng(0)
@@ -325,8 +331,7 @@ def _write_model_and_data(tmp_path):
 
 def test_cli_budget_mode_writes_a_reloadable_checkpoint(tmp_path, monkeypatch):
     spec, data, weights = _write_model_and_data(tmp_path)
-    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
-                                                          FakeCostModel({s.id: s.size for s in specs})))
+    use_fake_cost_model(monkeypatch)
 
     specs = channel_structure(tiny_resnet(), torch.rand(1, 3, 32, 32)).specs
     full = sum(s.size for s in specs)
@@ -402,8 +407,7 @@ def test_cli_budget_usage_errors(tmp_path):
 
 def test_cli_impossible_budget_exits_1(tmp_path, monkeypatch):
     spec, data, weights = _write_model_and_data(tmp_path)
-    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
-                                                          FakeCostModel({s.id: s.size for s in specs})))
+    use_fake_cost_model(monkeypatch)
     calls = []
 
     def fake_measure(model, x, profile, path, **kw):  # only the dense anchor is measured, never a pruned model

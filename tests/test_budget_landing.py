@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_resnet
-from test_budget import FakeCostModel, synthetic_data
+from test_budget import FakeCostModel, synthetic_data, use_fake_cost_model
 from torch import nn
 
 from chita_edge.budget import measure, search
@@ -225,12 +225,10 @@ def test_cli_budget_prune_fine_tunes_with_the_dense_teacher(tmp_path, monkeypatc
     from conftest import run_cli
     from test_budget import _write_model_and_data
 
-    from chita_edge.budget.costmodel import CostModel
     from chita_edge.models.loading import load_model
 
     spec, data, weights = _write_model_and_data(tmp_path)
-    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
-                                                          FakeCostModel({s.id: s.size for s in specs})))
+    use_fake_cost_model(monkeypatch)
     specs = channel_structure(tiny_resnet(), torch.rand(1, 3, 32, 32)).specs
     full = sum(s.size for s in specs)
 
@@ -278,14 +276,12 @@ def test_pipeline_fine_tunes_after_a_budget_prune_stage_and_reports_both_accurac
     # dense model as teacher); the cost model and the search's measurements are stand-ins, the checks are real
     from test_pipeline import write
 
-    from chita_edge.budget.costmodel import CostModel
     from chita_edge.models.loading import load_model
     from chita_edge.workflows.demo import DigitsCNN
 
     specs = channel_structure(DigitsCNN(), torch.rand(1, 1, 8, 8)).specs
     full = sum(s.size for s in specs)
-    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
-                                                          FakeCostModel({s.id: s.size for s in specs})))
+    use_fake_cost_model(monkeypatch)
     seen = []
 
     def fake_measure(model, x, profile, path, **kw):

@@ -17,7 +17,7 @@ import torch
 from chita_edge.exporters import export_model
 from chita_edge.exporters.export import ExportConfig, _check_parity
 from conftest import run_cli
-from test_budget import FakeCostModel
+from test_budget import use_fake_cost_model
 from torch import nn
 
 from chita_edge.budget import costmodel as C
@@ -390,8 +390,7 @@ def test_a_family_prunes_to_a_latency_budget_through_the_cli(spec, images, tmp_p
     need(spec.split(":")[0])
     spec = f"{spec}?num_classes=10&input_size={SIZE}"
     specs = channel_structure(load_model(spec).module.eval(), torch.rand(1, 3, SIZE, SIZE)).specs
-    monkeypatch.setattr(CostModel, "build", classmethod(lambda cls, model, x, prof, specs=None, **kw:
-                                                          FakeCostModel({s.id: s.size for s in specs})))
+    use_fake_cost_model(monkeypatch)
     full = sum(s.size for s in specs)
 
     def fake_measure(model, x, profile, path, **kw):  # 1 ms for the dense model, linear in the widths
