@@ -1,5 +1,5 @@
 """Shared fixtures: the ../shared data (skip when absent), a CLI runner, single-threaded torch, the tiny test
-models (every test builds them from the factories here) and scikit-learn's digits."""
+models (every test builds them from the factories here) and scikit-learn's digits; ``--run-slow``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", ROOT.parent / "shared"))
 
 torch.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (minutes each; skipped by default, see pyproject.toml)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` take minutes and are skipped unless ``--run-slow``: each names, in its docstring,
+    the fast tests that check the same behaviour in the default run."""
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (minutes): run with pytest --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def shared_path(rel: str) -> Path:

@@ -14,7 +14,6 @@ from chita_edge.devices.profiles import load_profile
 from chita_edge.workflows.demo import FILE_FRACTION, PHONE, WATCH, DigitsMLP, demo_profiles
 
 
-@pytest.mark.slow
 def test_demo_end_to_end(tmp_path, monkeypatch, cli):
     monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path / "cache"))  # a fresh machine: nothing calibrated yet
     out = tmp_path / "demo"

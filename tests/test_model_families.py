@@ -2,7 +2,7 @@
 specs, the fp32 parity tolerance, what blocks structured pruning, and a small matrix of families (random init,
 32x32 inputs): unstructured prune through the CLI, dense fp32 ONNX export with parity, their channel groups, the
 budget cost model's units (a layer fed by a concatenation scales with each input) and a budget prune through the
-CLI (stand-in cost model and device), and TFLite with parity for the smallest families (slow).
+CLI (stand-in cost model and device), and TFLite with parity for the smallest families.
 
 Tests that need torchvision or timm skip with the reason when the extra is not installed."""
 
@@ -18,6 +18,7 @@ from chita_edge.exporters import export_model
 from chita_edge.exporters.export import ExportConfig, _check_parity
 from conftest import run_cli
 from test_budget import use_fake_cost_model
+from test_structured import _RegNetLike
 from torch import nn
 
 from chita_edge.budget import costmodel as C
@@ -31,7 +32,8 @@ from chita_edge.budget.search import prune_to_budget
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, MissingExtra
 from chita_edge.devices.profiles import load_profile, with_budgets
-from chita_edge.graph.channels import blocked_summary, channel_report
+from chita_edge.graph.channels import channel_report
+from chita_edge.graph.compact import compact_model
 from chita_edge.models.hub import (
     DETECTION_OPS,
     define_detection_ops,
@@ -144,7 +146,7 @@ MATRIX = [
     ("torchvision", "mnasnet0_5", 25, ()),
     ("torchvision", "efficientnet_b0", 40, ()),  # StochasticDepth: an identity in eval mode
     ("torchvision", "shufflenet_v2_x0_5", 18, (".view() in InvertedResidual.forward",)),  # the channel shuffle
-    ("torchvision", "regnet_x_400mf", 5, ("Conv2d",)),  # its grouped convs (groups=2..25)
+    ("torchvision", "regnet_x_400mf", 27, ()),  # 5 streams + 22 bottlenecks through grouped convs, whole groups
     ("timm", "mobilenetv2_050", 25, ()),  # BatchNormAct2d is traced as one BatchNorm module (graph/trace.py)
     ("timm", "efficientnet_lite0", 24, ()),
     ("timm", "mobilenetv3_small_050", 26, ()),  # timm's Linear (an nn.Linear subclass) is a leaf module
@@ -181,20 +183,35 @@ def _convnext_like() -> nn.Module:
                                        num_classes=10).eval()
 
 
-def test_a_convnext_like_model_is_refused_naming_the_module_and_op_and_what_stays_unpruned():
+def test_a_convnext_like_model_prunes_its_hidden_channels_and_names_the_layer_norm_on_the_stream():
     need("torchvision")
     found, blocked = channel_report(_convnext_like(), torch.rand(1, 3, SIZE, SIZE))
-    assert not found
+    assert [(g.id, g.size) for g in found] == [("features.1.0.block.3", 64), ("features.3.0.block.3", 128)]
     by = {b.id: b for b in blocked}
-    assert (by["features.0.0"].module, by["features.0.0"].op) == ("features.0.1", ".permute() in LayerNorm2d.forward")
-    assert "channels last for a LayerNorm over the channels" in by["features.0.0"].why
-    assert (by["features.2.1"].op, by["features.2.1"].why) == ("mul in CNBlock.forward", "a per-channel constant operand")
-    assert by["features.1.0.block.3"].size == 64 and by["features.1.0.block.3"].op == "Linear"  # the MLP's hidden layer
-    with pytest.raises(BadInput) as e:
-        channel_structure(_convnext_like(), torch.rand(1, 3, SIZE, SIZE))
-    msg = str(e.value)
-    assert "no prunable channel groups" in msg and "\n" not in msg and blocked_summary(blocked) in msg
-    assert "by .permute() in LayerNorm2d.forward" in msg and "at features.0.1: features.0.0's 16 channels" in msg
+    assert set(by) == {"features.0.0", "features.2.1", "classifier.2"}  # two streams and the classifier's outputs
+    assert by["features.0.0"].producers == ("features.0.0", "features.1.0.block.5")  # joined through layer scale
+    assert (by["features.0.0"].module, by["features.0.0"].op) == ("features.0.1", "layer_norm in LayerNorm2d.forward")
+    assert (by["features.2.1"].module, by["features.2.1"].op) == ("features.3.0.block.2", "LayerNorm")
+    assert "a LayerNorm over the channels" in by["features.2.1"].why
+
+
+@pytest.mark.slow
+def test_a_convnext_like_model_exports_compact_with_parity(tmp_path):
+    """The hidden MLP channels pruned, compacted and exported to ONNX with parity (fast, without the export:
+    tests/test_structured.py::test_a_convnext_block_prunes_its_hidden_linear_channels_and_names_the_layer_norm)."""
+    need("torchvision")
+    m, x = _convnext_like(), torch.rand(8, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    cs = channel_structure(m, x[:1])
+    norms = l1_filter_norms(m, cs)
+    keep = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+    for f, s in enumerate(cs.specs):  # a quarter of each hidden MLP layer, the smallest L1 rows
+        sl = cs.channels(f)
+        keep[sl.start + norms[sl].argsort()[:s.size // 4]] = False
+    apply_keep(m, cs, keep)
+    r = export_model(m, ExportConfig(format="onnx", layout="compact"), example_input=x[:1], out=tmp_path / "c.onnx",
+                     parity_inputs=x)
+    assert r.parity.passed and r.parity.top1_agreement == 1.0 and r.compact["removed_channels"] == 16 + 32
+    assert r.compact["params_after"] == r.compact["params_before"] - 2 * 16 * 16 - 16 - 2 * 32 * 32 - 32
 
 
 class _StochasticDepth(nn.Module):
@@ -240,7 +257,6 @@ def settled_weights(spec: str, path) -> None:
     torch.save(m.state_dict(), path)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family,name", [(f, n) for f, n, _, _ in MATRIX if f"{f}:{n}" in DENSE_EXPORT],
                          ids=DENSE_EXPORT)
 def test_each_family_prunes_and_exports_with_parity(family, name, images, tmp_path):
@@ -259,7 +275,6 @@ def test_each_family_prunes_and_exports_with_parity(family, name, images, tmp_pa
     assert p["error_to_tolerance"] < 0.1 and (tmp_path / "p.onnx").stat().st_size > 0
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family,name", [(f, n) for f, n, _, _ in MATRIX], ids=IDS)
 def test_each_family_prunes_channels_and_exports_compact_with_parity(family, name, tmp_path):
     need(family)
@@ -351,6 +366,22 @@ def test_a_budget_under_the_dense_latency_is_met_through_a_concatenation(tmp_pat
     assert res.widths["e1"] + res.widths["e3"] < 64 and res.model.classifier.in_channels < 64
 
 
+def test_the_weight_bytes_of_a_layer_fed_by_a_concatenation_scale_with_each_part(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(T, "time_file", lambda path, x, threads, runs: (0.01, 1))
+    monkeypatch.setattr(T, "time_overhead", lambda threads, runs=400: (0.001, 0.0, "test"))
+    monkeypatch.setattr(C, "memory_model", lambda threads=1, **kw: MemoryModel(3.0, 2.0, 2.5, 1.5, 2.0, 16))
+    m, x = _Fire().eval(), torch.rand(1, 3, 8, 8)
+    cm = CostModel.build(m, x, None, width_multiple=4, runs=1)
+    with torch.no_grad():  # e1 keeps 8 of 32 channels, e3 16: the classifier then reads 24 (was counted at 64)
+        for conv, keep in ((m.e1, 8), (m.e3, 16)):
+            conv.weight[keep:] = 0
+            conv.bias[keep:] = 0
+    small, _ = compact_model(m, x)
+    assert small.classifier.in_channels == 24
+    assert cm.weight_bytes({"e1": 8, "e3": 16})[0] == 4 * sum(p.numel() for p in small.parameters())
+
+
 # ------------------------------------------------------------------------------------------------ the CLI matrix
 @pytest.mark.parametrize("family,name", [(f, n) for f, n, _, _ in MATRIX], ids=IDS)
 def test_each_family_prunes_unstructured_through_the_cli(family, name, images, tmp_path):
@@ -381,6 +412,37 @@ def test_the_cost_model_units_of_a_family_build_at_reduced_widths(spec):
         with torch.no_grad():
             out = mod(*inputs)
         assert tuple(out.shape) == U.scaled_shape(g, u.nodes[-1], narrow), u.name
+
+
+def test_grouped_and_channels_last_layers_scale_in_the_cost_model(tmp_path, monkeypatch):
+    """RegNet's grouped convs (whole groups) and ConvNeXt's Linears over the last dim: every unit rebuilds at the
+    narrowest widths, and the weight count at reduced widths is the compacted model's."""
+    need("torchvision")
+    monkeypatch.setenv("CHITA_EDGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(T, "time_file", lambda path, x, threads, runs: (0.01, 1))
+    monkeypatch.setattr(T, "time_overhead", lambda threads, runs=400: (0.001, 0.0, "test"))
+    monkeypatch.setattr(C, "memory_model", lambda threads=1, **kw: MemoryModel(3.0, 2.0, 2.5, 1.5, 2.0, 16))
+    x = torch.rand(1, 3, SIZE, SIZE)
+    for m in (load_model(spec_of("torchvision", "regnet_x_400mf")).module.eval(), _convnext_like()):
+        g = U.trace_graph(m, x, channel_report(m, x)[0])
+        narrow = {k: max(1, v // 4) for k, v in g.sizes.items()}
+        new = [u for u in U.split_units(g) if u.name.endswith(("f.b.0", "block.3", "block.5"))]  # grouped; Linear
+        assert len(new) in (22, 4)
+        for u in new:
+            mod, inputs = U.build_unit(g, u, narrow)
+            with torch.no_grad():
+                assert tuple(mod(*inputs).shape) == U.scaled_shape(g, u.nodes[-1], narrow), u.name
+    m, x = _RegNetLike().eval(), torch.rand(1, 3, 8, 8)  # a RegNet bottleneck: 3 groups of 4 channels
+    cs = channel_structure(m, x)
+    keep = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+    keep[cs.first[cs.ids.index("a")]] = keep[cs.first[cs.ids.index("stem")]] = False  # a group, a stream channel
+    cm = CostModel.build(m, x, None, specs=cs.specs, width_multiple=4, runs=1)
+    apply_keep(m, cs, keep)
+    small, _ = compact_model(m, x)
+    assert small.b.groups == 2 and widths_of(small, cs.specs) == cs.widths(keep)  # "a": 2 groups, not 8 channels
+    convs = [small.stem, small.a, small.b, small.c, small.head]  # (small.mult is not called)
+    expected = sum(mod.weight.numel() + mod.weight.shape[0] for mod in convs)  # weights and (folded) biases
+    assert cm.weight_bytes(cs.widths(keep))[0] == 4 * expected
 
 
 @pytest.mark.parametrize("spec", BUDGET)
@@ -414,7 +476,6 @@ def test_a_family_prunes_to_a_latency_budget_through_the_cli(spec, images, tmp_p
 TFLITE = ["timm:mobilenetv3_small_050", "torchvision:shufflenet_v2_x0_5"]  # the smallest (litert-torch is slow)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("spec", TFLITE)
 def test_a_small_family_exports_to_tflite_with_parity(spec, images, tmp_path):
     need(spec.split(":")[0])

@@ -42,7 +42,6 @@ def test_markers_are_parsed():
     assert c.mark is None and [x.line for x in rx.command_blocks(text)] == [2, 10]
 
 
-@pytest.mark.slow
 def test_fast_readme_blocks_run_as_written(tmp_path):
     fast = [b for b in rx.command_blocks(README) if b.mark == "runnable" and not b.slow]
     if any(b.uses_shared for b in fast) and not rx.SHARED.is_dir():

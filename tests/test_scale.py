@@ -15,6 +15,7 @@ from chita_edge.pruning.gradients import collect_gradients
 from chita_edge.pruning.layers import find_prunable, flatten_weights
 from chita_edge.pruning.prune import PruneConfig, prune_weights
 from chita_edge.solvers import chita as solver
+from chita_edge.solvers.group_chita import masked_layer_backsolve
 
 
 def _default(mod: nn.Module, name: str) -> bool:
@@ -220,3 +221,36 @@ def test_spilled_g_gives_the_recomputed_result(digits, monkeypatch, tmp_path):
     assert len(list(tmp_path.glob("g*.f16"))) == len(plan.groups) - 1  # the last group stays in memory
     assert torch.equal(w1 != 0, w2 != 0)
     assert float((w1 - w2).abs().max()) <= 1e-2 * float(w1.abs().max())  # float16 G
+
+
+def _masked_backsolve_in_q_by_q(H, C, W_bar, mask, lam):
+    """The re-fit's per-row systems as they were solved before: each embedded in q x q (identity off-support)."""
+    R = (C @ W_bar.T).T + lam * W_bar
+    m = mask.to(H.dtype)
+    A = H.unsqueeze(0) * (m.unsqueeze(2) * m.unsqueeze(1)) + torch.eye(H.shape[0], dtype=H.dtype) * (lam * m + 1 - m).unsqueeze(1)
+    return torch.cholesky_solve((R * m).unsqueeze(2), torch.linalg.cholesky(A)).squeeze(2) * m
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_refit_systems_at_support_size_equal_the_q_by_q_systems(chunk, monkeypatch):
+    """The layer-wise re-fit solves each row at the size of its support (sorted, batched, padded): the same
+    weights as the q x q systems within 1e-6 relative, zeros off the mask, an empty row stays empty."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(400, 40, generator=g, dtype=torch.float64)
+    Xd = X + 0.1 * torch.randn(400, 40, generator=g, dtype=torch.float64)
+    W_bar = torch.randn(17, 40, generator=g, dtype=torch.float64)
+    dens = torch.rand(17, 1, generator=g)  # rows from empty to full support
+    mask = torch.rand(17, 40, generator=g) < dens
+    mask[0], mask[1] = False, True
+    H, C, lam = X.T @ X, X.T @ Xd, 0.05 * float((X.T @ X).diagonal().mean())
+    sizes: list[int] = []
+    chol = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda A: (sizes.append(A.shape[-1]), chol(A))[1])
+    W = masked_layer_backsolve(H, C, W_bar, mask, lam, rows_per_chunk=chunk)
+    monkeypatch.undo()
+    assert sizes[0] == 40 and sizes == sorted(sizes, reverse=True)  # largest support first
+    assert chunk is None or sizes[-1] < 20  # batches of short rows solve small systems (q x q before)
+    want = _masked_backsolve_in_q_by_q(H, C, W_bar, mask, lam)
+    assert bool((W[~mask] == 0).all()) and bool((W[0] == 0).all())
+    assert float((W - want).norm() / want.norm()) < 1e-6
+    assert float((W - want).abs().max()) <= 1e-6 * float(want.abs().max())

@@ -11,6 +11,7 @@ from conftest import tiny_resnet
 from torch import nn
 
 from chita_edge.core.data import Dataset
+from chita_edge.core.errors import BadInput
 from chita_edge.graph.channels import channel_report, channel_weight_indices
 from chita_edge.graph.compact import compact_model
 from chita_edge.graph.plan import apply_plan
@@ -547,3 +548,132 @@ def test_removal_curves_read_a_concatenation_consumer_at_its_offset():
     f = cs.ids.index("conv2")
     order, cum = removal_curves(m, cs, x, alive_channels(m, cs), min_width={s.id: 1 for s in cs.specs})[f]
     assert int(order[0]) - cs.first[f] == 1 and float(cum[0]) < 1e-9  # free to remove: first, at no cost
+
+
+class _RegNetLike(nn.Module):
+    """A RegNet/ResNeXt bottleneck: 1x1 conv, a grouped 3x3 conv (3 groups of 4 channels), 1x1 conv, residual add;
+    ``multiplier`` adds a grouped conv whose output is twice its input (a depth multiplier, not modelled)."""
+
+    def __init__(self, multiplier: bool = False) -> None:
+        super().__init__()
+        self.multiplier = multiplier
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.a, self.bna = nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12)
+        self.b, self.bnb = nn.Conv2d(12, 12, 3, padding=1, groups=3, bias=False), nn.BatchNorm2d(12)
+        self.c, self.bnc = nn.Conv2d(12, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.mult = nn.Conv2d(8, 16, 3, padding=1, groups=4)
+        self.head = nn.Linear(16 if multiplier else 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.bn0(self.stem(x)))
+        f = self.bnc(self.c(torch.relu(self.bnb(self.b(torch.relu(self.bna(self.a(s))))))))
+        y = torch.relu(s + f)
+        return self.head((self.mult(y) if self.multiplier else y).mean((2, 3)))
+
+
+def test_a_grouped_conv_prunes_whole_groups_and_compacts_to_fewer_groups():
+    torch.manual_seed(0)
+    m = _RegNetLike()
+    _randomise_bn(m)
+    x = torch.rand(3, 3, 16, 16)
+    found, blocked = channel_report(m, x[:1])
+    assert [b.op for b in blocked] == ["output"]
+    by = {g.id: g for g in found}
+    assert by["a"].size == 3 and [(mm.module, mm.kind, mm.repeat) for mm in by["a"].members] == [
+        ("a", "out", 4), ("bna", "bn", 4), ("b", "dw", 4), ("bnb", "bn", 4), ("c", "in", 4)]  # a channel: a group
+    assert channel_weight_indices(by["a"], 1)["b.weight"].tolist() == list(range(4 * 36, 8 * 36))
+    plan = _prune_compact_replay(m, _RegNetLike(), x)  # the first group of "a" and channel 0 of the stream go
+    assert plan["keep"]["a"] == [1, 2] and plan["groups"]["a"]["members"][2] == {"module": "b", "kind": "dw",
+                                                                                   "repeat": 4}
+    new, _ = compact_model(m, x)
+    assert (new.b.groups, new.b.in_channels, new.b.out_channels, tuple(new.b.weight.shape)) == (2, 8, 8, (8, 4, 3, 3))
+    bad = {**plan, "groups": {**plan["groups"], "a": {"size": 12, "members": [
+        {"module": "b", "kind": "dw", "repeat": 1}]}}, "keep": {**plan["keep"], "a": list(range(1, 12))}}
+    with pytest.raises(BadInput, match="grouped conv 'b' has groups of 4 channels"):
+        apply_plan(_RegNetLike(), bad)  # one channel of a group: the groups would not stay equal
+
+
+def test_a_grouped_conv_with_a_depth_multiplier_is_named():
+    found, blocked = channel_report(_RegNetLike(multiplier=True), torch.rand(1, 3, 16, 16))
+    assert "stem" not in {g.id for g in found}
+    b = next(b for b in blocked if b.id == "stem")
+    assert (b.module, b.op) == ("mult", "Conv2d") and "a depth multiplier" in b.why and "groups=4" in b.why
+
+
+class _ConvNeXtLike(nn.Module):
+    """ConvNeXt's block (depthwise 7x7, permute to channels last, a norm, Linear C -> 4C, GELU, Linear 4C -> C,
+    permute back, layer scale, residual add) on a conv stem; ``layer_norm``: the norm is a LayerNorm over the
+    channels, as in ConvNeXt, else a BatchNorm before the permute (its channels stay prunable)."""
+
+    def __init__(self, layer_norm: bool = True) -> None:
+        super().__init__()
+        self.layer_norm = layer_norm
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw = nn.Conv2d(8, 8, 7, padding=3, groups=8)
+        self.norm = nn.LayerNorm(8) if layer_norm else nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+        self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.bn0(self.stem(x))
+        y = self.dw(s) if self.layer_norm else self.norm(self.dw(s))
+        y = y.permute(0, 2, 3, 1)
+        y = self.fc2(nn.functional.gelu(self.fc1(self.norm(y) if self.layer_norm else y)))
+        y = s + self.gamma * torch.permute(y, (0, 3, 1, 2))
+        return self.head(y.mean((2, 3)))
+
+
+def test_a_convnext_block_prunes_its_hidden_linear_channels_and_names_the_layer_norm():
+    torch.manual_seed(0)
+    m = _ConvNeXtLike()
+    _randomise_bn(m)
+    x = torch.rand(3, 3, 16, 16)
+    found, blocked = channel_report(m, x[:1])
+    assert [(g.id, g.size) for g in found] == [("fc1", 32)]  # the 4C hidden channels, over the last dim
+    assert [(mm.module, mm.kind) for mm in found[0].members] == [("fc1", "out"), ("fc2", "in")]
+    stream = next(b for b in blocked if b.id == "stem")
+    assert stream.producers == ("stem", "fc2") and (stream.module, stream.op) == ("norm", "LayerNorm")
+    assert "LayerNorm over the channels" in stream.why
+    plan = _prune_compact_replay(m, _ConvNeXtLike(), x)
+    assert plan["keep"]["fc1"] == list(range(1, 32))
+
+
+def test_layer_scale_and_channels_last_linears_prune_with_the_stream():
+    torch.manual_seed(0)
+    m = _ConvNeXtLike(layer_norm=False)
+    _randomise_bn(m)
+    x = torch.rand(3, 3, 16, 16)
+    found, blocked = channel_report(m, x[:1])
+    assert [b.op for b in blocked] == ["output"]
+    stream = next(g for g in found if g.id == "stem")
+    assert {(mm.module, mm.kind) for mm in stream.members} == {
+        ("stem", "out"), ("bn0", "bn"), ("dw", "dw"), ("norm", "bn"), ("fc1", "in"), ("fc2", "out"),
+        ("gamma", "scale"), ("head", "in")}
+    plan = _prune_compact_replay(m, _ConvNeXtLike(layer_norm=False), x)
+    assert plan["keep"]["stem"] == list(range(1, 8))
+    new, _ = compact_model(m, x)
+    assert new.gamma.shape == (7, 1, 1) and new.fc1.in_features == 7 and new.fc2.out_features == 7
+
+
+class _ShuffleLike(nn.Module):
+    """ShuffleNetV2's unit: two branches concatenated, then a channel shuffle (view, transpose(1, 2), view)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right, self.conv = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.cat([self.left(x), self.right(x)], dim=1)
+        b, c, h, w = y.size()
+        y = torch.transpose(y.view(b, 2, c // 2, h, w), 1, 2).contiguous().view(b, c, h, w)
+        return self.head(torch.relu(self.conv(y)).mean((2, 3)))
+
+
+def test_a_channel_shuffle_is_named_as_the_blocker():
+    found, blocked = channel_report(_ShuffleLike(), torch.rand(1, 3, 8, 8))
+    assert [g.id for g in found] == ["conv"]
+    by = {b.id: b for b in blocked}
+    assert set(by) == {"left", "right", "head"} and by["left"].op == ".view() in _ShuffleLike.forward"
+    assert by["right"].why.startswith("a channel shuffle (groups=2: view (1, 8, 8, 8) -> (1, 2, 4, 8, 8), transpose(1,")

@@ -180,7 +180,13 @@ def test_profiles_calibrate_prints_the_leave_one_out_error(calib_env, monkeypatc
 @pytest.mark.slow
 def test_a_budget_pruned_resnet20_passes_check_on_its_profile(tmp_path):
     """Acceptance (issue 19): ``prune --profile`` to a latency budget that needs pruning (0.6x the dense estimate),
-    then ``check`` on the same profile and budget: both exit 0 (one rule, the band's upper edge within budget)."""
+    then ``check`` on the same profile and budget: both exit 0 (one rule, the band's upper edge within budget).
+
+    Slow (4 minutes on a fresh 2-core machine: host calibration, memory model, ~10 benchmark processes per round);
+    the default run checks the same rules fast: ``test_prune_uses_checks_rule_no_slack_and_the_band`` (prune's
+    verdicts are check's), ``test_budget_landing.py::test_by_default_the_bands_upper_edge_lands_in_the_window_so_
+    that_check_passes`` (the search plans the band's upper edge under the budget) and ``::test_a_round_passes_only_
+    where_one_more_run_would_pass_too`` (check's single run)."""
     ckpt, data = shared_path("checkpoints/resnet20_cifar10.pt"), shared_path("data/cifar10.npz")
     prof = "watch-a55-dual"  # calibrated; p90 budget; 1 device thread like the host
     dense = ResNet20().eval()

@@ -245,9 +245,11 @@ class CostModel:
         gone = frozenset().union(*(self.blocks[b] for b in dropped))
         return [t.unit.nodes[0] not in gone for t in self.tables]
 
-    def _weight_terms(self) -> list[tuple[str | None, int, str | None, int, int, bool, bool, int]]:
-        """(in space, fixed in, out space, fixed out, kernel elements, bias, conv, unit index) per Conv/Linear
-        unit head."""
+    def _weight_terms(self) -> list[tuple[tuple[tuple[str | None, int], ...], int, str | None, int, int, int, bool,
+                                          bool, int]]:
+        """(input pieces, groups, out space, outputs per channel of it, fixed out, kernel elements, bias, conv, unit
+        index) per Conv/Linear unit head (a grouped conv pruned in whole groups: a channel is a group's outputs). The input is its dim 1 as pieces (``TracedGraph.pieces``: a space with its features per channel,
+        or a fixed width), so that a layer fed by a ``torch.cat`` scales with each of the concatenated spaces."""
         out = []
         g = self._g
         byname = {n.name: n for n in g.gm.graph.nodes}
@@ -259,17 +261,19 @@ class CostModel:
             if not (is_conv(mod) or isinstance(mod, nn.Linear)):
                 continue
             src = next(iter(head.all_input_nodes))
-            fi, ri = g.fam.get(src.name, (None, 1))
-            fo, _ = g.fam.get(head.name, (None, 1))
+            fi, _ = g.fam.get(src.name, (None, 1))
+            fo, ro = g.fam.get(head.name, (None, 1))
             has_bias = mod.bias is not None or any(is_bn_node(g.gm, byname[n]) for n in t.unit.nodes[1:])
             if isinstance(mod, nn.Linear):
-                out.append((fi, mod.in_features if fi is None else ri, fo, mod.out_features, 1, has_bias, False, ti))
-            elif is_depthwise(mod):
-                out.append((None, 1, fi, mod.out_channels, math.prod(mod.kernel_size), has_bias, True, ti))
-            else:
-                cin_per_group = mod.in_channels // mod.groups
-                out.append((fi, cin_per_group if fi is None else 1, fo, mod.out_channels,
+                pieces = g.pieces(src.name) if len(g.shapes.get(src.name, ())) == 2 else ((None, mod.in_features),)
+                out.append((pieces, 1, fo, ro, mod.out_features, 1, has_bias, False, ti))
+            elif is_depthwise(mod) or (mod.groups > 1 and fo is not None and fo == fi):  # channels pass through
+                out.append((((None, mod.in_channels // mod.groups),), 1, fo, ro, mod.out_channels,
                             math.prod(mod.kernel_size), has_bias, True, ti))
+            else:
+                pieces = g.pieces(src.name) or ((None, mod.in_channels),)
+                out.append((pieces, mod.groups, fo, ro, mod.out_channels, math.prod(mod.kernel_size), has_bias,
+                            True, ti))
         return out
 
     def weight_bytes(self, widths: Mapping[str, int], *, split: bool = False,
@@ -278,11 +282,11 @@ class CostModel:
         ``dropped`` residual blocks; with ``split``, (Linear bytes, conv bytes, largest conv layer bytes, tensors)."""
         fc = conv = tensors = largest = 0
         live = self._live(dropped)
-        for fi, cin, fo, cout, k, bias, conv_layer, ti in self._weights:
+        for pieces, groups, fo, ro, cout, k, bias, conv_layer, ti in self._weights:
             if not live[ti]:
                 continue
-            ci = widths.get(fi, self.sizes[fi]) * cin if fi is not None else cin
-            co = widths.get(fo, self.sizes[fo]) if fo is not None else cout
+            ci = sum(widths.get(f, self.sizes[f]) * r if f is not None else r for f, r in pieces) // groups
+            co = widths.get(fo, self.sizes[fo]) * ro if fo is not None else cout
             n = (ci * co * k + (co if bias else 0)) * 4
             if conv_layer:
                 conv += n
@@ -395,14 +399,15 @@ class CostModel:
 
 
 def widths_of(model: nn.Module, specs: Sequence[ChannelGroupSpec]) -> dict[str, int]:
-    """Current widths of a (compacted) model's channel groups: the output size of each group's first producer."""
+    """Current widths of a (compacted) model's channel groups: the output size of each group's first producer, in
+    the group's channels (a grouped conv's group: ``repeat`` outputs each)."""
     out = {}
     mods = dict(model.named_modules())
     for s in specs:
         m = mods.get(s.producers[0].module) if s.producers else None
         if m is None:
             continue
-        out[s.id] = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        out[s.id] = (m.out_features if isinstance(m, nn.Linear) else m.out_channels) // s.producers[0].repeat
     return out
 
 

@@ -4,8 +4,11 @@ The latency is measured until it is known well enough to decide with (``measure_
 are repeated until the 95 % interval of the latency (``latency_interval``: the median of the per-process values
 times ``exp(+-h)``, ``h`` = Student's t over the spread of their logarithms, ``precision_of``) is within
 ``precision`` (3 %), or ``max_repeats`` processes ran; then ``precise`` is false and ``latency_precision`` is the
-floor reached. Measurements are cached per file (its SHA-256), profile, percentile, runs and host
-(``reuse``): the same file is not re-timed, so that the same inputs and cache give the same decisions.
+floor reached. Measurements are cached per file (its SHA-256), profile, percentile, runs, precision and host
+(``reuse``): the same file is not re-timed, so that the same inputs and cache give the same decisions. A cached
+entry whose repeats stopped early (it settled the decisions of the search that made it) is reused only where it
+settles the new decisions too or is as precise as the new limits allow (``settles``); else more processes are run
+on top of its samples and the entry is updated.
 """
 
 from __future__ import annotations
@@ -74,6 +77,30 @@ def _store(key: str, value: dict[str, Any]) -> None:
         pass
 
 
+def settles(hit: Mapping[str, Any], *, repeats: int, precision: float | None, most: int,
+            decided: Callable[[dict[str, Any]], bool] | None) -> bool:
+    """Whether the cached measurement ``hit`` answers a request for at least ``repeats`` processes (at most
+    ``most``) to ``precision``, whose decisions ``decided`` judges: it has the repeats, and it is precise, or
+    reached ``most``, or its interval settles the new decisions (it may have stopped early for other limits)."""
+    n, iv = int(hit.get("repeats") or 0), hit.get("latency_interval")
+    if n < repeats:
+        return False
+    if precision is None or hit.get("precise") or n >= most:
+        return True
+    return decided is not None and bool(iv) and decided(
+        {"latency_ms": hit["latency_ms"], "latency_interval": list(iv), "repeats": n})
+
+
+def _samples(hit: Mapping[str, Any] | None) -> tuple[list[float], list[float], list[float], list[float]]:
+    """The per-process samples of a cached entry to continue from (latency, host latency, memory, dense
+    fraction); empty lists where the entry has none of them all (an older entry: measured again from scratch)."""
+    names = ("latency_samples", "host_samples", "memory_samples", "dense_samples")
+    if not hit or any(not isinstance(hit.get(k), list) for k in names) or not hit["latency_samples"]:
+        return [], [], [], []
+    lats, hosts, mems, dens = ([float(v) for v in hit[k]] for k in names)
+    return lats, hosts, mems, dens
+
+
 def one_run_interval(m: Mapping[str, Any]) -> list[float] | None:
     """Where one more benchmark process of the same file is expected (95 %): ``check`` measures once, so a round
     passes only when such a single run would pass too. From the median's interval over ``repeats`` processes
@@ -92,7 +119,8 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
     """Export ``model`` to ONNX at ``path`` (compact layout, parity-checked) and benchmark it at least ``repeats``
     times for ``profile`` -- with ``precision``, until the latency's 95 % interval is within it (at most
     ``max_repeats`` times); medians of the latency at ``percentile`` (device estimate), peak memory and file size.
-    ``reuse``: a cached measurement of the same file (bytes), profile, percentile, runs and host is returned.
+    ``reuse``: a cached measurement of the same file (bytes), profile, percentile, runs, precision and host is
+    returned where it ``settles`` this request; otherwise it is continued with more processes and updated.
     ``decided(m)``: true when the measurement so far (``latency_ms``, ``latency_interval``, ``repeats``) already
     settles every decision made with it (its interval straddles no limit and no window edge); then the repeats stop
     before ``precision`` is reached, since more of them could not change a verdict (the result still says
@@ -101,13 +129,15 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
     export_model(model, ExportConfig(format="onnx", layout="compact"), example_input=example_input[:1], out=path,
                  parity_inputs=px[:16], parity_source="data" if parity_inputs is not None else "random")
     key = f"{sha256_file(path)}|{profile.id}|{percentile}|{runs}|{precision}" if reuse else ""
-    if reuse and (hit := _cached(key)) is not None:
+    most = max(repeats, max_repeats or repeats) if precision is not None else repeats
+    hit = _cached(key) if reuse else None
+    if hit is not None and settles(hit, repeats=repeats, precision=precision, most=most, decided=decided):
         return {**hit, "file": str(path), "cached": True}
-    lats, hosts, mems, dens, prov = [], [], [], [], ""
+    lats, hosts, mems, dens = _samples(hit)  # a cached entry that does not settle this request: measure more
+    prov = ""
     res: dict[str, Any] = {}
     est: dict[str, Any] = {}
-    most = max(repeats, max_repeats or repeats) if precision is not None else repeats
-    i = 0
+    i = len(lats)
     while i < most:
         res = benchmark(path, [profile], BenchConfig(runs=runs, warmup=max(5, runs // 10), profile_runs=3))
         lat, prov = best_latency(res, profile.id)
@@ -138,7 +168,7 @@ def measure_model(model: nn.Module, example_input: torch.Tensor, profile: Profil
            "latency_precision": h if math.isfinite(h) else None,
            "latency_interval": [value * math.exp(-h), value * math.exp(h)] if math.isfinite(h) else None,
            "precise": None if precision is None else h <= precision, "target_precision": precision,
-           "memory_samples": mems, "file": str(path), "cached": False}
+           "memory_samples": mems, "host_samples": hosts, "dense_samples": dens, "file": str(path), "cached": False}
     if reuse:
         _store(key, {k: v for k, v in out.items() if k not in ("file", "cached")})
     return out

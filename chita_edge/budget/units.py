@@ -63,6 +63,8 @@ class TracedGraph:
     # node -> dim 1 as a concatenation, in order: (channel space, features per channel) or (None, fixed width);
     # such a node's ``fam`` is (None, 1)
     parts: dict[str, tuple[tuple[str | None, int], ...]] = field(default_factory=dict)
+    # nodes whose ``fam`` is their last dim, not dim 1 (channels last: after a permute, a Linear over the channels)
+    last: set[str] = field(default_factory=set)
 
     def pieces(self, name: str) -> tuple[tuple[str | None, int], ...]:
         """Node ``name``'s dim 1 as pieces (space, features per channel) / (None, fixed width); ``()`` without
@@ -92,37 +94,42 @@ def trace_graph(model: nn.Module, example: torch.Tensor, specs: Sequence[Channel
     """Trace ``model`` on one sample of ``example`` and follow the channel spaces of ``specs`` through it."""
     gm, node_shapes = trace_shapes(model, example[:1], needed_by="the cost model")
     shapes = {n.name: s for n, s in node_shapes.items()}
-    out_fam, dw_fam = {}, {}
+    out_fam: dict[str, tuple[str, int]] = {}  # module -> (space, output features per channel: a group's width)
+    dw_fam: dict[str, tuple[str, int]] = {}  # depthwise and grouped convs (a channel passes through)
     segments: dict[str, list[tuple[int, int, str, int, int]]] = {}  # module -> its output as groups at offsets
     for s in specs:
         for m in s.members:
             if m.kind == "out":
-                out_fam[m.module] = s.id
+                out_fam[m.module] = (s.id, m.repeat)
             elif m.kind == "dw":
-                dw_fam[m.module] = s.id
+                dw_fam[m.module] = (s.id, m.repeat)
             if m.kind in ("out", "dw") and m.total:
                 segments.setdefault(m.module, []).append((m.offset, m.total, s.id, m.repeat, s.size))
     fam: dict[str, tuple[str | None, int]] = {}
     users: dict[str, list[str]] = {}
     order: dict[str, int] = {}
     parts: dict[str, tuple[tuple[str | None, int], ...]] = {}
+    last: set[str] = set()
     for i, n in enumerate(gm.graph.nodes):
         order[n.name] = i
         users[n.name] = [u.name for u in n.users]
         ins = [a for a in n.all_input_nodes if a.name in shapes]
         if n.op == "call_module" and n.target in segments:  # a producer of a concatenation's groups at offsets
             fam[n.name], parts[n.name] = (None, 1), _segment_parts(segments[n.target])
-        elif n.op == "call_module" and is_conv(gm.get_submodule(n.target)) and not is_depthwise(gm.get_submodule(n.target)):
-            fam[n.name] = (out_fam.get(n.target), 1)
+        elif (n.op == "call_module" and is_conv(gm.get_submodule(n.target)) and not is_depthwise(gm.get_submodule(n.target))
+              and n.target not in dw_fam):
+            fam[n.name] = out_fam.get(n.target, (None, 1))
         elif n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Linear):
-            fam[n.name] = (out_fam.get(n.target), 1)
-        elif n.op == "call_module" and is_depthwise(gm.get_submodule(n.target)):
+            fam[n.name] = out_fam.get(n.target, (None, 1))
+            if len(shapes.get(n.name, ())) > 2:  # over the last dim: channels last
+                last.add(n.name)
+        elif n.op == "call_module" and is_conv(gm.get_submodule(n.target)):  # depthwise, or grouped in whole groups
             src = ins[0] if ins else None
             if src is not None and src.name in parts:  # per channel: the concatenation passes through
                 fam[n.name], parts[n.name] = (None, 1), parts[src.name]
             else:  # its channels are its input's: fixed where those are
                 fixed = src is not None and fam.get(src.name, (None, 1))[0] is None
-                fam[n.name] = (None if fixed else dw_fam.get(n.target), 1)
+                fam[n.name] = (None, 1) if fixed else dw_fam.get(n.target, (None, 1))
         elif _cat_inputs(n, shapes) is not None:
             fam[n.name] = (None, 1)
             traced = TracedGraph(gm, shapes, fam, {}, users, order, parts)
@@ -132,18 +139,39 @@ def trace_graph(model: nn.Module, example: torch.Tensor, specs: Sequence[Channel
             fam[n.name] = (None, 1)
             if len(so) == len(si) and so[1:2] == si[1:2]:
                 parts[n.name] = parts[ins[0].name]
+        elif ins and n.name in shapes and (ins[0].name in last or _permuted(n, shapes) is not None):
+            src = ins[0]  # channels last, or a permute moving the channels: followed to the last dim and back
+            f, r = fam.get(src.name, (None, 1))
+            si, so = shapes[src.name], shapes[n.name]
+            ax = len(si) - 1 if src.name in last else 1
+            perm = _permuted(n, shapes)
+            to = perm.index(ax) if perm is not None and ax in perm else ax if so == si else None
+            fam[n.name] = (f, r) if f is not None and to in (1, len(so) - 1) else (None, 1)
+            if f is not None and to == len(so) - 1 != 1:
+                last.add(n.name)
         elif ins and n.name in shapes:
             src = ins[0]
             f, r = fam.get(src.name, (None, 1))
             si, so = shapes[src.name], shapes[n.name]
-            if f is not None and len(si) >= 3 and len(so) == 2:  # flatten: a channel becomes H*W features
+            if f is not None and len(si) >= 3 and len(so) == 2 and so[1] == si[1] * math.prod(si[2:]):
+                # flatten: a channel becomes H*W features (a mean over H, W keeps one per channel)
                 r = r * math.prod(si[2:])
             elif f is not None and (len(so) < 2 or (len(si) >= 2 and si[1] * 1 != so[1] and len(so) == len(si))):
                 f, r = None, 1
             fam[n.name] = (f, r)
         else:
             fam[n.name] = (None, 1)
-    return TracedGraph(gm, shapes, fam, {s.id: s.size for s in specs}, users, order, parts)
+    return TracedGraph(gm, shapes, fam, {s.id: s.size for s in specs}, users, order, parts, last)
+
+
+def _permuted(n: fx.Node, shapes: Mapping[str, tuple[int, ...]]) -> list[int] | None:
+    """The dims of a ``permute`` node (output dim i is input dim ``perm[i]``), else None."""
+    if n.target not in (torch.permute, "permute") or not n.args or not isinstance(n.args[0], fx.Node):
+        return None
+    rest = list(n.args[1:])
+    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+    nd = len(shapes.get(n.args[0].name, ()))
+    return [d % nd for d in dims] if nd and len(dims) == nd and all(isinstance(d, int) for d in dims) else None
 
 
 def _segment_parts(segs: list[tuple[int, int, str, int, int]]) -> tuple[tuple[str | None, int], ...]:
@@ -271,7 +299,7 @@ def _signature(members: list[fx.Node], g: TracedGraph) -> str:
         if s is not None:
             dims = list(s[1:])
             if f is not None and dims:
-                dims[0] = f"{g.sizes[f]}*{r}c"  # scaled dim: full size and features per channel
+                dims[-1 if a.name in g.last else 0] = f"{g.sizes[f]}*{r}c"  # scaled: full size, features per channel
             elif a.name in g.parts and dims:  # a concatenation: its pieces in order
                 dims[0] = "+".join(f"{g.sizes[p]}*{q}c" if p is not None else str(q) for p, q in g.parts[a.name])
             parts.append("x".join(str(d) for d in dims))
@@ -288,10 +316,15 @@ def _resized(mod: nn.Module, cin: int | None, cout: int | None) -> nn.Module:
         cin = cin or mod.in_channels
         cout = cin if dw else (cout or mod.out_channels)
         groups = cin if dw else mod.groups
+        if not dw and mod.groups > 1 and mod.in_channels == mod.out_channels:  # grouped: whole groups go
+            groups = max(1, cin // (mod.in_channels // mod.groups))
+            cout = cin
         return type(mod)(cin, cout, mod.kernel_size, mod.stride, mod.padding, mod.dilation, groups,
                          mod.bias is not None, mod.padding_mode)
     if isinstance(mod, nn.Linear):
         return nn.Linear(cin or mod.in_features, cout or mod.out_features, mod.bias is not None)
+    if isinstance(mod, nn.LayerNorm) and len(mod.normalized_shape) == 1:  # over the channels, channels last
+        return nn.LayerNorm(cin or mod.normalized_shape[0], mod.eps, mod.elementwise_affine)
     if isinstance(mod, BN):
         c = cin or mod.num_features
         bn = type(mod)(c, mod.eps, mod.momentum, mod.affine, mod.track_running_stats)
@@ -308,7 +341,7 @@ def scaled_shape(g: TracedGraph, name: str, widths: Mapping[str, int]) -> tuple[
     s = list(g.shapes[name])
     f, r = g.fam.get(name, (None, 1))
     if f is not None and len(s) >= 2:
-        s[1] = widths[f] * r
+        s[-1 if name in g.last else 1] = widths[f] * r
     elif name in g.parts and len(s) >= 2:
         s[1] = sum(widths[p] * q if p is not None else q for p, q in g.parts[name])
     s[0] = 1
@@ -353,8 +386,9 @@ def build_unit(g: TracedGraph, unit: Unit, widths: Mapping[str, int]) -> tuple[f
         if m.op == "call_module":
             mod = g.gm.get_submodule(m.target)
             src = next(iter(m.all_input_nodes))
-            cin = scaled_shape(g, src.name, widths)[1] if len(g.shapes.get(src.name, ())) >= 2 else None
-            cout = scaled_shape(g, m.name, widths)[1] if len(g.shapes.get(m.name, ())) >= 2 else None
+            ch = -1 if isinstance(mod, (nn.Linear, nn.LayerNorm)) else 1  # a Linear and a LayerNorm: the last dim
+            cin = scaled_shape(g, src.name, widths)[ch] if len(g.shapes.get(src.name, ())) >= 2 else None
+            cout = scaled_shape(g, m.name, widths)[ch] if len(g.shapes.get(m.name, ())) >= 2 else None
             root[m.target] = _resized(mod, cin, cout).eval()
         env[m.name] = graph.node_copy(m, lambda a: env[a.name])
     graph.output(env[members[-1].name])

@@ -1,23 +1,28 @@
 """Channel groups: which Conv/Linear/BatchNorm slices form one prunable channel (``channel_groups``).
 
 A ``torch.fx`` trace of the model (``chita_edge.graph.trace``) is walked once; every tensor carries the "channel
-space" of its dim 1. Conv/Linear outputs open a new space, per-channel ops (BatchNorm, activations, pooling,
-dropout, depthwise convs, flatten, eval-mode identities such as ``StochasticDepth``) pass it on, residual adds and
-multiplies join the spaces of their operands, and the next Conv/Linear consumes it. A ``torch.cat`` along the
+space" of its channel dim (dim 1, or the dim a permute moved it to: channels last). Conv/Linear outputs open a new
+space, per-channel ops (BatchNorm, activations, pooling, dropout, depthwise convs, flatten, eval-mode identities
+such as ``StochasticDepth``) pass it on, residual adds and multiplies join the spaces of their operands (a
+per-channel parameter operand, e.g. layer scale, is sliced with them), and the next Conv/Linear consumes it. A
+grouped conv with as many outputs as inputs passes its channels on too, a whole group at a time (the space's
+unit: each of its channels is then a group of channels, ``groups`` shrinks). A permute moves the channel dim; a
+Linear over the last dim consumes (and opens) a space there, as ConvNeXt's MLP does. A ``torch.cat`` along the
 channels makes dim 1 a sequence of spaces: every per-channel op and consumer after it gets one member per space,
 at that space's offset (``Member.offset`` / ``total``), and a constant slice ``x[:, a:b]`` keeps the spaces it
-covers whole. A space that reaches anything else (the model output, the input, a channel shuffle or permute,
-a grouped conv, softmax, an op we do not know, a per-channel constant) is *blocked*: its channels are not
-prunable. Each unblocked space is one ``ChannelGroupSpec`` of ``Member`` slices (``chita_edge.graph.members``);
-``channel_weight_indices`` gives the flat weight indices of one channel. ``channel_report`` also returns every blocked space that has a producer, as a
-``BlockedGroup`` naming the module and op that blocked it first (``blocked_summary`` puts them on one line).
+covers whole. A space that reaches anything else (the model output, the input, a channel shuffle, a LayerNorm over
+the channels, a grouped conv with a depth multiplier, softmax, an op we do not know, a per-channel constant that
+is not a parameter) is *blocked*: its channels are not prunable. Each unblocked space is one
+``ChannelGroupSpec`` of ``Member`` slices (``chita_edge.graph.members``); ``channel_weight_indices`` gives the
+flat weight indices of one channel. ``channel_report`` also returns every blocked space that has a producer, as
+a ``BlockedGroup`` naming the module and op that blocked it first (``blocked_summary`` puts them on one line).
 """
 
 from __future__ import annotations
 
-import builtins
 import math
 import operator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -31,26 +36,7 @@ from chita_edge.graph.members import (  # re-exported: the public names of chann
     blocked_summary,
     channel_weight_indices,
 )
-from chita_edge.graph.trace import (
-    BINARY_FUNCTIONS,
-    BINARY_METHODS,
-    BN,
-    ELEMENTWISE_FUNCTIONS,
-    ELEMENTWISE_METHODS,
-    ELEMENTWISE_MODULES,
-    IDENTITY_FUNCTION_NAMES,
-    POOL_FUNCTIONS,
-    POOL_MODULES,
-    QUERY_METHODS,
-    REDUCE_FUNCTIONS,
-    REDUCE_METHODS,
-    RESHAPE_FUNCTIONS,
-    RESHAPE_METHODS,
-    RESHAPE_MODULES,
-    function_name,
-    is_conv,
-    trace_shapes,
-)
+from chita_edge.graph.trace import op_kind, trace_shapes
 
 __all__ = ["BlockedGroup", "ChannelGroupSpec", "Member", "blocked_summary", "channel_groups", "channel_report",
            "channel_weight_indices", "traced_channel_groups"]
@@ -58,6 +44,11 @@ __all__ = ["BlockedGroup", "ChannelGroupSpec", "Member", "blocked_summary", "cha
 # --------------------------------------------------------------------------------------------------------------
 # The channel-space walk
 
+
+# What the walker follows on a tensor whose channels moved off dim 1 (``op_kind``); anything else blocks them
+_CHANNELS_LAST = frozenset({"linear", "norm", "elementwise", "binary", "permute", "output"})
+
+_DIVISIONS = frozenset({operator.truediv, operator.itruediv, torch.div, "div", "div_"})  # a zeroed divisor: inf
 
 # State of a tensor node: (spaces, factor) -- dim 1 is the concatenation of the spaces' channels (one space unless
 # a ``torch.cat`` joined several), and feature i of a space's stretch is its channel i // factor.
@@ -75,6 +66,8 @@ class _Walker:
         self.dynamic: dict[fx.Node, bool] = {}  # depends on a model input
         # (module, kind, offset) -> (space, repeat)
         self.module_space: dict[tuple[str, str, int], tuple[int, int]] = {}
+        self.at = 0  # the position of the node being walked (members are sorted by it)
+        self.axis: dict[fx.Node, int] = {}  # the dim a node's channels are in, where it is not 1 (after a permute)
 
     # -- why a space is blocked: (module path, op, reason)
     def _why(self, node: fx.Node, why: str | None = None) -> tuple[str, str, str]:
@@ -97,10 +90,11 @@ class _Walker:
         st = self.state.get(node) if isinstance(node, fx.Node) else None
         return None if st is None else (self.sp.expand(st[0]), st[1])
 
-    def _split(self, s: int, sizes: list[int]) -> tuple[int, ...]:
-        """Cut space ``s`` into pieces of ``sizes`` channels, re-keying the modules' members to the pieces."""
+    def _split(self, s: int, sizes: list[int], node: fx.Node) -> tuple[int, ...]:
+        """Cut space ``s`` into pieces of ``sizes`` channels (for ``node``), re-keying the modules' members to the
+        pieces."""
         r = self.sp.find(s)
-        pieces = self.sp.split(r, sizes)
+        pieces = self.sp.split(r, sizes, self._why(node, "an operand lined up with a concatenation"))
         for (module, kind, off), (space, rep) in list(self.module_space.items()):
             if self.sp.find(space) == r:
                 del self.module_space[(module, kind, off)]
@@ -154,6 +148,8 @@ class _Walker:
             self._unknown(node, "a pooling op after a flatten")
         else:
             self.state[node] = st
+            if src in self.axis:
+                self.axis[node] = self.axis[src]
             for a in node.all_input_nodes:  # other tensor inputs (rare) must not carry channels
                 if a is not src and a in self.state:
                     self._block_state(self._st(a), self._why(node, "a second tensor input of a per-channel op"))
@@ -193,28 +189,44 @@ class _Walker:
             else:
                 self._block_inputs(node, "its input's channels do not map onto the conv's in_channels")
             self.state[node] = self._new_out(order, name, m.out_channels, shape)
-        elif m.groups == m.in_channels == m.out_channels and ok_in:
-            self.state[node] = (tuple(self._member(s, order, name, "dw", 1, shape, off, total)
-                                      for s, off, total in self._segments(st)), 1)
-        else:  # grouped conv or depth multiplier: its channels are tied across groups, which we do not model
-            self._unknown(node, f"a grouped conv (groups={m.groups}, {m.in_channels} -> {m.out_channels} channels: "
-                                f"pruning it would have to remove the same channels from every group)")
+        elif m.in_channels == m.out_channels and ok_in and all(
+                not (off % width or self._size(s) % width) for s, off, _ in self._segments(st)
+                for width in [m.in_channels // m.groups]):
+            # depthwise (one channel per group) or grouped: a channel passes through; a grouped conv's input and
+            # output channels are coupled within each group, so its channels go a whole group at a time
+            width = m.in_channels // m.groups
+            why = (name, type(m).__name__, f"a grouped conv (groups={m.groups}) prunes whole groups of {width}")
+            spaces = []
+            for s, off, total in self._segments(st):
+                spaces.append(self._member(s, order, name, "dw", 1, shape, off, total))
+                if width > 1:
+                    self.sp.set_unit(s, width, why)
+            self.state[node] = (tuple(self.sp.find(s) for s in spaces), 1)
+        else:  # a depth multiplier, or groups that straddle channel spaces: not modelled
+            what = ("its input's channels do not map onto the conv's in_channels" if not ok_in else
+                    "a depth multiplier: its output channels are not its input's" if m.in_channels != m.out_channels
+                    else "its groups straddle the channel spaces of its (concatenated) input")
+            self._unknown(node, f"a grouped conv (groups={m.groups}, {m.in_channels} -> {m.out_channels} channels): "
+                                f"{what}")
 
     def _linear(self, node: fx.Node, order: int, name: str, m: nn.Linear) -> None:
         x = node.args[0]
         st = self._st(x)
         in_shape = self.shapes.get(x) if isinstance(x, fx.Node) else None
         shape = tuple(m.weight.shape)
-        if st is not None and in_shape is not None and len(in_shape) == 2 and self._width(st) == m.in_features:
+        last = st is not None and in_shape is not None and self.axis.get(x, 1) == len(in_shape) - 1
+        if last and self._width(st) == m.in_features:  # over the channels: (N, C) or channels last (N, ..., C)
             for s, off, total in self._segments(st):
                 self._member(s, order, name, "in", st[1], shape, off, total)
         else:
             self._block_inputs(node, "its input does not map onto the Linear's in_features")
         out_shape = self.shapes.get(node)
-        if out_shape is not None and len(out_shape) == 2:
+        if out_shape is not None and (len(out_shape) == 2 or last):
             self.state[node] = self._new_out(order, name, m.out_features, shape)
+            if len(out_shape) > 2:
+                self.axis[node] = len(out_shape) - 1
         elif out_shape is not None:  # blocked, but reported with the Linear as its producer
-            why = self._why(node, "a Linear over the last of more than 2 dims (channels last, e.g. after a permute)")
+            why = self._why(node, "a Linear over the last of more than 2 dims, which are not the channels")
             space = self.sp.new(m.out_features, blocked=True, reason=why)
             self.state[node] = ((self._member(space, order, name, "out", 1, shape),), 1)
 
@@ -240,8 +252,13 @@ class _Walker:
             self.state[node] = (spaces, f)  # dim 1 untouched (row-major)
         elif len(si) >= 2 and len(so) == 2 and so[0] == si[0] and so[1] == math.prod(si[1:]):
             self.state[node] = (spaces, f * math.prod(si[2:]))  # flatten: channel c -> H*W features
+        elif (len(so) == len(si) + 1 and so[0] == si[0] and so[1] * so[2] == si[1] and so[3:] == si[2:]
+              and any(u.target in ("transpose", torch.transpose) and u.args[1:] == (1, 2) for u in node.users)):
+            self._unknown(node, f"a channel shuffle (groups={so[1]}: view {si} -> {so}, transpose(1, 2), view "
+                                f"back) interleaves the channel spaces; through the next blocks' identity halves it "
+                                f"would couple ever larger sets of channels (not modelled)")
         else:
-            self._unknown(node, f"a reshape {si} -> {so} that moves the channel dim (e.g. a channel shuffle)")
+            self._unknown(node, f"a reshape {si} -> {so} that moves the channel dim")
 
     def _reduce(self, node: fx.Node) -> None:
         x = node.args[0]
@@ -264,12 +281,19 @@ class _Walker:
             return
         joined: list[_State] = []
         why = None
+        axes = {self.axis.get(a, 1) for a in operands if self.dynamic.get(a, False)}
+        ax = axes.pop() if len(axes) == 1 else 1
+        if axes:
+            why = "operands with their channels in different dims"
+        scales: list[fx.Node] = []  # per-channel parameters (layer scale): sliced with the channel
         for a in operands:
             sa = self.shapes[a]
-            pos = 1 - (len(out) - len(sa))
-            if pos >= 0 and sa[pos] == out[1]:  # covers the channel dim
+            pos = ax - (len(out) - len(sa))
+            if pos >= 0 and sa[pos] == out[ax]:  # covers the channel dim
                 if self.dynamic.get(a, False) and a in self.state:
                     joined.append(self._st(a))
+                elif pos == 0 and math.prod(sa) == sa[0] and self._parameter(a) and node.target not in _DIVISIONS:
+                    scales.append(a)
                 else:
                     why = why or "a per-channel constant operand"  # would need slicing
             elif self.dynamic.get(a, False):  # a removed channel's value would move
@@ -282,7 +306,7 @@ class _Walker:
                 cut = []
                 for spaces, f in joined:
                     spaces = self.sp.expand(spaces)  # the same operand twice: cut once
-                    cut.append((spaces if len(spaces) == len(sizes) else self._split(spaces[0], sizes), f))
+                    cut.append((spaces if len(spaces) == len(sizes) else self._split(spaces[0], sizes, node), f))
                 joined = cut
             else:
                 why = "operands concatenated from channel spaces that do not line up"
@@ -296,22 +320,64 @@ class _Walker:
         for other, _ in joined[1:]:  # stretch by stretch
             spaces = [self.sp.union(a, b, self._why(node)) for a, b in zip(spaces, other, strict=True)]
         self.state[node] = (tuple(self.sp.find(s) for s in spaces), joined[0][1])
+        if ax != 1:
+            self.axis[node] = ax
+        for a in scales:
+            for s, off, total in self._segments(self.state[node]):
+                self._member(s, self.at, str(a.target), "scale", joined[0][1], tuple(self.shapes[a]), off, total)
+        self.state[node] = self._st(node)
+
+    def _parameter(self, a: fx.Node) -> bool:
+        """``a`` reads a parameter or buffer of the model (``get_attr``)."""
+        if a.op != "get_attr":
+            return False
+        owner, _, attr = str(a.target).rpartition(".")
+        try:
+            return isinstance(getattr(self.gm.get_submodule(owner), attr), torch.Tensor)
+        except AttributeError:
+            return False
 
     def _permute(self, node: fx.Node) -> None:
-        """A permute/transpose that keeps dims 0 and 1 in place passes the channels on; any other blocks them."""
+        """A permute/transpose that keeps the batch dim in place passes the channels on, to the dim they move to
+        (``axis``: e.g. channels last for ConvNeXt's LayerNorm and Linears); one that moves the batch dim blocks."""
         x, rest = node.args[0] if node.args else None, list(node.args[1:])
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
         nd = len(self.shapes[x]) if isinstance(x, fx.Node) and x in self.shapes else 0
+        if not nd or not all(isinstance(d, int) for d in dims) or len(dims) != (2 if node.target in (
+                "transpose", torch.transpose) else nd):
+            self._unknown(node, "a permute with dims that are not constants")
+            return
+        perm = list(range(nd))
         if node.target in ("transpose", torch.transpose):
-            moved = {d % nd for d in dims if isinstance(d, int)} if nd else {0}
-            keeps = len(dims) == 2 and not moved & {0, 1}
+            a, b = dims[0] % nd, dims[1] % nd
+            perm[a], perm[b] = perm[b], perm[a]
         else:
-            keeps = nd > 1 and all(isinstance(d, int) for d in dims) and [d % nd for d in dims[:2]] == [0, 1]
-        if keeps and isinstance(x, fx.Node):
-            self._pass(node, x)
+            perm = [d % nd for d in dims]
+        ax = self.axis.get(x, 1)
+        if perm[0] != 0 or ax not in perm:
+            self._unknown(node, "a permute that moves the batch dim")
+            return
+        self._pass(node, x)
+        self.axis.pop(node, None)
+        if perm.index(ax) != 1:
+            self.axis[node] = perm.index(ax)
+
+    def _norm(self, node: fx.Node) -> None:
+        """A LayerNorm over the channels (in the last dim): the channels pass on, but removing one would change the
+        mean and variance of the others, so the space is blocked (named); over anything else: unknown."""
+        x = node.args[0] if node.args else None
+        shape = self.shapes.get(x) if isinstance(x, fx.Node) else None
+        if node.op == "call_module":
+            normalized = tuple(self.gm.get_submodule(node.target).normalized_shape)
         else:
-            self._unknown(node, "a permute that moves the channel dim (e.g. to channels last for a LayerNorm over "
-                                "the channels, as in ConvNeXt)")
+            normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        if (shape is None or x not in self.state or self.axis.get(x, 1) != len(shape) - 1
+                or not isinstance(normalized, (tuple, list)) or tuple(normalized) != (shape[-1],)):
+            self._unknown(node, "a normalisation over other dims than the channels alone")
+            return
+        self._block_state(self._st(x), self._why(node, "a LayerNorm over the channels: removing a channel would "
+                                                       "change the others' mean and variance (not modelled)"))
+        self._pass(node, x)
 
     def _cat(self, node: fx.Node) -> None:
         """``torch.cat`` along the channels: the output's dim 1 is its inputs' spaces one after the other."""
@@ -364,57 +430,29 @@ class _Walker:
 
     def run(self) -> list[ChannelGroupSpec]:
         for order, node in enumerate(self.gm.graph.nodes):
+            self.at = order
             self.dynamic[node] = node.op == "placeholder" or any(self.dynamic.get(a, False) for a in node.all_input_nodes)
-            op, tgt = node.op, node.target
+            kind = op_kind(self.gm, node, node in self.shapes)
             first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-            if op in ("placeholder", "get_attr"):
+            if kind == "query":
+                continue  # shape queries do not use the values
+            moved = any(self.axis.get(a, 1) != 1 for a in node.all_input_nodes if self.dynamic.get(a, False))
+            if moved and kind not in _CHANNELS_LAST:
+                self._unknown(node, "an op on channels moved off dim 1 (after a permute); the walker follows them "
+                                    "only through Linear, LayerNorm, element-wise ops, adds/multiplies and permutes")
+            elif kind == "input":
                 self._fresh_blocked(node)
-            elif op == "output":
+            elif kind == "output":
                 self._block_inputs(node)
-            elif op == "call_module":
-                m = self.gm.get_submodule(tgt)
-                if is_conv(m):
-                    self._conv(node, order, tgt, m)
-                elif isinstance(m, nn.Linear):
-                    self._linear(node, order, tgt, m)
-                elif isinstance(m, BN):
-                    self._bn(node, order, tgt, m)
-                elif isinstance(m, ELEMENTWISE_MODULES) and first is not None:
-                    self._pass(node, first)
-                elif isinstance(m, POOL_MODULES) and first is not None:
-                    self._pass(node, first, factor_one=True)
-                elif isinstance(m, RESHAPE_MODULES):
-                    self._reshape(node)
-                else:
-                    self._unknown(node)
-            elif op in ("call_function", "call_method"):
-                fn = op == "call_function"
-                if (not fn and tgt in QUERY_METHODS) or (fn and tgt in (builtins.getattr, builtins.len)
-                                                         and node not in self.shapes):
-                    continue  # shape queries do not use the values
-                if fn and tgt is operator.getitem and node not in self.shapes:
-                    continue  # indexing a size tuple
-                if fn and tgt is operator.getitem:
-                    self._getitem(node)
-                elif (fn and tgt in BINARY_FUNCTIONS) or (not fn and tgt in BINARY_METHODS):
-                    self._binary(node)
-                elif ((fn and (tgt in ELEMENTWISE_FUNCTIONS or function_name(tgt) in IDENTITY_FUNCTION_NAMES))
-                      or (not fn and tgt in ELEMENTWISE_METHODS)) and first is not None:
-                    self._pass(node, first)
-                elif fn and tgt in POOL_FUNCTIONS and first is not None:
-                    self._pass(node, first, factor_one=True)
-                elif (fn and tgt in RESHAPE_FUNCTIONS) or (not fn and tgt in RESHAPE_METHODS):
-                    self._reshape(node)
-                elif (fn and tgt in REDUCE_FUNCTIONS) or (not fn and tgt in REDUCE_METHODS):
-                    self._reduce(node)
-                elif fn and tgt in (torch.cat, torch.concat, torch.stack):
-                    self._cat(node)
-                elif (fn and tgt in (torch.permute, torch.transpose)) or (not fn and tgt in ("permute", "transpose")):
-                    self._permute(node)
-                elif (fn and tgt in (torch.chunk, torch.split)) or (not fn and tgt in ("chunk", "split")):
-                    self._unknown(node, "a split of the channels into parts (e.g. ShuffleNetV2's channel split)")
-                else:
-                    self._unknown(node)
+            elif kind in ("conv", "linear", "bn"):
+                m = self.gm.get_submodule(node.target)
+                getattr(self, f"_{kind}")(node, order, node.target, m)
+            elif kind in ("elementwise", "pool") and first is not None:
+                self._pass(node, first, factor_one=kind == "pool")
+            elif kind in ("norm", "reshape", "reduce", "binary", "cat", "permute", "getitem"):
+                getattr(self, f"_{kind}")(node)
+            elif kind == "split":
+                self._unknown(node, "a split of the channels into parts (e.g. ShuffleNetV2's channel split)")
             else:
                 self._unknown(node)
         return self._groups()
@@ -426,14 +464,16 @@ class _Walker:
                 continue
             seen: set[tuple[str, str, int]] = set()
             members: list[Member] = []
+            unit = self.sp.unit[s]  # a grouped conv's group width: its channel is a whole group
             for _, m in sorted(self.sp.members[s], key=lambda om: om[0]):
                 if (m.module, m.kind, m.offset) not in seen:
                     seen.add((m.module, m.kind, m.offset))
-                    members.append(m)
+                    members.append(replace(m, repeat=m.repeat * unit))
             producers = [(o, m) for o, m in sorted(self.sp.members[s], key=lambda om: om[0]) if m.kind == "out"]
             if not producers:
                 continue
-            groups.append((producers[0][0], ChannelGroupSpec(producers[0][1].module, self.sp.size[s], tuple(members))))
+            groups.append((producers[0][0], ChannelGroupSpec(producers[0][1].module, self.sp.size[s] // unit,
+                                                             tuple(members))))
         return [g for _, g in sorted(groups, key=lambda og: og[0])]
 
     def blocked(self) -> list[BlockedGroup]:

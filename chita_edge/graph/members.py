@@ -31,9 +31,13 @@ class Member:
       ``"out"`` output channel of a Conv/Linear: weight dim 0 and ``bias[c]`` (a producer);
       ``"in"``  input channel of a Conv/Linear: weight dim 1 (a consumer); after a flatten, each channel
                 covers ``repeat = H * W`` consecutive input features of the Linear;
-      ``"dw"``  depthwise conv (``groups == in_channels == out_channels``): weight dim 0 and ``bias[c]``; the
-                channel passes through it (its input ``c`` and output ``c`` are the same channel);
-      ``"bn"``  BatchNorm ``weight``, ``bias``, ``running_mean``, ``running_var`` entries.
+      ``"dw"``  depthwise or grouped conv with ``in_channels == out_channels`` (``groups > 1``): weight dim 0 and
+                ``bias[c]``; the channel passes through it (its input ``c`` and output ``c`` are the same
+                channel). A grouped conv's channel is one whole group (``repeat`` = channels per group): the
+                group's input channels (its producers' rows) and output rows go together and ``groups`` shrinks;
+      ``"bn"``  BatchNorm ``weight``, ``bias``, ``running_mean``, ``running_var`` entries;
+      ``"scale"`` a per-channel parameter added to or multiplying the channels (ConvNeXt's layer scale, of shape
+                ``(C, 1, 1)`` or ``(C,)`` channels last): its dim 0; ``module`` is then the parameter's path.
     shape: the shape of ``module.weight`` (of ``running_mean`` for a BatchNorm without affine).
     offset, total: where the group's channels sit along the member's dim when the module sees a concatenation
       (``torch.cat`` along the channels): channel ``c`` is ``weight.narrow(dim, offset + c * repeat, repeat)``
@@ -54,6 +58,8 @@ class Member:
     @property
     def param(self) -> str:
         """State-dict name of the weight this member slices (as ``PrunableParam.name``)."""
+        if self.kind == "scale":
+            return self.module
         return f"{self.module}.weight" if self.module else "weight"
 
     def to_json(self) -> dict[str, Any]:
@@ -166,7 +172,8 @@ def _slice_indices(shape: tuple[int, ...], dim: int, start: int, length: int) ->
 
 class Spaces:
     """Union-find over channel spaces (the channel walker's state); a root carries its size, blocked flag and
-    members. A space can also be cut into consecutive pieces (``split``): a space's channels are independent of
+    members, and its unit: channels go ``unit`` at a time (a grouped conv's group width; every member's
+    ``repeat`` is multiplied by it when the groups are made). A space can also be cut into consecutive pieces (``split``): a space's channels are independent of
     each other, so any partition of them is valid; ``expand`` then reads the pieces wherever the cut space was."""
 
     def __init__(self) -> None:
@@ -176,6 +183,7 @@ class Spaces:
         self.members: list[list[tuple[int, Member]]] = []
         self.reason: list[tuple[str, str, str] | None] = []  # (module, op, why) that blocked the root first
         self.pieces: dict[int, list[int]] = {}  # a root that was split -> its pieces, in channel order
+        self.unit: list[int] = []  # channels removed together (1, or a grouped conv's group width)
 
     def new(self, size: int, blocked: bool = False, reason: tuple[str, str, str] | None = None) -> int:
         self.parent.append(len(self.parent))
@@ -183,6 +191,7 @@ class Spaces:
         self.blocked.append(blocked)
         self.members.append([])
         self.reason.append(reason if blocked else None)
+        self.unit.append(1)
         return len(self.parent) - 1
 
     def find(self, s: int) -> int:
@@ -196,6 +205,17 @@ class Spaces:
         if not self.blocked[r]:
             self.blocked[r], self.reason[r] = True, reason
 
+    def set_unit(self, s: int, unit: int, reason: tuple[str, str, str]) -> None:
+        """Channels of ``s`` go ``unit`` at a time (with any unit it has already: their least common multiple);
+        blocked with ``reason`` when that does not divide the space."""
+        r = self.find(s)
+        u = math.lcm(self.unit[r], unit)
+        if self.size[r] % u:
+            self.block(r, (*reason[:2], f"{reason[2]}; its {self.size[r]} channels do not split into whole groups "
+                                        f"of {u}"))
+        else:
+            self.unit[r] = u
+
     def union(self, a: int, b: int, reason: tuple[str, str, str]) -> int:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
@@ -205,26 +225,33 @@ class Spaces:
             self.block(ra, why)
             self.block(rb, why)
             return ra
+        unit = self.unit[rb]
         self.parent[rb] = ra
-        if not self.blocked[ra] and self.blocked[rb]:
-            self.reason[ra] = self.reason[rb]
+        if self.blocked[rb] and (not self.blocked[ra] or not self.members[ra] and self.members[rb]):
+            self.reason[ra] = self.reason[rb]  # the reason of a space with members (producers) beats a fresh one's
         self.blocked[ra] = self.blocked[ra] or self.blocked[rb]
         self.members[ra] += self.members[rb]
         self.members[rb] = []
+        self.set_unit(ra, unit, reason)
         return ra
 
     def add(self, s: int, order: int, member: Member) -> None:
         self.members[self.find(s)].append((order, member))
 
-    def split(self, s: int, sizes: list[int]) -> list[int]:
+    def split(self, s: int, sizes: list[int], reason: tuple[str, str, str]) -> list[int]:
         """Cut space ``s`` into consecutive pieces of ``sizes`` channels; each member becomes one member per piece,
-        at the piece's offset within the member's dim."""
+        at the piece's offset within the member's dim. A cut through a unit (a grouped conv's group) blocks the
+        space with ``reason``."""
         r = self.find(s)
         if sum(sizes) != self.size[r] or r in self.pieces:
             raise ValueError(f"cannot split a space of {self.size[r]} channels into {sizes}")
         pieces, start = [], 0
+        if any(n % self.unit[r] for n in sizes):
+            self.block(r, (*reason[:2], f"{reason[2]}: a cut into {sizes} channels splits its groups of "
+                                        f"{self.unit[r]} (a grouped conv's)"))
         for n in sizes:
             p = self.new(n, self.blocked[r], self.reason[r])
+            self.unit[p] = self.unit[r] if not n % self.unit[r] else 1
             for order, m in self.members[r]:
                 total = m.total or self.size[r] * m.repeat
                 self.members[p].append((order, replace(m, offset=m.offset + start * m.repeat, total=total)))

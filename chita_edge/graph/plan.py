@@ -60,7 +60,7 @@ __all__ = ["ACT_ATOL", "KINDS", "PLAN_VERSION", "PLAN_VERSIONS", "apply_plan", "
 
 PLAN_VERSION = 1  # plans without dropped blocks; a plan with a "drop" field is version 2
 PLAN_VERSIONS = (1, 2)
-KINDS = ("out", "in", "dw", "bn")
+KINDS = ("out", "in", "dw", "bn", "scale")
 
 # Absolute slack when deciding that a measured channel value is zero / constant (float rounding only).
 ACT_ATOL = 1e-6
@@ -89,8 +89,9 @@ def _fold_delta(mod: nn.Module, m: Member, channel: int, acts: list[torch.Tensor
     w = mod.weight.detach()
     delta = torch.zeros(w.shape[0], dtype=torch.float64)
     lo, r = m.offset + channel * m.repeat, m.repeat
+    linear = isinstance(mod, nn.Linear)
     for act in acts:
-        s = act.narrow(1, lo, r).to(torch.float64)
+        s = act.narrow(act.dim() - 1 if linear else 1, lo, r).to(torch.float64)  # a Linear reads the last dim
         if s.abs().max() <= tol + ACT_ATOL:
             continue  # zero: nothing to fold
         if len(acts) > 1:
@@ -98,13 +99,17 @@ def _fold_delta(mod: nn.Module, m: Member, channel: int, acts: list[torch.Tensor
         slack = tol + ACT_ATOL * (1.0 + float(s.abs().max()))
         if (s - s[:1]).abs().max() > slack:
             return None  # differs between samples: not a fixed value after all
-        if isinstance(mod, nn.Linear):
-            delta += w[:, lo:lo + r].to(torch.float64) @ s[0].reshape(-1)
+        if linear:
+            rows = s.reshape(-1, r)  # every sample and position (a Linear over the last of several dims)
+            if (rows - rows[:1]).abs().max() > slack:
+                return None
+            delta += w[:, lo:lo + r].to(torch.float64) @ rows[0]
         else:
-            v = s.mean()
-            if not _foldable_conv(mod) or (s - v).abs().max() > slack:
+            v = s.transpose(0, 1).reshape(r, -1).mean(dim=1)  # per input channel
+            if not _foldable_conv(mod) or (s - v.view(1, r, *([1] * (s.dim() - 2)))).abs().max() > slack:
                 return None  # zero padding (or a varying value) would change the borders
-            delta += v * w[:, lo].to(torch.float64).sum(dim=tuple(range(1, w.dim() - 1)))
+            cols = w[:, lo:lo + r].to(torch.float64)
+            delta += (cols * v.view(1, r, *([1] * (w.dim() - 2)))).sum(dim=tuple(range(1, w.dim())))
     return delta
 
 
@@ -119,10 +124,10 @@ def zero_plan(model: nn.Module, example_input: Any, tol: float) -> tuple[dict[st
         for g in groups:
             zero = torch.ones(g.size, dtype=torch.bool)
             for p in g.producers:  # a producer's output may be cut over several groups (at p.offset)
-                mod = mods[p.module]
-                zero &= mod.weight.detach().narrow(0, p.offset, g.size).reshape(g.size, -1).abs().amax(dim=1) <= tol
+                mod, n = mods[p.module], g.size * p.repeat  # repeat: a grouped conv's group width
+                zero &= mod.weight.detach().narrow(0, p.offset, n).reshape(g.size, -1).abs().amax(dim=1) <= tol
                 if mod.bias is not None:
-                    zero &= mod.bias.detach().narrow(0, p.offset, g.size).abs() <= tol
+                    zero &= mod.bias.detach().narrow(0, p.offset, n).reshape(g.size, -1).abs().amax(dim=1) <= tol
             if zero.any():
                 candidates[g.id] = zero.nonzero().flatten().tolist()
     plan, folds = _empty_plan(), {}
@@ -218,7 +223,8 @@ def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, di
     if not isinstance(add_bias, list) or not all(isinstance(n, str) for n in add_bias):
         raise _bad(where, "field 'add_bias' must be a list of module names")
     drop = _resolve_drop(model, plan, where)
-    mods = {n: m for n, m in model.named_modules() if not any(n == d or n.startswith(d + ".") for d in drop)}
+    mods: dict[str, Any] = {n: m for n, m in [*model.named_modules(), *model.named_parameters(), *model.named_buffers()]
+                            if not any(n == d or n.startswith(d + ".") for d in drop)}  # tensors: "scale" members
     gone: dict[str, dict[str, tuple[int, set[int]]]] = {}  # module -> slot -> (dim length, removed indices)
     spans: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for gid, entry in groups.items():
@@ -249,6 +255,10 @@ def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, di
             if name not in mods:
                 raise _bad(where, f"group '{gid}' names module '{name}', which this model does not have")
             mod = mods[name]
+            width = mod.out_channels // mod.groups if kind == "dw" and isinstance(mod, CONV) else 1
+            if (off % width or r % width) and _channels(mod, kind) is not None:
+                raise _bad(where, f"group '{gid}': grouped conv '{name}' has groups of {width} channels, the member's "
+                                  f"offset {off} and repeat {r} must be multiples of it (whole groups)")
             have = _channels(mod, kind)
             if have is None:
                 raise _bad(where, f"group '{gid}': module '{name}' ({type(mod).__name__}) cannot be a "
@@ -256,7 +266,7 @@ def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, di
             if have != (total or size * r):
                 raise _bad(where, f"group '{gid}': module '{name}' has {have} {kind} channels, the plan expects "
                                   f"{total or size * r} (made for another model, or applied already?)")
-            slot = "out" if kind in ("dw", "bn") else kind
+            slot = "out" if kind in ("dw", "bn", "scale") else kind
             lo, hi = off, off + size * r
             if any(a < hi and lo < b for a, b in spans.get((name, slot), [])):
                 raise _bad(where, f"module '{name}' appears as '{kind}' in more than one group")
@@ -272,14 +282,16 @@ def _resolve_plan(model: nn.Module, plan: Any, where: str) -> tuple[dict[str, di
     return sel, add_bias
 
 
-def _channels(mod: nn.Module, kind: str) -> int | None:
+def _channels(mod: nn.Module | torch.Tensor, kind: str) -> int | None:
     """The size of ``mod``'s dim that a member of ``kind`` slices, or None if the kind does not fit."""
+    if isinstance(mod, torch.Tensor):
+        return mod.shape[0] if kind == "scale" and mod.dim() else None
     if kind in ("out", "in") and isinstance(mod, nn.Linear):
         return mod.out_features if kind == "out" else mod.in_features
     if isinstance(mod, CONV) and not mod.transposed:
         if kind in ("out", "in") and mod.groups == 1:
             return mod.out_channels if kind == "out" else mod.in_channels
-        if kind == "dw" and mod.groups == mod.in_channels == mod.out_channels:
+        if kind == "dw" and mod.groups > 1 and mod.in_channels == mod.out_channels:
             return mod.out_channels
     if kind == "bn" and isinstance(mod, BN):
         return mod.num_features
@@ -318,15 +330,21 @@ def apply_plan(model: nn.Module, plan: Any, where: str = "plan") -> None:
             w = mod.weight
             mod.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     for name, slots in sel.items():
-        mod = mods[name]
         out, inp = slots.get("out"), slots.get("in")
+        if name not in mods:  # a "scale" member: a parameter or buffer of its owner
+            owner, _, attr = name.rpartition(".")
+            mod = model.get_submodule(owner)
+            _set_param(mod, attr, _take(getattr(mod, attr), 0, out))
+            continue
+        mod = mods[name]
         if isinstance(mod, BN):
             for p in ("weight", "bias", "running_mean", "running_var"):
                 if getattr(mod, p, None) is not None:
                     _set_param(mod, p, _take(getattr(mod, p), 0, out))
             mod.num_features = len(out)
             continue
-        depthwise = isinstance(mod, CONV) and mod.groups > 1
+        grouped = isinstance(mod, CONV) and mod.groups > 1  # depthwise or grouped: whole groups go
+        width = mod.out_channels // mod.groups if grouped else 1
         if out is not None:
             _set_param(mod, "weight", _take(mod.weight, 0, out))
             if mod.bias is not None:
@@ -335,8 +353,9 @@ def apply_plan(model: nn.Module, plan: Any, where: str = "plan") -> None:
             _set_param(mod, "weight", _take(mod.weight, 1, inp))
         if isinstance(mod, nn.Linear):
             mod.out_features, mod.in_features = mod.weight.shape[0], mod.weight.shape[1]
-        elif depthwise:
-            mod.in_channels = mod.out_channels = mod.groups = mod.weight.shape[0]
+        elif grouped:
+            mod.in_channels = mod.out_channels = mod.weight.shape[0]
+            mod.groups = mod.weight.shape[0] // width
         else:
             mod.out_channels, mod.in_channels = mod.weight.shape[0], mod.weight.shape[1]
 

@@ -5,7 +5,7 @@
   (runs a traced graph, recording shapes, chosen modules' inputs and chosen nodes' values), ``eval_no_grad``,
   ``as_args``.
 * Op classification: the module / function / method tables the channel-space walker
-  (``chita_edge.graph.channels``) sorts nodes by, and the predicates the residual-block finder, the cost model
+  (``chita_edge.graph.channels``) sorts nodes by (``op_kind``), and the predicates the residual-block finder, the cost model
   and QAT share: ``is_conv``, ``is_depthwise``, ``is_bn_node``, ``is_add_node``, ``act_name`` (with ``ADDS``,
   ``CONV``, ``BN`` and ``ACTIVATIONS``).
 
@@ -14,6 +14,7 @@ Depends on ``torch`` only.
 
 from __future__ import annotations
 
+import builtins
 import operator
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ __all__ = [
     "RESHAPE_MODULES",
     "Recorder",
     "act_name",
+    "op_kind",
     "as_args",
     "eval_no_grad",
     "first_line",
@@ -100,6 +102,11 @@ BINARY_FUNCTIONS = {
 }
 BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 QUERY_METHODS = {"size", "dim", "numel"}
+NORM_MODULES = (nn.LayerNorm,)  # normalisations over the last dims (ConvNeXt's over the channels, channels last)
+NORM_FUNCTIONS = {F.layer_norm}
+PERMUTE_FUNCTIONS, PERMUTE_METHODS = {torch.permute, torch.transpose}, {"permute", "transpose"}
+SPLIT_FUNCTIONS, SPLIT_METHODS = {torch.chunk, torch.split}, {"chunk", "split"}
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack}
 ADDS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = ("add", "add_")
 
@@ -132,6 +139,42 @@ def is_bn_node(gm: fx.GraphModule, n: fx.Node) -> bool:
 def is_add_node(n: fx.Node) -> bool:
     """``n`` is an addition (``+``, ``+=``, ``torch.add`` or the ``add`` / ``add_`` method)."""
     return (n.op == "call_function" and n.target in ADDS) or (n.op == "call_method" and n.target in ADD_METHODS)
+
+
+def op_kind(gm: fx.GraphModule, n: fx.Node, shaped: bool) -> str:
+    """What ``n`` does, for the channel walker: ``"conv"``, ``"linear"``, ``"bn"``, ``"norm"`` (a LayerNorm),
+    ``"elementwise"``, ``"pool"``, ``"reshape"``, ``"reduce"``, ``"binary"``, ``"cat"``, ``"permute"``,
+    ``"split"``, ``"getitem"``, ``"query"`` (a shape query or an index into one: no tensor values used; ``shaped``
+    says whether ``n`` gave a tensor), ``"input"`` (a placeholder or constant), ``"output"`` or ``"unknown"``."""
+    op, tgt = n.op, n.target
+    if op in ("placeholder", "get_attr", "output"):
+        return "output" if op == "output" else "input"
+    if op == "call_module":
+        m = gm.get_submodule(tgt)
+        for kind, test in (("conv", is_conv(m)), ("linear", isinstance(m, nn.Linear)), ("bn", isinstance(m, BN)),
+                           ("norm", isinstance(m, NORM_MODULES)), ("elementwise", isinstance(m, ELEMENTWISE_MODULES)),
+                           ("pool", isinstance(m, POOL_MODULES)), ("reshape", isinstance(m, RESHAPE_MODULES))):
+            if test:
+                return kind
+        return "unknown"
+    if op not in ("call_function", "call_method"):
+        return "unknown"
+    fn = op == "call_function"
+    if (not fn and tgt in QUERY_METHODS) or (fn and tgt in (builtins.getattr, builtins.len, operator.getitem)
+                                             and not shaped):
+        return "query"
+    table = ((fn and tgt is operator.getitem, "getitem"),
+             ((fn and tgt in BINARY_FUNCTIONS) or (not fn and tgt in BINARY_METHODS), "binary"),
+             ((fn and (tgt in ELEMENTWISE_FUNCTIONS or function_name(tgt) in IDENTITY_FUNCTION_NAMES))
+              or (not fn and tgt in ELEMENTWISE_METHODS), "elementwise"),
+             (fn and tgt in POOL_FUNCTIONS, "pool"),
+             (fn and tgt in NORM_FUNCTIONS, "norm"),
+             ((fn and tgt in RESHAPE_FUNCTIONS) or (not fn and tgt in RESHAPE_METHODS), "reshape"),
+             ((fn and tgt in REDUCE_FUNCTIONS) or (not fn and tgt in REDUCE_METHODS), "reduce"),
+             (fn and tgt in CAT_FUNCTIONS, "cat"),
+             ((fn and tgt in PERMUTE_FUNCTIONS) or (not fn and tgt in PERMUTE_METHODS), "permute"),
+             ((fn and tgt in SPLIT_FUNCTIONS) or (not fn and tgt in SPLIT_METHODS), "split"))
+    return next((kind for test, kind in table if test), "unknown")
 
 
 def act_name(gm: fx.GraphModule, n: fx.Node) -> str | None:

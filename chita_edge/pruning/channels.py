@@ -157,8 +157,9 @@ def channel_structure(model: nn.Module, example_input: Any,
 
 @torch.no_grad()
 def apply_keep(model: nn.Module, cs: ChannelStructure, keep: torch.Tensor) -> None:
-    """Zero every weight of the removed channels (coordinates in w) and their producers' / depthwise biases and
-    BatchNorm gamma and beta, so that a removed channel is exactly zero and ``compact_model`` drops it."""
+    """Zero every weight of the removed channels (coordinates in w) and their producers' / depthwise biases,
+    BatchNorm gamma and beta and layer-scale entries, so that a removed channel is exactly zero and
+    ``compact_model`` drops it."""
     params = list(cs.params)
     w = flatten_weights(model, params)
     w[cs.groups.coordinates(~keep)] = 0.0
@@ -169,8 +170,12 @@ def apply_keep(model: nn.Module, cs: ChannelStructure, keep: torch.Tensor) -> No
         if gone.numel() == 0:
             continue
         for m in spec.members:
-            mod = mods[m.module]
             rows = (m.offset + gone.view(-1, 1) * m.repeat + torch.arange(m.repeat).view(1, -1)).reshape(-1)
+            if m.kind == "scale":  # a per-channel parameter (layer scale): a removed channel's entries are zero
+                owner, _, attr = m.module.rpartition(".")
+                getattr(mods[owner], attr)[rows] = 0.0
+                continue
+            mod = mods[m.module]
             if m.kind in ("out", "dw") and getattr(mod, "bias", None) is not None:
                 mod.bias[rows] = 0.0
             elif m.kind == "bn":
@@ -313,7 +318,8 @@ def _filter_norms(model: nn.Module, cs: ChannelStructure, order: int) -> torch.T
         acc = torch.zeros(spec.size, dtype=torch.float64)
         for m in spec.members:
             if m.kind in ("out", "dw"):
-                rows = params[m.param].detach().double().narrow(0, m.offset, spec.size)  # at an offset: after a cat
+                # at an offset: after a cat; repeat rows per channel: a grouped conv's whole group
+                rows = params[m.param].detach().double().narrow(0, m.offset, spec.size * m.repeat)
                 acc += rows.reshape(spec.size, -1).abs().pow(order).sum(1)
         out[cs.channels(f)] = acc if order == 1 else acc.sqrt()
     return out

@@ -6,12 +6,17 @@ One verb, ``finetune(model, data, FinetuneConfig) -> FinetuneReport``:
 2. Each step: loss = (1 - alpha) CE(student, y) + alpha T^2 KL(softmax(teacher/T) || softmax(student/T)) when a
    teacher (the dense model) is given, else CE; gradients of masked entries are zeroed, the optimiser
    (SGD + momentum or Adam) steps, and the weights are multiplied by their masks, so zeros stay exactly zero.
-3. The learning rate follows a per-step cosine from ``lr`` to ``min_lr`` (or stays constant).
+3. The learning rate follows a per-step cosine from ``lr`` to ``min_lr`` (or stays constant), after a linear
+   warm-up over ``warmup_epochs`` when set.
 4. After every epoch the whole training state (model, optimiser, scheduler, RNG, history, masks) is written
    atomically to ``state_path``; SIGINT/SIGTERM finish the current step, write the state and raise
    ``Interrupted``. The data order and the augmentation depend on (seed, epoch, step) only, so a run resumed
    from a state file ends with bit-identical weights to an uninterrupted one.
 5. At the end, BatchNorm running statistics are re-estimated on training batches (cumulative average).
+
+With ``cfg.head_ridge`` the output Linear is first re-fitted to its own outputs with a ridge
+(``chita_edge.training.head``: a least-squares re-fit after pruning leaves it ill-conditioned, and training
+from there at the usual learning rate throws the model away).
 
 With ``cfg.qat`` the forward pass runs through ``chita_edge.training.qat.QATModel``: int8 weights and activations are
 simulated where the exporters quantise (straight-through gradients), BatchNorm stays frozen in eval mode and is
@@ -54,6 +59,7 @@ from chita_edge.pruning.batchnorm import keyed_generator
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.training.augment import augment_batch, default_augment
 from chita_edge.training.distill import distillation_loss
+from chita_edge.training.head import condition_head
 from chita_edge.training.masks import _check_masks, apply_masks, masks_from_zeros
 from chita_edge.training.qat import QATModel
 
@@ -75,6 +81,7 @@ class FinetuneConfig:
     lr: float = 0.05
     min_lr: float = 0.0  # end of the cosine schedule
     schedule: str = "cosine"  # cosine (per step) or constant
+    warmup_epochs: float = 0.0  # linear warm-up of the learning rate over this many epochs (per step) first
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd (momentum) or adam
     momentum: float = 0.9
@@ -93,6 +100,10 @@ class FinetuneConfig:
     qat_ema: float = 0.01  # per-step moving-average weight of the batch min/max in the activation ranges
     qat_agreement: float = 0.0  # > 0: loss = (L(float) + L(int8)) / 2 + this x KL(p_float || p_int8)
     qat_dither: bool = False  # activations rounded on randomly shifted grids while training (chita_edge.training.qat)
+    # ridge re-fit of the output Linear to its own outputs before training (chita_edge.training.head), damp relative
+    # to its features' mean square; None: off here, the budget path's recipe where a re-fit made the weights
+    # (chita_edge.workflows.finetune.finetune_checkpoint); 0: off
+    head_ridge: float | None = None
 
     def validate(self) -> None:
         check_finite(self, FLAGS)
@@ -119,6 +130,10 @@ class FinetuneConfig:
             raise BadInput(f"--distill-weight {self.distill_weight}: expected a fraction in [0, 1]")
         if self.crop_padding < 0 or self.bn_batches < 0:
             raise BadInput("crop padding and BatchNorm batches must be >= 0")
+        if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)) or self.warmup_epochs > self.epochs:
+            raise BadInput(f"warm-up epochs {self.warmup_epochs}: expected a number in [0, epochs ({self.epochs})]")
+        if self.head_ridge is not None and not (self.head_ridge >= 0 and math.isfinite(self.head_ridge)):
+            raise BadInput(f"head ridge {self.head_ridge}: expected a number >= 0 (0: off)")
         if self.qat_agreement < 0 or not math.isfinite(self.qat_agreement):
             raise BadInput(f"QAT agreement weight {self.qat_agreement}: expected >= 0")
         if self.qat_calibration < 1 or not (0 <= self.qat_ema <= 1):
@@ -139,6 +154,7 @@ class FinetuneReport:
     timings: dict[str, float]
     config: dict[str, Any] = field(default_factory=dict)
     qat: dict[str, Any] | None = None  # simulated-int8 accuracy before / after, quantisation points (cfg.qat)
+    head: dict[str, Any] | None = None  # the output layer's ridge re-fit before training (cfg.head_ridge)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -201,10 +217,25 @@ def _make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimi
                            nesterov=cfg.nesterov and cfg.momentum > 0)
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: FinetuneConfig, total_steps: int):
-    if cfg.schedule == "constant":
-        return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
-    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: FinetuneConfig, total_steps: int, steps_per_epoch: int):
+    """Per step: a linear warm-up over ``cfg.warmup_epochs`` (from lr / warm-up steps), then constant or a cosine
+    from ``lr`` to ``min_lr`` over the remaining steps."""
+    warm = min(total_steps - 1, round(cfg.warmup_epochs * steps_per_epoch))
+    if warm <= 0:
+        if cfg.schedule == "constant":
+            return torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=cfg.min_lr)
+    floor = cfg.min_lr / cfg.lr
+    rest = max(1, total_steps - warm)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step - warm, rest) / rest))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -290,7 +321,7 @@ def finetune(
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     opt = _make_optimizer(model, cfg)
-    sched = _make_scheduler(opt, cfg, total_steps)
+    sched = _make_scheduler(opt, cfg, total_steps, steps_per_epoch)
     named = dict(model.named_parameters())
     masked = [(named[k], m) for k, m in masks.items()]
 
@@ -300,6 +331,9 @@ def finetune(
     resumed_from = None
     rng0 = keyed_generator(cfg.seed, -2).get_state()  # the global RNG (dropout, ...) during training, from the seed
     initial_acc = accuracy(model, data.x_test, data.y_test)
+    head = None
+    if cfg.head_ridge and not resume:  # after the accuracy before: that is the pruned model's; a resumed run has it
+        head = condition_head(model, x, damp=cfg.head_ridge)
     if resume:
         assert state_file is not None
         st = _load_state(state_file, cfg, n)
@@ -419,7 +453,7 @@ def finetune(
         epochs=cfg.epochs, initial_accuracy=initial_acc, accuracy=acc, sparsity=s, masked_weights=off,
         history=history, bn_reestimated=bn, resumed_from=resumed_from,
         timings={"train_s": t_train, "total_s": time.perf_counter() - t0}, config={**asdict(cfg), "augment": augment},
-        qat=qat_info,
+        qat=qat_info, head=head,
     )
 
 
