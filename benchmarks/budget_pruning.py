@@ -10,13 +10,22 @@ Prints, in one run:
   C. accuracy at equal latency budgets on ResNet20 (1017 exact CIFAR-10 test images, one-shot, no fine-tuning):
      structured CHITA vs uniform L1-norm channel pruning and global-norm channel pruning (both with BatchNorm
      re-estimation), plus the ablation "uniform L1 selection + the same layer-wise re-fit";
-  D. MLPNet at a 0.3x latency budget beside unstructured CHITA++ at 95 % (dense kernels: no faster).
+  D. MLPNet at a 0.3x latency budget beside unstructured CHITA++ at 95 % (dense kernels: no faster);
+  E. the product's budget path (``prune --profile P --latency-ms X``: ``BudgetConfig``'s defaults, the profile's
+     own memory and file budgets, its p90 rule) at fractions of the dense model's p90 device estimate, per method
+     (``--methods``): where it lands (delivered / budget, predicted vs measured, rounds), one-shot top-1, seconds.
+     ``resnet18`` is ``torchvision:resnet18?num_classes=10&input_size=32`` (the spec ``prune`` builds), with
+     ``--resnet18-weights`` or else random init with BatchNorm settled on CIFAR-10 training images;
+     ``--mobilenetv1-weights`` (a 10-class CIFAR-10 state dict) runs MobileNetV1 at 32x32 on CIFAR-10.
 
 Latency budgets use the p50 of the device estimate: on this shared 2-core host the p90 of a sub-millisecond model
 is set by other processes' preemption (p90/p50 up to 7x measured), not by the model. Needs ../shared.
 
     python benchmarks/budget_pruning.py --json-out budget.json
     python benchmarks/budget_pruning.py --quick            # one profile, 0.5x only
+    python benchmarks/budget_pruning.py --models resnet18 --skip A B C D --e-fractions 0.6   # issue 20's landing
+    python benchmarks/budget_pruning.py --models resnet20 mobilenetv1 resnet18 --skip A B C D \
+        --methods chita-layerwise chita-fisher --e-fractions 0.5 --mobilenetv1-weights W.pt  # the default method
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -44,8 +54,9 @@ from chita_edge.core.errors import GateFailed
 from chita_edge.core.evaluate import accuracy
 from chita_edge.devices.profiles import load_profile, with_budgets
 from chita_edge.graph.compact import compact_model
-from chita_edge.models.loading import load_model
+from chita_edge.models.loading import build_model, load_model
 from chita_edge.models.zoo import MobileNetV1
+from chita_edge.pruning.batchnorm import reestimate_on_random_batches
 from chita_edge.pruning.channels import allowed_widths, apply_keep, channel_structure, l1_filter_norms
 from chita_edge.solvers.group_chita import select_groups
 
@@ -55,6 +66,7 @@ SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().paren
 PROFILES = ["sbc-rpi4", "watch-a55-dual", "phone-low-a53"]
 FRACTIONS = [0.7, 0.5, 0.3]
 PCT = "p50"
+RESNET18 = "torchvision:resnet18?num_classes=10&input_size=32"  # as `prune` builds it
 
 
 def log(msg: str) -> None:
@@ -86,10 +98,25 @@ def models(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     out = {}
     if "resnet20" in args.models:
         lm = load_model("zoo:resnet20", SHARED / "checkpoints/resnet20_cifar10.pt")
-        out["resnet20"] = {"module": lm.module, "data": load_data(f"npz:{SHARED / 'data/cifar10.npz'}")}
-    if "mobilenetv1" in args.models:
+        out["resnet20"] = {"module": lm.module, "data": load_data(f"npz:{SHARED / 'data/cifar10.npz'}"),
+                           "weights": "trained (../shared checkpoint)"}
+    if "mobilenetv1" in args.models and args.mobilenetv1_weights:
+        net = MobileNetV1(num_classes=10)
+        net.load_state_dict(torch.load(args.mobilenetv1_weights, weights_only=True))
+        out["mobilenetv1"] = {"module": net.eval(), "data": load_data(f"npz:{SHARED / 'data/cifar10.npz'}"),
+                              "weights": f"trained ({Path(args.mobilenetv1_weights).name}), 32x32 CIFAR-10"}
+    elif "mobilenetv1" in args.models:
         torch.manual_seed(0)
-        out["mobilenetv1"] = {"module": MobileNetV1().eval(), "data": synthetic((3, 224, 224), 32)}
+        out["mobilenetv1"] = {"module": MobileNetV1().eval(), "data": synthetic((3, 224, 224), 32),
+                              "weights": "random init, 224x224 (accuracy not meaningful)"}
+    if "resnet18" in args.models:
+        cifar = load_data(f"npz:{SHARED / 'data/cifar10.npz'}")
+        if args.resnet18_weights:
+            net, how = load_model(RESNET18, args.resnet18_weights).module, Path(args.resnet18_weights).name
+        else:  # seed-0 random init (build_model); running statistics from 16 batches of 128 training images
+            net, how = build_model(RESNET18).module, "random init, BatchNorm settled (accuracy not meaningful)"
+            reestimate_on_random_batches(net, cifar.x_train, batches=16, batch_size=128, seed=0)
+        out["resnet18"] = {"module": net.eval(), "data": cifar, "weights": how}
     if "mlpnet" in args.models:
         lm = load_model("zoo:mlpnet", SHARED / "checkpoints/mlpnet_mnist.pt")
         out["mlpnet"] = {"module": lm.module, "data": load_data(f"npz:{SHARED / 'data/mnist.npz'}")}
@@ -189,6 +216,64 @@ def run_budget(name: str, m: dict[str, Any], prof, frac: float, method: str, wd:
     return row
 
 
+# ------------------------------------------------------------------------------------------ E. the product's path
+
+
+def fisher_rows(model: torch.nn.Module, cap_gb: float) -> tuple[int, float]:
+    """chita-fisher holds G (n x p) in float32 and its float64 copy (12 bytes a coordinate): the largest n up to the
+    default that fits ``cap_gb``, and what the default n needs (GB)."""
+    p = sum(prm.numel() for n, prm in model.named_parameters() if n.endswith("weight") and prm.dim() > 1)
+    n_default = BudgetConfig().n_grads
+    return max(8, min(n_default, int(cap_gb * 2**30 / (12 * p)))), n_default * 12 * p / 2**30
+
+
+def product_row(name: str, m: dict[str, Any], prof, frac: float, method: str, wd: Path, dense_p90: dict,
+                fisher_gb: float) -> dict:
+    """What `prune MODEL --profile P --latency-ms frac x dense --method M` does: ``BudgetConfig``'s defaults (the
+    CLI's), the profile's memory and file budgets and its percentile, the search's own dense anchor. chita-fisher
+    runs with fewer gradients where the default n's G would not fit ``fisher_gb`` (the row says so)."""
+    model, data = m["module"], m["data"]
+    x1 = data.x_train[:1]
+    cfg, label = BudgetConfig(method=method), method
+    if cfg.method == "chita-fisher":
+        n, need = fisher_rows(model, fisher_gb)
+        if n < cfg.n_grads:
+            cfg, label = BudgetConfig(method=method, n_grads=n), f"chita-fisher n={n} (n=1000: G needs {need:.0f} GB)"
+    key = (name, prof.id)
+    if key not in dense_p90:  # the dense model's device estimate at the budget rule's percentile, as the user sees it
+        dense_p90[key] = measure_model(model, x1, prof, wd / f"dense-p90-{name}-{prof.id}.onnx", percentile="p90",
+                                       runs=cfg.bench_runs, repeats=cfg.bench_repeats, precision=cfg.precision,
+                                       max_repeats=cfg.bench_max_repeats, reuse=cfg.reuse_measurements)
+    dense_ms = dense_p90[key]["latency_ms"]
+    budgets = with_budgets(prof, latency_ms=frac * dense_ms, percentile="p90")
+    row: dict[str, Any] = {"model": name, "weights": m.get("weights", "-"), "profile": prof.id, "fraction": frac,
+                           "method": label, "dense_ms": dense_ms, "budget_ms": frac * dense_ms, "load": load(),
+                           "dense_accuracy": accuracy(model, data.x_test, data.y_test) if len(data.x_test) else None}
+    t0 = time.perf_counter()
+    try:
+        res = prune_to_budget(copy.deepcopy(model), x1, data, prof, budgets, cfg, work_dir=wd)
+    except Exception as e:  # GateFailed (unreachable) or a failure: one row must not hide the others
+        row.update(error=f"{type(e).__name__}: {e}", met=False, seconds=time.perf_counter() - t0)
+        log(f"[E] FAILED {row}")
+        return row
+    meas, land = res.measured or {}, res.landing or {}
+    verified = [s for s in res.stages if "verify" in s]
+    n_all = sum(p.numel() for p in model.parameters())
+    row.update(seconds=time.perf_counter() - t0, predicted_ms=res.predicted["latency_ms"],
+               measured_ms=meas.get("latency_ms"), delivered=meas.get("latency_ms", math.nan) / res.budgets["latency_ms"],
+               edge=land.get("upper_edge_over_budget"), judged=land.get("judged", "-"),
+               in_window=land.get("in_window"), binding=max(res.budgets, key=lambda k: meas.get(k, 0) / res.budgets[k]),
+               memory=f"{meas.get('memory_mb', math.nan):.3g}/{res.budgets.get('memory_mb', math.nan):.3g}",
+               file=f"{meas.get('file_mb', math.nan):.3g}/{res.budgets.get('file_mb', math.nan):.3g}",
+               rounds="+".join(str(s.get("kind", s.get("land", "?")))[0] for s in verified) or "-",
+               n_rounds=len(verified), met=res.passed, dropped=res.dropped,
+               params=sum(p.numel() for p in res.model.parameters()) / n_all,
+               accuracy=accuracy(res.model, data.x_test, data.y_test) if len(data.x_test) else None,
+               note=land.get("note", ""), landing=land)
+    log(f"[E] {name} {prof.id} {frac} {method}: {row}")
+    return row
+
+
 def mlp_section(m: dict[str, Any], prof, wd: Path, args, cms: dict, dense_meas: dict) -> list[dict[str, Any]]:
     from chita_edge.exporters import ExportConfig, export_model
 
@@ -235,6 +320,15 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: A B C D")
     ap.add_argument("--quick", action="store_true", help="one profile, 0.5x only")
+    ap.add_argument("--methods", nargs="+", default=["chita-layerwise"],
+                    help="budget methods of sections B and E (chita-layerwise, chita-fisher, l1-uniform, norm-global)")
+    ap.add_argument("--e-profile", default="phone-mid-sd670", help="section E's profile")
+    ap.add_argument("--e-fractions", nargs="+", type=float, default=[0.6, 0.5],
+                    help="section E's latency budgets as fractions of the dense p90 device estimate")
+    ap.add_argument("--fisher-max-gb", type=float, default=4.0,
+                    help="chita-fisher's G (n x p, float32 + float64) at most this large: fewer gradients where needed")
+    ap.add_argument("--resnet18-weights", help="a state dict of torchvision resnet18 (10 classes) trained on CIFAR-10")
+    ap.add_argument("--mobilenetv1-weights", help="a state dict of zoo MobileNetV1 (10 classes) trained on CIFAR-10")
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
     if not SHARED.exists():
@@ -271,12 +365,13 @@ def main() -> int:
                     continue
                 for prof in profs:
                     for frac in args.fractions:
-                        rows.append(run_budget(n, ms[n], prof, frac, "chita", wd, args, cms, dense_meas))
+                        rows.extend(run_budget(n, ms[n], prof, frac, meth, wd, args, cms, dense_meas)
+                                    for meth in args.methods)
             results["budgets"] = rows
             table(f"B. Budgets ({PCT} device estimate; met = measured <= 1.05 x budget; load average after: {load()})",
-                  ["model", "profile", "x dense", "dense ms", "budget ms", "predicted ms", "measured ms",
+                  ["model", "profile", "method", "x dense", "dense ms", "budget ms", "predicted ms", "measured ms",
                    "measured/budget", "rounds", "blocks removed", "memory MB", "file MB", "met", "accuracy %", "load"],
-                  [[r["model"], r["profile"], r["fraction"], r["dense_ms"], r["budget_ms"], r.get("predicted_ms", "-"),
+                  [[r["model"], r["profile"], r["method"], r["fraction"], r["dense_ms"], r["budget_ms"], r.get("predicted_ms", "-"),
                     r.get("measured_ms", "-"), r.get("ratio", "-"), r.get("rounds", "-"),
                     " ".join(r.get("dropped") or []) or "-", r.get("memory_mb", "-"), r.get("file_mb", "-"),
                     "yes" if r.get("met") else f"NO {r.get('error', '')[:80]}",
@@ -288,7 +383,7 @@ def main() -> int:
                     if r["model"] == "resnet20" and r["profile"] == prof.id}
             dense_acc = accuracy(ms["resnet20"]["module"], ms["resnet20"]["data"].x_test, ms["resnet20"]["data"].y_test)
             for frac in args.accuracy_fractions:
-                for method, kw in (("chita", {}), ("l1-uniform", {}), ("norm-global", {}),
+                for method, kw in (("chita-layerwise", {}), ("l1-uniform", {}), ("norm-global", {}),
                                    ("l1-uniform", {"refit": True})):
                     key = (frac, method + ("+refit" if kw else ""))
                     rows.append(prev[key] if key in prev else run_budget("resnet20", ms["resnet20"], prof, frac, method,
@@ -301,8 +396,8 @@ def main() -> int:
                    "accuracy %", "CHITA margin (points)", "load"],
                   [[r["fraction"], r["method"], r["budget_ms"], r.get("measured_ms", "-"), r.get("ratio", "-"),
                     r.get("rounds", "-"), " ".join(r.get("dropped") or []) or "-", r.get("accuracy", "-"),
-                    "-" if r["method"] == "chita" or r.get("accuracy") is None else
-                    next(c["accuracy"] for c in rows if c["fraction"] == r["fraction"] and c["method"] == "chita")
+                    "-" if r["method"] == "chita-layerwise" or r.get("accuracy") is None else
+                    next(c["accuracy"] for c in rows if c["fraction"] == r["fraction"] and c["method"] == "chita-layerwise")
                     - r["accuracy"], r["load"]] for r in rows])
         if "D" not in args.skip and "mlpnet" in ms:
             rows = mlp_section(ms["mlpnet"], profs[0], wd, args, cms, dense_meas)
@@ -314,6 +409,27 @@ def main() -> int:
                   [[r["method"], r["dense_ms"], r["budget_ms"], r.get("measured_ms", "-"),
                     (r["measured_ms"] / r["dense_ms"]) if r.get("measured_ms") else "-", r.get("file_mb", "-"),
                     r.get("accuracy", "-"), r.get("note") or r.get("error", "")[:200]] for r in rows])
+        if "E" not in args.skip:
+            eprof, rows, dense_p90 = load_profile(args.e_profile), [], {}
+            for n in ("resnet20", "mobilenetv1", "resnet18"):
+                for frac in args.e_fractions if n in ms else []:
+                    rows.extend(product_row(n, ms[n], eprof, frac, meth, wd, dense_p90, args.fisher_max_gb)
+                                for meth in args.methods)
+            results["product"] = rows
+            table(f"E. The product's budget path on {eprof.id} (`prune --profile {eprof.id} --latency-ms f x dense "
+                  f"p90`, BudgetConfig defaults; delivered = measured p90 estimate / budget; gate edge = the error "
+                  f"band's upper edge / budget, what the default --uncertain fail judges; load average after: "
+                  f"{load()})",
+                  ["model", "weights", "method", "x dense", "dense ms", "budget ms", "predicted ms", "measured ms",
+                   "delivered", "gate edge", "binding", "memory MB/budget", "file MB/budget", "rounds",
+                   "in window", "params kept", "dense top-1 %", "top-1 %", "seconds", "load", "note"],
+                  [[r["model"], r["weights"], r["method"], r["fraction"], r["dense_ms"], r["budget_ms"],
+                    r.get("predicted_ms", "-"), r.get("measured_ms", "-"), r.get("delivered", "-"),
+                    r.get("edge") or "-", r.get("binding", "-"), r.get("memory", "-"), r.get("file", "-"),
+                    r.get("rounds", "-"), r.get("in_window", "-"), r.get("params", "-"),
+                    r["dense_accuracy"] if r["dense_accuracy"] is not None else "-",
+                    r["accuracy"] if r.get("accuracy") is not None else "-", r["seconds"], r["load"],
+                    (r.get("note") or r.get("error", ""))[:160]] for r in rows])
     results["seconds"] = time.perf_counter() - t_all
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=1, default=str))

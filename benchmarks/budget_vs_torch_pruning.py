@@ -19,8 +19,12 @@ budgets are set at 0.7 / 0.5 / 0.3 x of it. Then, with every file measured the s
   its fastest measured file (over the budget, so at a higher latency than chita-edge's: ``fastest``).
 
 Accuracy on the 1017 exact CIFAR-10 test images, one-shot; with ``--finetune-epochs E`` also after the same
-fine-tuning of every compared model (SGD, cosine, lr 0.05, batch 128, augmentation; ``--distill``: the dense
-model as teacher, T = 4, alpha = 0.5) -- on the fractions in ``--finetune-fractions``; of Torch-Pruning's four
+fine-tuning of every compared model: the product's ``finetune`` with the budget path's recipe
+(``chita_edge.budget.config.finetune_config``, what ``prune --profile --finetune-epochs E`` runs: the output
+layer re-fitted with a ridge first, SGD Nesterov, lr and warm-up of ``FINETUNE``, cosine, batch 128, crop + flip,
+BatchNorm re-estimated at the end), identical for chita-edge and Torch-Pruning (same epochs, optimiser,
+distillation; ``--distill``: the dense model as teacher, T = 4, alpha = 0.5) -- on the fractions in
+``--finetune-fractions``; of Torch-Pruning's four
 settings, the one with the best one-shot accuracy (``--finetune-tp best``, default) or all (``all``). One table; latency ratios
 are against the dense model measured in the same run. Torch-Pruning is imported only here (the ``bench`` extra).
 
@@ -39,6 +43,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +51,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from chita_edge.budget.config import BudgetConfig
+from chita_edge.budget.config import BudgetConfig, finetune_config
 from chita_edge.budget.costmodel import CostModel, widths_of
 from chita_edge.budget.measure import measure_model
 from chita_edge.budget.search import prune_to_budget
@@ -56,7 +61,7 @@ from chita_edge.core.evaluate import accuracy
 from chita_edge.devices.profiles import load_profile, with_budgets
 from chita_edge.models.loading import load_model
 from chita_edge.pruning.channels import channel_structure
-from chita_edge.training.finetune import FinetuneConfig, finetune, reestimate_batchnorm
+from chita_edge.training.finetune import finetune, reestimate_batchnorm
 
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 PCT = "p90"
@@ -122,9 +127,12 @@ def measure(model: nn.Module, prof, path: Path, data: Dataset, args) -> dict[str
 
 
 def tune(model: nn.Module, teacher: nn.Module | None, data: Dataset, args) -> float:
+    """The product's fine-tuning (``training.finetune.finetune``) with the budget path's recipe
+    (``budget.config.finetune_config``, what ``prune --profile --finetune-epochs`` runs), the same for every model."""
     m = copy.deepcopy(model)
-    cfg = FinetuneConfig(epochs=args.finetune_epochs, lr=0.05, batch_size=128, eval_each_epoch=False, seed=0)
-    finetune(m, data, cfg, masks={}, teacher=teacher)
+    cfg = replace(finetune_config(args.finetune_epochs, seed=0), eval_each_epoch=False)
+    rep = finetune(m, data, cfg, masks={}, teacher=teacher)
+    log(f"  fine-tuned: {rep.initial_accuracy:.2f} -> {rep.accuracy:.2f} % (head {rep.head}); config {rep.config}")
     return accuracy(m, data.x_test, data.y_test)
 
 
@@ -143,6 +151,8 @@ def main() -> None:
     ap.add_argument("--uncertain", choices=["pass", "fail"], default="pass",
                     help="chita-edge's rule (prune --uncertain): pass lands the point estimate in [0.9, 1] x the "
                          "budget, as Torch-Pruning's files are picked; fail, its error band's upper edge")
+    ap.add_argument("--prefer", choices=["under", "nearest"], default="under",
+                    help="chita-edge's rule when no width lands in [0.9, 1] x the budget (prune --prefer)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -194,7 +204,8 @@ def main() -> None:
                 # the same rule as Torch-Pruning's files: the measured point estimate within the budget
                 # (uncertain="pass", check --uncertain pass); by default prune lands the error band's upper edge
                 cfg = BudgetConfig(method="chita-layerwise", bench_runs=args.runs, bench_max_repeats=args.max_repeats,
-                                   reuse_measurements=False, threads=args.threads, uncertain=args.uncertain)
+                                   reuse_measurements=False, threads=args.threads, uncertain=args.uncertain,
+                                   prefer=args.prefer)
                 t0 = time.perf_counter()
                 row = {**base, "fraction": frac, "budget_ms": limit, "method": "chita-layerwise"}
                 try:

@@ -156,7 +156,7 @@ def section_a(names: list[tuple[str, int]], weights: dict[str, Path], ds0: Datas
         d_acc = accuracy(dense.module, ds.x_test, ds.y_test)
         for s in args.sparsities:
             row: dict[str, Any] = {"family": family_key(name, size), "sparsity": s, "dense": d_acc}
-            for method in ("chita", "magnitude"):
+            for method in args.methods:
                 lm = load_model(spec_of(name, size), w)
                 cfg = PruneConfig(sparsity=s, method=method, n_grads=args.grads, block_size=args.block_size,
                                   layerwise_refit=True, refit_samples=args.refit_samples)
@@ -165,14 +165,25 @@ def section_a(names: list[tuple[str, int]], weights: dict[str, Path], ds0: Datas
                 row[method] = accuracy(lm.module, ds.x_test, ds.y_test)
                 row[f"{method}_s"] = time.perf_counter() - t0
                 row[f"{method}_sparsity"] = rep.sparsity
-                log(f"[A] {name} {s} {method}: {row[method]:.2f} % in {row[f'{method}_s']:.0f} s")
+                # a layer with every weight pruned: its output is constant (a global support can do that)
+                row[f"{method}_emptied"] = [k for k, v in rep.layer_sparsity.items() if v >= 1.0]
+                # which candidate CHITA's safeguard kept (the solver's update scaled by alpha, or magnitude's)
+                row[f"{method}_kept"] = ",".join(st["safeguard"]["chosen"] for st in rep.stages if "safeguard" in st)
+                log(f"[A] {name} {s} {method}: {row[method]:.2f} % in {row[f'{method}_s']:.0f} s, "
+                    f"emptied {row[f'{method}_emptied']}, safeguard kept {row[f'{method}_kept'] or '-'}")
             rows.append(row)
-    print("\n| family | dense % | sparsity | CHITA + re-fit % | magnitude + re-fit % | CHITA - magnitude (pts) "
-          "| CHITA s | magnitude s |")
-    print("|---|---|---|---|---|---|---|---|")
+    ms = args.methods
+    diff = ms[:2] == ["chita", "magnitude"]
+    print("\n| family | dense % | sparsity | " + " | ".join(f"{m} + re-fit %" for m in ms)
+          + (" | CHITA - magnitude (pts)" if diff else "") + " | " + " | ".join(f"{m} s" for m in ms)
+          + " | safeguard kept | layers emptied |")
+    print("|---|---|---|" + "---|" * (2 * len(ms) + diff + 2))
     for r in rows:
-        print(f"| `{r['family']}` | {r['dense']:.2f} | {r['sparsity']:.0%} | {r['chita']:.2f} | {r['magnitude']:.2f}"
-              f" | {r['chita'] - r['magnitude']:+.2f} | {r['chita_s']:.0f} | {r['magnitude_s']:.0f} |", flush=True)
+        emptied = "; ".join(f"{m}: {', '.join(r[f'{m}_emptied'])}" for m in ms if r[f"{m}_emptied"]) or "none"
+        print(f"| `{r['family']}` | {r['dense']:.2f} | {r['sparsity']:.0%} | "
+              + " | ".join(f"{r[m]:.2f}" for m in ms) + (f" | {r['chita'] - r['magnitude']:+.2f}" if diff else "")
+              + " | " + " | ".join(f"{r[f'{m}_s']:.0f}" for m in ms)
+              + f" | {'; '.join(r[f'{m}_kept'] for m in ms if r[f'{m}_kept']) or '-'} | {emptied} |", flush=True)
     return rows
 
 
@@ -292,6 +303,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--lr", type=float, default=0.05, help="peak learning rate of the one-cycle schedule")
     ap.add_argument("--sparsities", default="0.5,0.7,0.9")
+    ap.add_argument("--methods", default="chita,magnitude", help="section A's one-shot methods (PruneConfig.method)")
     ap.add_argument("--fractions", default="0.7,0.5")
     ap.add_argument("--grads", type=int, default=128)
     ap.add_argument("--block-size", type=int, default=0)
@@ -305,6 +317,7 @@ def main() -> int:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.sparsities = [float(s) for s in args.sparsities.split(",")]
+    args.methods = args.methods.split(",")
     args.fractions = [float(f) for f in args.fractions.split(",")]
     args.matrix = args.matrix.split(",")
     names = [parse_family(f) for f in args.families.split(",")]

@@ -7,7 +7,8 @@ Each row runs in a child process (``--row JSON``) and reports its own peak RSS a
   1000-class ImageNet head of the paper's 4.2 M is left out), trained first on the CIFAR-10 subset with the recipe
   in ``train`` (cached under --work), one-shot at each --sparsities with n = --grads:
   ``chita block`` (streamed block mode, OBS-saliency support, per-block CHITA, layer-wise re-fit, --memory-gb cap),
-  ``reference block`` (the reference code: global magnitude support + per-block backsolve; no re-fit, no
+  ``chita block, no safeguard`` (the same, CHITA's support and weights kept whatever the safeguard's loss check
+  says), ``reference block`` (the reference code: global magnitude support + per-block backsolve; no re-fit, no
   safeguard), ``magnitude`` (global) and ``magnitude + re-fit``. Accuracy on the 1017 test images.
 - ``--resnet50``: a ResNet50-sized model (torchvision-style bottlenecks, 25.5 M prunable weights, random init, CIFAR
   input), streamed block mode at 80 % with n = 500.
@@ -53,7 +54,7 @@ from chita_edge.solvers.group_chita import masked_layer_backsolve
 from chita_edge.training.finetune import FinetuneConfig, finetune
 
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-METHODS = ("chita-block", "reference-block", "magnitude", "magnitude-refit")
+METHODS = ("chita-block", "reference-block", "magnitude", "magnitude-refit", "chita-block-no-safeguard")
 
 
 def mobilenet() -> nn.Module:
@@ -138,6 +139,9 @@ def run_row(spec: dict) -> dict:
     cfg = {
         "chita-block": PruneConfig(method="chita", block_size=spec["block_size"], block_support="saliency",
                                    memory_budget_gb=spec["memory_gb"], block_stream=spec["stream"], **common),
+        "chita-block-no-safeguard": PruneConfig(method="chita", block_size=spec["block_size"], block_support="saliency",
+                                                memory_budget_gb=spec["memory_gb"], block_stream=spec["stream"],
+                                                safeguard=False, **common),
         "reference-block": PruneConfig(method="bso", block_size=spec["block_size"], block_support="magnitude",
                                        memory_budget_gb=spec["memory_gb"], layerwise_refit=False, safeguard=False,
                                        block_stream=spec["stream"], **common),
@@ -221,7 +225,7 @@ def estimate_row(spec: dict) -> dict:
     return {**spec, "p": p, "plan": plan.to_dict(), "plan_text": plan.describe(), "t_min_s": t_min, "t_all_s": t_all,
             "gradients_est_s": grad_s, "saliency_per_block_s": sal / len(pick), "solve_per_block_s": sol / len(pick),
             "blocks_est_s": per_block * len(blocks), "total_est_s": grad_s + per_block * len(blocks),
-            "peak_rss_gb": peak_rss_gb()}
+            "peak_rss_gb": peak_rss_gb(), "cpu_s": cpu_s(), "load_avg": os.getloadavg()[0]}
 
 
 def backsolve_in_q_by_q(H: torch.Tensor, C: torch.Tensor, W_bar: torch.Tensor, mask: torch.Tensor, lam: float,
@@ -398,7 +402,7 @@ def main() -> None:
                       f"CHITA {r['solve_per_block_s'] * 1e3:.1f} ms ({r['plan']['blocks']} blocks)")
                 print(f"  estimate: gradients {r['gradients_est_s'] / 60:.1f} min + blocks {r['blocks_est_s'] / 60:.1f} "
                       f"min = {r['total_est_s'] / 60:.1f} min (re-fit, safeguard, BatchNorm not included); "
-                      f"probe peak RSS {r['peak_rss_gb']:.2f} GB")
+                      f"probe peak RSS {r['peak_rss_gb']:.2f} GB, CPU {r['cpu_s']:.0f} s, load {r['load_avg']:.1f}")
         return
     weights = None if args.resnet50 else str(train(args.work, args.epochs, args.train_batch))
     n = args.grads or (500 if args.resnet50 else 1000)

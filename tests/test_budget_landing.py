@@ -19,7 +19,7 @@ from test_budget import FakeCostModel, synthetic_data, use_fake_cost_model
 from torch import nn
 
 from chita_edge.budget import measure, search
-from chita_edge.budget.config import BudgetConfig
+from chita_edge.budget.config import FINETUNE, BudgetConfig
 from chita_edge.budget.costmodel import widths_of
 from chita_edge.budget.measure import measure_model, precision_of
 from chita_edge.budget.search import prune_to_budget
@@ -248,7 +248,10 @@ def test_cli_budget_prune_fine_tunes_with_the_dense_teacher(tmp_path, monkeypatc
     ft = d["finetune"]
     assert ft["epochs"] == 1 and ft["distill"] and d["accuracy"] == ft["accuracy_after"]
     assert ft["accuracy_before"] is not None
+    # the budget path's recipe (issue 20): the output layer re-fitted with a ridge first, lower lr, a warm-up
+    assert {k: ft["config"][k] for k in FINETUNE} == FINETUNE and ft["config"]["epochs"] == 1
     lm = load_model(None, out)  # the fine-tuned weights, on the pruned architecture
+    assert lm.meta["finetune"]["head"]["layer"] and lm.meta["finetune"]["head"]["damp"] == FINETUNE["head_ridge"]
     assert lm.meta["finetune"]["distill"] and lm.meta["pruned_accuracy"] == ft["accuracy_before"]
     assert lm.meta["widths"] == d["widths"]
     assert not (tmp_path / "p.pt.state").exists()
@@ -305,6 +308,8 @@ def test_pipeline_fine_tunes_after_a_budget_prune_stage_and_reports_both_accurac
     assert ft["result"]["initial_accuracy"] == pytest.approx(before) and after is not None and after != before
     meta = load_model(None, tmp_path / "out" / "tiny-board/finetune/finetuned.pt").meta
     assert meta["finetune"]["distill"] and meta["finetune"]["teacher"] and meta["pruned_accuracy"] == before
+    # a budget-pruned checkpoint: the finetune stage re-fits the output layer as the budget path does
+    assert meta["finetune"]["config"]["head_ridge"] == FINETUNE["head_ridge"] and meta["finetune"]["head"]
 
 
 def test_a_round_passes_only_where_one_more_run_would_pass_too():

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from chita_edge.budget.config import finetune_config
 from chita_edge.cli import ui
 from chita_edge.cli.app import app
 from chita_edge.devices.gate import pruned_verdicts
@@ -54,7 +55,7 @@ def prune_cmd(
     gradual_start: Annotated[float, typer.Option("--gradual-start", help="--gradual: sparsity of the first step (the paper: 0.5; MLPNet at 98 % did best from 0.8, docs/finetune.md).")] = 0.5,
     epochs: Annotated[int, typer.Option("--epochs", help="--gradual: fine-tuning epochs in all.")] = 5,
     prune_every: Annotated[int, typer.Option("--prune-every", help="--gradual: a pruning step every K epochs.")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="--gradual or --finetune-epochs: fine-tuning learning rate (SGD, cosine).")] = 0.05,
+    lr: Annotated[float | None, typer.Option("--lr", help="--gradual or --finetune-epochs: fine-tuning learning rate (SGD, cosine; default: 0.05 with --gradual, the budget recipe's with --finetune-epochs, docs/finetune.md).")] = None,
     finetune_epochs: Annotated[int | None, typer.Option("--finetune-epochs", help="With --profile: fine-tune the pruned model this many epochs (SGD, cosine, --lr) before writing it; the output gives the accuracy before and after.")] = None,
     distill: Annotated[bool, typer.Option("--distill", help="With --finetune-epochs: distil from the dense model (the teacher).")] = False,
     prefer: Annotated[str, typer.Option("--prefer", help="With --profile, when no width lands in [0.90, 1.00] x the budget: under (the nearest that meets it) or nearest (the nearest either side, even over it).")] = "under",
@@ -81,14 +82,15 @@ def prune_cmd(
     gcfg = None
     if gradual:
         gcfg = GradualConfig(epochs=epochs, prune_every=prune_every, start_sparsity=gradual_start,
-                             finetune=FinetuneConfig(lr=lr, seed=seed or 0))
+                             finetune=FinetuneConfig(lr=0.05 if lr is None else lr, seed=seed or 0))
     budgets = {k: v for k, v in (("latency_ms", latency_ms), ("memory_mb", memory_mb), ("file_mb", file_mb))
                if v is not None}
     job = jobs.PruneJob(model=model, data=data, out=out, weights=weights, profile=profile, budgets=budgets,
                         export=export, gradual=gcfg, resume=resume, prefer=prefer, uncertain=uncertain,
                         distill=distill,
-                        finetune=None if finetune_epochs is None else FinetuneConfig(epochs=finetune_epochs, lr=lr,
-                                                                                     seed=seed or 0), device=device, memory_gb=memory_gb,
+                        finetune=None if finetune_epochs is None else finetune_config(finetune_epochs, lr=lr,
+                                                                                      seed=seed or 0),
+                        device=device, memory_gb=memory_gb,
                         settings=jobs.prune_settings(flags=flags, profile=profile))
     if launch_rank() != 0:  # one of torchrun's other processes: it prunes with rank 0, which alone reports
         jobs.run_prune(job)

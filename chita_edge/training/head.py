@@ -74,7 +74,9 @@ def condition_head(model: nn.Module, x: torch.Tensor, *, damp: float, samples: i
     lam = damp * float(H.diagonal()[:F.shape[1]].mean())
     R = torch.zeros_like(H)
     R.diagonal()[:F.shape[1]] = lam
-    sol = torch.linalg.lstsq(H + R, Fa.T @ Y).solution  # (in [+1], out)
+    A, rhs = H + R, Fa.T @ Y
+    L, info = torch.linalg.cholesky_ex(A)  # positive definite: the ridge on the weights, the bias column's ones
+    sol = torch.cholesky_solve(rhs, L) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution  # (in [+1], out)
     Wn = sol[:F.shape[1]].T
     Yn = F @ Wn.T + (sol[-1] if head.bias is not None else 0.0)
     head.weight.copy_(Wn.to(head.weight.dtype))

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from chita_edge.budget.config import FINETUNE
 from chita_edge.core.checkpoint import save_checkpoint
 from chita_edge.core.data import data_file, load_data
 from chita_edge.core.errors import BadInput
@@ -64,6 +66,8 @@ def finetune_checkpoint(
     teacher = load_teacher(lm.spec, lm.meta, teacher_weights, str(src)) if distill else None
     if teacher is not None and cfg.distill_weight == 0:
         raise BadInput("--distill with distill weight 0 would not distil; give a weight in (0, 1]")
+    if cfg.head_ridge is None:  # a budget-pruned checkpoint (re-fitted weights): the budget path's head re-fit
+        cfg = replace(cfg, head_ridge=FINETUNE["head_ridge"] if (lm.meta or {}).get("profile") else 0.0)
     params = find_prunable(lm.module, lm.prunable)
     report = finetune(lm.module, ds, cfg, masks=masks_from_zeros(lm.module, params), teacher=teacher,
                       progress=progress, on_epoch=on_epoch, state_path=state, resume=resume)
@@ -77,7 +81,7 @@ def finetune_checkpoint(
               # the epochs' wall-clock seconds stay in the report, out of the file: equal weights and settings
               # give equal bytes, so an export that records this file's sha256 is reproducible
               "history": [{k: v for k, v in h.items() if k != "seconds"} for h in report.history],
-              "config": report.config, "qat": report.qat, "previous": meta.get("finetune")}
+              "config": report.config, "qat": report.qat, "head": report.head, "previous": meta.get("finetune")}
     meta["finetune"] = record
     if cfg.qat:  # the weights were trained for the exporters' int8; a later float fine-tune drops the flag
         meta["qat"] = True
