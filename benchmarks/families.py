@@ -224,20 +224,28 @@ def section_b(names: list[tuple[str, int]], weights: dict[str, Path], ds0: Datas
                        dense_params=sum(p.numel() for p in model.parameters()))
             rows.append(row)
             log(f"[B] {row}")
-    print(f"\n| family | budget (x dense p50) | dense ms ({args.profile}) | measured ms | measured / dense | "
-          "measured / budget | in [0.9, 1.0] x budget | met | accuracy % (dense) | params kept | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print_b(rows, args.profile)
+    return rows
+
+
+def print_b(rows: list[dict[str, Any]], profile: str) -> None:
+    """Section B's table. A device estimate's latency is judged at the upper edge of its error band (check's
+    rule, ``BudgetConfig.uncertain="fail"``); the landing window [0.9, 1.0] x budget applies to that figure."""
+    print(f"\n| family | budget (x dense p50) | dense ms ({profile}) | measured ms | measured / dense | "
+          "measured / budget | judged (band's upper edge) / budget | in [0.9, 1.0] x budget | met | "
+          "accuracy % (dense) | params kept | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "accuracy" not in r:
-            print(f"| `{r['family']}` | {r['fraction']} | {r['dense_ms']:.2f} | -- | -- | -- | -- | no: {r['error'][:80]} "
-                  f"| -- ({r['dense']:.2f}) | -- | -- |")
+            print(f"| `{r['family']}` | {r['fraction']} | {r['dense_ms']:.2f} | -- | -- | -- | -- | -- | no: "
+                  f"{r['error'][:80]} | -- ({r['dense']:.2f}) | -- | -- |")
             continue
-        ms = r["measured_ms"]
-        at = ms / r["budget_ms"]
+        ms, land = r["measured_ms"], r.get("landing") or {}
+        judged = land.get("upper_edge_over_budget", ms / r["budget_ms"])
         print(f"| `{r['family']}` | {r['fraction']} | {r['dense_ms']:.2f} | {ms:.2f} | {ms / r['dense_ms']:.2f} | "
-              f"{at:.2f} | {'yes' if 0.9 <= at <= 1.0 else 'no'} | {'yes' if r['met'] else 'no'} | {r['accuracy']:.2f} ({r['dense']:.2f}) | "
+              f"{ms / r['budget_ms']:.2f} | {judged:.2f} | {'yes' if 0.9 <= judged <= 1.0 else 'no'} | "
+              f"{'yes' if r['met'] else 'no'} | {r['accuracy']:.2f} ({r['dense']:.2f}) | "
               f"{r['params'] / r['dense_params']:.0%} | {r['seconds']:.0f} |", flush=True)
-    return rows
 
 
 def cli(*args: Any) -> dict[str, Any]:

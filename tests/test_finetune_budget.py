@@ -75,7 +75,7 @@ def test_head_ridge_keeps_fine_tuning_from_wrecking_a_refitted_head(digits, dens
     assert fixed.history[0]["loss"] < plain.history[0]["loss"] / 3
 
 
-def test_warmup_rises_linearly_then_follows_the_cosine(digits, dense_mlp):
+def test_warmup_rises_linearly_then_follows_the_cosine(digits, dense_mlp, monkeypatch):
     m = copy.deepcopy(dense_mlp)
     lrs: list[float] = []
     steps = math.ceil(len(digits.x_train) / 256)
@@ -87,11 +87,8 @@ def test_warmup_rises_linearly_then_follows_the_cosine(digits, dense_mlp):
         lrs.append(self.param_groups[0]["lr"])
         return orig(self, *a, **k)
 
-    torch.optim.SGD.step = spy
-    try:
-        finetune(m, digits, cfg, masks={})
-    finally:
-        torch.optim.SGD.step = orig
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    finetune(m, digits, cfg, masks={})
     assert len(lrs) == 3 * steps
     assert lrs[:steps] == pytest.approx([0.1 * (i + 1) / (steps + 1) for i in range(steps)])
     assert lrs[steps] == pytest.approx(0.1)  # the cosine starts at the peak after the warm-up

@@ -396,7 +396,7 @@ def masked_layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, mask: Tensor, la
     out, q = W_bar.shape
     R = (C @ W_bar.T).T + lam * W_bar  # (out, q)
     W = torch.zeros_like(W_bar)
-    mask = mask.reshape(out, q).bool()
+    mask = mask.reshape(out, q).bool().to(H.device)
     counts = mask.sum(1)
     rows = torch.argsort(counts, descending=True, stable=True)
     rows = rows[counts[rows] > 0]
@@ -408,10 +408,10 @@ def masked_layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, mask: Tensor, la
         step = rows_per_chunk or max(1, (1 << 25) // max(k * k, 1))  # ~256 MB of float64 systems at a time
         r = rows[s:s + step]
         idx = support[r, :k]  # (b, k)
-        valid = (torch.arange(k).unsqueeze(0) < counts[r].unsqueeze(1)).to(H.dtype)
+        valid = (torch.arange(k, device=H.device).unsqueeze(0) < counts[r].unsqueeze(1)).to(H.dtype)
         idx = idx * valid.long()  # padding points at column 0; its row and column are replaced by the identity
         A = H[idx.unsqueeze(2), idx.unsqueeze(1)] * (valid.unsqueeze(2) * valid.unsqueeze(1))
-        A = A + torch.eye(k, dtype=H.dtype) * (lam * valid + (1 - valid)).unsqueeze(1)
+        A = A + torch.eye(k, dtype=H.dtype, device=H.device) * (lam * valid + (1 - valid)).unsqueeze(1)
         rhs = (R[r.unsqueeze(1), idx] * valid).unsqueeze(2)
         L, info = torch.linalg.cholesky_ex(A)
         if bool((info != 0).any()):
