@@ -206,7 +206,8 @@ def section_b(names: list[tuple[str, int]], weights: dict[str, Path], ds0: Datas
             limit = frac * dm["latency_ms"]
             row: dict[str, Any] = {"family": family_key(name, size), "fraction": frac, "dense_ms": dm["latency_ms"],
                                    "dense": d_acc, "budget_ms": limit}
-            cfg = BudgetConfig(bench_runs=args.runs, bench_repeats=args.repeats, calib_samples=args.calib)
+            cfg = BudgetConfig(bench_runs=args.runs, bench_repeats=args.repeats, calib_samples=args.calib,
+                               uncertain=args.uncertain)
             t0 = time.perf_counter()
             try:
                 res = prune_to_budget(copy.deepcopy(model), x1, ds, prof, with_budgets(prof, latency_ms=limit,
@@ -320,6 +321,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--uncertain", default="fail", choices=("fail", "pass"),
+                    help="B: judge a device estimate at its error band's upper edge (fail, check's default) or at "
+                         "its point figure (pass, check --uncertain pass)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json-out")
     args = ap.parse_args()
