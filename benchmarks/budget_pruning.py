@@ -228,17 +228,18 @@ def fisher_rows(model: torch.nn.Module, cap_gb: float) -> tuple[int, float]:
 
 
 def product_row(name: str, m: dict[str, Any], prof, frac: float, method: str, wd: Path, dense_p90: dict,
-                fisher_gb: float) -> dict:
+                fisher_gb: float, uncertain: str = "fail") -> dict:
     """What `prune MODEL --profile P --latency-ms frac x dense --method M` does: ``BudgetConfig``'s defaults (the
     CLI's), the profile's memory and file budgets and its percentile, the search's own dense anchor. chita-fisher
     runs with fewer gradients where the default n's G would not fit ``fisher_gb`` (the row says so)."""
     model, data = m["module"], m["data"]
     x1 = data.x_train[:1]
-    cfg, label = BudgetConfig(method=method), method
+    cfg, label = BudgetConfig(method=method, uncertain=uncertain), method
     if cfg.method == "chita-fisher":
         n, need = fisher_rows(model, fisher_gb)
         if n < cfg.n_grads:
-            cfg, label = BudgetConfig(method=method, n_grads=n), f"chita-fisher n={n} (n=1000: G needs {need:.0f} GB)"
+            cfg = BudgetConfig(method=method, uncertain=uncertain, n_grads=n)
+            label = f"chita-fisher n={n} (n=1000: G needs {need:.0f} GB)"
     key = (name, prof.id)
     if key not in dense_p90:  # the dense model's device estimate at the budget rule's percentile, as the user sees it
         dense_p90[key] = measure_model(model, x1, prof, wd / f"dense-p90-{name}-{prof.id}.onnx", percentile="p90",
@@ -327,6 +328,8 @@ def main() -> int:
                     help="section E's latency budgets as fractions of the dense p90 device estimate")
     ap.add_argument("--fisher-max-gb", type=float, default=4.0,
                     help="chita-fisher's G (n x p, float32 + float64) at most this large: fewer gradients where needed")
+    ap.add_argument("--uncertain", choices=["fail", "pass"], default="fail",
+                    help="section E: judge the error band's upper edge (fail, the default) or the point estimate")
     ap.add_argument("--resnet18-weights", help="a state dict of torchvision resnet18 (10 classes) trained on CIFAR-10")
     ap.add_argument("--mobilenetv1-weights", help="a state dict of zoo MobileNetV1 (10 classes) trained on CIFAR-10")
     ap.add_argument("--json-out", type=Path)
@@ -413,11 +416,12 @@ def main() -> int:
             eprof, rows, dense_p90 = load_profile(args.e_profile), [], {}
             for n in ("resnet20", "mobilenetv1", "resnet18"):
                 for frac in args.e_fractions if n in ms else []:
-                    rows.extend(product_row(n, ms[n], eprof, frac, meth, wd, dense_p90, args.fisher_max_gb)
+                    rows.extend(product_row(n, ms[n], eprof, frac, meth, wd, dense_p90, args.fisher_max_gb,
+                                            args.uncertain)
                                 for meth in args.methods)
             results["product"] = rows
             table(f"E. The product's budget path on {eprof.id} (`prune --profile {eprof.id} --latency-ms f x dense "
-                  f"p90`, BudgetConfig defaults; delivered = measured p90 estimate / budget; gate edge = the error "
+                  f"p90 --uncertain {args.uncertain}`, BudgetConfig defaults; delivered = measured p90 estimate / budget; gate edge = the error "
                   f"band's upper edge / budget, what the default --uncertain fail judges; load average after: "
                   f"{load()})",
                   ["model", "weights", "method", "x dense", "dense ms", "budget ms", "predicted ms", "measured ms",
