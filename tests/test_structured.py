@@ -11,9 +11,9 @@ from conftest import tiny_resnet
 from torch import nn
 
 from chita_edge.core.data import Dataset
-from chita_edge.core.errors import BadInput
+from chita_edge.core.errors import BadInput, RuntimeFailure
 from chita_edge.graph.channels import channel_report, channel_weight_indices
-from chita_edge.graph.compact import compact_model
+from chita_edge.graph.compact import _check_same_function, compact_model
 from chita_edge.graph.plan import apply_plan
 from chita_edge.pruning.blocks import BlockConfig, block_structure, prune_blocks
 from chita_edge.pruning.channels import (
@@ -677,3 +677,24 @@ def test_a_channel_shuffle_is_named_as_the_blocker():
     by = {b.id: b for b in blocked}
     assert set(by) == {"left", "right", "head"} and by["left"].op == ".view() in _ShuffleLike.forward"
     assert by["right"].why.startswith("a channel shuffle (groups=2: view (1, 8, 8, 8) -> (1, 2, 4, 8, 8), transpose(1,")
+
+
+def _two_layer(hidden_bias: float, out_bias: float) -> nn.Module:
+    """y = (1e4 x + hidden_bias) - 1e4 x + out_bias: the same function for every split of 0.3 between the biases."""
+    m = nn.Sequential(nn.Linear(1, 2), nn.Linear(2, 1))
+    with torch.no_grad():
+        m[0].weight.fill_(1e4), m[0].bias.copy_(torch.tensor([hidden_bias, 0.0]))
+        m[1].weight.copy_(torch.tensor([[1.0, -1.0]])), m[1].bias.fill_(out_bias)
+    return m
+
+
+def test_compaction_checks_the_function_in_float64_not_float32_rounding():
+    """A bias folded into a consumer rounds differently in float32 (ResNet18: 3.4e-5 of the output after ~20
+    folds, which refused a correct compaction); the check runs both models in float64 and still refuses a change."""
+    x = torch.linspace(1.0, 3.0, 64).unsqueeze(1)
+    before, folded = _two_layer(0.3, 0.0), _two_layer(0.0, 0.3)
+    with torch.no_grad():
+        assert float((before(x) - folded(x)).abs().max()) > 1e-5 * 1.3  # float32 rounding alone
+    _check_same_function(before, folded, (x,), 0.0)
+    with pytest.raises(RuntimeFailure, match="not inert"):
+        _check_same_function(before, _two_layer(0.0, 0.31), (x,), 0.0)
