@@ -15,7 +15,7 @@ import torch
 from conftest import model_file, run_cli, tiny_mlp, tiny_resnet
 from torch import nn
 
-from chita_edge.budget import measure, search
+from chita_edge.budget import measure, methods, search
 from chita_edge.budget.config import BudgetConfig, min_widths
 from chita_edge.budget.costmodel import CostModel, Prediction
 from chita_edge.budget.criteria import (
@@ -28,7 +28,7 @@ from chita_edge.budget.criteria import (
 from chita_edge.budget.measure import measure_model
 from chita_edge.budget.search import _schedule, prune_to_budget
 from chita_edge.core.data import Dataset
-from chita_edge.core.errors import GateFailed
+from chita_edge.core.errors import BadInput, GateFailed
 from chita_edge.devices.profiles import load_profile, with_budgets
 from chita_edge.graph.plan import apply_plan
 from chita_edge.models.loading import load_model
@@ -588,3 +588,46 @@ def test_a_banded_estimate_is_planned_so_that_its_upper_edge_fits(monkeypatch):
     assert res.budgets["latency_ms"] == limit  # the budget reported is the user's
     assert res.passed and res.measured["latency_ms"] * 1.5 <= limit  # the upper edge fits, not only the estimate
     assert any("upper_edge_over_budget" in r for r in res.stages)
+
+
+# ------------------------------------------------------------------------------- chita-fisher's memory check
+
+
+def test_chita_fisher_refuses_a_G_over_the_memory_cap_before_any_measurement(monkeypatch):
+    prof = load_profile("phone-mid-sd670")
+    m, data = tiny_resnet(), synthetic_data(32)
+    p = sum(q.numel for q in channel_structure(m, data.x_train[:1]).params)
+
+    def never(*a, **kw):
+        raise AssertionError("measured or computed gradients before the memory check")
+
+    monkeypatch.setattr(CostModel, "build", classmethod(never))
+    monkeypatch.setattr(methods, "gradients", never)
+    budgets = with_budgets(prof, latency_ms=1.0)
+    cfg = BudgetConfig(method="chita-fisher", n_grads=100, memory_gb=0.01, verify=False, width_multiple=4)
+    with pytest.raises(BadInput, match=r"gradient matrix G needs .*float32 \+ its float64 copy.* budget is") as e:
+        prune_to_budget(m, data.x_train[:1], data, prof, budgets, cfg)
+    fit = int(0.01 * 2**30) // (12 * p)
+    assert f"--grads {fit} or fewer fit" in str(e.value) and "--dtype float32" in str(e.value)
+    # the bytes: n x p float32 plus the float64 copy; float32 needs no copy
+    ok = BudgetConfig(method="chita-fisher", n_grads=100, memory_gb=1.0)
+    cs = channel_structure(m, data.x_train[:1])
+    assert methods.check_fisher_memory(cs, ok) == 100 * p * 12
+    assert methods.check_fisher_memory(cs, BudgetConfig(method="chita-fisher", n_grads=100, dtype="float32")) == \
+        100 * p * 4
+    assert methods.check_fisher_memory(cs, BudgetConfig(method="l1-uniform", n_grads=10**9)) == 0
+
+
+def test_cli_chita_fisher_memory_cap_and_its_usage_errors(tmp_path):
+    spec, data, weights = _write_model_and_data(tmp_path)
+    out = tmp_path / "p.pt"
+    base = ("prune", spec, "--data", data, "--out", out, "--profile", "phone-mid-sd670", "--latency-ms", "1")
+    r = run_cli(*base, "--method", "chita-fisher", "--memory-gb", "0.0001")
+    assert r.code == 2 and "--grads" in r.stderr and "gradient matrix G needs" in r.stderr
+    r = run_cli(*base, "--method", "chita-fisher", "--grads", "100000000")  # over half of the free RAM
+    assert r.code == 2 and "--grads" in r.stderr
+    r = run_cli(*base, "--memory-gb", "1")
+    assert r.code == 2 and "--memory-gb" in r.stderr and "chita-fisher" in r.stderr
+    r = run_cli(*base, "--method", "chita-fisher", "--memory-gb", "0")
+    assert r.code == 2 and "--memory-gb 0.0: expected > 0" in r.stderr
+    assert not out.exists()

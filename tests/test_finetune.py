@@ -413,3 +413,19 @@ def test_cli_keeps_structural_plan(digits, tmp_path):
     assert meta["plan"] == plan
     lm = load_model(None, out)
     assert lm.module[0].weight.shape[0] == 4 and lm.module[4].weight.shape == (10, 4 * 64)
+
+
+def test_cli_warmup_epochs_and_head_ridge_reach_the_config(pruned_ckpt, tmp_path):
+    out = tmp_path / "ft.pt"
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", "--warmup-epochs", "1",
+                "--head-ridge", "0.2", "--bn-batches", "0", "--out", out, "--json")
+    assert r.code == 0, r.stderr
+    _, meta = read_weights(out)
+    cfg = meta["finetune"]["config"]
+    assert cfg["warmup_epochs"] == 1.0 and cfg["head_ridge"] == 0.2
+    assert meta["finetune"]["head"]  # the head re-fit ran
+    for bad, flag in ((["--warmup-epochs", "3"], "--warmup-epochs 3.0"), (["--head-ridge", "-1"], "--head-ridge -1.0"),
+                      (["--head-ridge", "nan"], "--head-ridge nan")):
+        r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", *bad, "--out", tmp_path / "o.pt")
+        assert r.code == 2 and flag in r.stderr, r.stderr
+    assert not (tmp_path / "o.pt").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,22 @@ def test_the_run_verdict_shows_each_checks_band_and_margin():
                                        "verdict": "uncertain"})
     assert _check_cell({"name": "accuracy", "value": 98.6, "comparison": ">=", "limit": 85, "unit": "%",
                         "passed": True}).endswith("(+13.6 %)")
+
+
+def test_finetune_warmup_epochs_and_head_ridge_reach_the_config(tmp_path, monkeypatch, cli):
+    seen = {}
+
+    def stop(job, **kw):  # the stage's FinetuneConfig, then stop before training
+        seen["cfg"] = job.config
+        raise RuntimeError("stopped by the test")
+
+    monkeypatch.setattr(pipeline.jobs, "run_finetune", stop)
+    p = write(tmp_path, finetune="{epochs: 2, lr: 0.01, warmup_epochs: 0.5, head_ridge: 0.2}")
+    r = cli("run", p)
+    assert r.code == 3 and "stopped by the test" in r.stderr
+    assert seen["cfg"].warmup_epochs == 0.5 and seen["cfg"].head_ridge == 0.2
+    for bad, needle in (("{epochs: 1, warmup_epochs: 2}", "warmup_epochs 2.0: expected at most epochs (1)"),
+                        ("{head_ridge: -1}", "field 'finetune.head_ridge'"),
+                        ("{warmup_epochs: .nan}", "field 'finetune.warmup_epochs'")):
+        with pytest.raises(BadInput, match=re.escape(needle)):
+            pipeline_spec.load_pipeline(write(tmp_path, finetune=bad))

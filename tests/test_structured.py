@@ -15,6 +15,7 @@ from chita_edge.core.errors import BadInput, RuntimeFailure
 from chita_edge.graph.channels import channel_report, channel_weight_indices
 from chita_edge.graph.compact import _check_same_function, compact_model
 from chita_edge.graph.plan import apply_plan
+from chita_edge.pruning import probes as probes_mod
 from chita_edge.pruning.blocks import BlockConfig, block_structure, prune_blocks
 from chita_edge.pruning.channels import (
     alive_channels,
@@ -25,9 +26,10 @@ from chita_edge.pruning.channels import (
     round_width,
 )
 from chita_edge.pruning.layers import find_prunable, flatten_weights
-from chita_edge.pruning.probes import removal_curves
-from chita_edge.pruning.refit import layerwise_refit
+from chita_edge.pruning.probes import probe_curves, removal_curves
+from chita_edge.pruning.refit import LayerStats, layerwise_refit
 from chita_edge.solvers import chita as scalar
+from chita_edge.solvers import group_chita as gc
 from chita_edge.solvers.group_chita import (
     Groups,
     coordinate_mask,
@@ -38,6 +40,7 @@ from chita_edge.solvers.group_chita import (
     group_support_change_step,
     layer_backsolve,
     masked_layer_backsolve,
+    nested_backsolve,
     obs_removal_order,
     select_groups,
 )
@@ -536,6 +539,47 @@ def test_a_single_space_added_to_a_concatenation_is_cut_to_line_up():
         ("bn3", "bn", 4, 8), ("se_reduce", "in", 4, 8), ("conv", "in", 0, 8), ("conv", "in", 4, 8)}
     plan = _prune_compact_replay(m, _GhostBottleneck(), x)
     assert plan["keep"]["primary"] == [1, 2, 3]
+
+
+def test_nested_backsolve_equals_layer_backsolve_for_each_keep():
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 10, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    W = torch.randn(4, 10, generator=g, dtype=torch.float64)
+    W[:, 7] = 0.0  # a removed column: never in the factor
+    rank = torch.tensor([5.0, 1, 4, 4, 0, 2, 3, 9, 5, 5])  # removal order: 4, then 1, 5, 6, {2,3}
+    solve = nested_backsolve(H, W, rank, 0.3)
+    alive = W.abs().sum(0) > 0
+    for gone in ([], [4], [4, 1], [4, 1, 5, 6], [4, 1, 5, 6, 2, 3], [4, 1, 5, 6, 2, 3, 0, 8, 9], [2]):  # [2]: not nested
+        keep = alive.clone()
+        keep[gone] = False
+        assert torch.allclose(solve(keep), layer_backsolve(H, H, W, keep, 0.3), rtol=1e-10, atol=1e-12)
+
+
+def test_probe_curves_factor_each_consumer_once_and_equal_direct_solves(monkeypatch):
+    """Issue 20: the probes of a group share one Cholesky factor per consumer; the curves equal the old
+    per-probe ``layer_backsolve`` (a fresh factorisation of the kept columns) to 1e-6 relative."""
+    m = tiny_resnet((4, 8, 8), random_bn=True)
+    x = torch.rand(16, 3, 32, 32)
+    cs = channel_structure(m, x[:1])
+    keep = torch.ones(cs.groups.num_groups, dtype=torch.bool)
+    keep[list(cs.first)] = False  # a pruned model: dead columns in every consumer
+    apply_keep(m, cs, keep)
+    alive = alive_channels(m, cs)
+    curves = removal_curves(m, cs, x, alive, min_width={s.id: 1 for s in cs.specs})
+    probes = {f: [1, 2, max(int(alive[cs.channels(f)].sum()) - 1, 1)] for f in range(len(cs.specs))}
+    calls = []
+    direct = gc.layer_backsolve
+    monkeypatch.setattr(gc, "layer_backsolve", lambda *a: calls.append(1) or direct(*a))
+    new = probe_curves(m, cs, x, curves, LayerStats(m, x), probes=probes)
+    assert not calls  # every probe took the shared factor
+    monkeypatch.setattr(probes_mod, "nested_backsolve",
+                        lambda H, W, rank, lam: lambda kp: direct(H, H, W, kp, lam))  # the old computation
+    old = probe_curves(m, cs, x, curves, LayerStats(m, x), probes=probes)
+    assert any(float(c.max()) > 0 for _, c in old)
+    for (o1, c1), (o2, c2) in zip(new, old, strict=True):
+        assert torch.equal(o1, o2)
+        assert torch.allclose(c1, c2, rtol=1e-6, atol=1e-12)
 
 
 def test_removal_curves_read_a_concatenation_consumer_at_its_offset():

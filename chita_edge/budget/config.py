@@ -92,6 +92,7 @@ class BudgetConfig:
     max_iter: int = 60
     seed: int = DEFAULTS["seed"]
     dtype: str = DEFAULTS["dtype"]  # structured CHITA's G and solve (chita-fisher)
+    memory_gb: float | None = None  # chita-fisher: cap on G and its solver copy (GiB); None: half of the free RAM
     threads: int = 1  # host threads for timing (the benchmark's host setting)
 
     def __post_init__(self) -> None:
@@ -113,6 +114,8 @@ class BudgetConfig:
             raise BadInput("precision must be in (0, 1) and bench_max_repeats >= bench_repeats")
         if self.structure not in STRUCTURES:
             raise BadInput(f"--structure {self.structure!r}: expected one of {', '.join(STRUCTURES)}")
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise BadInput(f"--memory-gb {self.memory_gb}: expected > 0")
         if self.stages < 1:
             raise BadInput(f"--stages {self.stages}: expected >= 1")
         if self.width_multiple is not None and not 1 <= self.width_multiple <= 256:

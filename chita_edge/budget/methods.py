@@ -51,7 +51,8 @@ from chita_edge.pruning.channels import (
     solve_groups,
     zero_block,
 )
-from chita_edge.pruning.layers import flatten_weights
+from chita_edge.pruning.gradients import check_memory
+from chita_edge.pruning.layers import flatten_weights, num_weights
 from chita_edge.pruning.probes import block_costs, probe_curves, removal_curves
 from chita_edge.pruning.refit import LayerStats, layerwise_refit
 from chita_edge.solvers.group_chita import coordinate_mask, group_sq_norms, select_groups
@@ -165,6 +166,18 @@ def _chita(s: _Stage) -> Choice:
     s.rec.update(n_steps=len(steps), block_costs={k: round(v, 6) for k, v in moves.costs.items()},
                  dropped=new_blocks)
     return Choice(crit.alive, [b for b in env.blocks if b.id in moves.dropped and b.id not in st.dropped])
+
+
+def check_fisher_memory(cs: ChannelStructure, cfg: BudgetConfig) -> int:
+    """With ``chita-fisher`` (else 0): its G (n x p float32, and its cast to the solver's dtype) must fit
+    ``cfg.memory_gb`` (default: half of the free RAM); refused (BadInput, naming --grads) before any measurement
+    or gradient. Returns the bytes."""
+    if cfg.method != "chita-fisher":
+        return 0
+    cap = int(cfg.memory_gb * 2**30) if cfg.memory_gb is not None else None
+    dtype = cfg.structured().torch_dtype
+    return check_memory(cfg.n_grads, num_weights(list(cs.params)), cap, solver_dtype=dtype,
+                        alternative="or --dtype float32" if dtype != torch.float32 else "")
 
 
 def _chita_fisher(s: _Stage) -> Choice:

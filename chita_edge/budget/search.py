@@ -63,7 +63,14 @@ from chita_edge.budget.config import (
 )
 from chita_edge.budget.costmodel import CostModel
 from chita_edge.budget.measure import measure_model, one_run_interval
-from chita_edge.budget.methods import SearchState, StageEnv, calibration_images, groups_inside, run_stage
+from chita_edge.budget.methods import (
+    SearchState,
+    StageEnv,
+    calibration_images,
+    check_fisher_memory,
+    groups_inside,
+    run_stage,
+)
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, GateFailed
 from chita_edge.devices.gate import judge
@@ -107,6 +114,7 @@ def prune_to_budget(model: nn.Module, example_input: torch.Tensor, data: Dataset
     mult = cfg.width_multiple or profile.width_multiple
     limits, pct = budget_targets(profile, budgets)
     cs = channel_structure(model, x1)
+    check_fisher_memory(cs, cfg)  # chita-fisher's G must fit: refused before any measurement or gradient
     cm = cost_model or CostModel.build(model, x1, profile, specs=cs.specs, threads=cfg.threads,
                                        width_multiple=mult, progress=progress)
     timings = {"cost_model_s": time.perf_counter() - t0}

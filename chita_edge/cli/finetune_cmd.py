@@ -38,6 +38,14 @@ def finetune_cmd(
                                                                            "in [0,1].")] = 0.5,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random crop + flip (default: on "
                                                                                "for 3-channel images).")] = None,
+    warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up of the learning rate "
+                                                                         "over this many epochs first (at most "
+                                                                         "--epochs).")] = 0.0,
+    head_ridge: Annotated[float | None, typer.Option("--head-ridge", help="Ridge re-fit of the output Linear to "
+                                                                          "its own outputs before training (damp "
+                                                                          "relative to its features' mean square; "
+                                                                          "0: off; default: 0.3 for a checkpoint "
+                                                                          "pruned to a budget, else off).")] = None,
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Batches for re-estimating BatchNorm "
                                                                  "statistics at the end (0: off).")] = 100,
     qat: Annotated[bool, typer.Option("--qat", help="Quantisation-aware: train through simulated int8 weights "
@@ -72,7 +80,8 @@ def finetune_cmd(
     if teacher is not None and not distill:
         raise BadInput("--teacher is only used with --distill")
     cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                         weight_decay=weight_decay, augment=augment, temperature=temperature,
+                         weight_decay=weight_decay, augment=augment, warmup_epochs=warmup_epochs,
+                         head_ridge=head_ridge, temperature=temperature,
                          distill_weight=distill_weight, bn_batches=bn_batches, seed=seed, qat=qat,
                          qat_agreement=qat_agreement, qat_dither=qat_dither)
     cfg.validate()

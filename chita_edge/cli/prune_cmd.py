@@ -39,7 +39,7 @@ def prune_cmd(
     first_order: Annotated[bool | None, typer.Option("--first-order/--no-first-order", help="Include the first-order term a (default: on for chita++, off otherwise).")] = None,
     block_size: Annotated[int | None, typer.Option("--block-size", help="Block mode: per-block solves of this many weights, gradients streamed by groups of blocks in bounded memory (default: 0, off).")] = None,
     block_support: Annotated[str | None, typer.Option("--block-support", help="Block mode's support: saliency (a global threshold over per-block OBS saliencies) or magnitude (the reference code's: the largest |w|) (default: saliency).")] = None,
-    memory_gb: Annotated[float | None, typer.Option("--memory-gb", help="Block mode: cap on peak memory (GiB); sets the groups of blocks and passes over the data (default: this process plus half of the free RAM).")] = None,
+    memory_gb: Annotated[float | None, typer.Option("--memory-gb", help="Block mode: cap on peak memory (GiB); sets the groups of blocks and passes over the data (default: this process plus half of the free RAM). With --profile --method chita-fisher: cap on its gradient matrix G (default: half of the free RAM).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for gradient sampling (default: 0).")] = None,
     refit: Annotated[bool | None, typer.Option("--refit/--no-refit", help="Layer-wise re-fit of the pruned layers to the dense outputs after the last stage (default: on for chita, chita++, bso).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="PyTorch threads (default: PyTorch's; 1 is often faster on a busy machine).")] = None,

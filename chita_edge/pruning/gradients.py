@@ -48,14 +48,22 @@ def gradient_memory_bytes(n: int, p: int, dtype: torch.dtype = torch.float32) ->
     return n * p * torch.empty((), dtype=dtype).element_size()
 
 
-def check_memory(n: int, p: int, budget_bytes: int | None = None) -> int:
-    """Refuse (BadInput) when the n x p float32 G would not fit in ``budget_bytes`` (default: half of free RAM)."""
-    need = gradient_memory_bytes(n, p)
+def check_memory(n: int, p: int, budget_bytes: int | None = None, *, solver_dtype: torch.dtype = torch.float32,
+                 alternative: str = "or block mode (--block-size)") -> int:
+    """Refuse (BadInput) when the n x p float32 G, with its copy in ``solver_dtype`` where that is not float32 (the
+    cast structured CHITA solves with), would not fit in ``budget_bytes`` (default: half of free RAM).
+    ``alternative``: what else the message offers besides fewer gradients."""
+    row = gradient_memory_bytes(1, p) + (gradient_memory_bytes(1, p, solver_dtype) if solver_dtype != torch.float32
+                                         else 0)
+    need = n * row
     budget = budget_bytes if budget_bytes is not None else available_memory_bytes() // 2
     if need > budget:
+        fit = budget // max(row, 1)
+        what = "float32" if solver_dtype == torch.float32 else f"float32 + its {str(solver_dtype)[6:]} copy"
         raise BadInput(
-            f"the gradient matrix G needs {need / 2**30:.2f} GiB ({n} gradients x {p} weights, float32) but the "
-            f"budget is {budget / 2**30:.2f} GiB; use fewer gradients (--grads) or block mode (--block-size)"
+            f"the gradient matrix G needs {need / 2**30:.2f} GiB ({n} gradients x {p} weights, {what}) but the "
+            f"budget is {budget / 2**30:.2f} GiB; use fewer gradients "
+            f"({f'--grads {fit} or fewer fit' if fit else 'not even --grads 1 fits'}) {alternative}".rstrip()
         )
     return need
 

@@ -10,15 +10,23 @@ import copy
 import torch
 from torch import nn
 
+from chita_edge.graph.members import Member
 from chita_edge.graph.residual import ResidualBlock
 from chita_edge.pruning.channels import ChannelStructure, apply_keep, zero_block
 from chita_edge.pruning.refit import LayerStats, _gram, layer_inputs
-from chita_edge.solvers.group_chita import layer_backsolve, obs_removal_order
+from chita_edge.solvers.group_chita import nested_backsolve, obs_removal_order
 
 
 def _log_probs(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
     """Log-softmax of ``model``'s outputs on ``x`` (float64), in batches."""
     return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]).double().log_softmax(1)
+
+
+def _channel_columns(m: Member, size: int, ncols: int) -> torch.Tensor:
+    """The weight columns of each channel of a group of ``size`` channels in consumer ``m`` (size x b)."""
+    kk = ncols // (m.total or size * m.repeat)  # columns per input channel (k*k; 1 for a Linear)
+    b = m.repeat * kk  # a consumer of a concatenation sees the group at m.offset
+    return m.offset * kk + torch.arange(size).view(-1, 1) * b + torch.arange(b).view(1, -1)
 
 
 def _kl(ref: torch.Tensor, lp: torch.Tensor) -> float:
@@ -75,9 +83,7 @@ def removal_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, aliv
             Hd.diagonal().add_(damp * float(H.diagonal().mean()) + 1e-12)
             Hinv.append(torch.cholesky_inverse(torch.linalg.cholesky(Hd)))
             W.append(Wl)
-            kk = Wl.shape[1] // (m.total or spec.size * m.repeat)  # columns per input channel (k*k; 1 for a Linear)
-            b = m.repeat * kk  # a consumer of a concatenation sees the group at m.offset
-            blocks.append(m.offset * kk + torch.arange(spec.size).view(-1, 1) * b + torch.arange(b).view(1, -1))
+            blocks.append(_channel_columns(m, spec.size, Wl.shape[1]))
             scale.append(1.0 / max(energy, 1e-30))
         if steps <= 0 or not Hinv:
             curves.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)))
@@ -92,7 +98,8 @@ def probe_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, curves
                  stats: LayerStats, *, probes: dict[int, list[int]], damp: float = 0.01,
                  batch: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Loss-calibrated removal curves: for group f, remove the first k channels of its group-OBS order (k in
-    ``probes[f]``), re-fit its consumers (``layer_backsolve`` with the current Gram matrices: the OBS update),
+    ``probes[f]``), re-fit its consumers (``layer_backsolve`` with the current Gram matrices: the OBS update;
+    ``nested_backsolve``: one factorisation per consumer for all of the group's probes),
     and measure the KL divergence of the model's outputs on ``x`` from the current model's. Between probes the
     cost is interpolated linearly (0 at k = 0). Per-layer relative errors are not comparable across layers; the
     output divergence is, so the width search can trade one group against another.
@@ -109,7 +116,20 @@ def probe_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, curves
             continue
         pts = [(0, 0.0)]
         spec = cs.specs[f]
-        saved = {m.module: mods[m.module].weight.detach().clone() for m in spec.consumers}
+        # one Cholesky factor per consumer for all of the group's probes: they remove nested prefixes of
+        # ``order``, so each probe's kept columns are a leading block once sorted by removal position
+        solve = {}
+        for m in spec.consumers:
+            Wm = mods[m.module].weight.detach()
+            W = Wm.reshape(Wm.shape[0], -1).double()
+            H = stats.gram.get(m.module)
+            if H is None:
+                H = _gram(mods[m.module], layer_inputs(model, [m.module], x, batch)[m.module])[0]
+                stats.gram[m.module] = H
+            rank = torch.full((W.shape[1],), float(order.numel()), dtype=torch.float64)  # others: never removed
+            cols = _channel_columns(m, spec.size, W.shape[1])[order - cs.first[f]]
+            rank[cols] = torch.arange(order.numel(), dtype=torch.float64).view(-1, 1).expand_as(cols)
+            solve[m.module] = nested_backsolve(H, W, rank, damp * float(H.diagonal().mean()) + 1e-12)
         for k in ks:
             trial = copy.deepcopy(model)
             tmods = dict(trial.named_modules())
@@ -118,14 +138,8 @@ def probe_curves(model: nn.Module, cs: ChannelStructure, x: torch.Tensor, curves
             apply_keep(trial, cs, keep)
             for m in spec.consumers:
                 mod = tmods[m.module]
-                W = saved[m.module].reshape(saved[m.module].shape[0], -1).double()
-                Wz = mod.weight.detach().reshape(W.shape)
-                H = stats.gram.get(m.module)
-                if H is None:
-                    H = _gram(mod, layer_inputs(model, [m.module], x, batch)[m.module])[0]
-                    stats.gram[m.module] = H
-                lam = damp * float(H.diagonal().mean()) + 1e-12
-                Wn = layer_backsolve(H, H, W, Wz.abs().sum(0) > 0, lam)
+                Wz = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+                Wn = solve[m.module](Wz.abs().sum(0) > 0)
                 Wn[Wz.abs().sum(1) == 0] = 0.0
                 mod.weight.copy_(Wn.reshape(mod.weight.shape).to(mod.weight.dtype))
             trial.eval()

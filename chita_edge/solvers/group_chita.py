@@ -30,7 +30,7 @@ Pure functions over tensors; no modules, no I/O.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +58,7 @@ __all__ = [
     "group_support_change_step",
     "layer_backsolve",
     "masked_layer_backsolve",
+    "nested_backsolve",
     "select_groups",
 ]
 
@@ -384,6 +385,30 @@ def layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, keep: Tensor, lam: floa
     W[:, S] = sol.T
     return W
 
+
+
+def nested_backsolve(H: Tensor, W_bar: Tensor, rank: Tensor, lam: float) -> Callable[[Tensor], Tensor]:
+    """``layer_backsolve(H, H, W_bar, keep, lam)`` for many ``keep`` masks from one Cholesky factor L of H + lam I
+    over W_bar's nonzero columns, ordered by ``rank`` (q; descending, stable). A ``keep`` that is a leading block
+    S of that order (nested removals) reuses it: L_SS is the factor of the block and the solution is
+    L_SS^-T (L^T W_bar^T)_S, one triangular solve. Any other ``keep`` falls back to ``layer_backsolve``."""
+    cols = (W_bar != 0).any(0).nonzero().squeeze(1)
+    perm = cols[torch.argsort(rank[cols], descending=True, stable=True)]
+    A = H[perm][:, perm]
+    A.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(A)
+    Z = L.T @ W_bar[:, perm].T
+
+    def solve(keep: Tensor) -> Tensor:
+        s = int(keep.sum())
+        if int(info) != 0 or not bool(keep[perm[:s]].all()):
+            return layer_backsolve(H, H, W_bar, keep, lam)
+        W = torch.zeros_like(W_bar)
+        if s:
+            W[:, perm[:s]] = torch.linalg.solve_triangular(L[:s, :s].mT, Z[:s], upper=True).T
+        return W
+
+    return solve
 
 def masked_layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, mask: Tensor, lam: float,
                            rows_per_chunk: int | None = None) -> Tensor:

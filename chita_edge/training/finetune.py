@@ -70,7 +70,8 @@ STATE_FORMAT = "chita-edge/finetune-state-v1"
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
 FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay", "temperature": "--temperature",
-         "distill_weight": "--distill-weight", "qat_agreement": "--qat-agreement"}  # the fields `finetune` sets
+         "distill_weight": "--distill-weight", "qat_agreement": "--qat-agreement", "warmup_epochs": "--warmup-epochs",
+         "head_ridge": "--head-ridge"}  # the fields `finetune` sets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,9 +132,10 @@ class FinetuneConfig:
         if self.crop_padding < 0 or self.bn_batches < 0:
             raise BadInput("crop padding and BatchNorm batches must be >= 0")
         if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)) or self.warmup_epochs > self.epochs:
-            raise BadInput(f"warm-up epochs {self.warmup_epochs}: expected a number in [0, epochs ({self.epochs})]")
+            raise BadInput(f"--warmup-epochs {self.warmup_epochs}: expected warm-up epochs in [0, --epochs "
+                           f"({self.epochs})]")
         if self.head_ridge is not None and not (self.head_ridge >= 0 and math.isfinite(self.head_ridge)):
-            raise BadInput(f"head ridge {self.head_ridge}: expected a number >= 0 (0: off)")
+            raise BadInput(f"--head-ridge {self.head_ridge}: expected a head ridge >= 0 (0: off)")
         if self.qat_agreement < 0 or not math.isfinite(self.qat_agreement):
             raise BadInput(f"QAT agreement weight {self.qat_agreement}: expected >= 0")
         if self.qat_calibration < 1 or not (0 <= self.qat_ema <= 1):

@@ -95,7 +95,7 @@ class PruneJob:
     distill: bool = False
     prefer: str = "under"  # budget mode, when no width lands in [0.9, 1] x the budget: under or nearest
     uncertain: str = "fail"  # budget mode, as check's: fail judges the band's upper edge, pass the point estimate
-    memory_gb: float | None = None  # block mode's cap on peak memory (None: from the free RAM)
+    memory_gb: float | None = None  # block mode's cap on peak memory, chita-fisher's on G (None: from the free RAM)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +142,8 @@ def _check_combination(job: PruneJob) -> str:
         if method not in BUDGET_METHODS:
             raise BadInput(f"--method {s['method']}: pruning to a budget takes one of {', '.join(BUDGET_METHODS)} "
                            "(chita and chita++ are aliases of chita-layerwise)")
+        if job.memory_gb is not None and method != "chita-fisher":
+            raise BadInput("--memory-gb caps chita-fisher's G with --profile (--method chita-fisher)")
         return structure
     if job.finetune is not None or job.distill:
         raise BadInput("--finetune-epochs and --distill fine-tune after pruning to a device budget (--profile); "
@@ -217,7 +219,7 @@ def run_prune(job: PruneJob, progress: Progress | None = None,
         b = job.budgets
         r = prune_budget_checkpoint(job.model, job.weights, job.data, profile=job.profile, out=job.out,
                                     cfg=dataclasses.replace(budget_config(s), prefer=job.prefer,
-                                                            uncertain=job.uncertain),
+                                                            uncertain=job.uncertain, memory_gb=job.memory_gb),
                                     latency_ms=b.get("latency_ms"),
                                     percentile=b.get("percentile"), memory_mb=b.get("memory_mb"),
                                     file_mb=b.get("file_mb"), export=job.export, progress=progress,

@@ -81,7 +81,8 @@ def _finetune_stage(spec: PipelineSpec, profile: str, pruned: Path, runner: Stag
 
     ft = spec.finetune
     assert ft is not None
-    settings = ft.model_dump()
+    # the keys added later are left out unless the file sets them: an older file's stage key stays the same
+    settings = ft.model_dump(exclude={k for k in ("warmup_epochs", "head_ridge") if k not in ft.model_fields_set})
     inputs = {"pruned": runner.hashes(pruned), "data": data_identity(spec.data, runner.hashes)}
     name = f"{_slug(profile)}/finetune"
 
@@ -97,7 +98,8 @@ def _finetune_stage(spec: PipelineSpec, profile: str, pruned: Path, runner: Stag
         atomic_write_text(key_file, key)
         cfg = FinetuneConfig(epochs=ft.epochs, lr=ft.lr, min_lr=ft.min_lr, batch_size=ft.batch_size,
                              optimizer=ft.optimizer, weight_decay=ft.weight_decay, augment=ft.augment,
-                             bn_batches=ft.bn_batches, seed=ft.seed)
+                             bn_batches=ft.bn_batches, seed=ft.seed, warmup_epochs=ft.warmup_epochs,
+                             head_ridge=ft.head_ridge)
         r = jobs.run_finetune(jobs.FinetuneJob(pruned=pruned, data=spec.data, out=out, config=cfg, distill=ft.distill,
                                      resume=resume), progress=progress)
         key_file.unlink(missing_ok=True)

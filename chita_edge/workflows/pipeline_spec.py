@@ -77,6 +77,16 @@ class FinetuneSpec(_Strict):
     bn_batches: int = Field(default=100, ge=0)
     distill: bool = False
     seed: int = Field(default=0, ge=0, lt=SEED_LIMIT)
+    warmup_epochs: float = Field(default=0.0, ge=0, description="linear warm-up of the learning rate (epochs, at "
+                                                                "most epochs)")
+    head_ridge: float | None = Field(default=None, ge=0, description="ridge re-fit of the output Linear first "
+                                                                     "(0: off; default: 0.3 after a budget prune)")
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self) -> FinetuneSpec:
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs}: expected at most epochs ({self.epochs})")
+        return self
 
 
 class ExportSpec(_Strict):
