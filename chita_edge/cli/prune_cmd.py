@@ -40,6 +40,7 @@ def prune_cmd(
     block_size: Annotated[int | None, typer.Option("--block-size", help="Block mode: per-block solves of this many weights, gradients streamed by groups of blocks in bounded memory (default: 0, off).")] = None,
     block_support: Annotated[str | None, typer.Option("--block-support", help="Block mode's support: saliency (a global threshold over per-block OBS saliencies) or magnitude (the reference code's: the largest |w|) (default: saliency).")] = None,
     memory_gb: Annotated[float | None, typer.Option("--memory-gb", help="Block mode: cap on peak memory (GiB); sets the groups of blocks and passes over the data (default: this process plus half of the free RAM). With --profile --method chita-fisher: cap on its gradient matrix G (default: half of the free RAM).")] = None,
+    layer_floor: Annotated[float | None, typer.Option("--layer-floor", help="Unstructured magnitude, chita, chita++: every layer keeps at least ceil(F x (1 - sparsity) x its size) weights, so that the global threshold never empties a layer; 0 turns it off (default: 0.1).")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for gradient sampling (default: 0).")] = None,
     refit: Annotated[bool | None, typer.Option("--refit/--no-refit", help="Layer-wise re-fit of the pruned layers to the dense outputs after the last stage (default: on for chita, chita++, bso).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="PyTorch threads (default: PyTorch's; 1 is often faster on a busy machine).")] = None,
@@ -76,7 +77,7 @@ def prune_cmd(
     jobs.set_threads(threads)
     flags = {"sparsity": sparsity, "method": method, "stages": stages, "search_stages": search_stages,
              "n_grads": grads, "fisher_batch": fisher_batch, "l2": l2, "dtype": dtype, "first_order": first_order,
-             "block_size": block_size, "block_support": block_support, "seed": seed, "refit": refit,
+             "block_size": block_size, "block_support": block_support, "layer_floor": layer_floor, "seed": seed, "refit": refit,
              "structure": None if structure == "auto" else structure, "width_multiple": width_multiple,
              "depth": depth}
     gcfg = None
@@ -110,6 +111,10 @@ def prune_cmd(
                 f"(dense {r['dense_accuracy']:.2f} %), {r['timings']['total_s']:.1f} s -> {out}")
         if r.get("note"):
             ui.info(f"note: {r['note']}")
+        raised = (r.get("layer_floor") or {}).get("raised") or {}
+        if raised:
+            ui.info(f"layer floor ({r['layer_floor']['floor']}) raised: "
+                    + ", ".join(f"{name} +{n}" for name, n in raised.items()))
     if result.structure == "channel":
         raise_if_missed(r)
 

@@ -37,6 +37,7 @@ DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "block_size": 0,  # > 0: block-diagonal Fisher of this many weights per block
     "block_support": "saliency",  # block mode: global OBS-saliency threshold; "magnitude": the reference's rule
     "first_order": None,  # None: on for chita++, off otherwise
+    "layer_floor": 0.1,  # unstructured: each layer keeps >= ceil(0.1 (1 - s) size) weights (0: off)
     "refit": None,  # None: on for the data-driven methods (chita, chita++, bso), off for the magnitude baselines
     "width_multiple": None,  # None: the device profile's
     "depth": True,  # budget search: may remove whole residual blocks

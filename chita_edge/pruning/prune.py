@@ -71,6 +71,10 @@ class PruneConfig:
     bn_recalibrate: bool = True  # after each stage that changed weights: re-estimate BatchNorm statistics, kept
     # only if they lower the loss on held-out training inputs (the stage's report says which were kept)
     bn_rule: str = "if-better"  # "always": keep every re-estimation (the rule before; an ablation)
+    # every prunable layer keeps at least ceil(layer_floor * (1 - s) * its size) weights (among the allowed
+    # ones) in the unstructured support of magnitude/chita/chita++: a global threshold never empties a layer
+    # (docs/benchmarks.md, ninth session, "Layer floor"); 0: off
+    layer_floor: float = DEFAULTS["layer_floor"]
     safeguard: bool = True  # keep the best of {update scaled by 1, 1/2, 1/4, 0; magnitude} on training loss
     # After the last stage, re-fit every pruned Conv2d/Linear on its support so that its outputs match the dense
     # layer's on training images (layer-wise OBS reconstruction, as in OBC/SparseGPT). None: on for the
@@ -109,6 +113,8 @@ class PruneConfig:
             raise BadInput(f"--memory-gb {self.memory_budget_gb}: expected > 0")
         if self.bn_rule not in ("if-better", "always"):
             raise BadInput(f"bn_rule {self.bn_rule!r}: expected if-better or always")
+        if not (0.0 <= self.layer_floor <= 1.0):
+            raise BadInput(f"--layer-floor {self.layer_floor}: expected a fraction in [0, 1] (0: off)")
         if self.refit_samples < 1 or not self.refit_damp > 0:
             raise BadInput("refit_samples must be >= 1 and refit_damp > 0")
 
@@ -127,6 +133,7 @@ class PruneReport:
     stages: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     refit: dict[str, Any] | None = None  # the layer-wise re-fit after the last stage (None: not run)
+    layer_floor: dict[str, Any] | None = None  # {"floor": f, "raised": {layer: weights added back, all stages}}
     note: str | None = None  # why nothing was done, when nothing was
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +156,53 @@ def _magnitude_uniform(w: torch.Tensor, params: list[PrunableParam], s: float, a
     return out
 
 
+def apply_layer_floor(w: torch.Tensor, w_bar: torch.Tensor, params: list[PrunableParam], s: float, floor: float,
+                      allowed: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, int]]:
+    """Repair the support of ``w`` so that every layer keeps at least ceil(floor * (1 - s) * its size) weights
+    (never more than its allowed non-zero entries of ``w_bar``): a layer under its floor gets back its largest
+    pruned |w_bar| (dense values), and as many of the smallest kept |w| leave the layers above their floors, so
+    the kept count is unchanged. Returns the repaired weights and {layer: weights added back}."""
+    if floor <= 0:
+        return w, {}
+    eligible = w_bar != 0 if allowed is None else (allowed & (w_bar != 0))
+    kept = w != 0
+    floors, counts = [], []
+    for q in params:
+        sl = q.slice
+        floors.append(min(math.ceil(floor * (1.0 - s) * q.numel), int(eligible[sl].sum())))
+        counts.append(int(kept[sl].sum()))
+    need = [max(0, f - c) for f, c in zip(floors, counts, strict=True)]
+    if not any(need):
+        return w, {}
+    # the donors: each layer above its floor offers its (kept - floor) smallest kept |w|
+    offers, offer_idx = [], []
+    for q, f, c in zip(params, floors, counts, strict=True):
+        if c > f:
+            sl = q.slice
+            mag = torch.where(kept[sl], w[sl].abs(), torch.full_like(w[sl], float("inf")))
+            v, i = torch.topk(mag, c - f, largest=False)
+            offers.append(v)
+            offer_idx.append(i + q.offset)
+    supply = sum(len(v) for v in offers)
+    out = w.clone()
+    raised: dict[str, int] = {}
+    total = 0
+    for q, n in zip(params, need, strict=True):
+        n = min(n, supply - total)
+        if n <= 0:
+            continue
+        sl = q.slice
+        cand = torch.where(eligible[sl] & ~kept[sl], w_bar[sl].abs(), torch.full_like(w_bar[sl], -1.0))
+        idx = torch.topk(cand, n).indices + q.offset
+        out[idx] = w_bar[idx]
+        raised[q.name] = n
+        total += n
+    if total:
+        v, i = torch.cat(offers), torch.cat(offer_idx)
+        out[i[torch.topk(v, total, largest=False).indices]] = 0
+    return out, raised
+
+
 @torch.no_grad()
 def _loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     out = model(x)
@@ -156,7 +210,7 @@ def _loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[
 
 
 def _safeguard(model: nn.Module, params: list[PrunableParam], data: Dataset, w_bar: torch.Tensor, w: torch.Tensor,
-               k: int, allowed: torch.Tensor | None, seed: int, samples: int = 2000) -> tuple[torch.Tensor, dict]:
+               magnitude: torch.Tensor, seed: int, samples: int = 2000) -> tuple[torch.Tensor, dict]:
     """The quadratic model is only local, and with few gradients (n << p) its exact refit can overshoot.
     Check on real training loss: the solver's support with the update scaled by alpha in (1, 1/2, 1/4, 0),
     and the magnitude solution; keep the lowest. Never worse than magnitude pruning on that loss."""
@@ -167,7 +221,7 @@ def _safeguard(model: nn.Module, params: list[PrunableParam], data: Dataset, w_b
     x, y = data.x_train[idx], data.y_train[idx]
     support = w != 0
     cands = {f"alpha={a}": torch.where(support, w_bar + a * (w - w_bar), torch.zeros_like(w)) for a in (1.0, 0.5, 0.25, 0.0)}
-    cands["magnitude"] = solver.hard_threshold(w_bar, k, allowed)
+    cands["magnitude"] = magnitude
     losses = {}
     for name, c in cands.items():
         set_weights(model, params, c)
@@ -273,6 +327,7 @@ def prune_weights(
     dense = copy.deepcopy(model) if cfg.refit else None
     t_grad = t_solve = 0.0
     stages: list[dict[str, Any]] = []
+    raised_all: dict[str, int] = {}
     streamed = needs_grads and cfg.block_size > 0
     plan = resumed = None
     first = 0
@@ -365,10 +420,18 @@ def prune_weights(
                 w = r.w
         if not torch.isfinite(w).all():
             raise RuntimeFailure("the solver produced non-finite weights; try a larger --l2")
+        floored = cfg.method in ("magnitude", "chita", "chita++") and not streamed
+        if floored:
+            w, info["layer_floor_raised"] = apply_layer_floor(w, w_bar, params, s, cfg.layer_floor, allowed)
+            for name, n in info["layer_floor_raised"].items():
+                raised_all[name] = raised_all.get(name, 0) + n
         info["solve_s"] = time.perf_counter() - ts
         t_solve += info["solve_s"]
         if cfg.safeguard and needs_grads:
-            w, info["safeguard"] = _safeguard(model, params, data, w_bar, w, k, allowed, cfg.seed + si)
+            mag = solver.hard_threshold(w_bar, k, allowed)
+            if floored:
+                mag = apply_layer_floor(mag, w_bar, params, s, cfg.layer_floor, allowed)[0]
+            w, info["safeguard"] = _safeguard(model, params, data, w_bar, w, mag, cfg.seed + si)
         set_weights(model, params, w)
         if cfg.bn_recalibrate and bool((w != w_bar).any()):
             # kept only where it lowers the loss on training inputs it did not see (None: no BatchNorm)
@@ -394,6 +457,8 @@ def prune_weights(
         method=cfg.method, target_sparsity=cfg.sparsity, sparsity=total_zero / p, layer_sparsity=ls,
         timings={"gradients_s": t_grad, "solve_s": t_solve, "total_s": time.perf_counter() - t0},
         stages=stages, config=asdict(cfg), refit=refit_info,
+        layer_floor=None if streamed or cfg.method not in ("magnitude", "chita", "chita++")
+        else {"floor": cfg.layer_floor, "raised": raised_all},
     )
 
 

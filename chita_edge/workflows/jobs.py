@@ -134,7 +134,8 @@ def _check_combination(job: PruneJob) -> str:
         if job.profile is None:
             raise BadInput("--structure channel: structured pruning prunes to a device budget; give --profile "
                            "(e.g. --profile phone-mid-sd670, with --latency-ms to override its budget)")
-        unused = sorted(given & {"sparsity", "stages", "block_size", "block_support", "first_order", "refit"})
+        unused = sorted(given & {"sparsity", "stages", "block_size", "block_support", "first_order", "refit",
+                                 "layer_floor"})
         if unused:
             raise BadInput(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: not used when pruning to a "
                            "device budget (--profile); the search sets the widths (use --search-stages)")
@@ -160,6 +161,8 @@ def _check_combination(job: PruneJob) -> str:
         raise BadInput("--sparsity is required (or give --profile to prune to a device budget)")
     if not 0.0 <= s["sparsity"] < 1.0:
         raise BadInput(f"--sparsity {s['sparsity']}: expected a fraction in [0, 1)")
+    if not 0.0 <= s["layer_floor"] <= 1.0:
+        raise BadInput(f"--layer-floor {s['layer_floor']}: expected a fraction in [0, 1] (0: off)")
     unused = sorted(given & {"search_stages", "width_multiple", "depth"})
     if job.budgets or job.export or unused:
         raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple, --export, --search-stages and "
@@ -169,7 +172,7 @@ def _check_combination(job: PruneJob) -> str:
             raise BadInput(f"--method {s['method']}: block pruning is structured CHITA (chita or chita++)")
         if job.gradual is not None:
             raise BadInput("--gradual prunes unstructured; leave out --structure block")
-        unused = sorted(given & {"block_size", "block_support", "first_order", "refit"})
+        unused = sorted(given & {"block_size", "block_support", "first_order", "refit", "layer_floor"})
         if unused:
             raise BadInput(f"{', '.join('--' + u.replace('_', '-') for u in unused)}: not used by block pruning "
                            "(--structure block)")
@@ -182,7 +185,7 @@ def prune_config(s: Resolved, memory_gb: float | None = None) -> PruneConfig:
     return PruneConfig(sparsity=s["sparsity"], method=s["method"], stages=s["stages"], n_grads=s["n_grads"],
                        fisher_batch=s["fisher_batch"], l2=s["l2"], first_order=s["first_order"],
                        block_size=s["block_size"], block_support=s["block_support"], seed=s["seed"], dtype=s["dtype"],
-                       layerwise_refit=s["refit"], memory_budget_gb=memory_gb)
+                       layerwise_refit=s["refit"], layer_floor=s["layer_floor"], memory_budget_gb=memory_gb)
 
 
 def block_config(s: Resolved) -> BlockConfig:
