@@ -42,6 +42,8 @@ def finetune_config(epochs: int, **given: Any) -> FinetuneConfig:
     """The budget path's fine-tuning recipe (``FINETUNE``) for ``epochs``; ``given`` values that are not None
     (the user's flags) override it."""
     return FinetuneConfig(epochs=epochs, **{**FINETUNE, **{k: v for k, v in given.items() if v is not None}})
+
+
 ALIASES = {"chita": "chita-layerwise", "chita++": "chita-layerwise"}
 PREFER = ("under", "nearest")
 UNCERTAIN = ("fail", "pass")  # as check's --uncertain: what the landing window and the verdicts judge

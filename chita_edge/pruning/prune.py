@@ -329,6 +329,7 @@ def prune_weights(
     stages: list[dict[str, Any]] = []
     raised_all: dict[str, int] = {}
     streamed = needs_grads and cfg.block_size > 0
+    floored = cfg.method in ("magnitude", "chita", "chita++") and not streamed  # apply_layer_floor's paths
     plan = resumed = None
     first = 0
     if streamed:
@@ -420,7 +421,6 @@ def prune_weights(
                 w = r.w
         if not torch.isfinite(w).all():
             raise RuntimeFailure("the solver produced non-finite weights; try a larger --l2")
-        floored = cfg.method in ("magnitude", "chita", "chita++") and not streamed
         if floored:
             w, info["layer_floor_raised"] = apply_layer_floor(w, w_bar, params, s, cfg.layer_floor, allowed)
             for name, n in info["layer_floor_raised"].items():
@@ -457,8 +457,7 @@ def prune_weights(
         method=cfg.method, target_sparsity=cfg.sparsity, sparsity=total_zero / p, layer_sparsity=ls,
         timings={"gradients_s": t_grad, "solve_s": t_solve, "total_s": time.perf_counter() - t0},
         stages=stages, config=asdict(cfg), refit=refit_info,
-        layer_floor=None if streamed or cfg.method not in ("magnitude", "chita", "chita++")
-        else {"floor": cfg.layer_floor, "raised": raised_all},
+        layer_floor={"floor": cfg.layer_floor, "raised": raised_all} if floored else None,
     )
 
 

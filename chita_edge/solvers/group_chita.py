@@ -386,7 +386,6 @@ def layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, keep: Tensor, lam: floa
     return W
 
 
-
 def nested_backsolve(H: Tensor, W_bar: Tensor, rank: Tensor, lam: float) -> Callable[[Tensor], Tensor]:
     """``layer_backsolve(H, H, W_bar, keep, lam)`` for many ``keep`` masks from one Cholesky factor L of H + lam I
     over W_bar's nonzero columns, ordered by ``rank`` (q; descending, stable). A ``keep`` that is a leading block
@@ -409,6 +408,7 @@ def nested_backsolve(H: Tensor, W_bar: Tensor, rank: Tensor, lam: float) -> Call
         return W
 
     return solve
+
 
 def masked_layer_backsolve(H: Tensor, C: Tensor, W_bar: Tensor, mask: Tensor, lam: float,
                            rows_per_chunk: int | None = None) -> Tensor:
