@@ -467,13 +467,40 @@ def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
 
     # reachable by widths, blocks expensive: channels only
     dropped, steps = run(0.7 * cm.latency({}), {b: 1e6 for b in ids})
-    assert not dropped and all("group" in s for s in steps)
+    assert not dropped and all("block" not in s for s in steps)
     # below the narrowest widths: only removing blocks reaches it, even expensive ones
     dropped, steps = run(floor - 15.0, {b: 1e6 for b in ids})
     assert len(dropped) == 2 and sum("block" in s for s in steps) == 2
     # a cheap block (cost 1 for 10 ms) beats channels (cost 1 per ms): taken first
     dropped, steps = run(cm.latency({}) - 9.0, {**{b: 1e6 for b in ids}, "layer2.1": 1.0})
     assert dropped == {"layer2.1"} and steps[0]["block"] == "layer2.1" and len(steps) == 1
+
+
+def test_greedy_gives_back_the_width_an_overshooting_step_left_unused():
+    # below the width floor two blocks of 10 units each must go for a 15-unit gap: the second overshoots by 5,
+    # which is given back as channel width, the dearest per unit first, until no more fits
+    from chita_edge.graph.residual import residual_blocks
+
+    m = tiny_resnet()
+    x = torch.rand(1, 3, 32, 32)
+    cs = channel_structure(m, x)
+    ids = [b.id for b in residual_blocks(m, x)]
+    cm = FakeCostModel(cs.sizes, blocks={b: 10.0 for b in ids})
+    target = cm.latency(min_widths(cs.sizes, 4)) - 15.0
+    crit = CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), _unit_curves(cs))
+    moves = BlockMoves({b: 1e6 for b in ids})
+    widths, steps = greedy_widths(cm, cs, crit, {"latency_ms": target}, {}, 4, blocks=moves)
+    lat = cm.latency(widths, moves.dropped)
+    back = [s for s in steps if "give_back" in s]
+    assert len(moves.dropped) == 2 and back and all("width" in s for s in back)
+    assert target - 5.0 < lat <= target and cs.widths(crit.alive) == widths
+    # nothing more fits: undoing any group's last step (or a removed block) would break the target
+    for f, s in enumerate(cs.specs):
+        if crit.taken[f]:
+            assert cm.latency({**widths, s.id: widths[s.id] + crit.taken[f][-1].numel()}, moves.dropped) > target
+    assert all(cm.latency(widths, moves.dropped - {b}) > target for b in moves.dropped)
+    # what was given back is the dearest per unit: every given-back group was stepped down before the block
+    assert all(s["objective_cost"] > 0 for s in back)
 
 
 def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_replays(tmp_path):

@@ -23,11 +23,13 @@ from chita_edge.pruning.channels import ChannelStructure, allowed_widths
 
 
 class Criterion:
-    """Greedy state: per group the channels still alive; ``propose`` / ``commit`` a step down of one group."""
+    """Greedy state: per group the channels still alive; ``propose`` / ``commit`` a step down of one group, and
+    ``undo_cost`` / ``undo`` its last step (the give-back phase of ``greedy_widths``)."""
 
     def __init__(self, cs: ChannelStructure, alive: torch.Tensor):
         self.cs = cs
         self.alive = alive.clone()
+        self.taken: list[list[torch.Tensor]] = [[] for _ in cs.specs]  # per group, the channels of each step
 
     def _alive_in(self, f: int) -> torch.Tensor:
         sl = self.cs.channels(f)
@@ -38,6 +40,17 @@ class Criterion:
 
     def commit(self, f: int, chans: torch.Tensor) -> None:
         self.alive[chans] = False
+        self.taken[f].append(chans)
+
+    def undo_cost(self, f: int) -> tuple[float, torch.Tensor]:  # pragma: no cover - abstract
+        """What undoing group ``f``'s last step recovers (its cost had it been the last step taken), and its
+        channels."""
+        raise NotImplementedError
+
+    def undo(self, f: int) -> torch.Tensor:
+        chans = self.taken[f].pop()
+        self.alive[chans] = True
+        return chans
 
 
 class ChitaCriterion(Criterion):
@@ -66,6 +79,16 @@ class ChitaCriterion(Criterion):
         super().commit(f, chans)
         self.r += self.Z[:, chans].sum(1)
 
+    def undo_cost(self, f: int) -> tuple[float, torch.Tensor]:
+        chans = self.taken[f][-1]
+        zsum = self.Z[:, chans].sum(1)
+        return float((self.r - zsum) @ zsum + 0.5 * zsum @ zsum + self.lam * self.wsq[chans].sum()), chans
+
+    def undo(self, f: int) -> torch.Tensor:
+        chans = super().undo(f)
+        self.r -= self.Z[:, chans].sum(1)
+        return chans
+
 
 class CurveCriterion(Criterion):
     """Precomputed per-group removal orders with cumulative costs (``removal_curves``)."""
@@ -87,6 +110,16 @@ class CurveCriterion(Criterion):
         super().commit(f, chans)
         self.pos[f] += chans.numel()
 
+    def undo_cost(self, f: int) -> tuple[float, torch.Tensor]:
+        chans, (_, cum), p = self.taken[f][-1], self.curves[f], self.pos[f]
+        k = chans.numel()
+        return float(cum[p - 1]) - (float(cum[p - k - 1]) if p > k else 0.0), chans
+
+    def undo(self, f: int) -> torch.Tensor:
+        chans = super().undo(f)
+        self.pos[f] -= chans.numel()
+        return chans
+
 
 class NormCriterion(Criterion):
     """Global magnitude ranking: the cost of a step is the mean filter norm of the channels it removes."""
@@ -100,6 +133,10 @@ class NormCriterion(Criterion):
         if drop <= 0 or cand.numel() <= drop:
             return math.inf, cand[:0]
         chans = cand[torch.topk(-self.norms[cand], drop).indices]
+        return float(self.norms[chans].max()), chans
+
+    def undo_cost(self, f: int) -> tuple[float, torch.Tensor]:
+        chans = self.taken[f][-1]
         return float(self.norms[chans].max()), chans
 
 
@@ -128,6 +165,7 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: Criterion, targets:
     widths = {s.id: int(crit.alive[cs.channels(f)].sum()) for f, s in enumerate(cs.specs)}
     steps: list[dict[str, Any]] = []
     dropped = blocks.dropped if blocks is not None else set()
+    before = set(dropped)  # blocks removed by earlier stages stay removed; this search's may be given back
 
     def res(w: Mapping[str, int], d: set[str]) -> dict[str, float]:
         p = resources_of(cm.predict(w, dropped=frozenset(d))) if ("memory_mb" in targets or "file_mb" in targets) \
@@ -175,7 +213,52 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: Criterion, targets:
         gid = cs.specs[f].id
         steps.append({"group": gid, "width": new_w, "objective_cost": cost, **{k: r[k] for k in r}})
         widths[gid], cur = new_w, r
+    if all(cur[k] <= targets[k] for k in targets):
+        _give_back(cs, crit, targets, widths, dropped, dropped - before, res, steps, per_resource,
+                   blocks.costs if blocks is not None else {})
     return widths, steps
+
+
+def _give_back(cs: ChannelStructure, crit: Criterion, targets: Mapping[str, float], widths: dict[str, int],
+               dropped: set[str], mine: set[str], res: Any, steps: list[dict[str, Any]], per_resource: bool,
+               block_costs: Mapping[str, float]) -> None:
+    """Undo steps of this search while every target still holds: the last step down can overshoot the target by
+    a whole residual block or several width multiples, and the slack it leaves is accuracy thrown away. Each
+    round undoes the step (a group's last step, or a removed block of ``mine``) that recovers the most objective
+    cost per unit of normalised resource it adds back (``per_resource``; else the most cost), among those that
+    keep every target met; the record is ``{"give_back": ...}`` in ``steps``."""
+    cur = res(widths, dropped)
+    while True:
+        cands = []  # (score, group index or None for a block, its new width or the block, resources, cost)
+        for b in sorted(mine):
+            cands.append((block_costs[b], None, b, res(widths, dropped - {b})))
+        for f, s in enumerate(cs.specs):
+            if crit.taken[f]:
+                cost, chans = crit.undo_cost(f)
+                w = widths[s.id] + chans.numel()
+                cands.append((cost, f, w, res({**widths, s.id: w}, dropped)))
+        fits = [(_undo_score(c, cur, r, targets, per_resource), f, what, r, c) for c, f, what, r in cands
+                if all(r[k] <= targets[k] for k in targets)]
+        if not fits:
+            return
+        _, f, what, cur, cost = max(fits, key=lambda t: t[0])
+        if f is None:
+            dropped.discard(what)
+            mine.discard(what)
+        else:
+            crit.undo(f)
+            widths[cs.specs[f].id] = what
+        steps.append({"give_back": what if f is None else cs.specs[f].id, **({} if f is None else {"width": what}),
+                      "objective_cost": cost, **cur})
+
+
+def _undo_score(cost: float, cur: Mapping[str, float], r: Mapping[str, float], targets: Mapping[str, float],
+                per_resource: bool) -> float:
+    """Objective cost recovered per unit of normalised resource added back (free width first)."""
+    if not per_resource:
+        return cost
+    added = sum(max(r[k] - cur[k], 0.0) / targets[k] for k in targets)
+    return math.inf if added <= 1e-12 else max(cost, 0.0) / added
 
 
 def uniform_widths(cm: CostModel, cs: ChannelStructure, targets: Mapping[str, float], corr: Mapping[str, float],
