@@ -31,6 +31,15 @@ are against the dense model measured in the same run. Torch-Pruning is imported 
     python benchmarks/budget_vs_torch_pruning.py --json-out tp.json
     python benchmarks/budget_vs_torch_pruning.py --profiles phone-flagship-sd8g2 --fractions 0.5 \\
         --finetune-epochs 5 --distill --finetune-fractions 0.5
+
+Measuring wants a quiet machine and fine-tuning does not, so the two can be run apart: ``--save-dir DIR`` keeps
+every compared model (chita-edge's as a checkpoint with its plan; Torch-Pruning's by setting and ratio, rebuilt
+deterministically) and appends each row to ``DIR/rows.jsonl`` as it is measured; ``--finetune-saved DIR`` then
+fine-tunes those at ``--finetune-fractions`` (under ``nice``, beside other measurements) and prints the table:
+
+    python benchmarks/budget_vs_torch_pruning.py --save-dir runs/a
+    nice -n 19 python benchmarks/budget_vs_torch_pruning.py --finetune-saved runs/a --profiles phone-flagship-sd8g2 \\
+        --finetune-fractions 0.5 --finetune-epochs 20 --distill --finetune-tp all
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from chita_edge.budget.config import BudgetConfig, finetune_config
 from chita_edge.budget.costmodel import CostModel, widths_of
 from chita_edge.budget.measure import measure_model
 from chita_edge.budget.search import prune_to_budget
+from chita_edge.core.checkpoint import save_checkpoint
 from chita_edge.core.data import Dataset, load_data
 from chita_edge.core.errors import GateFailed
 from chita_edge.core.evaluate import accuracy
@@ -154,6 +164,11 @@ def main() -> None:
     ap.add_argument("--prefer", choices=["under", "nearest"], default="under",
                     help="chita-edge's rule when no width lands in [0.9, 1] x the budget (prune --prefer)")
     ap.add_argument("--json-out")
+    ap.add_argument("--save-dir", help="keep each compared model (chita-edge's as a checkpoint with its plan, "
+                    "Torch-Pruning's by its setting and ratio) and append every row to DIR/rows.jsonl")
+    ap.add_argument("--finetune-saved", metavar="DIR",
+                    help="no pruning or measuring: fine-tune the models a --save-dir run kept (rows of "
+                         "--profiles at --finetune-fractions) and print the table with both accuracies")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -165,6 +180,14 @@ def main() -> None:
     x1 = data.x_train[:1]
     dense_acc = accuracy(dense, data.x_test, data.y_test)
     teacher = dense if args.distill else None
+    if args.finetune_saved:
+        t_all = time.perf_counter()
+        rows = finetune_saved(Path(args.finetune_saved), dense, teacher, data, args)
+        print_table(rows, args, time.perf_counter() - t_all)
+        return
+    save = Path(args.save_dir) if args.save_dir else None
+    if save is not None:
+        save.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tp-vs-chita-") as td:
@@ -220,6 +243,10 @@ def main() -> None:
                                landing=res.landing, decisions=res.decisions,
                                rounds="+".join(d["kind"][0] for d in res.decisions if d["budget"] == "latency_ms"))
                     chosen = res.model
+                    if save is not None:
+                        row["checkpoint"] = str(save / f"chita-{pid}-{frac:g}.pt")
+                        save_checkpoint(row["checkpoint"], chosen.state_dict(),
+                                        {"model": "zoo:resnet20", "plan": res.plan, "widths": res.widths})
                 except GateFailed as e:
                     row.update(error=str(e), met=False)
                     chosen = None
@@ -251,6 +278,55 @@ def main() -> None:
                             r["accuracy_finetuned"] = tune(m, teacher, data, args)
                             log(f"fine-tuned {r['method']} {frac}: {r['accuracy_finetuned']:.2f}")
                 rows.extend(r for r, _ in picked)
+                if save is not None:
+                    with open(save / "rows.jsonl", "a") as fh:
+                        for r, _ in picked:
+                            fh.write(json.dumps(r, default=str) + "\n")
+    print_table(rows, args, time.perf_counter() - t_all)
+
+
+def finetune_saved(d: Path, dense: nn.Module, teacher: nn.Module | None, data: Dataset, args) -> list[dict[str, Any]]:
+    """The rows a ``--save-dir`` run kept, each model rebuilt (chita-edge's checkpoint replayed by ``load_model``;
+    Torch-Pruning's setting re-run at its ratio: deterministic, and its one-shot accuracy is checked against the
+    row's) and fine-tuned with ``tune`` where the row is at one of ``--finetune-fractions``."""
+    rows = [json.loads(line) for line in (d / "rows.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["profile"] in args.profiles]
+    for r in rows:
+        if r["method"] == "dense" or r["fraction"] not in args.finetune_fractions:
+            continue
+        tps = [t for t in rows if t["profile"] == r["profile"] and t["fraction"] == r["fraction"]
+               and t["method"].startswith("tp-") and t.get("ratio") is not None]
+        if r["method"].startswith("tp-") and args.finetune_tp == "best" and tps \
+                and r is not max(tps, key=lambda t: t["accuracy"]):
+            continue
+        if r["method"] == "chita-layerwise" and r.get("checkpoint"):
+            m = load_model("zoo:resnet20", r["checkpoint"]).module.eval()
+        elif r["method"].startswith("tp-") and r.get("ratio") is not None:
+            _, imp, scope = r["method"].split("-")
+            m = tp_prune(dense, data, imp, scope == "global", r["ratio"], r["width_multiple"])
+        else:
+            continue
+        again = accuracy(m, data.x_test, data.y_test)
+        if abs(again - r["accuracy"]) > 1e-9:
+            log(f"{r['method']} {r['profile']} {r['fraction']}: rebuilt one-shot {again:.2f} % != {r['accuracy']:.2f} %")
+        r["accuracy_finetuned"] = tune(m, teacher, data, args)
+        log(f"fine-tuned {r['method']} {r['profile']} {r['fraction']}: {r['accuracy_finetuned']:.2f}")
+    return rows
+
+
+def landing_cell(land: dict[str, Any] | None) -> str:
+    """chita-edge's landing: in the window, or the nearest measured configurations under and over the budget."""
+    if not land:
+        return "-"
+    if land.get("in_window"):
+        return "in [0.90, 1.00]"
+    side = {k: (land.get(k) or {}).get("judged_over_budget") for k in ("under", "over")}
+    return "nearest: " + ", ".join(f"{k} {v:.3f}x" for k, v in side.items() if v is not None) + \
+        f"; kept {land.get('chosen')}"
+
+
+def print_table(rows: list[dict[str, Any]], args, seconds: float) -> None:
+    """The one table (Markdown), ratios against the dense model measured in the same run; ``--json-out``."""
     for r in rows:
         if r.get("measured_ms") is not None:
             r["x_dense"] = r["measured_ms"] / r["dense_ms"]
@@ -258,11 +334,12 @@ def main() -> None:
                 r["x_budget"] = r["measured_ms"] / r["budget_ms"]
                 r["upper_x_budget"] = r["x_budget"] * (r.get("band_high") or 1.0)
     ft = f"acc. after {args.finetune_epochs} ep.{' + distill' if args.distill else ''} %"
-    cols = ["profile", "budget x dense", "method", "p90 ms", "x dense", "x budget", "upper x budget", "params",
+    cols = ["profile", "budget x dense", "method", "p90 ms", "x dense", "x budget", "upper x budget", "landing",
+            "params",
             "acc. one-shot %",
             ft, "acc. - chita (one-shot)"]
     print(f"\n## ResNet20, CIFAR-10 subset: chita-edge vs Torch-Pruning 1.6 (device p90 estimates, dense measured "
-          f"in the same run; {time.perf_counter() - t_all:.0f} s, load {'/'.join(f'{v:.1f}' for v in os.getloadavg())})\n")
+          f"in the same run; {seconds:.0f} s, load {'/'.join(f'{v:.1f}' for v in os.getloadavg())})\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
 
@@ -277,6 +354,7 @@ def main() -> None:
         print(f"| {r['profile']} | {r['fraction']:g} | {r['method']}{' r=' + format(r['ratio'], 'g') if 'ratio' in r else ''}"
               f"{' (' + r['error'][:60] + ')' if r.get('error') else ''} | {f(r.get('measured_ms'), '.4g')} | "
               f"{f(r.get('x_dense'), '.3f')} | {f(r.get('x_budget'), '.3f')} | {f(r.get('upper_x_budget'), '.3f')} | "
+              f"{landing_cell(r.get('landing'))} | "
               f"{f(r.get('params'), 'd')} | "
               f"{f(r.get('accuracy'), '.2f')} | {f(r.get('accuracy_finetuned'), '.2f')} | {f(diff, '+.2f')} |")
     if args.json_out:

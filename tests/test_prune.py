@@ -224,7 +224,7 @@ def test_layerwise_refit_is_kept_only_if_loss_drops_and_top1_holds(monkeypatch, 
     prune(model, PruneConfig(sparsity=0.85, method="bso", n_grads=64, layerwise_refit=False, safeguard=False), ds)
     pruned = {k: v.clone() for k, v in model.state_dict().items()}
     seq = iter(checks)
-    monkeypatch.setattr(prune_mod, "_loss_and_top1", lambda m, x, y: next(seq))
+    monkeypatch.setattr(prune_mod, "loss_and_top1", lambda m, x, y: next(seq))
     params = prune_mod.find_prunable(model, prune_mod.default_prunable)
     info = prune_mod._layerwise_refit(model, dense, params, ds, PruneConfig(sparsity=0.85, method="bso",
                                                                            refit_samples=256))

@@ -64,6 +64,23 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules())
 
 
+_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def batchnorm_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every BatchNorm running statistic (and its batch counter), by buffer name."""
+    return {k: v.detach().clone() for k, v in model.named_buffers() if k.endswith(_STATISTICS)}
+
+
+@torch.no_grad()
+def load_batchnorm_buffers(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy ``saved`` (from ``batchnorm_buffers``) back buffer by buffer: a partial ``load_state_dict`` loses the
+    modules' version metadata, which some refuse (torchvision's MNASNet)."""
+    for k, v in model.named_buffers():
+        if k in saved:
+            v.copy_(saved[k])
+
+
 @torch.no_grad()
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
     total = 0.0
@@ -92,18 +109,14 @@ def reestimate_if_better(model: nn.Module, x: torch.Tensor, y: torch.Tensor, per
     was = model.training
     model.eval()
     xc, yc = x[check], y[check]
-    before = {k: v.clone() for k, v in model.named_buffers()
-              if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+    before = batchnorm_buffers(model)
     loss_before = _loss(model, xc, yc)
     reestimate_batchnorm(model, x, order, batch_size=batch_size, batches=batches)
     model.eval()
     loss_after = _loss(model, xc, yc)
     kept = always or loss_after < loss_before
-    if not kept:  # copied back buffer by buffer: a partial load_state_dict loses the modules' version metadata,
-        with torch.no_grad():  # which some refuse (torchvision's MNASNet)
-            for k, v in model.named_buffers():
-                if k in before:
-                    v.copy_(before[k])
+    if not kept:
+        load_batchnorm_buffers(model, before)
     model.train(was)
     return {"kept": "re-estimated" if kept else "previous", "loss_before": loss_before, "loss_after": loss_after,
             "check_samples": len(check), "held_out": held_out}

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -34,6 +35,8 @@ from chita_edge.pruning.layers import (
     set_weights,
 )
 from chita_edge.pruning.refit import LayerStats, layerwise_refit
+from chita_edge.pruning.safeguard import choose as choose_candidate
+from chita_edge.pruning.safeguard import loss_and_top1
 from chita_edge.pruning.schedule import cubic_schedule
 from chita_edge.solvers import chita as solver
 
@@ -76,6 +79,7 @@ class PruneConfig:
     # (docs/benchmarks.md, ninth session, "Layer floor"); 0: off
     layer_floor: float = DEFAULTS["layer_floor"]
     safeguard: bool = True  # keep the best of {update scaled by 1, 1/2, 1/4, 0; magnitude} on training loss
+    # (with BatchNorm: the loss after the stage's BatchNorm re-estimation; pruning/safeguard.py)
     # After the last stage, re-fit every pruned Conv2d/Linear on its support so that its outputs match the dense
     # layer's on training images (layer-wise OBS reconstruction, as in OBC/SparseGPT). None: on for the
     # data-driven methods (chita, chita++, bso), off for the magnitude baselines. Kept only if the training
@@ -203,32 +207,12 @@ def apply_layer_floor(w: torch.Tensor, w_bar: torch.Tensor, params: list[Prunabl
     return out, raised
 
 
-@torch.no_grad()
-def _loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    out = model(x)
-    return float(torch.nn.functional.cross_entropy(out, y)), 100.0 * float((out.argmax(1) == y).float().mean())
-
-
-def _safeguard(model: nn.Module, params: list[PrunableParam], data: Dataset, w_bar: torch.Tensor, w: torch.Tensor,
-               magnitude: torch.Tensor, seed: int, samples: int = 2000) -> tuple[torch.Tensor, dict]:
-    """The quadratic model is only local, and with few gradients (n << p) its exact refit can overshoot.
-    Check on real training loss: the solver's support with the update scaled by alpha in (1, 1/2, 1/4, 0),
-    and the magnitude solution; keep the lowest. Never worse than magnitude pruning on that loss."""
-    was = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(10_000 + seed)
-    idx = torch.randperm(len(data.x_train), generator=g)[:samples]
-    x, y = data.x_train[idx], data.y_train[idx]
-    support = w != 0
-    cands = {f"alpha={a}": torch.where(support, w_bar + a * (w - w_bar), torch.zeros_like(w)) for a in (1.0, 0.5, 0.25, 0.0)}
-    cands["magnitude"] = magnitude
-    losses = {}
-    for name, c in cands.items():
-        set_weights(model, params, c)
-        losses[name] = _loss_and_top1(model, x, y)[0]
-    model.train(was)
-    best = min(losses, key=lambda n: losses[n])
-    return cands[best], {"chosen": best, "losses": losses}
+def _stage_batchnorm(model: nn.Module, data: Dataset, cfg: PruneConfig, si: int) -> dict[str, Any] | None:
+    """The BatchNorm step after stage ``si``: re-estimated statistics, kept only where they lower the loss on
+    training inputs the re-estimation did not see (None: no BatchNorm)."""
+    perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(20_000 + cfg.seed + si))
+    return reestimate_if_better(model, data.x_train, data.y_train, perm, samples=2048, batch_size=256,
+                                always=cfg.bn_rule == "always")
 
 
 def _activation_bytes_per_sample(model: nn.Module, names: list[str], x: torch.Tensor) -> int:
@@ -272,7 +256,7 @@ def _layerwise_refit(model: nn.Module, dense: nn.Module, params: list[PrunablePa
     was = model.training
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    loss_before, top1_before = _loss_and_top1(model, xl, yl)
+    loss_before, top1_before = loss_and_top1(model, xl, yl)
     dense_bufs = dict(dense.named_buffers())
     with torch.no_grad():
         for name, buf in model.named_buffers():
@@ -280,7 +264,7 @@ def _layerwise_refit(model: nn.Module, dense: nn.Module, params: list[PrunablePa
                 buf.copy_(dense_bufs[name])
     errs = layerwise_refit(model, dense, x, damp=cfg.refit_damp, stats=LayerStats(dense, x, names=names),
                            elementwise=True)
-    loss_after, top1_after = _loss_and_top1(model, xl, yl)
+    loss_after, top1_after = loss_and_top1(model, xl, yl)
     kept = loss_after < loss_before and top1_after >= top1_before
     if not kept:
         model.load_state_dict(before)
@@ -427,17 +411,22 @@ def prune_weights(
                 raised_all[name] = raised_all.get(name, 0) + n
         info["solve_s"] = time.perf_counter() - ts
         t_solve += info["solve_s"]
+        bn_done = False
         if cfg.safeguard and needs_grads:
             mag = solver.hard_threshold(w_bar, k, allowed)
             if floored:
                 mag = apply_layer_floor(mag, w_bar, params, s, cfg.layer_floor, allowed)[0]
-            w, info["safeguard"] = _safeguard(model, params, data, w_bar, w, mag, cfg.seed + si)
+            # with BatchNorm, each candidate is ranked after the BatchNorm step below, which the winner has had
+            choice = choose_candidate(model, params, data, w_bar, w, mag, cfg.seed + si,
+                                      then=partial(_stage_batchnorm, model, data, cfg, si) if cfg.bn_recalibrate
+                                      else None)
+            w, info["safeguard"] = choice.weights, choice.record
+            if choice.after_batchnorm:
+                bn_done = True
+                info["batchnorm"] = choice.batchnorm
         set_weights(model, params, w)
-        if cfg.bn_recalibrate and bool((w != w_bar).any()):
-            # kept only where it lowers the loss on training inputs it did not see (None: no BatchNorm)
-            perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(20_000 + cfg.seed + si))
-            info["batchnorm"] = reestimate_if_better(model, data.x_train, data.y_train, perm, samples=2048,
-                                                     batch_size=256, always=cfg.bn_rule == "always")
+        if cfg.bn_recalibrate and not bn_done and bool((w != w_bar).any()):
+            info["batchnorm"] = _stage_batchnorm(model, data, cfg, si)
         del G
         stages.append(info)
         if progress:

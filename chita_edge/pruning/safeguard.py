@@ -1,0 +1,102 @@
+"""The safeguard of a pruning stage: the quadratic model behind CHITA is only local, and with few gradients
+(n << p) its exact refit can overshoot. So each stage checks on real training loss the solver's support with the
+update scaled by alpha in (1, 1/2, 1/4, 0), and the magnitude solution, and keeps the lowest: never worse than
+magnitude pruning on that loss.
+
+In a model with BatchNorm the stage re-estimates the statistics next, and before that every pruned candidate is
+judged with stale statistics (on MobileNetV1 at 80 % all of them sit near ln 10, docs/benchmarks.md, ninth
+session). There each candidate is ranked after that same re-estimation (``then``), from the same statistics
+(restored between candidates), by the held-out loss of the state the re-estimation keeps; the winner's weights
+and statistics stay in the model and the stage does not re-estimate again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from chita_edge.core.data import Dataset
+from chita_edge.pruning.batchnorm import batchnorm_buffers, has_batchnorm, load_batchnorm_buffers
+from chita_edge.pruning.layers import PrunableParam, set_weights
+
+ALPHAS = (1.0, 0.5, 0.25, 0.0)
+
+
+@dataclass
+class Choice:
+    weights: torch.Tensor  # the winner (already set in the model when after_batchnorm)
+    record: dict[str, Any]  # the stage's info["safeguard"]: which candidate won and the losses
+    batchnorm: dict[str, Any] | None = None  # the winner's BatchNorm record (reestimate_if_better's)
+    after_batchnorm: bool = False  # ranked after the re-estimation: the model holds the winner's statistics
+
+
+@torch.no_grad()
+def loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    out = model(x)
+    return float(nn.functional.cross_entropy(out, y)), 100.0 * float((out.argmax(1) == y).float().mean())
+
+
+def candidates(w_bar: torch.Tensor, w: torch.Tensor, magnitude: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The solver's support with the update ``w - w_bar`` scaled by each alpha, then the magnitude solution."""
+    support = w != 0
+    out = {f"alpha={a}": torch.where(support, w_bar + a * (w - w_bar), torch.zeros_like(w)) for a in ALPHAS}
+    out["magnitude"] = magnitude
+    return out
+
+
+def _kept_loss(rec: dict[str, Any]) -> float:
+    """The held-out loss of the statistics ``reestimate_if_better`` kept."""
+    return float(rec["loss_after"] if rec["kept"] == "re-estimated" else rec["loss_before"])
+
+
+def choose(model: nn.Module, params: list[PrunableParam], data: Dataset, w_bar: torch.Tensor, w: torch.Tensor,
+           magnitude: torch.Tensor, seed: int, *, then: Callable[[], dict[str, Any] | None] | None = None,
+           samples: int = 2000) -> Choice:
+    """Rank the candidates and return the winner.
+
+    ``then``: the BatchNorm step the stage runs next on its weights (``reestimate_if_better`` on the model as it
+    stands; None: the stage runs none). In a model with BatchNorm, when some candidate changes ``w_bar``, every
+    candidate is set, given back the statistics the model has now, passed through ``then`` and ranked by the
+    held-out loss of what it kept; the model is left with the winner's weights and statistics. Otherwise the
+    ranking is on ``samples`` training inputs with the model as it is (the rule without BatchNorm)."""
+    cands = candidates(w_bar, w, magnitude)
+    if then is not None and has_batchnorm(model) and any(bool((c != w_bar).any()) for c in cands.values()):
+        return _choose_after_batchnorm(model, params, cands, then)
+    was = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(10_000 + seed)
+    idx = torch.randperm(len(data.x_train), generator=g)[:samples]
+    x, y = data.x_train[idx], data.y_train[idx]
+    losses = {}
+    for name, c in cands.items():
+        set_weights(model, params, c)
+        losses[name] = loss_and_top1(model, x, y)[0]
+    model.train(was)
+    best = min(losses, key=lambda n: losses[n])
+    return Choice(cands[best], {"chosen": best, "losses": losses})
+
+
+def _choose_after_batchnorm(model: nn.Module, params: list[PrunableParam], cands: dict[str, torch.Tensor],
+                            then: Callable[[], dict[str, Any] | None]) -> Choice:
+    start = batchnorm_buffers(model)
+    records: dict[str, dict[str, Any]] = {}
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for name, c in cands.items():
+        load_batchnorm_buffers(model, start)
+        set_weights(model, params, c)
+        rec = then()
+        assert rec is not None  # the model has BatchNorm
+        records[name], states[name] = rec, batchnorm_buffers(model)
+    losses = {name: _kept_loss(rec) for name, rec in records.items()}
+    best = min(losses, key=lambda n: losses[n])
+    set_weights(model, params, cands[best])
+    load_batchnorm_buffers(model, states[best])
+    record = {"chosen": best, "losses": losses, "after_batchnorm": True,
+              "losses_before_batchnorm": {name: float(rec["loss_before"]) for name, rec in records.items()},
+              "batchnorm_kept": {name: rec["kept"] for name, rec in records.items()},
+              "check_samples": records[best]["check_samples"]}
+    return Choice(cands[best], record, records[best], after_batchnorm=True)

@@ -1,0 +1,99 @@
+"""The stage's safeguard (chita_edge/pruning/safeguard.py): with BatchNorm, candidates are ranked after the
+BatchNorm re-estimation that the stage does next; without BatchNorm, on training loss as before."""
+import copy
+
+import pytest
+import torch
+from conftest import small_cnn, tiny_mlp
+
+from chita_edge.core.data import load_data
+from chita_edge.models.zoo import default_prunable
+from chita_edge.pruning.batchnorm import batchnorm_buffers, reestimate_if_better
+from chita_edge.pruning.layers import find_prunable, flatten_weights, set_weights
+from chita_edge.pruning.prune import PruneConfig, keep_count, prune
+from chita_edge.pruning.safeguard import candidates, choose
+from chita_edge.solvers import chita as solver
+
+S = 0.8  # on this trained CNN the ranking before BatchNorm (alpha=1.0) and after it (alpha=0.5) disagree
+
+
+def _digits_cnn(ds):
+    model = small_cnn(pool=2, conv_bias=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        idx = torch.randint(0, len(ds.x_train), (128,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+def _cfg(**kw):
+    return PruneConfig(sparsity=S, method="chita", n_grads=64, layerwise_refit=False, layer_floor=0.0,
+                       prune_inert=False, **kw)
+
+
+def _stage_step(model, ds, cfg):
+    """The BatchNorm step that stage 0 of ``prune`` runs (same permutation, samples, rule)."""
+    perm = torch.randperm(len(ds.x_train), generator=torch.Generator().manual_seed(20_000 + cfg.seed))
+    return reestimate_if_better(model, ds.x_train, ds.y_train, perm, samples=2048, batch_size=256)
+
+
+def test_with_batchnorm_the_winner_has_the_lowest_loss_after_reestimation_and_keeps_its_statistics():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    ds = load_data("digits")
+    dense = _digits_cnn(ds)
+    params = find_prunable(dense, default_prunable)
+    w_bar = flatten_weights(dense, params)
+    solved = copy.deepcopy(dense)  # CHITA's own solution: the same stage with no safeguard and no BatchNorm step
+    prune(solved, _cfg(safeguard=False, bn_recalibrate=False), ds)
+    w = flatten_weights(solved, find_prunable(solved, default_prunable))
+    mag = solver.hard_threshold(w_bar, keep_count(S, len(w_bar)), None)
+    # the rule before: training loss with the dense statistics
+    old = choose(copy.deepcopy(dense), params, ds, w_bar, w, mag, _cfg().seed).record["chosen"]
+    # each candidate through the stage's BatchNorm step on its own copy of the dense model
+    after, stats, recs = {}, {}, {}
+    for name, c in candidates(w_bar, w, mag).items():
+        m = copy.deepcopy(dense)
+        set_weights(m, find_prunable(m, default_prunable), c)
+        recs[name] = rec = _stage_step(m, ds, _cfg())
+        after[name] = rec["loss_after"] if rec["kept"] == "re-estimated" else rec["loss_before"]
+        stats[name] = batchnorm_buffers(m)
+    best = min(after, key=after.get)
+    assert best != old  # the case: the two rankings disagree
+
+    model = copy.deepcopy(dense)
+    rep = prune(model, _cfg(), ds)
+    st = rep.stages[0]
+    assert st["safeguard"]["chosen"] == best and st["safeguard"]["after_batchnorm"]
+    # (prune forms the candidates in float64 from the unrounded solution, this test in float32: 1e-5)
+    assert st["safeguard"]["losses"] == pytest.approx(after, rel=1e-5)
+    bn, want = st["batchnorm"], recs[best]  # the winner's step, not a second one
+    assert bn["kept"] == want["kept"] and [bn["loss_before"], bn["loss_after"]] == pytest.approx(
+        [want["loss_before"], want["loss_after"]], rel=1e-5)
+    got = flatten_weights(model, find_prunable(model, default_prunable))
+    assert torch.equal(got != 0, candidates(w_bar, w, mag)[best] != 0)
+    assert torch.allclose(got, candidates(w_bar, w, mag)[best], rtol=1e-5, atol=1e-7)
+    bufs = batchnorm_buffers(model)
+    assert set(bufs) == set(stats[best]) and len(bufs) == 6
+    assert all(torch.allclose(v.double(), stats[best][k].double(), rtol=1e-5, atol=1e-6) for k, v in bufs.items())
+    assert not all(torch.allclose(v.double(), stats[old][k].double(), rtol=1e-5, atol=1e-6) for k, v in bufs.items())
+
+
+def test_without_batchnorm_or_without_the_step_the_ranking_is_the_one_before():
+    torch.set_num_threads(1)
+    ds = load_data("digits")
+    for model, then in ((tiny_mlp(), True), (_digits_cnn(ds), False)):
+        params = find_prunable(model, default_prunable)
+        w_bar = flatten_weights(model, params)
+        k = keep_count(0.7, len(w_bar))
+        mag = solver.hard_threshold(w_bar, k, None)
+        w = torch.where(mag != 0, w_bar * 1.1, torch.zeros_like(w_bar))
+        before = batchnorm_buffers(model)
+        step = (lambda m=model: _stage_step(m, ds, _cfg())) if then else None
+        got = choose(model, params, ds, w_bar, w, mag, 0, then=step)
+        plain = choose(copy.deepcopy(model), params, ds, w_bar, w, mag, 0)
+        assert not got.after_batchnorm and "after_batchnorm" not in got.record
+        assert got.record == plain.record and torch.equal(got.weights, plain.weights)
+        assert all(torch.equal(v, before[k]) for k, v in batchnorm_buffers(model).items())
