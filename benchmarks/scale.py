@@ -152,13 +152,19 @@ def run_row(spec: dict) -> dict:
     params = find_prunable(model, default_prunable)
     w_bar = flatten_weights(model, params)
     t0, c0 = time.perf_counter(), cpu_s()
-    rep = prune(model, cfg, ds, filter_fn=default_prunable, progress=None)
+    phases: dict[str, float] = {}  # peak RSS (GiB) when each phase of prune reported progress: where the peak was
+
+    def on_progress(what: str, i: int, n: int) -> None:
+        phases[f"{what} {i}/{n}"] = round(peak_rss_gb(), 3)
+
+    phases["start"] = round(peak_rss_gb(), 3)
+    rep = prune(model, cfg, ds, filter_fn=default_prunable, progress=on_progress)
     wall, cpu = time.perf_counter() - t0, cpu_s() - c0
     acc = accuracy(model, ds.x_test, ds.y_test)
     plan = rep.stages[0].get("plan") if rep.stages else None
     return {**spec, "dense_accuracy": dense, "accuracy": acc, "sparsity_reached": rep.sparsity, "wall_s": wall,
             "cpu_s": cpu, "load_avg": os.getloadavg()[0], "timings": rep.timings, "refit_s": (rep.refit or {}).get("seconds"),
-            "refit_kept": (rep.refit or {}).get("kept"), "peak_rss_gb": peak_rss_gb(),
+            "refit_kept": (rep.refit or {}).get("kept"), "peak_rss_gb": peak_rss_gb(), "peak_rss_by_phase": phases,
             "passes": rep.stages[0].get("passes") if rep.stages else None,
             "groups": plan["groups"] if plan else None, "p": len(w_bar),
             "safeguard": rep.stages[0].get("safeguard") if rep.stages else None,

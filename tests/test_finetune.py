@@ -15,14 +15,16 @@ from torch import nn
 
 from chita_edge.core.checkpoint import read_weights, save_checkpoint
 from chita_edge.core.data import Dataset
-from chita_edge.core.errors import Interrupted
+from chita_edge.core.errors import BadInput, Interrupted
 from chita_edge.core.io import sha256_file
 from chita_edge.models.zoo import default_prunable
+from chita_edge.pruning.batchnorm import keyed_generator
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.pruning.prune import PruneConfig, prune, prune_weights
 from chita_edge.pruning.schedule import cubic_schedule
-from chita_edge.training.augment import augment_batch
-from chita_edge.training.distill import distillation_loss
+from chita_edge.training import finetune as finetune_module
+from chita_edge.training.augment import augment_batch, mix_batch
+from chita_edge.training.distill import distillation_loss, hard_loss
 from chita_edge.training.finetune import FinetuneConfig, finetune, reestimate_batchnorm
 from chita_edge.training.gradual import GradualConfig, gradual_prune, gradual_schedule
 from chita_edge.training.masks import masks_from_zeros
@@ -208,6 +210,100 @@ def test_augment_batch_crops_and_flips():
     for i in range(2):  # every crop is a shifted window of the zero-padded image
         xp = F.pad(x[i], (2, 2, 2, 2))
         assert any(torch.equal(z[i], xp[:, a:a + 4, b:b + 4]) for a in range(5) for b in range(5))
+
+
+def test_mix_batch_mixup_and_cutmix_are_seeded_mixtures():
+    x = torch.randn(6, 2, 8, 8)
+    same, perm, lam = mix_batch(x, torch.Generator().manual_seed(0), "none", 1.0)
+    assert same is x and lam == 1.0
+    m, perm, lam = mix_batch(x, torch.Generator().manual_seed(0), "mixup", 1.0)
+    assert 0 < lam < 1 and sorted(perm.tolist()) == list(range(6))
+    assert torch.allclose(m, lam * x + (1 - lam) * x[perm])
+    m2, perm2, lam2 = mix_batch(x, torch.Generator().manual_seed(0), "mixup", 1.0)
+    assert torch.equal(m, m2) and torch.equal(perm, perm2) and lam == lam2  # the generator decides everything
+    lams = [mix_batch(x, torch.Generator().manual_seed(s), "cutmix", 1.0) for s in range(20)]
+    for c, p, lam in lams:  # every pixel is x's or x[perm]'s, and lam is the share left to x
+        moved = p != torch.arange(6)  # a sample mixed with itself is left whole
+        assert ((c == x) | (c == x[p])).all() and torch.equal(c[~moved], x[~moved])
+        assert (c == x).all(1)[moved].float().mean().item() == pytest.approx(lam)
+    assert len({round(lam, 3) for *_, lam in lams}) > 5
+    with pytest.raises(BadInput, match="--mix 'blend'"):
+        FinetuneConfig(mix="blend").validate()
+    with pytest.raises(BadInput, match="--mix-alpha"):
+        FinetuneConfig(mix="mixup", mix_alpha=0).validate()
+
+
+def test_mixed_loss_math():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    perm = torch.randperm(8)
+    assert torch.allclose(hard_loss(s, y, (perm, 0.3)), 0.3 * F.cross_entropy(s, y) + 0.7 * F.cross_entropy(s, y[perm]))
+    assert torch.equal(hard_loss(s, y, (perm, 1.0)), F.cross_entropy(s, y))
+    # pure distillation needs no label; alpha 0.5 splits the hard term between the two labels
+    assert torch.equal(distillation_loss(s, t, y, 2.0, 1.0, (perm, 0.3)), distillation_loss(s, t, y[perm], 2.0, 1.0))
+    assert torch.allclose(distillation_loss(s, t, y, 2.0, 0.5, (perm, 0.3)),
+                          0.5 * hard_loss(s, y, (perm, 0.3)) + 0.5 * distillation_loss(s, t, y, 2.0, 1.0))
+
+
+class _Recorder(nn.Module):
+    """The teacher: records what it is shown."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.seen = net, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return self.net(x)
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_teacher_and_loss_see_the_mixed_batch(digits, monkeypatch, mix):
+    """Function matching: the student's and the teacher's inputs are the crop + flip + mix of the batch, drawn from
+    (seed, epoch, step); the loss gets the teacher's outputs on that image and the mixing (perm, lam)."""
+    cfg = dataclasses.replace(_cnn_cfg(), epochs=1, batch_size=len(digits.x_train), mix=mix, distill_weight=1.0,
+                              bn_batches=0, eval_each_epoch=False)
+    calls = []
+
+    def spy(student, teacher_out, y, temperature, weight, mix_=None):
+        calls.append((teacher_out.detach().clone(), y.clone(), mix_))
+        return distillation_loss(student, teacher_out, y, temperature, weight, mix_)
+
+    monkeypatch.setattr(finetune_module, "distillation_loss", spy)
+    teacher = _Recorder(tiny_cnn())
+    finetune(_pruned_cnn(digits), digits, cfg, teacher=teacher)
+    perm = torch.randperm(len(digits.x_train), generator=keyed_generator(cfg.seed, 0))
+    g = keyed_generator(cfg.seed, 0, 0)
+    xb = augment_batch(digits.x_train[perm], g, cfg.crop_padding, cfg.flip)
+    want, mperm, lam = mix_batch(xb, g, mix, cfg.mix_alpha)
+    assert not torch.equal(want, xb) and len(teacher.seen) == 1 and len(calls) == 1
+    assert torch.equal(teacher.seen[0], want)
+    t_out, y, got = calls[0]
+    assert torch.equal(t_out, teacher.net(want)) and torch.equal(y, digits.y_train[perm])
+    assert torch.equal(got[0], mperm) and got[1] == lam
+
+
+@pytest.mark.parametrize("mix", ["mixup", "cutmix"])
+def test_mixed_finetuning_is_seeded_and_resumes_bit_identically(digits, tmp_path, mix):
+    cfg = dataclasses.replace(_cnn_cfg(), mix=mix, distill_weight=1.0, temperature=1.0, eval_each_epoch=False)
+    teacher = tiny_cnn()
+    ref, again, plain = _pruned_cnn(digits), _pruned_cnn(digits), _pruned_cnn(digits)
+    finetune(ref, digits, cfg, teacher=teacher)
+    finetune(again, digits, cfg, teacher=teacher)
+    finetune(plain, digits, dataclasses.replace(cfg, mix="none"), teacher=teacher)
+    assert same_weights(ref, again) and not same_weights(ref, plain)
+    state = tmp_path / "ft.state"
+
+    def boom(stage, done, total):
+        if stage == "epochs" and done == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(_pruned_cnn(digits), digits, cfg, teacher=teacher, progress=boom, state_path=state)
+    torch.manual_seed(99)
+    fresh = _pruned_cnn(digits)
+    rep = finetune(fresh, digits, cfg, teacher=teacher, state_path=state, resume=True)
+    assert rep.resumed_from == {"epoch": 1, "step": 0} and same_weights(fresh, ref)
 
 
 # --- gradual pruning -------------------------------------------------------------------------------------------
@@ -427,5 +523,19 @@ def test_cli_warmup_epochs_and_head_ridge_reach_the_config(pruned_ckpt, tmp_path
     for bad, flag in ((["--warmup-epochs", "3"], "--warmup-epochs 3.0"), (["--head-ridge", "-1"], "--head-ridge -1.0"),
                       (["--head-ridge", "nan"], "--head-ridge nan")):
         r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "2", *bad, "--out", tmp_path / "o.pt")
+        assert r.code == 2 and flag in r.stderr, r.stderr
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_cli_mix_reaches_the_config(pruned_ckpt, tmp_path):
+    out = tmp_path / "ft.pt"
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--epochs", "1", "--mix", "mixup", "--mix-alpha", "0.4",
+                "--bn-batches", "0", "--out", out, "--json")
+    assert r.code == 0, r.stderr
+    cfg = read_weights(out)[1]["finetune"]["config"]
+    assert cfg["mix"] == "mixup" and cfg["mix_alpha"] == 0.4
+    for bad, flag in ((["--mix", "blend"], "--mix 'blend'"), (["--mix-alpha", "0"], "--mix-alpha 0.0"),
+                      (["--mix-alpha", "nan"], "--mix-alpha nan")):
+        r = run_cli("finetune", pruned_ckpt, "--data", "digits", *bad, "--out", tmp_path / "o.pt")
         assert r.code == 2 and flag in r.stderr, r.stderr
     assert not (tmp_path / "o.pt").exists()

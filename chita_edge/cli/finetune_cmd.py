@@ -38,6 +38,11 @@ def finetune_cmd(
                                                                            "in [0,1].")] = 0.5,
     augment: Annotated[bool | None, typer.Option("--augment/--no-augment", help="Random crop + flip (default: on "
                                                                                "for 3-channel images).")] = None,
+    mix: Annotated[str, typer.Option("--mix", help="none, mixup or cutmix: mix each augmented batch with a "
+                                                   "permutation of itself (with --distill the teacher relabels "
+                                                   "the mixed image: function matching).")] = "none",
+    mix_alpha: Annotated[float, typer.Option("--mix-alpha", help="With --mix: the mixing share is drawn from "
+                                                                 "Beta(a, a).")] = 1.0,
     warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up of the learning rate "
                                                                          "over this many epochs first (at most "
                                                                          "--epochs).")] = 0.0,
@@ -80,7 +85,8 @@ def finetune_cmd(
     if teacher is not None and not distill:
         raise BadInput("--teacher is only used with --distill")
     cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
-                         weight_decay=weight_decay, augment=augment, warmup_epochs=warmup_epochs,
+                         weight_decay=weight_decay, augment=augment, mix=mix, mix_alpha=mix_alpha,
+                         warmup_epochs=warmup_epochs,
                          head_ridge=head_ridge, temperature=temperature,
                          distill_weight=distill_weight, bn_batches=bn_batches, seed=seed, qat=qat,
                          qat_agreement=qat_agreement, qat_dither=qat_dither)

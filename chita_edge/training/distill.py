@@ -18,13 +18,27 @@ from chita_edge.core.io import sha256_file
 from chita_edge.models.loading import load_model
 
 
+def hard_loss(student: torch.Tensor, y: torch.Tensor, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """CE(student, y); for a batch mixed by ``augment.mix_batch`` (``mix`` = (perm, lam)): lam CE(y) + (1 - lam)
+    CE(y[perm])."""
+    ce = F.cross_entropy(student, y)
+    if mix is None or mix[1] == 1.0:
+        return ce
+    perm, lam = mix
+    return lam * ce + (1 - lam) * F.cross_entropy(student, y[perm])
+
+
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor, temperature: float,
-                      weight: float) -> torch.Tensor:
-    """(1 - weight) CE(student, y) + weight T^2 KL(p_teacher^T || p_student^T) (Hinton et al. 2015).
+                      weight: float, mix: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """(1 - weight) CE(student, y) + weight T^2 KL(p_teacher^T || p_student^T) (Hinton et al. 2015); the teacher's
+    outputs are those of the same (augmented, mixed) input, and the hard-label term is ``hard_loss`` (``mix``).
 
     Works on logits and on log-probabilities alike (log_softmax is shift-invariant).
     """
-    ce = F.cross_entropy(student, y)
+    if weight == 1:
+        ce = student.new_zeros(())
+    else:
+        ce = hard_loss(student, y, mix)
     if weight == 0:
         return ce
     t = temperature
@@ -46,4 +60,4 @@ def load_teacher(spec: str, meta: dict[str, Any] | None, teacher_weights: str | 
     return load_model(spec, src).module
 
 
-__all__ = ["distillation_loss", "load_teacher"]
+__all__ = ["distillation_loss", "hard_loss", "load_teacher"]

@@ -4,8 +4,10 @@ One verb, ``finetune(model, data, FinetuneConfig) -> FinetuneReport``:
 
 1. The masks are the exact zeros of the prunable weights (or given): ``mask[name]`` is True where a weight may live.
 2. Each step: loss = (1 - alpha) CE(student, y) + alpha T^2 KL(softmax(teacher/T) || softmax(student/T)) when a
-   teacher (the dense model) is given, else CE; gradients of masked entries are zeroed, the optimiser
-   (SGD + momentum or Adam) steps, and the weights are multiplied by their masks, so zeros stay exactly zero.
+   teacher (the dense model) is given, else CE (with ``cfg.mix``: mixup or CutMix of the augmented batch, which
+   the teacher sees too, and the CE split between both labels by the mixing share); gradients of masked entries
+   are zeroed, the optimiser (SGD + momentum or Adam) steps, and the weights are multiplied by their masks, so
+   zeros stay exactly zero.
 3. The learning rate follows a per-step cosine from ``lr`` to ``min_lr`` (or stays constant), after a linear
    warm-up over ``warmup_epochs`` when set.
 4. After every epoch the whole training state (model, optimiser, scheduler, RNG, history, masks) is written
@@ -57,8 +59,8 @@ from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning import batchnorm
 from chita_edge.pruning.batchnorm import keyed_generator
 from chita_edge.pruning.layers import find_prunable
-from chita_edge.training.augment import augment_batch, default_augment
-from chita_edge.training.distill import distillation_loss
+from chita_edge.training.augment import MIXES, augment_batch, default_augment, mix_batch
+from chita_edge.training.distill import distillation_loss, hard_loss
 from chita_edge.training.head import condition_head
 from chita_edge.training.masks import _check_masks, apply_masks, masks_from_zeros
 from chita_edge.training.qat import QATModel
@@ -71,7 +73,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
 FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay", "temperature": "--temperature",
          "distill_weight": "--distill-weight", "qat_agreement": "--qat-agreement", "warmup_epochs": "--warmup-epochs",
-         "head_ridge": "--head-ridge"}  # the fields `finetune` sets
+         "head_ridge": "--head-ridge", "mix_alpha": "--mix-alpha"}  # the fields `finetune` sets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +93,10 @@ class FinetuneConfig:
     augment: bool | None = None  # random crop (zero padding) + flip; None: on for colour images (default_augment)
     crop_padding: int = 4
     flip: bool = True
+    # mixup / cutmix of each (augmented) batch with a permutation of itself, lam ~ Beta(mix_alpha, mix_alpha): the
+    # teacher sees the mixed image too (chita_edge.training.augment.mix_batch); "none": off
+    mix: str = "none"
+    mix_alpha: float = 1.0
     temperature: float = 4.0  # distillation temperature T (used when a teacher is given)
     distill_weight: float = 0.5  # alpha: share of the distillation term in the loss
     bn_batches: int = 100  # batches for re-estimating BatchNorm statistics at the end (0: keep them)
@@ -129,6 +135,10 @@ class FinetuneConfig:
             raise BadInput(f"--temperature {self.temperature}: expected > 0")
         if not (0 <= self.distill_weight <= 1):
             raise BadInput(f"--distill-weight {self.distill_weight}: expected a fraction in [0, 1]")
+        if self.mix not in MIXES:
+            raise BadInput(f"--mix '{self.mix}': expected one of {', '.join(MIXES)}")
+        if not self.mix_alpha > 0:
+            raise BadInput(f"--mix-alpha {self.mix_alpha}: expected > 0 (the Beta distribution's parameter)")
         if self.crop_padding < 0 or self.bn_batches < 0:
             raise BadInput("crop padding and BatchNorm batches must be >= 0")
         if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)) or self.warmup_epochs > self.epochs:
@@ -382,20 +392,25 @@ def finetune(
             while step < steps_per_epoch:
                 idx = perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 xb, yb = x[idx], y[idx]
+                g = keyed_generator(cfg.seed, epoch, step)
                 if augment:
-                    xb = augment_batch(xb, keyed_generator(cfg.seed, epoch, step), cfg.crop_padding, cfg.flip)
+                    xb = augment_batch(xb, g, cfg.crop_padding, cfg.flip)
+                mix = None
+                if cfg.mix != "none":  # after the crop + flip, from the same generator: (perm, lam)
+                    xb, perm_b, lam = mix_batch(xb, g, cfg.mix, cfg.mix_alpha)
+                    mix = (perm_b, lam)
                 out = net(xb)
                 t_out = None
                 if teacher is not None:
                     with torch.no_grad():
                         t_out = teacher(xb)
-                    loss = distillation_loss(out, t_out, yb, cfg.temperature, cfg.distill_weight)
+                    loss = distillation_loss(out, t_out, yb, cfg.temperature, cfg.distill_weight, mix)
                 else:
-                    loss = F.cross_entropy(out, yb)
+                    loss = hard_loss(out, yb, mix)
                 if cfg.qat and cfg.qat_agreement > 0:  # the float model is the reference the int8 file must match
                     out_f = model(xb)
-                    loss_f = (F.cross_entropy(out_f, yb) if t_out is None else
-                              distillation_loss(out_f, t_out, yb, cfg.temperature, cfg.distill_weight))
+                    loss_f = (hard_loss(out_f, yb, mix) if t_out is None else
+                              distillation_loss(out_f, t_out, yb, cfg.temperature, cfg.distill_weight, mix))
                     kl = F.kl_div(F.log_softmax(out, 1), F.log_softmax(out_f, 1), log_target=True,
                                   reduction="batchmean")
                     loss = 0.5 * (loss + loss_f) + cfg.qat_agreement * kl
