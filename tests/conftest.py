@@ -122,6 +122,19 @@ def small_cnn(*, pool: int = 1, conv_bias: bool = False, seed: int | None = 0) -
         nn.AdaptiveAvgPool2d(pool), nn.Flatten(), nn.Linear(16 * pool * pool, 10))
 
 
+
+def trained_digits_cnn(ds) -> nn.Module:
+    """``small_cnn(pool=2, conv_bias=True)`` trained 60 Adam steps on the digits data ``ds`` (eval mode); seed the
+    global RNG first for the same model every time."""
+    model = small_cnn(pool=2, conv_bias=True)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        idx = torch.randint(0, len(ds.x_train), (128,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx]).backward()
+        opt.step()
+    return model.eval()
+
 def tiny_resnet(widths: tuple[int, int, int] = (8, 16, 16), *, random_bn: bool = False) -> nn.Module:
     """ResNet20 (3x32x32 input) with narrow stages, seed 0, in eval mode.
 

@@ -4,7 +4,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import model_file, run_cli, shared_path, small_cnn, tiny_mlp
+from conftest import model_file, run_cli, shared_path, tiny_mlp, trained_digits_cnn
 from torch import nn
 
 from chita_edge.core.checkpoint import read_weights
@@ -182,23 +182,12 @@ def test_prune_gradual_cli_keeps_masks_and_reaches_the_target(tmp_path):
     assert r.code == 2 and "--gradual-start 1.5: expected a fraction" in r.stderr and not (tmp_path / "g8.pt").exists()
 
 
-def _digits_cnn(ds):
-    model = small_cnn(pool=2, conv_bias=True)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        idx = torch.randint(0, len(ds.x_train), (128,))
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(ds.x_train[idx]), ds.y_train[idx]).backward()
-        opt.step()
-    return model.eval()
-
-
 def test_layerwise_refit_keeps_the_support_and_lowers_the_loss():
     torch.set_num_threads(1)
     ds = load_data("digits")
     loss = {}
     for refit in (False, True):
-        model = _digits_cnn(ds)
+        model = trained_digits_cnn(ds)
         rep = prune(model, PruneConfig(sparsity=0.85, method="bso", n_grads=64, layerwise_refit=refit,
                                        refit_samples=256, safeguard=False), ds)
         assert rep.sparsity == pytest.approx(0.85, abs=2e-3)  # the re-fit never revives a pruned weight
@@ -219,7 +208,7 @@ def test_layerwise_refit_is_kept_only_if_loss_drops_and_top1_holds(monkeypatch, 
 
     torch.set_num_threads(1)
     ds = load_data("digits")
-    model = _digits_cnn(ds)
+    model = trained_digits_cnn(ds)
     dense = copy.deepcopy(model)
     prune(model, PruneConfig(sparsity=0.85, method="bso", n_grads=64, layerwise_refit=False, safeguard=False), ds)
     pruned = {k: v.clone() for k, v in model.state_dict().items()}

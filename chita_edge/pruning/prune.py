@@ -273,6 +273,12 @@ def _layerwise_refit(model: nn.Module, dense: nn.Module, params: list[PrunablePa
             "top1_before": top1_before, "top1_after": top1_after, "kept": kept, "relative_error": errs}
 
 
+def _timed_refit(model: nn.Module, dense: nn.Module, params: list[PrunableParam], data: Dataset,
+                 cfg: PruneConfig) -> dict[str, Any]:
+    t = time.perf_counter()
+    return {**_layerwise_refit(model, dense, params, data, cfg), "seconds": time.perf_counter() - t}
+
+
 def prune_weights(
     model: nn.Module,
     params: list[PrunableParam],
@@ -312,6 +318,7 @@ def prune_weights(
     t_grad = t_solve = 0.0
     stages: list[dict[str, Any]] = []
     raised_all: dict[str, int] = {}
+    refit_info = None
     streamed = needs_grads and cfg.block_size > 0
     floored = cfg.method in ("magnitude", "chita", "chita++") and not streamed  # apply_layer_floor's paths
     plan = resumed = None
@@ -416,14 +423,18 @@ def prune_weights(
             mag = solver.hard_threshold(w_bar, k, allowed)
             if floored:
                 mag = apply_layer_floor(mag, w_bar, params, s, cfg.layer_floor, allowed)[0]
-            # with BatchNorm, each candidate is ranked after the BatchNorm step below, which the winner has had
+            # with BatchNorm, each candidate is ranked after the BatchNorm step below, which the winner has had;
+            # before the layer-wise re-fit (last stage), CHITA's and magnitude's supports after it
+            last = dense is not None and si == len(targets) - 1
             choice = choose_candidate(model, params, data, w_bar, w, mag, cfg.seed + si,
                                       then=partial(_stage_batchnorm, model, data, cfg, si) if cfg.bn_recalibrate
-                                      else None)
+                                      else None, refit=partial(_timed_refit, model, dense, params, data, cfg)
+                                      if last else None)
             w, info["safeguard"] = choice.weights, choice.record
             if choice.after_batchnorm:
-                bn_done = True
                 info["batchnorm"] = choice.batchnorm
+            bn_done = choice.after_batchnorm or choice.refit is not None
+            refit_info = choice.refit
         set_weights(model, params, w)
         if cfg.bn_recalibrate and not bn_done and bool((w != w_bar).any()):
             info["batchnorm"] = _stage_batchnorm(model, data, cfg, si)
@@ -432,11 +443,9 @@ def prune_weights(
         if progress:
             progress("stages", si + 1, len(targets))
         log.info("stage %d/%d sparsity %.4f done", si + 1, len(targets), s)
-    refit_info = None
     if dense is not None:
-        tr = time.perf_counter()
-        refit_info = _layerwise_refit(model, dense, params, data, cfg)
-        refit_info["seconds"] = time.perf_counter() - tr
+        if refit_info is None:  # not already run by the last stage's safeguard
+            refit_info = _timed_refit(model, dense, params, data, cfg)
         t_solve += refit_info["seconds"]
         if progress:
             progress("refit", 1, 1)
