@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--finetune-saved", metavar="DIR",
                     help="no pruning or measuring: fine-tune the models a --save-dir run kept (rows of "
                          "--profiles at --finetune-fractions) and print the table with both accuracies")
+    ap.add_argument("--finetune-methods", nargs="+", help="with --finetune-saved: only these methods (to split the "
+                    "fine-tuning over processes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
@@ -292,7 +294,8 @@ def finetune_saved(d: Path, dense: nn.Module, teacher: nn.Module | None, data: D
     rows = [json.loads(line) for line in (d / "rows.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r["profile"] in args.profiles]
     for r in rows:
-        if r["method"] == "dense" or r["fraction"] not in args.finetune_fractions:
+        if r["method"] == "dense" or r["fraction"] not in args.finetune_fractions \
+                or (args.finetune_methods and r["method"] not in args.finetune_methods):
             continue
         tps = [t for t in rows if t["profile"] == r["profile"] and t["fraction"] == r["fraction"]
                and t["method"].startswith("tp-") and t.get("ratio") is not None]
