@@ -144,6 +144,21 @@ def test_saliency_support_beats_magnitude_on_the_quadratic_model(digits, monkeyp
     assert f["saliency"] < f["magnitude"]
 
 
+def test_plan_counts_the_per_weight_vectors_of_the_pass(monkeypatch):
+    # the vectors of p entries allocated after planning (scores, solution, masks) are part of the cap: a cap that
+    # holds G for every block but not those vectors needs more groups
+    monkeypatch.setattr(blockwise, "rss_bytes", lambda: 0)
+    params = find_prunable(small_cnn(), _default)
+    p = sum(q.numel for q in params)
+    n, bs = 64, 100
+    one = blockwise.plan_blocks(params, n, bs, 1 << 40, solver_bytes=4)
+    assert one.workspace_bytes >= blockwise.vector_bytes(p, 4) == p * 28
+    fits_g_only = one.workspace_bytes - blockwise.vector_bytes(p, 4) + n * p * 4
+    assert len(blockwise.plan_blocks(params, n, bs, fits_g_only, solver_bytes=4).groups) > 1
+    assert len(blockwise.plan_blocks(params, n, bs, fits_g_only + blockwise.vector_bytes(p, 4),
+                                     solver_bytes=4).groups) == 1
+
+
 def test_plan_refuses_a_cap_below_one_block(monkeypatch):
     monkeypatch.setattr(blockwise, "rss_bytes", lambda: 0)
     params = find_prunable(tiny_mlp(), _default)
