@@ -181,7 +181,9 @@ def main() -> None:
     data = load_data(f"npz:{npz}")
     x1 = data.x_train[:1]
     dense_acc = accuracy(dense, data.x_test, data.y_test)
-    teacher = dense if args.distill else None
+    # a copy: fine-tuning freezes its teacher's parameters, and Torch-Pruning's Taylor importance needs the dense
+    # model's gradients afterwards (--finetune-saved rebuilds its models between fine-tunings)
+    teacher = copy.deepcopy(dense) if args.distill else None
     if args.finetune_saved:
         t_all = time.perf_counter()
         rows = finetune_saved(Path(args.finetune_saved), dense, teacher, data, args)
