@@ -1,4 +1,4 @@
-"""Top-1 accuracy of a model on tensors (batched, no grad, eval mode)."""
+"""Top-1 accuracy of a model on tensors (batched, no grad, eval mode), and its loss with top-1 in one pass."""
 
 from __future__ import annotations
 
@@ -16,3 +16,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
         correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
     model.train(was)
     return 100.0 * correct / max(1, len(x))
+
+
+@torch.no_grad()
+def loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy (percent) of ``model`` as it is (its mode unchanged), in one forward
+    pass over all of ``x`` (the pruning safeguard's and the layer-wise re-fit's checks)."""
+    out = model(x)
+    return float(nn.functional.cross_entropy(out, y)), 100.0 * float((out.argmax(1) == y).float().mean())

@@ -21,6 +21,7 @@ from torch import nn
 
 from chita_edge.core.data import Dataset
 from chita_edge.core.errors import BadInput, RuntimeFailure, check_finite, check_seed
+from chita_edge.core.evaluate import loss_and_top1
 from chita_edge.models.zoo import default_prunable
 from chita_edge.pruning import blockwise
 from chita_edge.pruning.batchnorm import reestimate_if_better
@@ -36,7 +37,6 @@ from chita_edge.pruning.layers import (
 )
 from chita_edge.pruning.refit import LayerStats, layerwise_refit
 from chita_edge.pruning.safeguard import choose as choose_candidate
-from chita_edge.pruning.safeguard import loss_and_top1
 from chita_edge.pruning.schedule import cubic_schedule
 from chita_edge.solvers import chita as solver
 

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from chita_edge.core.data import Dataset
+from chita_edge.core.evaluate import loss_and_top1
 from chita_edge.pruning.batchnorm import batchnorm_buffers, has_batchnorm, load_batchnorm_buffers
 from chita_edge.pruning.layers import PrunableParam, flatten_weights, set_weights
 
@@ -44,12 +45,6 @@ class Choice:
     batchnorm: dict[str, Any] | None = None  # the winner's BatchNorm record (reestimate_if_better's)
     after_batchnorm: bool = False  # ranked after the re-estimation: the model holds the winner's statistics
     refit: dict[str, Any] | None = None  # the winner's layer-wise re-fit record (the model holds its result)
-
-
-@torch.no_grad()
-def loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    out = model(x)
-    return float(nn.functional.cross_entropy(out, y)), 100.0 * float((out.argmax(1) == y).float().mean())
 
 
 def candidates(w_bar: torch.Tensor, w: torch.Tensor, magnitude: torch.Tensor) -> dict[str, torch.Tensor]:
