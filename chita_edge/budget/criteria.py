@@ -11,7 +11,7 @@ baseline.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -220,7 +220,8 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: Criterion, targets:
 
 
 def _give_back(cs: ChannelStructure, crit: Criterion, targets: Mapping[str, float], widths: dict[str, int],
-               dropped: set[str], mine: set[str], res: Any, steps: list[dict[str, Any]], per_resource: bool,
+               dropped: set[str], mine: set[str], res: Callable[[Mapping[str, int], set[str]], dict[str, float]],
+               steps: list[dict[str, Any]], per_resource: bool,
                block_costs: Mapping[str, float]) -> None:
     """Undo steps of this search while every target still holds: the last step down can overshoot the target by
     a whole residual block or several width multiples, and the slack it leaves is accuracy thrown away. Each
