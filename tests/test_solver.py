@@ -57,6 +57,27 @@ def test_woodbury_equals_direct_solve():
     assert torch.allclose(w_wood[idx], torch.linalg.solve(H, b), atol=1e-9)
 
 
+@pytest.mark.parametrize("n", [5, 60])  # Woodbury (n < |S|) and the direct |S| x |S| system
+def test_backsolve_without_gathering_G_S_equals_the_direct_solve(n):
+    G, w_bar = problem(n=n, p=40, seed=4)
+    lam, a = 0.7, torch.linspace(-0.2, 0.2, 40, dtype=torch.float64)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[1::3] = True
+    mask[:8] = True
+    idx = mask.nonzero().squeeze(1)
+    GS = G[:, idx]
+    H = GS.T @ GS + 2 * lam * torch.eye(len(idx), dtype=G.dtype)
+    b = GS.T @ (G @ w_bar) + 2 * lam * w_bar[idx] - a[idx]
+    want = torch.linalg.solve(H, b)
+    # the Gram matrix updated from a nearby support, and G^T y given once: G_S is never copied
+    near = mask.clone()
+    near[[1, 2, 30]] = ~near[[1, 2, 30]]
+    K = S.support_gram(G, mask, (near, S.support_gram(G, near)))
+    w = S.backsolve(G, w_bar, mask, lam, a, K=K if n < len(idx) else None, Gty=G.T @ (G @ w_bar))
+    assert (w[~mask] == 0).all()
+    assert torch.allclose(w[idx], want, atol=1e-9)
+
+
 def test_chita_finds_the_enumerated_optimum_on_6_weight_problems():
     """IHT is a local method: on 18 enumerated 6-weight problems it must hit the global optimum in at least
     16 and never be worse than the magnitude support refitted exactly (CHITA-BSO)."""

@@ -99,13 +99,15 @@ def support_gram(G: Tensor, support: Tensor, ref: tuple[Tensor, Tensor] | None =
 
 
 def backsolve(G: Tensor, w_bar: Tensor, support: Tensor, lam: float, a: Tensor | None = None,
-              K: Tensor | None = None) -> Tensor:
+              K: Tensor | None = None, Gty: Tensor | None = None) -> Tensor:
     """Exact minimiser of f on a fixed support S (the BSO step and the final polish).
 
     Solves (G_S^T G_S + 2 lam I) w_S = G_S^T y + 2 lam w_bar_S - a_S with y = G w_bar. When n < |S| the
     Woodbury identity turns it into one n x n Cholesky solve:
         (G_S^T G_S + 2 lam I)^-1 = (I - G_S^T (2 lam I + G_S G_S^T)^-1 G_S) / (2 lam);
-    ``K`` = G_S G_S^T may be passed in (see ``support_gram``).
+    ``K`` = G_S G_S^T may be passed in (see ``support_gram``), and ``Gty`` = G^T y when the caller solves on many
+    supports of the same problem. With both, G_S is never gathered: G_S b and G_S^T t are products of G with
+    vectors that are zero off S (cheaper than copying n x |S| columns when S is most of the columns).
     """
     idx = support.nonzero().squeeze(1)
     w = torch.zeros_like(w_bar)
@@ -113,19 +115,34 @@ def backsolve(G: Tensor, w_bar: Tensor, support: Tensor, lam: float, a: Tensor |
         return w
     if lam <= 0:
         raise ValueError("backsolve needs lam > 0")
-    GS = G[:, idx]
-    y = G @ w_bar
-    b = GS.T @ y + 2.0 * lam * w_bar[idx]
+    n, s = G.shape[0], idx.numel()
+    if Gty is None:
+        GS = G[:, idx]
+        b = GS.T @ (G @ w_bar)
+    else:
+        GS = None
+        b = Gty[idx]
+    b = b + 2.0 * lam * w_bar[idx]
     if a is not None:
         b = b - a[idx]
-    n, s = GS.shape
     if n < s:
-        K = (GS @ GS.T) if K is None else K.clone()
+        if K is None:
+            GS = G[:, idx] if GS is None else GS
+            K = GS @ GS.T
+        else:
+            K = K.clone()
         K.diagonal().add_(2.0 * lam)
         L = _cholesky(K)
-        t = _chol_solve(L, GS @ b)
-        wS = (b - GS.T @ t) / (2.0 * lam)
+        if GS is None:
+            b_full = torch.zeros_like(w_bar)
+            b_full[idx] = b
+            t = _chol_solve(L, G @ b_full)
+            wS = (b - (G.T @ t)[idx]) / (2.0 * lam)
+        else:
+            t = _chol_solve(L, GS @ b)
+            wS = (b - GS.T @ t) / (2.0 * lam)
     else:
+        GS = G[:, idx] if GS is None else GS
         H = GS.T @ GS
         H.diagonal().add_(2.0 * lam)
         wS = _chol_solve(_cholesky(H), b)
@@ -206,6 +223,7 @@ def iht_loop(
     f = objective(G, w, w_bar, lam, a)
     converged, it, unchanged = False, 0, 0
     gram_ref: tuple[Tensor, Tensor] | None = None
+    Gty: Tensor | None = None  # G^T G w_bar, the same for every backsolve of the loop
     for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported after the loop
         support = support_of(w, state)
         if backsolve_every > 0 and unchanged >= backsolve_every and lam > 0:
@@ -213,7 +231,8 @@ def iht_loop(
             if G.shape[0] < int(support.sum()):
                 K = support_gram(G, support, gram_ref)
                 gram_ref = (support, K)
-            w_bs = backsolve(G, w_bar, support, lam, a, K=K)
+            Gty = G.T @ (G @ w_bar) if Gty is None else Gty
+            w_bs = backsolve(G, w_bar, support, lam, a, K=K, Gty=Gty)
             f_bs = objective(G, w_bs, w_bar, lam, a)
             if f_bs < f:
                 w, f = w_bs, f_bs
@@ -372,7 +391,12 @@ def chita(
             A, w = grown
     # Step 5: exact backsolve on the final support.
     if polish and lam > 0:
-        w_bs = backsolve(G, w_bar, w != 0, lam, a)
+        woodbury = G.shape[0] < k
+        Gty = G.T @ (G @ w_bar)
+        support = w != 0
+        # (support, its Gram matrix G_S G_S^T) of the current solution: each candidate's Gram is updated from it
+        gram = (support, support_gram(G, support)) if woodbury else None
+        w_bs = backsolve(G, w_bar, support, lam, a, K=gram[1] if gram else None, Gty=Gty)
         f_bs = objective(G, w_bs, w_bar, lam, a)
         if f_bs <= f:
             w, f = w_bs, f_bs
@@ -380,14 +404,12 @@ def chita(
         # refit instead: candidates supp(H_k(w - tau g)) for tau = 2^j / L, each backsolved, the best one
         # taken while it lowers f (hard-thresholding pursuit with a step search). Stops at a support that no
         # step size improves: a fixed point of IHT with exact refits.
-        woodbury = G.shape[0] < k
         # Refitting candidate supports costs n^2 |changes| each; at low sparsity (k >> n) the local quadratic
         # model barely moves the support and IHT alone is enough, so refinement runs where k <= refine_ratio n.
         for _ in range(refine_rounds if k <= refine_ratio * G.shape[0] else 0):
             g = gradient(G, w, w_bar, lam, a)
             support = w != 0
-            ref = (support, support_gram(G, support)) if woodbury else None
-            best_f, best_w, seen = f, None, set()
+            best_f, best_w, best_gram, seen = f, None, None, set()
             tau = 1.0 / L_full
             for _j in range(refine_steps):
                 cand = hard_threshold(w - tau * g, k, allowed) != 0
@@ -396,13 +418,16 @@ def chita(
                 if torch.equal(cand, support) or (h := hash(key.cpu().numpy().tobytes())) in seen:
                     continue
                 seen.add(h)
-                w_c = backsolve(G, w_bar, cand, lam, a, K=support_gram(G, cand, ref) if woodbury else None)
+                K_c = support_gram(G, cand, gram) if gram else None
+                w_c = backsolve(G, w_bar, cand, lam, a, K=K_c, Gty=Gty)
                 f_c = objective(G, w_c, w_bar, lam, a)
                 if f_c < best_f:
-                    best_f, best_w = f_c, w_c
+                    best_f, best_w, best_gram = f_c, w_c, ((cand, K_c) if gram else None)
             if best_w is None or (f - best_f) <= tol * max(abs(f), 1e-30):
                 break
-            w, f = best_w, best_f
+            w, f, gram = best_w, best_f, best_gram
+            if gram is not None and G.dtype != torch.float64:  # no chain of float32 updates: recompute
+                gram = (gram[0], support_gram(G, gram[0]))
             rounds += 1
     return SolveResult(w, f, its, rounds, conv)
 
