@@ -39,6 +39,20 @@ class _Depthwise(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class _Pointwise(nn.Module):
+    """Strided and plain 1x1 convs (groups 1, no padding): the batched-matmul case of the hooked path."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pw1 = nn.Conv2d(1, 5, 1, stride=2, bias=False)
+        self.pw2 = nn.Conv2d(5, 3, 1)
+        self.fc = nn.Linear(3 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.pw2(torch.relu(self.pw1(x)))).flatten(1))
+
+
 class _Twice(nn.Module):
     """One Linear applied twice (shared weights): its rows come from torch.func."""
 
@@ -51,7 +65,7 @@ class _Twice(nn.Module):
         return self.b(torch.relu(self.a(torch.relu(self.a(x.flatten(1))))))
 
 
-@pytest.mark.parametrize("make", [lambda: tiny_mlp(), lambda: small_cnn(), _Depthwise, _Twice])
+@pytest.mark.parametrize("make", [lambda: tiny_mlp(), lambda: small_cnn(), _Depthwise, _Pointwise, _Twice])
 @pytest.mark.parametrize("m", [1, 3])
 def test_hooked_rows_equal_torch_func_rows(digits, monkeypatch, make, m):
     model = make()

@@ -10,7 +10,9 @@ for a plain forward/backward loop. The vmap itself took 0.13 s; the rest was the
 forward over a chunk of samples records each layer's input a; one ``torch.autograd.grad`` of the summed row
 losses gives each layer's output gradient delta (no weight gradients are formed); a row of a Linear weight is
 sum_j delta_j a_j^T over the row's samples, of a Conv2d weight one grouped weight gradient with the rows folded
-into the groups (``torch.nn.grad.conv2d_weight``).
+into the groups (``torch.nn.grad.conv2d_weight``), except 1x1 convs (groups 1, no padding), whose rows are one
+batched matmul: the grouped weight gradient was 5-10x slower for them and made MobileNetV1's rows 1.1-1.2x the plain
+loop (eleventh session).
 Other weights (Conv1d, padding modes other than zeros, a layer called twice, an input changed in place) use the
 vmap path. ``columns`` restricts the work to the weights whose columns it covers (the streamed block mode asks
 for one group of blocks at a time). Measured in docs/benchmarks.md (eighth session).
@@ -115,12 +117,17 @@ def _weight_rows(mod: nn.Module, a: torch.Tensor, d: torch.Tensor, r: int) -> to
         A = a.reshape(r, -1, a.shape[-1])
         D = d.reshape(r, -1, d.shape[-1])
         return D.transpose(1, 2) @ A
-    # Conv2d: the rows as one grouped weight gradient, rows folded into groups and a row's samples into the batch
     B = a.shape[0]
     m = B // r
+    W = mod.weight.shape
+    if W[2:] == (1, 1) and mod.groups == 1 and tuple(mod.padding) == (0, 0):
+        # pointwise: per row, D^T A over the row's samples and positions (one batched matmul); the grouped
+        # weight gradient below is 5-10x slower for these on CPU
+        A = a[:, :, ::mod.stride[0], ::mod.stride[1]].reshape(r, m, W[1], -1)
+        return torch.einsum("rmoh,rmih->roi", d.reshape(r, m, W[0], -1), A).reshape(r, *W)
+    # Conv2d: the rows as one grouped weight gradient, rows folded into groups and a row's samples into the batch
     A = a.reshape(r, m, *a.shape[1:]).transpose(0, 1).reshape(m, r * a.shape[1], *a.shape[2:])
     D = d.reshape(r, m, *d.shape[1:]).transpose(0, 1).reshape(m, r * d.shape[1], *d.shape[2:])
-    W = mod.weight.shape
     g = torch.nn.grad.conv2d_weight(A, (r * W[0], *W[1:]), D, mod.stride, mod.padding, mod.dilation, r * mod.groups)
     return g.reshape(r, *W)
 
