@@ -34,13 +34,14 @@ torch.set_num_threads(1)
 PROF = "phone-mid-sd670"
 
 
-def _run(monkeypatch, factor, fraction, *, costs=None, interval=0.0, band=None, **cfg_kw):
+def _run(monkeypatch, factor, fraction, *, costs=None, interval=0.0, band=None, images=32, **cfg_kw):
     """Prune tiny_resnet to ``fraction`` x its dense (measured) latency on a device that measures ``factor`` x
     the cost model; ``interval``: the measurement's relative half-width; ``band``: the device estimate's error
-    band (factors low, high), given with the dense measurement."""
+    band (factors low, high), given with the dense measurement; ``images``: training images (32: none held out
+    beyond the calibration images)."""
     prof = load_profile(PROF)
     m = tiny_resnet()
-    data = synthetic_data(32)
+    data = synthetic_data(images)
     cs = channel_structure(m, data.x_train[:1])
     if costs == "one":  # the latency is one group's, of 16 channels
         one = next(g for g, n in cs.sizes.items() if n == 16)
@@ -93,6 +94,79 @@ def test_a_coarse_grid_reports_the_nearest_configurations_either_side(monkeypatc
     u, o = nearest.landing["under"]["measured_over_budget"], nearest.landing["over"]["measured_over_budget"]
     assert nearest.landing["chosen"] == ("over" if o - 1 < 1 - u else "under")
     assert nearest.measured["latency_ms"] / limit == pytest.approx(o if o - 1 < 1 - u else u)
+
+
+def test_a_clearly_more_accurate_round_further_under_the_budget_is_kept(monkeypatch):
+    # held-out loss stand-in: the file's measured latency decides it (plus per-image noise), so that the round
+    # furthest under the budget is the most accurate by a wide margin; then a near tie, which keeps the nearest
+    lat_of: dict[int, float] = {}
+
+    def loss(scale):
+        def per_image(model, x, y):
+            lat = lat_of[id(model)]
+            g = torch.Generator().manual_seed(int(lat * 1e6))  # each file its own per-image noise
+            noise = torch.randn(len(x), generator=g, dtype=torch.float64) * 1e-3
+            return 1.0 + scale * lat + noise, 50.0
+        return per_image
+
+    real_verify = search._Search.verify
+
+    def verify(self, label, c):
+        out = real_verify(self, label, c)
+        if out["measured"] is not None:
+            lat_of[id(out["new"])] = out["measured"]["latency_ms"]
+        return out
+
+    monkeypatch.setattr(search._Search, "verify", verify)
+    monkeypatch.setattr(search, "_per_image_loss", loss(1.0))
+    res, calls, limit = _run(monkeypatch, 0.6, 0.5, images=96, calib_samples=32, select_samples=64)
+    cands = res.landing["selected_on"]["candidates"]
+    assert len(cands) >= 2 and res.passed
+    lowest = min(c["measured_over_budget"] for c in cands)
+    assert res.landing["chosen"] == "selected" and res.measured["latency_ms"] / limit == pytest.approx(lowest)
+    assert res.landing["selected"]["measured_over_budget"] == pytest.approx(lowest)
+    # a difference within two standard errors of the paired per-image difference: the round nearest the budget
+    monkeypatch.setattr(search, "_per_image_loss", loss(1e-9))
+    tie, _, _ = _run(monkeypatch, 0.6, 0.5, images=96, calib_samples=32, select_samples=64)
+    assert tie.landing["chosen"] == "under" and tie.landing["in_window"]
+    assert all(c["z_vs_nearest"] <= 2.0 for c in tie.landing["selected_on"]["candidates"])
+
+
+def test_a_tightening_round_that_removes_a_block_is_tried_with_widths_only(monkeypatch):
+    # blocks save much latency on this stand-in device: after the first round misses (the cost model is 1/1.3 of
+    # the device), the tightening round removes a block and lands far under; the same round with widths only lands
+    # in the window and keeps every block
+    from chita_edge.graph.residual import residual_blocks
+
+    prof = load_profile(PROF)
+    data = synthetic_data(96)
+    x1 = data.x_train[:1]
+
+    def run(width_first):
+        m = tiny_resnet()
+        cs = channel_structure(m, x1)
+        ids = [b.id for b in residual_blocks(m, x1)]
+        cm = FakeCostModel(cs.sizes, blocks={b: 60.0 for b in ids})
+
+        def fake_measure(model, x, profile, path, **kw):
+            present = {b.id for b in residual_blocks(model, x)}
+            lat = 1.3 * cm.latency(widths_of(model, cs.specs), dropped=[b for b in ids if b not in present])
+            return {"latency_ms": lat, "memory_mb": 1.0, "file_mb": 0.1, "file": str(path),
+                    "latency_interval": [lat, lat], "precise": True}
+
+        monkeypatch.setattr(search, "measure_model", fake_measure)
+        limit = 0.6 * 1.3 * cm.latency({})
+        budgets = with_budgets(prof, latency_ms=limit, memory_mb=100, file_mb=100)
+        cfg = BudgetConfig(method="chita-layerwise", width_multiple=1, channel_block=0, dense_anchor=False,
+                           calib_samples=32, select_samples=64, stages=2, width_first=width_first)
+        return prune_to_budget(m, x1, data, prof, budgets, cfg, cost_model=cm), limit
+
+    res, limit = run(True)
+    kinds = [(r["kind"], r["dropped"]) for r in res.stages if "verify" in r]
+    assert ("tighten-widths", []) in kinds and any(k == "tighten" and d for k, d in kinds), kinds
+    assert res.passed and res.dropped == [] and 0.9 <= res.measured["latency_ms"] / limit <= 1.0
+    old, limit = run(False)
+    assert old.passed and old.dropped and old.measured["latency_ms"] / limit < 0.9
 
 
 def test_an_interval_that_straddles_the_limit_counts_as_a_miss_and_says_so(monkeypatch):

@@ -80,6 +80,14 @@ class BudgetConfig:
     land_aim: float = 0.95  # ... re-planned with the cost model corrected by the measurements, aiming here
     land_steps: int = 5  # at most this many re-plans to land in [land_low, 1] x the budget
     prefer: str = "under"  # when no width lands in the window: under (meet the budget) or nearest (either side)
+    # Among the measured rounds that meet every budget, keep the one with the lowest loss on this many held-out
+    # training images (not the calibration ones); 0: the one nearest under the budget. Widths and removed blocks
+    # trade differently against latency, so the round nearest the budget is not always the most accurate.
+    select_samples: int = 1024
+    # A tightening round that removes a residual block is tried again with widths only (no new block): a whole
+    # block is a coarse step that a measurement a few per cent over the budget should not force when widths
+    # can close the gap; both are measured and ``select_samples`` chooses.
+    width_first: bool = True
     # a device estimate's latency: "fail" (check's default) judges the upper edge of its error band -- the window
     # [land_low, 1] and the verdicts apply to it, so that `check` passes; "pass" (check --uncertain pass) judges the
     # point estimate (a budget inside the band is accepted). Both judge with the measurement's interval.
@@ -118,6 +126,8 @@ class BudgetConfig:
             raise BadInput(f"--structure {self.structure!r}: expected one of {', '.join(STRUCTURES)}")
         if self.memory_gb is not None and not self.memory_gb > 0:
             raise BadInput(f"--memory-gb {self.memory_gb}: expected > 0")
+        if self.select_samples < 0:
+            raise BadInput(f"select_samples {self.select_samples}: expected >= 0 (0: the round nearest the budget)")
         if self.stages < 1:
             raise BadInput(f"--stages {self.stages}: expected >= 1")
         if self.width_multiple is not None and not 1 <= self.width_multiple <= 256:

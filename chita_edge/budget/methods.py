@@ -67,6 +67,7 @@ class SearchState:
     alive: torch.Tensor
     dropped: set[str]
     stage_no: int = 0
+    no_new_blocks: bool = False  # this stage may narrow widths only (``BudgetConfig.width_first``)
 
     def snapshot(self, model: nn.Module, stats: LayerStats | None) -> dict[str, Any]:
         return {"sd": {k: v.detach().clone() for k, v in model.state_dict().items()}, "alive": self.alive.clone(),
@@ -128,6 +129,14 @@ def calibration_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     return data.x_train[idx]
 
 
+def heldout_images(data: Dataset, n: int, calib: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n`` training images and labels outside ``calibration_images(data, calib, seed)``: the same
+    permutation's tail, so that a choice between pruned models is not made on the images they were re-fitted to."""
+    perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed + 17))
+    idx = perm[min(calib, len(perm)):][:n]
+    return data.x_train[idx], data.y_train[idx]
+
+
 def groups_inside(cs: ChannelStructure, dropped: set[str]) -> set[str]:
     """Channel groups every member of which lies inside a removed block (they go with it)."""
     def inside(module: str) -> bool:
@@ -157,7 +166,7 @@ def _chita(s: _Stage) -> Choice:
     pcal = s.xcal[: cfg.probe_samples]
     curves = probe_curves(model, cs, pcal, curves, stats, probes=probes, damp=cfg.damp)
     crit = CurveCriterion(cs, s.alive, curves)
-    todo = [b for b in env.blocks if b.id not in st.dropped]
+    todo = [] if st.no_new_blocks else [b for b in env.blocks if b.id not in st.dropped]
     # a block's cost: the same output divergence, measured with the block removed from the current model
     moves = BlockMoves({b.id: c for b, c in zip(todo, block_costs(model, todo, pcal), strict=True)},
                        set(st.dropped)) if todo else BlockMoves({}, set(st.dropped))

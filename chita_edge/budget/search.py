@@ -69,6 +69,7 @@ from chita_edge.budget.methods import (
     calibration_images,
     check_fisher_memory,
     groups_inside,
+    heldout_images,
     run_stage,
 )
 from chita_edge.core.data import Dataset
@@ -161,6 +162,7 @@ class _Search:
         self.corr0: dict[str, float] = {}
         self.under: Kept | None = None  # the measured round nearest under the budget (max ratio, every budget met)
         self.over: Kept | None = None  # ... and nearest over it (min ratio, a budget missed or uncertain)
+        self.met: list[Kept] = []  # every measured round that met every budget (``choose`` keeps the most accurate)
         self.measured_keys: dict[tuple[Any, ...], bool] = {}  # widths measured: met?
         self.bases: list[tuple[dict[str, Any], dict[str, float]]] = []  # states before the first stages
         self.landing: dict[str, Any] = {}
@@ -239,7 +241,8 @@ class _Search:
 
     def choose(self, res: Round) -> Round:
         """The result: the round nearest under the budget (``prefer="under"``), or, with ``prefer="nearest"`` and
-        none in the window, whichever of the nearest under and over it is closer; the state is restored to it."""
+        none in the window, whichever of the nearest under and over it is closer; the state is restored to it.
+        In place of the nearest under, the most accurate round that met every budget (``most_accurate``)."""
         cfg, under, over = self.cfg, self.under, self.over
         self.landing = {"window": [cfg.land_low, 1.0], "prefer": cfg.prefer, "uncertain": cfg.uncertain,
                         "judged": ("the point estimate" if self.edge.get("latency_ms", 1.0) == 1.0
@@ -252,15 +255,45 @@ class _Search:
             pick = over if under is None or cfg.prefer == "nearest" else under
         if pick is None:
             return res
-        self.landing["chosen"] = "under" if pick is under else "over"
+        if pick is under:
+            pick = self.most_accurate(pick)
+        # "selected": a round that met, further under the budget than ``under`` but more accurate held-out
+        kind = "over" if pick is over else "under" if pick is under or pick[0]["key"] == under[0]["key"] else "selected"
+        self.landing["chosen"] = kind
+        if kind == "selected":
+            self.landing["selected"] = self._summary(pick[0])
         self.landing["in_window"] = cfg.land_low <= pick[0]["ratio"] <= 1.0 and not pick[0]["missed"]
-        chosen = self.landing[self.landing["chosen"]]
+        chosen = self.landing[kind]
         self.landing.update({k: chosen[k] for k in ("measured_over_budget", "upper_edge_over_budget")})
         if not self.landing["in_window"] and under is not None and over is not None:
             self.landing["note"] = ("no width on the grid lands in the window: the nearest under and over the "
                                     "budget are reported (--prefer under|nearest picks)")
         self.restore(pick[1])
         return pick[0]
+
+    def most_accurate(self, nearest: Kept) -> Kept:
+        """Among the rounds that met every budget, the one with the lowest loss on ``cfg.select_samples`` held-out
+        training images, where that loss is lower than the nearest round's (``nearest``) by more than two standard
+        errors of the per-image difference (a paired test: a tie keeps the round nearest the budget). ``nearest``
+        when there is one round, no data, or the selection is off; the landing record lists each candidate."""
+        cfg, data = self.cfg, self.data
+        if cfg.select_samples == 0 or data is None or len(self.met) < 2:
+            return nearest
+        x, y = heldout_images(data, cfg.select_samples, cfg.calib_samples, cfg.seed)
+        if len(x) < 2:
+            return nearest
+        scored = [(kept, *_per_image_loss(kept[0]["new"], x, y)) for kept in self.met]
+        base = next(losses for kept, losses, _ in scored if kept[0]["key"] == nearest[0]["key"])
+        pick, best, cands = nearest, float(base.mean()), []
+        for kept, losses, top1 in scored:
+            d = base - losses  # > 0 where this round's loss is lower
+            z = float(d.mean()) / max(float(d.std()) / math.sqrt(len(d)), 1e-12)
+            cands.append({**self._summary(kept[0]), "heldout_loss": float(losses.mean()), "heldout_top1": top1,
+                          "z_vs_nearest": z})
+            if z > 2.0 and float(losses.mean()) < best:
+                pick, best = kept, float(losses.mean())
+        self.landing["selected_on"] = {"images": len(x), "candidates": cands}
+        return pick
 
     def _summary(self, r: Round) -> dict[str, Any]:
         lim = self.limits
@@ -369,6 +402,8 @@ class _Search:
         upper = {k: float(iv[1]) if k == "latency_ms" and iv else float(m[k]) for k in limits}
         out.update(measured=m, missed=missed, ratio=max(m[k] / limits[k] for k in limits), upper=upper,
                    key=self.config_key())
+        if not missed and out["key"] not in self.measured_keys:
+            self.met.append((out, self.snapshot()))
         self.measured_keys[out["key"]] = not missed
         # the nearest round on either side of the budget, with its state (``choose`` picks one of them)
         if not missed and (self.under is None or out["ratio"] > self.under[0]["ratio"]):
@@ -457,16 +492,34 @@ class _Search:
             self.run_stages(1, corr)
             res = self.verify("tighten", corr)
             tightened = True
+            if cfg.width_first and self.st.dropped - before["dropped"]:
+                res = self.widths_only(res, before, corr)
             if res["missed"]:
                 continue
             best = self.relax((res, self.snapshot()), before, lo_corr, corr)
             self.restore(best[1])
+            self.st.no_new_blocks = False
             res = best[0]
             break
         if res["missed"] and best is not None:  # an earlier round met every budget: that one is the result
             res = best[0]
             self.restore(best[1])
         return res, tightened
+
+    def widths_only(self, res: Round, before: dict[str, Any], corr: Mapping[str, float]) -> Round:
+        """``res`` removed a residual block to meet a corrected target: run the same stage again from ``before``
+        with widths only and measure it. When it meets every budget it is the one continued from (and the
+        relaxing after it stays width-only); else the state returns to ``res``'s round."""
+        blocked = self.snapshot()
+        self.restore(before)
+        self.st.no_new_blocks = True
+        self.run_stages(1, corr)
+        alt = self.verify("tighten-widths", corr)
+        if not alt["missed"]:
+            return alt
+        self.st.no_new_blocks = False
+        self.restore(blocked)
+        return res
 
     def relax(self, best: Kept, before: dict[str, Any], lo_corr: Mapping[str, float],
               hi_corr: Mapping[str, float]) -> Kept:
@@ -518,3 +571,17 @@ class _Search:
                                                          for d in self.decisions if d["budget"] == "latency_ms"]},
                             export=measured["file"] if measured else None, timings=self.timings,
                             dropped=sorted(st.dropped), landing=self.landing, decisions=self.decisions)
+
+
+def _per_image_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, float]:
+    """Per-image cross-entropy (float64) and top-1 (percent) of ``model`` in eval mode, in batches."""
+    was = model.training
+    model.eval()
+    losses, hits = [], 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = model(x[i:i + batch])
+            losses.append(nn.functional.cross_entropy(out, y[i:i + batch], reduction="none").double())
+            hits += int((out.argmax(1) == y[i:i + batch]).sum())
+    model.train(was)
+    return torch.cat(losses), 100.0 * hits / len(x)
