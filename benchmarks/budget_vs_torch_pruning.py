@@ -245,7 +245,8 @@ def main() -> None:
                                in_window=res.landing.get("in_window"), seconds=time.perf_counter() - t0,
                                edge=res.cost_model.get("planned_edge", {}).get("latency_ms"),
                                landing=res.landing, decisions=res.decisions,
-                               rounds="+".join(d["kind"][0] for d in res.decisions if d["budget"] == "latency_ms"))
+                               rounds="+".join("w" if d["kind"] == "tighten-widths" else d["kind"][0]
+                                              for d in res.decisions if d["budget"] == "latency_ms"))
                     chosen = res.model
                     if save is not None:
                         row["checkpoint"] = str(save / f"chita-{pid}-{frac:g}.pt")
