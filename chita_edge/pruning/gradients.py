@@ -169,7 +169,8 @@ def _hooked_rows(mods: dict[str, tuple[nn.Module, PrunableParam]], model: nn.Mod
             raise _NotHookable(f"the input of {k} was changed in place")
         res[q.name] = torch.zeros((r, *q.shape), device=a.device) if d is None else _weight_rows(mod, a, d, r)
     for mod, q in mods.values():
-        res.setdefault(q.name, torch.zeros((r, *q.shape), device=mod.weight.device))
+        if q.name not in res:  # (not setdefault: its argument, r x the layer's zeros, would be built for every layer)
+            res[q.name] = torch.zeros((r, *q.shape), device=mod.weight.device)
     return res
 
 
