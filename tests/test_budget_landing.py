@@ -134,8 +134,9 @@ def test_a_clearly_more_accurate_round_further_under_the_budget_is_kept(monkeypa
 
 def test_a_tightening_round_that_removes_a_block_is_tried_with_widths_only(monkeypatch):
     # blocks save much latency on this stand-in device: after the first round misses (the cost model is 1/1.3 of
-    # the device), the tightening round removes a block and lands far under; the same round with widths only lands
-    # in the window and keeps every block
+    # the device), the tightening round removes a block and lands far under; the same round with widths only,
+    # measured beside it, lands in the window and keeps every block, and is kept (nearest the budget, and no
+    # round is clearly more accurate on the held-out images)
     from chita_edge.graph.residual import residual_blocks
 
     prof = load_profile(PROF)

@@ -84,9 +84,8 @@ class BudgetConfig:
     # training images (not the calibration ones); 0: the one nearest under the budget. Widths and removed blocks
     # trade differently against latency, so the round nearest the budget is not always the most accurate.
     select_samples: int = 1024
-    # A tightening round that removes a residual block is tried again with widths only (no new block): a whole
-    # block is a coarse step that a measurement a few per cent over the budget should not force when widths
-    # can close the gap; both are measured and ``select_samples`` chooses.
+    # A tightening round that removes a residual block is also run with widths only (no new block) and measured:
+    # one more candidate for ``select_samples``' choice; the search goes on from the block's round.
     width_first: bool = True
     # a device estimate's latency: "fail" (check's default) judges the upper edge of its error band -- the window
     # [land_low, 1] and the verdicts apply to it, so that `check` passes; "pass" (check --uncertain pass) judges the

@@ -493,12 +493,11 @@ class _Search:
             res = self.verify("tighten", corr)
             tightened = True
             if cfg.width_first and self.st.dropped - before["dropped"]:
-                res = self.widths_only(res, before, corr)
+                self.widths_only(before, corr)
             if res["missed"]:
                 continue
             best = self.relax((res, self.snapshot()), before, lo_corr, corr)
             self.restore(best[1])
-            self.st.no_new_blocks = False
             res = best[0]
             break
         if res["missed"] and best is not None:  # an earlier round met every budget: that one is the result
@@ -506,20 +505,19 @@ class _Search:
             self.restore(best[1])
         return res, tightened
 
-    def widths_only(self, res: Round, before: dict[str, Any], corr: Mapping[str, float]) -> Round:
-        """``res`` removed a residual block to meet a corrected target: run the same stage again from ``before``
-        with widths only and measure it. When it meets every budget it is the one continued from (and the
-        relaxing after it stays width-only); else the state returns to ``res``'s round."""
+    def widths_only(self, before: dict[str, Any], corr: Mapping[str, float]) -> None:
+        """The tightening round just measured removed a residual block: run the same stage from ``before`` with
+        widths only and measure it too, as one more candidate for ``choose`` (which keeps the clearly more accurate
+        of the rounds that meet); the search then goes on from the block's round, as without it."""
         blocked = self.snapshot()
         self.restore(before)
         self.st.no_new_blocks = True
-        self.run_stages(1, corr)
-        alt = self.verify("tighten-widths", corr)
-        if not alt["missed"]:
-            return alt
-        self.st.no_new_blocks = False
-        self.restore(blocked)
-        return res
+        try:
+            self.run_stages(1, corr)
+            self.verify("tighten-widths", corr)
+        finally:
+            self.st.no_new_blocks = False
+            self.restore(blocked)
 
     def relax(self, best: Kept, before: dict[str, Any], lo_corr: Mapping[str, float],
               hi_corr: Mapping[str, float]) -> Kept:
