@@ -18,7 +18,7 @@ from conftest import tiny_resnet
 from test_budget import FakeCostModel, synthetic_data, use_fake_cost_model
 from torch import nn
 
-from chita_edge.budget import measure, search
+from chita_edge.budget import landing, measure, search
 from chita_edge.budget.config import FINETUNE, BudgetConfig
 from chita_edge.budget.costmodel import widths_of
 from chita_edge.budget.measure import measure_model, precision_of
@@ -118,7 +118,7 @@ def test_a_clearly_more_accurate_round_further_under_the_budget_is_kept(monkeypa
         return out
 
     monkeypatch.setattr(search._Search, "verify", verify)
-    monkeypatch.setattr(search, "_per_image_loss", loss(1.0))
+    monkeypatch.setattr(landing, "per_image_loss", loss(1.0))
     res, calls, limit = _run(monkeypatch, 0.6, 0.5, images=96, calib_samples=32, select_samples=64)
     cands = res.landing["selected_on"]["candidates"]
     assert len(cands) >= 2 and res.passed
@@ -126,7 +126,7 @@ def test_a_clearly_more_accurate_round_further_under_the_budget_is_kept(monkeypa
     assert res.landing["chosen"] == "selected" and res.measured["latency_ms"] / limit == pytest.approx(lowest)
     assert res.landing["selected"]["measured_over_budget"] == pytest.approx(lowest)
     # a difference within two standard errors of the paired per-image difference: the round nearest the budget
-    monkeypatch.setattr(search, "_per_image_loss", loss(1e-9))
+    monkeypatch.setattr(landing, "per_image_loss", loss(1e-9))
     tie, _, _ = _run(monkeypatch, 0.6, 0.5, images=96, calib_samples=32, select_samples=64)
     assert tie.landing["chosen"] == "under" and tie.landing["in_window"]
     assert all(c["z_vs_nearest"] <= 2.0 for c in tie.landing["selected_on"]["candidates"])

@@ -24,3 +24,18 @@ def loss_and_top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[f
     pass over all of ``x`` (the pruning safeguard's and the layer-wise re-fit's checks)."""
     out = model(x)
     return float(nn.functional.cross_entropy(out, y)), 100.0 * float((out.argmax(1) == y).float().mean())
+
+
+def per_image_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, float]:
+    """Per-image cross-entropy (float64) and top-1 (percent) of ``model`` in eval mode, without gradients, in
+    batches of ``batch`` (the budget search's held-out choice between pruned models: a paired comparison)."""
+    was = model.training
+    model.eval()
+    losses, hits = [], 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            out = model(x[i:i + batch])
+            losses.append(nn.functional.cross_entropy(out, y[i:i + batch], reduction="none").double())
+            hits += int((out.argmax(1) == y[i:i + batch]).sum())
+    model.train(was)
+    return torch.cat(losses), 100.0 * hits / len(x)
