@@ -89,7 +89,7 @@ class Landing:
         if pick is under:
             pick = self.most_accurate(pick)
         # "selected": a round that met, further under the budget than ``under`` but more accurate held-out
-        kind = "over" if pick is over else "under" if pick is under or pick[0]["key"] == under[0]["key"] else "selected"
+        kind = "over" if pick is over else "under" if pick is under else "selected"
         self.landing["chosen"] = kind
         if kind == "selected":
             self.landing["selected"] = self._summary(pick[0])

@@ -122,18 +122,20 @@ class Choice(NamedTuple):
     drop: list[ResidualBlock]
 
 
+def _training_order(data: Dataset, seed: int) -> torch.Tensor:
+    """The fixed random order of the training images that calibration and held-out images are taken from."""
+    return torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed + 17))
+
+
 def calibration_images(data: Dataset, n: int, seed: int) -> torch.Tensor:
     """``n`` training images (a fixed random subset) for the layer statistics and the re-fit."""
-    n = min(n, len(data.x_train))
-    idx = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed + 17))[:n]
-    return data.x_train[idx]
+    return data.x_train[_training_order(data, seed)[:n]]
 
 
 def heldout_images(data: Dataset, n: int, calib: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``n`` training images and labels outside ``calibration_images(data, calib, seed)``: the same
-    permutation's tail, so that a choice between pruned models is not made on the images they were re-fitted to."""
-    perm = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(seed + 17))
-    idx = perm[min(calib, len(perm)):][:n]
+    order's tail, so that a choice between pruned models is not made on the images they were re-fitted to."""
+    idx = _training_order(data, seed)[calib:][:n]
     return data.x_train[idx], data.y_train[idx]
 
 

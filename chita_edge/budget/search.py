@@ -289,14 +289,15 @@ class _Search(Landing):
         upper = {k: float(iv[1]) if k == "latency_ms" and iv else float(m[k]) for k in limits}
         out.update(measured=m, missed=missed, ratio=max(m[k] / limits[k] for k in limits), upper=upper,
                    key=self.config_key())
+        kept = (out, self.snapshot())  # restore() copies from a snapshot: one serves every list it is kept in
         if not missed and out["key"] not in self.measured_keys:
-            self.met.append((out, self.snapshot()))
+            self.met.append(kept)
         self.measured_keys[out["key"]] = not missed
         # the nearest round on either side of the budget, with its state (``choose`` picks one of them)
         if not missed and (self.under is None or out["ratio"] > self.under[0]["ratio"]):
-            self.under = (out, self.snapshot())
+            self.under = kept
         elif missed and (self.over is None or out["ratio"] < self.over[0]["ratio"]):
-            self.over = (out, self.snapshot())
+            self.over = kept
         return out
 
     def gate_edge(self, k: str) -> float:
