@@ -113,8 +113,10 @@ class Landing:
         x, y = heldout_images(data, cfg.select_samples, cfg.calib_samples, cfg.seed)
         if len(x) < 2:
             return nearest
-        scored = [(kept, *per_image_loss(kept[0]["new"], x, y)) for kept in self.met]
-        base = next(losses for kept, losses, _ in scored if kept[0]["key"] == nearest[0]["key"])
+        # ``nearest`` itself: a later round with the same widths (not added to ``met``) may have other weights
+        rounds = self.met if any(k is nearest for k in self.met) else [*self.met, nearest]
+        scored = [(kept, *per_image_loss(kept[0]["new"], x, y)) for kept in rounds]
+        base = next(losses for kept, losses, _ in scored if kept is nearest)
         pick, best, cands = nearest, float(base.mean()), []
         for kept, losses, top1 in scored:
             d = base - losses  # > 0 where this round's loss is lower
