@@ -131,6 +131,43 @@ def fastest(sweep: list[dict[str, Any]], measure_one) -> dict[str, Any] | None:
     return {**e, "over_budget": True}
 
 
+def chita_row(objective: str, dense: nn.Module, data: Dataset, prof, dm: dict[str, Any], cm: CostModel, limit: float,
+              base: dict[str, Any], wd: Path, save: Path | None, args) -> tuple[dict[str, Any], nn.Module | None]:
+    """chita-edge's budget search at ``limit`` with ``objective`` (output: the one-shot default; weights: what
+    ``prune --profile --finetune-epochs`` runs), its row and model (None when the budget is unreachable)."""
+    # the same rule as Torch-Pruning's files: the measured point estimate within the budget
+    # (uncertain="pass", check --uncertain pass); by default prune lands the error band's upper edge
+    cfg = BudgetConfig(method="chita-layerwise", bench_runs=args.runs, bench_max_repeats=args.max_repeats,
+                       reuse_measurements=False, threads=args.threads, uncertain=args.uncertain, prefer=args.prefer,
+                       objective=objective)
+    method = "chita-layerwise" if objective == "output" else f"chita-layerwise-{objective}"
+    t0 = time.perf_counter()
+    row = {**base, "budget_ms": limit, "method": method}
+    try:
+        res = prune_to_budget(copy.deepcopy(dense), data.x_train[:1], data, prof,
+                              with_budgets(prof, latency_ms=limit, percentile=PCT), cfg,
+                              cost_model=cm, dense_measured=dm, work_dir=wd)
+        row.update(measured_ms=res.measured["latency_ms"] if res.measured else None,
+                   met=res.passed, accuracy=accuracy(res.model, data.x_test, data.y_test),
+                   params=sum(p.numel() for p in res.model.parameters()),
+                   in_window=res.landing.get("in_window"), seconds=time.perf_counter() - t0,
+                   edge=res.cost_model.get("planned_edge", {}).get("latency_ms"),
+                   landing=res.landing, decisions=res.decisions,
+                   rounds="+".join("w" if d["kind"] == "tighten-widths" else d["kind"][0]
+                                   for d in res.decisions if d["budget"] == "latency_ms"))
+        chosen = res.model
+        if save is not None:
+            tag = "" if objective == "output" else f"{objective}-"
+            row["checkpoint"] = str(save / f"chita-{tag}{base['profile']}-{base['fraction']:g}.pt")
+            save_checkpoint(row["checkpoint"], chosen.state_dict(),
+                            {"model": "zoo:resnet20", "plan": res.plan, "widths": res.widths})
+    except GateFailed as e:
+        row.update(error=str(e), met=False)
+        chosen = None
+    log(f"{row}")
+    return row, chosen
+
+
 def measure(model: nn.Module, prof, path: Path, data: Dataset, args) -> dict[str, Any]:
     return measure_model(model, data.x_train[:1], prof, path, percentile=PCT, runs=args.runs, repeats=3,
                          parity_inputs=data.x_test[:16], precision=0.03, max_repeats=args.max_repeats, reuse=False)
@@ -163,6 +200,9 @@ def main() -> None:
                          "budget, as Torch-Pruning's files are picked; fail, its error band's upper edge")
     ap.add_argument("--prefer", choices=["under", "nearest"], default="under",
                     help="chita-edge's rule when no width lands in [0.9, 1] x the budget (prune --prefer)")
+    ap.add_argument("--objectives", nargs="+", choices=["output", "weights"], default=["output", "weights"],
+                    help="chita-edge's budget searches: output (one-shot, the default of prune --profile) and "
+                         "weights (what prune --profile --finetune-epochs runs: the most weights for fine-tuning)")
     ap.add_argument("--json-out")
     ap.add_argument("--save-dir", help="keep each compared model (chita-edge's as a checkpoint with its plan, "
                     "Torch-Pruning's by its setting and ratio) and append every row to DIR/rows.jsonl")
@@ -228,35 +268,8 @@ def main() -> None:
                         f"{e['ratio']:g}: {e['pred'] / dm['latency_ms']:.2f}" for e in sweeps[name]))
             for frac in args.fractions:
                 limit = frac * dm["latency_ms"]
-                # the same rule as Torch-Pruning's files: the measured point estimate within the budget
-                # (uncertain="pass", check --uncertain pass); by default prune lands the error band's upper edge
-                cfg = BudgetConfig(method="chita-layerwise", bench_runs=args.runs, bench_max_repeats=args.max_repeats,
-                                   reuse_measurements=False, threads=args.threads, uncertain=args.uncertain,
-                                   prefer=args.prefer)
-                t0 = time.perf_counter()
-                row = {**base, "fraction": frac, "budget_ms": limit, "method": "chita-layerwise"}
-                try:
-                    res = prune_to_budget(copy.deepcopy(dense), x1, data, prof,
-                                          with_budgets(prof, latency_ms=limit, percentile=PCT), cfg,
-                                          cost_model=cm, dense_measured=dm, work_dir=wd)
-                    row.update(measured_ms=res.measured["latency_ms"] if res.measured else None,
-                               met=res.passed, accuracy=accuracy(res.model, data.x_test, data.y_test),
-                               params=sum(p.numel() for p in res.model.parameters()),
-                               in_window=res.landing.get("in_window"), seconds=time.perf_counter() - t0,
-                               edge=res.cost_model.get("planned_edge", {}).get("latency_ms"),
-                               landing=res.landing, decisions=res.decisions,
-                               rounds="+".join("w" if d["kind"] == "tighten-widths" else d["kind"][0]
-                                              for d in res.decisions if d["budget"] == "latency_ms"))
-                    chosen = res.model
-                    if save is not None:
-                        row["checkpoint"] = str(save / f"chita-{pid}-{frac:g}.pt")
-                        save_checkpoint(row["checkpoint"], chosen.state_dict(),
-                                        {"model": "zoo:resnet20", "plan": res.plan, "widths": res.widths})
-                except GateFailed as e:
-                    row.update(error=str(e), met=False)
-                    chosen = None
-                log(f"{row}")
-                picked = [(row, chosen)]
+                picked = [chita_row(objective, dense, data, prof, dm, cm, limit, {**base, "fraction": frac}, wd, save,
+                                    args) for objective in args.objectives]
                 for name, sweep in sweeps.items():
                     def one(e, name=name, prof=prof, pid=pid):
                         return measure(e["model"], prof, wd / f"{name}-{pid}-{e['ratio']}.onnx", data, args)
@@ -275,10 +288,11 @@ def main() -> None:
                         picked.append((trow, e["model"]))
                     log(f"{trow}")
                 if args.finetune_epochs and frac in args.finetune_fractions:
-                    tps = [(r, m) for r, m in picked[1:] if m is not None]
+                    ours = [(r, m) for r, m in picked if not r["method"].startswith("tp-")]
+                    tps = [(r, m) for r, m in picked if r["method"].startswith("tp-") and m is not None]
                     if args.finetune_tp == "best" and tps:
                         tps = [max(tps, key=lambda rm: rm[0]["accuracy"])]
-                    for r, m in picked[:1] + tps:
+                    for r, m in ours + tps:
                         if m is not None:
                             r["accuracy_finetuned"] = tune(m, teacher, data, args)
                             log(f"fine-tuned {r['method']} {frac}: {r['accuracy_finetuned']:.2f}")
@@ -305,7 +319,7 @@ def finetune_saved(d: Path, dense: nn.Module, teacher: nn.Module | None, data: D
         if r["method"].startswith("tp-") and args.finetune_tp == "best" and tps \
                 and r is not max(tps, key=lambda t: t["accuracy"]):
             continue
-        if r["method"] == "chita-layerwise" and r.get("checkpoint"):
+        if r["method"].startswith("chita-layerwise") and r.get("checkpoint"):
             m = load_model("zoo:resnet20", r["checkpoint"]).module.eval()
         elif r["method"].startswith("tp-") and r.get("ratio") is not None:
             _, imp, scope = r["method"].split("-")

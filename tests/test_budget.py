@@ -658,3 +658,64 @@ def test_cli_chita_fisher_memory_cap_and_its_usage_errors(tmp_path):
     r = run_cli(*base, "--method", "chita-fisher", "--memory-gb", "0")
     assert r.code == 2 and "--memory-gb 0.0: expected > 0" in r.stderr
     assert not out.exists()
+
+
+def test_the_weights_objective_prices_a_step_by_the_weights_it_removes():
+    # one block (10 ms) or ten channels (1 ms each) meet the target; the output objective's block cost is
+    # prohibitive, so it narrows. Priced by weights, a block of few weights goes before channels of many (the
+    # capacity a fine-tuning keeps), and a block of many weights does not
+    from chita_edge.graph.residual import residual_blocks
+
+    m = tiny_resnet()
+    x = torch.rand(1, 3, 32, 32)
+    cs = channel_structure(m, x)
+    ids = [b.id for b in residual_blocks(m, x)]
+    cm = FakeCostModel(cs.sizes, blocks={b: 10.0 for b in ids})
+    target = {"latency_ms": cm.latency({}) - 10.0}
+
+    def run(block_weights, weights=True):
+        def left(w, d):  # 100 weights per channel, plus the blocks' own
+            return 100.0 * sum({**cs.sizes, **w}.values()) + sum(v for b, v in block_weights.items() if b not in d)
+
+        crit = CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), _unit_curves(cs))
+        moves = BlockMoves({b: 1e6 for b in ids})
+        widths, steps = greedy_widths(cm, cs, crit, target, {}, 4, blocks=moves,
+                                      weights_left=left if weights else None)
+        assert cm.latency(widths, moves.dropped) <= target["latency_ms"]
+        return moves.dropped, widths
+
+    light = {b: 1e4 for b in ids} | {"layer1.1": 1.0}
+    assert run(light, weights=False)[0] == set()
+    dropped, widths = run(light)
+    assert dropped == {"layer1.1"} and widths == cs.sizes
+    dropped, widths = run({b: 1e4 for b in ids})
+    assert dropped == set() and widths != cs.sizes
+
+
+def test_objective_auto_prices_by_weights_when_fine_tuning_follows(tmp_path, monkeypatch):
+    assert BudgetConfig().for_finetuning(True).objective == "weights"
+    assert BudgetConfig().for_finetuning(False).objective == "output"
+    assert BudgetConfig(method="l1-uniform").for_finetuning(True).objective == "output"
+    assert BudgetConfig(objective="output").for_finetuning(True).objective == "output"
+    assert not BudgetConfig(objective="weights").one_shot
+    with pytest.raises(BadInput, match="--objective 'loss'"):
+        BudgetConfig(objective="loss").validate()
+    with pytest.raises(BadInput, match="chita-layerwise only"):
+        BudgetConfig(objective="weights", method="norm-global").validate()
+    seen = []
+
+    def fake(*a, cfg, finetune=None, **kw):
+        seen.append((cfg.objective, finetune is not None))
+        raise GateFailed("stop here")
+
+    monkeypatch.setattr(jobs, "prune_budget_checkpoint", fake)
+    spec, data, weights = _write_model_and_data(tmp_path)
+    common = ("prune", spec, "--weights", weights, "--data", data, "--profile", "phone-mid-sd670")
+    assert run_cli(*common, "--out", tmp_path / "a.pt").code == 1
+    assert run_cli(*common, "--out", tmp_path / "b.pt", "--finetune-epochs", "1").code == 1
+    assert run_cli(*common, "--out", tmp_path / "c.pt", "--finetune-epochs", "1", "--objective", "output").code == 1
+    assert run_cli(*common, "--out", tmp_path / "d.pt", "--objective", "weights").code == 1
+    assert seen == [("output", False), ("weights", True), ("output", True), ("weights", False)]
+    bad = run_cli("prune", spec, "--weights", weights, "--data", data, "--out", tmp_path / "e.pt", "--sparsity", "0.5",
+                  "--objective", "weights")
+    assert bad.code == 2 and "--objective need --profile" in bad.stderr

@@ -9,7 +9,7 @@ the runtime's channel block (``resolve_block``) and the narrowest allowed widths
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -49,6 +49,7 @@ PREFER = ("under", "nearest")
 UNCERTAIN = ("fail", "pass")  # as check's --uncertain: what the landing window and the verdicts judge
 STRUCTURES = ("auto", "channel", "block", "unstructured")
 RESOURCES = ("latency_ms", "memory_mb", "file_mb")
+OBJECTIVES = ("auto", "output", "weights")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +70,12 @@ class BudgetConfig:
     dense_anchor: bool = True  # with verify: measure the dense model first and correct the cost model by it
     max_tighten: int = 2
     depth: bool = True  # method chita: removing a whole residual block (identity shortcut) is one more move
+    # method chita: what a step of the greedy costs, per unit of resource saved. "output": the one-shot divergence
+    # of the model's outputs (probe curves, block costs) -- the most accurate model as pruned. "weights": the
+    # weights it removes -- the most capacity for a fine-tuning after it (a removed block of few weights before a
+    # narrowed wide layer); the held-out choice and the widths-only candidates judge one-shot accuracy, so they
+    # are off. "auto": weights when the budget path fine-tunes afterwards (``for_finetuning``), else output.
+    objective: str = "auto"
     relax_below: float = 0.9  # after a tightening round lands below this fraction of a budget: relax (bisection)
     relax_steps: int = 2  # bisection steps between the last missing and the tightened correction
     bench_runs: int = 100
@@ -107,6 +114,17 @@ class BudgetConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
 
+    def for_finetuning(self, finetune: bool) -> BudgetConfig:
+        """``objective`` "auto" resolved: "weights" when a fine-tuning follows the search, else "output"."""
+        if self.objective != "auto":
+            return self
+        return replace(self, objective="weights" if finetune and self.method == "chita-layerwise" else "output")
+
+    @property
+    def one_shot(self) -> bool:
+        """Whether the search judges rounds by their one-shot accuracy (every objective but "weights")."""
+        return self.objective != "weights"
+
     def validate(self) -> None:
         check_finite(self, {"l2": "--l2"})
         check_seed(self.seed)
@@ -125,6 +143,10 @@ class BudgetConfig:
             raise BadInput(f"--structure {self.structure!r}: expected one of {', '.join(STRUCTURES)}")
         if self.memory_gb is not None and not self.memory_gb > 0:
             raise BadInput(f"--memory-gb {self.memory_gb}: expected > 0")
+        if self.objective not in OBJECTIVES:
+            raise BadInput(f"--objective {self.objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if self.objective == "weights" and self.method != "chita-layerwise":
+            raise BadInput(f"--objective weights: the greedy of method chita-layerwise only (got {self.method})")
         if self.select_samples < 0:
             raise BadInput(f"select_samples {self.select_samples}: expected >= 0 (0: the round nearest the budget)")
         if self.stages < 1:

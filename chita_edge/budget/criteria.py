@@ -21,6 +21,9 @@ from chita_edge.budget.config import resources_of
 from chita_edge.budget.costmodel import CostModel
 from chita_edge.pruning.channels import ChannelStructure, allowed_widths
 
+# the weights left at (widths, removed blocks), in any unit: the "weights" objective's capacity
+WeightsLeft = Callable[[Mapping[str, int], frozenset[str]], float]
+
 
 class Criterion:
     """Greedy state: per group the channels still alive; ``propose`` / ``commit`` a step down of one group, and
@@ -152,14 +155,16 @@ class BlockMoves:
 
 def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: Criterion, targets: Mapping[str, float],
                   corr: Mapping[str, float], multiple: int, *, per_resource: bool = True,
-                  max_jump: int = 4, block: int | None = None,
-                  blocks: BlockMoves | None = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
+                  max_jump: int = 4, block: int | None = None, blocks: BlockMoves | None = None,
+                  weights_left: WeightsLeft | None = None) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Step groups down until every (corrected) predicted resource meets its target; ``crit`` picks channels.
 
     ``per_resource``: rank steps by objective cost per unit of (normalised) resource saved (NetAdapt); False
     ranks by the objective cost alone (the global-norm baseline). ``blocks``: removing one of these residual
     blocks is one more candidate step, ranked by the same score (its cost per resource saved, the saving
-    predicted by the cost model without the block's units). Returns the widths and the steps taken.
+    predicted by the cost model without the block's units). ``weights_left(widths, dropped)``: the objective cost
+    of a step is then the weights it removes (the capacity a fine-tuning after it has to work with) instead of
+    ``crit``'s and the blocks' costs; ``crit`` still picks which channels go. Returns the widths and the steps taken.
     """
     sizes = cs.sizes
     widths = {s.id: int(crit.alive[cs.channels(f)].sum()) for f, s in enumerate(cs.specs)}
@@ -172,12 +177,18 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: Criterion, targets:
             else {"latency_ms": cm.latency(w, dropped=frozenset(d))}
         return {k: p[k] * corr.get(k, 1.0) for k in p}
 
+    def lost(w: Mapping[str, int], d: set[str]) -> float:  # weights removed by going from (widths, dropped)
+        assert weights_left is not None
+        return weights_left(widths, frozenset(dropped)) - weights_left(w, frozenset(d))
+
     cur = res(widths, dropped)
     while any(cur[k] > targets[k] for k in targets):
         best = None
         for b, cost in (blocks.costs.items() if blocks is not None else ()):
             if b in dropped or not math.isfinite(cost):
                 continue
+            if weights_left is not None:
+                cost = lost(widths, dropped | {b})
             r = res(widths, dropped | {b})
             gain = sum((cur[k] - r[k]) / targets[k] for k in targets if cur[k] > targets[k])
             if gain <= 1e-12:
@@ -194,6 +205,8 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: Criterion, targets:
                 if not math.isfinite(cost):
                     continue
                 trial = {**widths, s.id: new_w}
+                if weights_left is not None:
+                    cost = lost(trial, dropped)
                 r = res(trial, dropped)
                 gain = sum((cur[k] - r[k]) / targets[k] for k in targets if cur[k] > targets[k])
                 if gain <= 1e-12:
@@ -215,29 +228,36 @@ def greedy_widths(cm: CostModel, cs: ChannelStructure, crit: Criterion, targets:
         widths[gid], cur = new_w, r
     if all(cur[k] <= targets[k] for k in targets):
         _give_back(cs, crit, targets, widths, dropped, dropped - before, res, steps, per_resource,
-                   blocks.costs if blocks is not None else {})
+                   blocks.costs if blocks is not None else {}, weights_left)
     return widths, steps
 
 
 def _give_back(cs: ChannelStructure, crit: Criterion, targets: Mapping[str, float], widths: dict[str, int],
                dropped: set[str], mine: set[str], res: Callable[[Mapping[str, int], set[str]], dict[str, float]],
                steps: list[dict[str, Any]], per_resource: bool,
-               block_costs: Mapping[str, float]) -> None:
+               block_costs: Mapping[str, float], weights_left: WeightsLeft | None = None) -> None:
     """Undo steps of this search while every target still holds: the last step down can overshoot the target by
     a whole residual block or several width multiples, and the slack it leaves is accuracy thrown away. Each
     round undoes the step (a group's last step, or a removed block of ``mine``) that recovers the most objective
     cost per unit of normalised resource it adds back (``per_resource``; else the most cost), among those that
-    keep every target met; the record is ``{"give_back": ...}`` in ``steps``."""
+    keep every target met; the record is ``{"give_back": ...}`` in ``steps``. ``weights_left``: the cost an undo
+    recovers is the weights it brings back (as in ``greedy_widths``)."""
+    def regained(w: Mapping[str, int], d: set[str], cost: float) -> float:
+        if weights_left is None:
+            return cost
+        return weights_left(w, frozenset(d)) - weights_left(widths, frozenset(dropped))
+
     cur = res(widths, dropped)
     while True:
         cands = []  # (score, group index or None for a block, its new width or the block, resources, cost)
         for b in sorted(mine):
-            cands.append((block_costs[b], None, b, res(widths, dropped - {b})))
+            cands.append((regained(widths, dropped - {b}, block_costs[b]), None, b, res(widths, dropped - {b})))
         for f, s in enumerate(cs.specs):
             if crit.taken[f]:
                 cost, chans = crit.undo_cost(f)
                 w = widths[s.id] + chans.numel()
-                cands.append((cost, f, w, res({**widths, s.id: w}, dropped)))
+                back = {**widths, s.id: w}
+                cands.append((regained(back, dropped, cost), f, w, res(back, dropped)))
         fits = [(_undo_score(c, cur, r, targets, per_resource), f, what, r, c) for c, f, what, r in cands
                 if all(r[k] <= targets[k] for k in targets)]
         if not fits:

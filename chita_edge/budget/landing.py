@@ -108,7 +108,7 @@ class Landing:
         errors of the per-image difference (a paired test: a tie keeps the round nearest the budget). ``nearest``
         when there is one round, no data, or the selection is off; the landing record lists each candidate."""
         cfg, data = self.cfg, self.data
-        if cfg.select_samples == 0 or data is None or len(self.met) < 2:
+        if cfg.select_samples == 0 or not cfg.one_shot or data is None or len(self.met) < 2:
             return nearest
         x, y = heldout_images(data, cfg.select_samples, cfg.calib_samples, cfg.seed)
         if len(x) < 2:

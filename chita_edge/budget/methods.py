@@ -169,10 +169,14 @@ def _chita(s: _Stage) -> Choice:
     curves = probe_curves(model, cs, pcal, curves, stats, probes=probes, damp=cfg.damp)
     crit = CurveCriterion(cs, s.alive, curves)
     todo = [] if st.no_new_blocks else [b for b in env.blocks if b.id not in st.dropped]
-    # a block's cost: the same output divergence, measured with the block removed from the current model
-    moves = BlockMoves({b.id: c for b, c in zip(todo, block_costs(model, todo, pcal), strict=True)},
-                       set(st.dropped)) if todo else BlockMoves({}, set(st.dropped))
-    widths, steps = greedy_widths(env.cm, cs, crit, s.tgt, s.corr, env.mult, block=s.block, blocks=moves)
+    # a block's cost: the same output divergence, measured with the block removed from the current model (with
+    # the "weights" objective the greedy prices every step by the weights it removes instead)
+    weights = cfg.objective == "weights"
+    costs = [0.0] * len(todo) if weights else block_costs(model, todo, pcal)
+    moves = BlockMoves({b.id: c for b, c in zip(todo, costs, strict=True)}, set(st.dropped))
+    left = (lambda w, d: float(env.cm.weight_bytes(w, dropped=d)[0])) if weights else None
+    widths, steps = greedy_widths(env.cm, cs, crit, s.tgt, s.corr, env.mult, block=s.block, blocks=moves,
+                                  weights_left=left)
     new_blocks = sorted(moves.dropped - st.dropped)
     s.rec.update(n_steps=len(steps), block_costs={k: round(v, 6) for k, v in moves.costs.items()},
                  dropped=new_blocks)

@@ -380,7 +380,7 @@ class _Search(Landing):
             self.run_stages(1, corr)
             res = self.verify("tighten", corr)
             tightened = True
-            if cfg.width_first and self.st.dropped - before["dropped"]:
+            if cfg.width_first and cfg.one_shot and self.st.dropped - before["dropped"]:
                 self.widths_only(before, corr)
             if res["missed"]:
                 continue

@@ -52,6 +52,7 @@ def prune_cmd(
     width_multiple: Annotated[int | None, typer.Option("--width-multiple", help="Round channel counts to this multiple (default: the profile's).")] = None,
     export: Annotated[Path | None, typer.Option("--export", help="Budget mode: also keep the verified ONNX file here.")] = None,
     depth: Annotated[bool | None, typer.Option("--depth/--no-depth", help="Budget mode: may remove whole residual blocks with an identity shortcut (default: on).")] = None,
+    objective: Annotated[str | None, typer.Option("--objective", help="Budget mode: what each pruning step costs: output (the one-shot divergence of the outputs: the most accurate model as pruned), weights (the weights removed: the most capacity for fine-tuning), auto (default: weights with --finetune-epochs, else output).")] = None,
     gradual: Annotated[bool, typer.Option("--gradual", help="Prune in steps (cubic schedule from --gradual-start) with masked fine-tuning between them.")] = False,
     gradual_start: Annotated[float, typer.Option("--gradual-start", help="--gradual: sparsity of the first step (the paper: 0.5; MLPNet at 98 % did best from 0.8, docs/finetune.md).")] = 0.5,
     epochs: Annotated[int, typer.Option("--epochs", help="--gradual: fine-tuning epochs in all.")] = 5,
@@ -79,7 +80,7 @@ def prune_cmd(
              "n_grads": grads, "fisher_batch": fisher_batch, "l2": l2, "dtype": dtype, "first_order": first_order,
              "block_size": block_size, "block_support": block_support, "layer_floor": layer_floor, "seed": seed, "refit": refit,
              "structure": None if structure == "auto" else structure, "width_multiple": width_multiple,
-             "depth": depth}
+             "depth": depth, "objective": objective}
     gcfg = None
     if gradual:
         gcfg = GradualConfig(epochs=epochs, prune_every=prune_every, start_sparsity=gradual_start,

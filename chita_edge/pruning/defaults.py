@@ -41,6 +41,7 @@ DEFAULTS: MappingProxyType[str, Any] = MappingProxyType({
     "refit": None,  # None: on for the data-driven methods (chita, chita++, bso), off for the magnitude baselines
     "width_multiple": None,  # None: the device profile's
     "depth": True,  # budget search: may remove whole residual blocks
+    "objective": "auto",  # budget search: what a step costs (output, weights; auto: weights when fine-tuning follows)
 })
 
 __all__ = ["DEFAULTS"]

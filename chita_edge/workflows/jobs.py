@@ -93,6 +93,7 @@ class PruneJob:
     device: str = "cpu"
     finetune: FinetuneConfig | None = None  # budget mode: fine-tune the pruned model (distill: dense teacher)
     distill: bool = False
+    finetune_after: bool = False  # budget mode: a fine-tuning stage follows (objective "auto" prices by weights)
     prefer: str = "under"  # budget mode, when no width lands in [0.9, 1] x the budget: under or nearest
     uncertain: str = "fail"  # budget mode, as check's: fail judges the band's upper edge, pass the point estimate
     memory_gb: float | None = None  # block mode's cap on peak memory, chita-fisher's on G (None: from the free RAM)
@@ -163,10 +164,10 @@ def _check_combination(job: PruneJob) -> str:
         raise BadInput(f"--sparsity {s['sparsity']}: expected a fraction in [0, 1)")
     if not 0.0 <= s["layer_floor"] <= 1.0:
         raise BadInput(f"--layer-floor {s['layer_floor']}: expected a fraction in [0, 1] (0: off)")
-    unused = sorted(given & {"search_stages", "width_multiple", "depth"})
+    unused = sorted(given & {"search_stages", "width_multiple", "depth", "objective"})
     if job.budgets or job.export or unused:
-        raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple, --export, --search-stages and "
-                       "--depth need --profile")
+        raise BadInput("--latency-ms, --memory-mb, --file-mb, --width-multiple, --export, --search-stages, "
+                       "--depth and --objective need --profile")
     if structure == "block":
         if s["method"] not in ("chita", "chita++"):
             raise BadInput(f"--method {s['method']}: block pruning is structured CHITA (chita or chita++)")
@@ -196,7 +197,8 @@ def block_config(s: Resolved) -> BlockConfig:
 def budget_config(s: Resolved) -> BudgetConfig:
     return BudgetConfig(method=BUDGET_ALIASES.get(s["method"], s["method"]), structure="channel",
                         stages=s["search_stages"], n_grads=s["n_grads"], fisher_batch=s["fisher_batch"], l2=s["l2"],
-                        dtype=s["dtype"], seed=s["seed"], width_multiple=s["width_multiple"], depth=s["depth"])
+                        dtype=s["dtype"], seed=s["seed"], width_multiple=s["width_multiple"], depth=s["depth"],
+                        objective=s["objective"])
 
 
 def run_prune(job: PruneJob, progress: Progress | None = None,
@@ -222,7 +224,9 @@ def run_prune(job: PruneJob, progress: Progress | None = None,
         b = job.budgets
         r = prune_budget_checkpoint(job.model, job.weights, job.data, profile=job.profile, out=job.out,
                                     cfg=dataclasses.replace(budget_config(s), prefer=job.prefer,
-                                                            uncertain=job.uncertain, memory_gb=job.memory_gb),
+                                                            uncertain=job.uncertain, memory_gb=job.memory_gb
+                                                            ).for_finetuning(job.finetune is not None
+                                                                             or job.finetune_after),
                                     latency_ms=b.get("latency_ms"),
                                     percentile=b.get("percentile"), memory_mb=b.get("memory_mb"),
                                     file_mb=b.get("file_mb"), export=job.export, progress=progress,

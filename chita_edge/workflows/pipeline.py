@@ -65,7 +65,8 @@ def _prune_stage(spec: PipelineSpec, profile: str, runner: StageRunner, progress
 
     def run(d: Path) -> dict[str, Any]:
         job = jobs.PruneJob(model=spec.model, weights=spec.weights, data=spec.data, out=d / "pruned.pt",
-                       settings=resolved, profile=prof, budgets=budgets, uncertain=spec.checks.uncertain)
+                       settings=resolved, profile=prof, budgets=budgets, uncertain=spec.checks.uncertain,
+                       finetune_after=spec.finetune is not None)
         r = jobs.run_prune(job, progress=progress).to_dict()
         keys = {"channel": ("method", "accuracy", "dense_accuracy", "params_before", "params_after", "passed"),
                 "block": ("sparsity", "accuracy", "dense_accuracy")}.get(pr.structure,

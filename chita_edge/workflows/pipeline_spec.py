@@ -42,6 +42,7 @@ class PruneSpec(_Strict):
     block_size: int | None = Field(default=None, ge=0)
     width_multiple: int | None = Field(default=None, ge=1, le=256)
     depth: bool | None = None
+    objective: Literal["auto", "output", "weights"] | None = None
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
 
     def settings(self, sparsity: float | None) -> dict[str, Any]:
