@@ -351,6 +351,7 @@ def test_cli_budget_mode_writes_a_reloadable_checkpoint(tmp_path, monkeypatch):
     assert r.code == 0, r.stderr
     d = r.json()
     assert d["passed"] and d["profile"] == "phone-mid-sd670" and d["method"] == "chita-layerwise"
+    assert d["objective"] == "output" and load_model(None, out).meta["objective"] == "output"  # no fine-tuning
     assert {c["budget"] for c in d["checks"]} == {"latency_ms.p90", "memory_mb", "file_mb"}
     assert all(c["measured"] is not None for c in d["checks"])
     assert (tmp_path / "p.onnx").read_bytes() == b"onnx"
@@ -395,7 +396,7 @@ def test_cli_budget_usage_errors(tmp_path):
     r = run_cli("prune", spec, "--data", data, "--out", out)
     assert r.code == 2 and "--sparsity is required" in r.stderr
     r = run_cli("prune", spec, "--data", data, "--out", out, "--sparsity", "0.5", "--no-depth")
-    assert r.code == 2 and "--depth need --profile" in r.stderr
+    assert r.code == 2 and "--objective need --profile" in r.stderr
     r = run_cli("prune", spec, "--data", data, "--out", out, "--profile", "no-such-phone")
     assert r.code == 2 and "unknown id" in r.stderr
     r = run_cli("prune", spec, "--data", data, "--out", out, "--profile", "phone-mid-sd670", "--latency-ms", "-1")

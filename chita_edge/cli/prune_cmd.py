@@ -140,7 +140,8 @@ def _argv_without(ctx: typer.Context, skip: str) -> list[str]:
 def _render_budget(result: dict, out: Path) -> None:
     # check's rule: the same budgets, percentile, no slack, the error band (and --uncertain)
     rows = pruned_verdicts(result, result.get("uncertain", "fail"))
-    ui.table(f"{result['model']} on {result['profile']} ({result['method']})",
+    what = result["method"] + (f", objective {result['objective']}" if result.get("objective") else "")
+    ui.table(f"{result['model']} on {result['profile']} ({what})",
              ["budget", "limit", "predicted", "value", "source", "band", "x budget", "upper x budget", "verdict"],
              [[c["budget"], f"{c['limit']:.4g} {c['unit']}", f"{c['predicted']:.4g}",
                "-" if c["measured"] is None else f"{c['measured']:.4g}", c["source"],

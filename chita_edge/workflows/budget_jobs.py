@@ -48,6 +48,7 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
     ``finetune``: then fine-tune the pruned model (the finetune job, ``finetune_checkpoint``; ``distill``: the
     dense model as teacher) and write that to ``out`` (and ``export``); the report gives the accuracy before and
     after (``finetune``). The architecture does not change, so the latency measured before it still holds."""
+    cfg = cfg.for_finetuning(finetune is not None)  # "auto": price steps by weights when fine-tuning follows
     cfg.validate()
     if finetune is not None:
         finetune.validate()
@@ -89,6 +90,7 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
             "source_sha256": sha256_file(weights) if weights else None,
             "data": data,
             "method": cfg.method,  # what ran: chita-layerwise, chita-fisher, l1-uniform or norm-global
+            "objective": cfg.objective if cfg.method == "chita-layerwise" else None,  # output or weights
             "structure": structure,
             "profile": prof.id,
             "budgets": res.budgets,
@@ -134,7 +136,8 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
               "config": tuned.get("config"), "seconds": tuned.get("seconds"),
               "note": "the latency was measured before fine-tuning; fine-tuning keeps the architecture"}
         acc = tuned["accuracy"]
-    return {"model": lm.spec, "profile": prof.id, "method": meta["method"], "structure": structure,
+    return {"model": lm.spec, "profile": prof.id, "method": meta["method"], "objective": meta["objective"],
+            "structure": structure,
             "passed": res.passed, "checks": checks, "dense_accuracy": dense_acc, "accuracy": acc, "finetune": ft,
             "params_before": sum(p.numel() for p in lm.module.parameters()),
             "params_after": sum(p.numel() for p in res.model.parameters()),
