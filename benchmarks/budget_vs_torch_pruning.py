@@ -72,6 +72,7 @@ from chita_edge.devices.profiles import load_profile, with_budgets
 from chita_edge.models.loading import load_model
 from chita_edge.pruning.channels import channel_structure
 from chita_edge.training.finetune import finetune, reestimate_batchnorm
+from chita_edge.workflows.finetune import resolve_recipe
 
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 PCT = "p90"
@@ -177,7 +178,8 @@ def tune(model: nn.Module, teacher: nn.Module | None, data: Dataset, args) -> fl
     """The product's fine-tuning (``training.finetune.finetune``) with the budget path's recipe
     (``budget.config.finetune_config``, what ``prune --profile --finetune-epochs`` runs), the same for every model."""
     m = copy.deepcopy(model)
-    cfg = replace(finetune_config(args.finetune_epochs, seed=0), eval_each_epoch=False)
+    cfg = resolve_recipe(replace(finetune_config(args.finetune_epochs, seed=0), eval_each_epoch=False), m, teacher,
+                         data.x_train[:8], budget_pruned=True)
     rep = finetune(m, data, cfg, masks={}, teacher=teacher)
     log(f"  fine-tuned: {rep.initial_accuracy:.2f} -> {rep.accuracy:.2f} % (head {rep.head}); config {rep.config}")
     return accuracy(m, data.x_test, data.y_test)

@@ -38,14 +38,16 @@ from chita_edge.models.loading import load_model
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.training.finetune import finetune
 from chita_edge.training.masks import masks_from_zeros
+from chita_edge.workflows.finetune import resolve_recipe
 
 SHARED = Path(os.environ.get("CHITA_EDGE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 # the Ninth session's recipe (before issue 20's study), so that it stays comparable once FINETUNE changes
-NINTH = {"lr": 0.03, "head_ridge": 0.3, "warmup_epochs": 1.0, "temperature": 4.0, "distill_weight": 0.5,
+NINTH = {"lr": 0.03, "head_ridge": 0.3, "hints": 0.0, "warmup_epochs": 1.0, "temperature": 4.0, "distill_weight": 0.5,
          "weight_decay": 0.0, "batch_size": 128, "mix": "none"}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "current": {},  # FINETUNE as it stands
+    "current": {},  # FINETUNE as it stands (and FINETUNE_HINTS where the model shares stages with the teacher)
+    "no-hints": {"hints": 0.0},
     "ninth": NINTH,
     "kd-a1-t4": {**NINTH, "distill_weight": 1.0},
     "fm-mixup-t1": {**NINTH, "distill_weight": 1.0, "temperature": 1.0, "mix": "mixup"},
@@ -99,7 +101,8 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     for name, over in variants.items():
         lm = load_model(None, args.checkpoint)
-        cfg = replace(finetune_config(args.epochs, seed=0), **over)
+        cfg = resolve_recipe(replace(finetune_config(args.epochs, seed=0), **over), lm.module, teacher,
+                             data.x_train[:8], budget_pruned=True)  # as finetune_checkpoint after a budget prune
         masks = masks_from_zeros(lm.module, find_prunable(lm.module, lm.prunable))
         t0 = time.perf_counter()
         rep = finetune(lm.module, data, cfg, masks=masks, teacher=teacher,

@@ -19,7 +19,7 @@ from test_budget import FakeCostModel, synthetic_data, use_fake_cost_model
 from torch import nn
 
 from chita_edge.budget import landing, measure, search
-from chita_edge.budget.config import FINETUNE, BudgetConfig
+from chita_edge.budget.config import FINETUNE, FINETUNE_HINTS, BudgetConfig
 from chita_edge.budget.costmodel import widths_of
 from chita_edge.budget.measure import measure_model, precision_of
 from chita_edge.budget.search import prune_to_budget
@@ -325,6 +325,8 @@ def test_cli_budget_prune_fine_tunes_with_the_dense_teacher(tmp_path, monkeypatc
     assert ft["accuracy_before"] is not None
     # the budget path's recipe (issue 20): the output layer re-fitted with a ridge first, lower lr, a warm-up
     assert {k: ft["config"][k] for k in FINETUNE} == FINETUNE and ft["config"]["epochs"] == 1
+    # ... and with a teacher, its feature hints at the stages the pruned model shares with it (twelfth session)
+    assert ft["config"]["hints"] == FINETUNE_HINTS and ft["config"]["hint_points"] == ["layer1", "layer2", "layer3"]
     lm = load_model(None, out)  # the fine-tuned weights, on the pruned architecture
     assert lm.meta["finetune"]["head"]["layer"] and lm.meta["finetune"]["head"]["damp"] == FINETUNE["head_ridge"]
     assert lm.meta["finetune"]["distill"] and lm.meta["pruned_accuracy"] == ft["accuracy_before"]

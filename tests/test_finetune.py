@@ -404,6 +404,7 @@ def test_cli_finetune_json_history_and_checkpoint(pruned_ckpt, tmp_path):
     assert [h["epoch"] for h in js["history"]] == [1, 2]
     assert {"loss", "train_accuracy", "test_accuracy", "lr"} <= set(js["history"][0])
     assert js["distill"] is True and js["accuracy"] > js["initial_accuracy"]
+    assert js["config"]["hints"] == 0.0  # not pruned to a budget: the recipe's hints stay off
     assert sha256_file(pruned_ckpt) == sha  # the input is untouched
     sd_in, meta_in = read_weights(pruned_ckpt)
     sd, meta = read_weights(out)
@@ -447,6 +448,10 @@ def test_cli_bad_input(pruned_ckpt, tmp_path):
     assert r.code == 2 and "does not exist" in r.stderr
     r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--teacher", pruned_ckpt, "--out", tmp_path / "o.pt")
     assert r.code == 2 and "--distill" in r.stderr
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--hints", "2", "--out", tmp_path / "o.pt")
+    assert r.code == 2 and "--hints 2.0: feature hints distil from the dense teacher" in r.stderr
+    r = run_cli("finetune", pruned_ckpt, "--data", "digits", "--hints", "-1", "--out", tmp_path / "o.pt")
+    assert r.code == 2 and "--hints -1.0" in r.stderr
     assert not (tmp_path / "o.pt").exists()
 
 
@@ -539,3 +544,88 @@ def test_cli_mix_reaches_the_config(pruned_ckpt, tmp_path):
         r = run_cli("finetune", pruned_ckpt, "--data", "digits", *bad, "--out", tmp_path / "o.pt")
         assert r.code == 2 and flag in r.stderr, r.stderr
     assert not (tmp_path / "o.pt").exists()
+
+
+# --- feature hints ---------------------------------------------------------------------------------------------
+
+
+class _Staged(nn.Module):
+    """A stem and a stage (containers of conv + BatchNorm + ReLU) and a classifier head, for 8x8 digits."""
+
+    def __init__(self, width: int = 6, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(width, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stage(self.stem(x)))
+
+
+def test_feature_hints_match_stages_and_start_from_the_least_squares_map(digits):
+    from chita_edge.training.distill import FeatureHints
+
+    x = digits.x_train[:128]
+    teacher = _Staged()
+    for m in teacher.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = 1.0  # running statistics := those of x, so that eval-mode maps equal training-mode ones
+    with torch.no_grad():
+        teacher(x)
+    teacher.eval()
+    twin = copy.deepcopy(teacher)
+    buffers = {k: v.clone() for k, v in twin.state_dict().items()}
+    same = FeatureHints(twin, teacher, x)
+    assert same.points == ["stem", "stage"]  # the head's output is not a feature map
+    assert all(torch.equal(v, buffers[k]) for k, v in twin.state_dict().items())  # the probe left them alone
+    with torch.no_grad():
+        twin.train()(x)
+        teacher(x)
+    assert float(same.loss()) < 1e-3  # a copy of the teacher: the fitted map is (nearly) the identity
+    narrow = _Staged(width=3, seed=1)
+    hints = FeatureHints(narrow, teacher, x)
+    narrow(x)
+    teacher(x)
+    fitted = float(hints.loss())
+    assert 0 < fitted < 1  # the ridge map beats the zero projection (relative error 1)
+    with torch.no_grad():
+        for p in hints.proj.values():
+            p.weight.zero_()
+    narrow(x)
+    teacher(x)
+    assert float(hints.loss()) == pytest.approx(1.0)
+    hints.close()
+    same.close()
+    assert not any(m._forward_hooks for net in (teacher, narrow, twin) for m in net.modules())
+
+
+def test_hints_change_training_keep_masks_and_resume_bit_identically(digits, tmp_path):
+    cfg = dataclasses.replace(_cnn_cfg(), hints=2.0, eval_each_epoch=False)
+    teacher = _Staged(width=8, seed=5)
+
+    def student() -> nn.Module:
+        m = _Staged()
+        prune(m, PruneConfig(method="magnitude", sparsity=0.5), digits)
+        return m
+
+    ref, plain = student(), student()
+    rep = finetune(ref, digits, cfg, teacher=teacher)
+    finetune(plain, digits, dataclasses.replace(cfg, hints=0.0), teacher=teacher)
+    assert not same_weights(ref, plain) and rep.config["hint_points"] == ["stem", "stage"]
+    assert not any(m._forward_hooks for net in (teacher, ref) for m in net.modules())
+    masks = masks_from_zeros(student(), find_prunable(student(), default_prunable))
+    assert all(torch.all(dict(ref.named_parameters())[k][~m] == 0) for k, m in masks.items())
+    state = tmp_path / "ft.state"
+
+    def boom(stage, done, total):
+        if stage == "epochs" and done == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        finetune(student(), digits, cfg, teacher=teacher, progress=boom, state_path=state)
+    fresh = student()
+    finetune(fresh, digits, cfg, teacher=teacher, state_path=state, resume=True)
+    assert same_weights(fresh, ref)  # the projections' state came back too
+    with pytest.raises(BadInput, match="--hints 2.0: .*--distill"):
+        finetune(student(), digits, cfg)

@@ -36,6 +36,9 @@ METHODS = ("chita-layerwise", "chita-fisher", "l1-uniform", "norm-global")
 # (51.5 -> 22.8 %). The output layer is re-fitted with a ridge first (``training.head``) and the peak learning
 # rate is lower; measured in docs/finetune.md, "After a budget prune".
 FINETUNE = {"lr": 0.03, "head_ridge": 0.3, "warmup_epochs": 1.0}
+# with a dense teacher: the weight of the feature-map hints (FitNets) at the stages the pruned model shares with it
+# (docs/benchmarks.md, "Twelfth session": +1.3-1.5 points on ResNet20 at 0.45x after 20 epochs, two seeds)
+FINETUNE_HINTS = 3.0
 
 
 def finetune_config(epochs: int, **given: Any) -> FinetuneConfig:

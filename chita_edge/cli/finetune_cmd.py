@@ -51,6 +51,10 @@ def finetune_cmd(
                                                                           "relative to its features' mean square; "
                                                                           "0: off; default: 0.3 for a checkpoint "
                                                                           "pruned to a budget, else off).")] = None,
+    hints: Annotated[float | None, typer.Option("--hints", help="With --distill: weight of the feature-map hints "
+                                                               "(the teacher's stage outputs, FitNets) in the loss "
+                                                               "(0: off; default: 3 for a checkpoint pruned to a "
+                                                               "budget, else off).")] = None,
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Batches for re-estimating BatchNorm "
                                                                  "statistics at the end (0: off).")] = 100,
     qat: Annotated[bool, typer.Option("--qat", help="Quantisation-aware: train through simulated int8 weights "
@@ -87,7 +91,7 @@ def finetune_cmd(
     cfg = FinetuneConfig(epochs=epochs, lr=lr, batch_size=batch_size, optimizer=optimizer,
                          weight_decay=weight_decay, augment=augment, mix=mix, mix_alpha=mix_alpha,
                          warmup_epochs=warmup_epochs,
-                         head_ridge=head_ridge, temperature=temperature,
+                         head_ridge=head_ridge, hints=hints, temperature=temperature,
                          distill_weight=distill_weight, bn_batches=bn_batches, seed=seed, qat=qat,
                          qat_agreement=qat_agreement, qat_dither=qat_dither)
     cfg.validate()

@@ -60,7 +60,7 @@ from chita_edge.pruning import batchnorm
 from chita_edge.pruning.batchnorm import keyed_generator
 from chita_edge.pruning.layers import find_prunable
 from chita_edge.training.augment import MIXES, augment_batch, default_augment, mix_batch
-from chita_edge.training.distill import distillation_loss, hard_loss
+from chita_edge.training.distill import FeatureHints, distillation_loss, hard_loss
 from chita_edge.training.head import condition_head
 from chita_edge.training.masks import _check_masks, apply_masks, masks_from_zeros
 from chita_edge.training.qat import QATModel
@@ -73,7 +73,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant")
 FLAGS = {"lr": "--lr", "weight_decay": "--weight-decay", "temperature": "--temperature",
          "distill_weight": "--distill-weight", "qat_agreement": "--qat-agreement", "warmup_epochs": "--warmup-epochs",
-         "head_ridge": "--head-ridge", "mix_alpha": "--mix-alpha"}  # the fields `finetune` sets
+         "head_ridge": "--head-ridge", "mix_alpha": "--mix-alpha", "hints": "--hints"}  # the fields `finetune` sets
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +99,13 @@ class FinetuneConfig:
     mix_alpha: float = 1.0
     temperature: float = 4.0  # distillation temperature T (used when a teacher is given)
     distill_weight: float = 0.5  # alpha: share of the distillation term in the loss
+    # with a teacher: + hints x the feature-map hint loss (chita_edge.training.distill.FeatureHints) at hint_points
+    # (None: the stages matched by name and map size), its projections fitted on the first hint_samples images.
+    # None: off here, the budget path's recipe where a budget prune made the model and a teacher distils
+    # (chita_edge.workflows.finetune.finetune_checkpoint); 0: off
+    hints: float | None = None
+    hint_points: tuple[str, ...] | None = None
+    hint_samples: int = 256
     bn_batches: int = 100  # batches for re-estimating BatchNorm statistics at the end (0: keep them)
     eval_each_epoch: bool = True  # test accuracy in the per-epoch history
     seed: int = 0
@@ -144,6 +151,10 @@ class FinetuneConfig:
         if not (self.warmup_epochs >= 0 and math.isfinite(self.warmup_epochs)) or self.warmup_epochs > self.epochs:
             raise BadInput(f"--warmup-epochs {self.warmup_epochs}: expected warm-up epochs in [0, --epochs "
                            f"({self.epochs})]")
+        if self.hints is not None and not (self.hints >= 0 and math.isfinite(self.hints)) or self.hint_samples < 1:
+            raise BadInput(f"--hints {self.hints}: expected a weight >= 0 (0: off), fitted on >= 1 image")
+        if self.hints and self.qat:
+            raise BadInput("--hints with --qat: feature hints train the float model; give one of them")
         if self.head_ridge is not None and not (self.head_ridge >= 0 and math.isfinite(self.head_ridge)):
             raise BadInput(f"--head-ridge {self.head_ridge}: expected a head ridge >= 0 (0: off)")
         if self.qat_agreement < 0 or not math.isfinite(self.qat_agreement):
@@ -221,8 +232,8 @@ class _StopFlag:
                 signal.signal(s, h)
 
 
-def _make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _make_optimizer(model: nn.Module, cfg: FinetuneConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    params = [p for m in (model, extra) if m is not None for p in m.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
@@ -328,11 +339,14 @@ def finetune(
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
+    if cfg.hints and teacher is None:  # (None: off here)
+        raise BadInput(f"--hints {cfg.hints}: feature hints distil from the dense teacher; give --distill")
+    hints = FeatureHints(model, teacher, x[:cfg.hint_samples], cfg.hint_points) if cfg.hints else None
 
     augment = cfg.augment if cfg.augment is not None else default_augment(data.input_shape)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
-    opt = _make_optimizer(model, cfg)
+    opt = _make_optimizer(model, cfg, hints)
     sched = _make_scheduler(opt, cfg, total_steps, steps_per_epoch)
     named = dict(model.named_parameters())
     masked = [(named[k], m) for k, m in masks.items()]
@@ -355,6 +369,8 @@ def finetune(
         masks = {k: saved_masks[k].clone() for k in masks}
         masked = [(named[k], m) for k, m in masks.items()]
         model.load_state_dict(st["model"], strict=True)
+        if hints is not None:
+            hints.load_state_dict(st["hints"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         rng0 = st["rng"]["torch"]
@@ -369,6 +385,7 @@ def finetune(
                 "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(),
                 "masks": masks, "history": history, "running": dict(run), "initial_accuracy": initial_acc,
+                **({"hints": hints.state_dict()} if hints is not None else {}),
                 **({"qat_ranges": net.ranges()} if cfg.qat else {})}
 
     stop = _StopFlag()
@@ -383,7 +400,9 @@ def finetune(
                     "initial_int8_accuracy": accuracy(net, data.x_test, data.y_test)}
         if resume:
             net.load_ranges(st["qat_ranges"])
-    with stop.installed(), torch.random.fork_rng(devices=[]):  # the caller's global RNG is left as it was
+    with stop.installed(), torch.random.fork_rng(devices=[]), \
+            contextlib.closing(hints) if hints is not None else contextlib.nullcontext():  # hooks off at the end
+        # the caller's global RNG is left as it was
         torch.set_rng_state(rng0)
         while epoch < cfg.epochs:
             t_epoch = time.perf_counter()
@@ -405,6 +424,8 @@ def finetune(
                     with torch.no_grad():
                         t_out = teacher(xb)
                     loss = distillation_loss(out, t_out, yb, cfg.temperature, cfg.distill_weight, mix)
+                    if hints is not None:
+                        loss = loss + cfg.hints * hints.loss()
                 else:
                     loss = hard_loss(out, yb, mix)
                 if cfg.qat and cfg.qat_agreement > 0:  # the float model is the reference the int8 file must match
@@ -469,7 +490,8 @@ def finetune(
     return FinetuneReport(
         epochs=cfg.epochs, initial_accuracy=initial_acc, accuracy=acc, sparsity=s, masked_weights=off,
         history=history, bn_reestimated=bn, resumed_from=resumed_from,
-        timings={"train_s": t_train, "total_s": time.perf_counter() - t0}, config={**asdict(cfg), "augment": augment},
+        timings={"train_s": t_train, "total_s": time.perf_counter() - t0},
+        config={**asdict(cfg), "augment": augment, **({"hint_points": hints.points} if hints is not None else {})},
         qat=qat_info, head=head,
     )
 

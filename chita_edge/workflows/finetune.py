@@ -10,14 +10,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from chita_edge.budget.config import FINETUNE
+import torch
+from torch import nn
+
+from chita_edge.budget.config import FINETUNE, FINETUNE_HINTS
 from chita_edge.core.checkpoint import save_checkpoint
 from chita_edge.core.data import data_file, load_data
 from chita_edge.core.errors import BadInput
 from chita_edge.core.io import refuse_overwrite, sha256_file
 from chita_edge.models.loading import check_fits, load_model, model_file
 from chita_edge.pruning.layers import find_prunable
-from chita_edge.training.distill import load_teacher
+from chita_edge.training.distill import hint_points, load_teacher
 from chita_edge.training.finetune import FinetuneConfig, Progress, finetune
 from chita_edge.training.masks import masks_from_zeros
 
@@ -26,6 +29,19 @@ def state_path_for(out: str | os.PathLike) -> Path:
     """Where ``finetune_checkpoint`` keeps its resumable training state: beside the output."""
     out = Path(out)
     return out.with_name(out.name + ".state")
+
+
+def resolve_recipe(cfg: FinetuneConfig, model: nn.Module, teacher: nn.Module | None, x: torch.Tensor, *,
+                   budget_pruned: bool) -> FinetuneConfig:
+    """The settings left to the recipe (None) resolved: for a model pruned to a budget (re-fitted weights), the
+    budget path's head re-fit (``FINETUNE["head_ridge"]``) and, when ``teacher`` distils and shares stages with
+    it (``hint_points`` on ``x``), its feature hints (``FINETUNE_HINTS``); otherwise both off."""
+    if cfg.head_ridge is None:
+        cfg = replace(cfg, head_ridge=FINETUNE["head_ridge"] if budget_pruned else 0.0)
+    if cfg.hints is None:
+        shared = budget_pruned and teacher is not None and bool(hint_points(model, teacher, x))
+        cfg = replace(cfg, hints=FINETUNE_HINTS if shared else 0.0)
+    return cfg
 
 
 def finetune_checkpoint(
@@ -66,8 +82,7 @@ def finetune_checkpoint(
     teacher = load_teacher(lm.spec, lm.meta, teacher_weights, str(src)) if distill else None
     if teacher is not None and cfg.distill_weight == 0:
         raise BadInput("--distill with distill weight 0 would not distil; give a weight in (0, 1]")
-    if cfg.head_ridge is None:  # a budget-pruned checkpoint (re-fitted weights): the budget path's head re-fit
-        cfg = replace(cfg, head_ridge=FINETUNE["head_ridge"] if (lm.meta or {}).get("profile") else 0.0)
+    cfg = resolve_recipe(cfg, lm.module, teacher, ds.x_train[:8], budget_pruned=bool((lm.meta or {}).get("profile")))
     params = find_prunable(lm.module, lm.prunable)
     report = finetune(lm.module, ds, cfg, masks=masks_from_zeros(lm.module, params), teacher=teacher,
                       progress=progress, on_epoch=on_epoch, state_path=state, resume=resume)
@@ -95,4 +110,4 @@ def finetune_checkpoint(
             "distill": distill}
 
 
-__all__ = ["finetune_checkpoint", "state_path_for"]
+__all__ = ["finetune_checkpoint", "resolve_recipe", "state_path_for"]

@@ -83,7 +83,8 @@ def _finetune_stage(spec: PipelineSpec, profile: str, pruned: Path, runner: Stag
     ft = spec.finetune
     assert ft is not None
     # the keys added later are left out unless the file sets them: an older file's stage key stays the same
-    settings = ft.model_dump(exclude={k for k in ("warmup_epochs", "head_ridge") if k not in ft.model_fields_set})
+    settings = ft.model_dump(exclude={k for k in ("warmup_epochs", "head_ridge", "hints")
+                                      if k not in ft.model_fields_set})
     inputs = {"pruned": runner.hashes(pruned), "data": data_identity(spec.data, runner.hashes)}
     name = f"{_slug(profile)}/finetune"
 
@@ -100,7 +101,7 @@ def _finetune_stage(spec: PipelineSpec, profile: str, pruned: Path, runner: Stag
         cfg = FinetuneConfig(epochs=ft.epochs, lr=ft.lr, min_lr=ft.min_lr, batch_size=ft.batch_size,
                              optimizer=ft.optimizer, weight_decay=ft.weight_decay, augment=ft.augment,
                              bn_batches=ft.bn_batches, seed=ft.seed, warmup_epochs=ft.warmup_epochs,
-                             head_ridge=ft.head_ridge)
+                             head_ridge=ft.head_ridge, hints=ft.hints)
         r = jobs.run_finetune(jobs.FinetuneJob(pruned=pruned, data=spec.data, out=out, config=cfg, distill=ft.distill,
                                      resume=resume), progress=progress)
         key_file.unlink(missing_ok=True)
