@@ -448,13 +448,17 @@ def _unit_curves(cs):
     return curves
 
 
-def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
+def _resnet_blocks():
+    """tiny_resnet's channel structure and its removable residual blocks."""
     from chita_edge.graph.residual import residual_blocks
 
     m = tiny_resnet()
     x = torch.rand(1, 3, 32, 32)
-    cs = channel_structure(m, x)
-    ids = [b.id for b in residual_blocks(m, x)]
+    return channel_structure(m, x), [b.id for b in residual_blocks(m, x)]
+
+
+def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
+    cs, ids = _resnet_blocks()
     assert ids == ["layer1.0", "layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer3.1", "layer3.2"]
     cm = FakeCostModel(cs.sizes, blocks={b: 10.0 for b in ids})
     floor = cm.latency(min_widths(cs.sizes, 4))
@@ -480,12 +484,7 @@ def test_greedy_takes_a_block_only_where_it_is_the_cheaper_move():
 def test_greedy_gives_back_the_width_an_overshooting_step_left_unused():
     # below the width floor two blocks of 10 units each must go for a 15-unit gap: the second overshoots by 5,
     # which is given back as channel width, the dearest per unit first, until no more fits
-    from chita_edge.graph.residual import residual_blocks
-
-    m = tiny_resnet()
-    x = torch.rand(1, 3, 32, 32)
-    cs = channel_structure(m, x)
-    ids = [b.id for b in residual_blocks(m, x)]
+    cs, ids = _resnet_blocks()
     cm = FakeCostModel(cs.sizes, blocks={b: 10.0 for b in ids})
     target = cm.latency(min_widths(cs.sizes, 4)) - 15.0
     crit = CurveCriterion(cs, torch.ones(cs.groups.num_groups, dtype=torch.bool), _unit_curves(cs))
@@ -665,12 +664,7 @@ def test_the_weights_objective_prices_a_step_by_the_weights_it_removes():
     # one block (10 ms) or ten channels (1 ms each) meet the target; the output objective's block cost is
     # prohibitive, so it narrows. Priced by weights, a block of few weights goes before channels of many (the
     # capacity a fine-tuning keeps), and a block of many weights does not
-    from chita_edge.graph.residual import residual_blocks
-
-    m = tiny_resnet()
-    x = torch.rand(1, 3, 32, 32)
-    cs = channel_structure(m, x)
-    ids = [b.id for b in residual_blocks(m, x)]
+    cs, ids = _resnet_blocks()
     cm = FakeCostModel(cs.sizes, blocks={b: 10.0 for b in ids})
     target = {"latency_ms": cm.latency({}) - 10.0}
 
