@@ -61,6 +61,9 @@ class FakeCostModel:
         wb = 4 * sum(w[g] * 10 for g in self.sizes)
         return Prediction(lat, lat, 1.0, 1.0 + wb / 2**20, wb / 2**20, wb, 0, "fake")
 
+    def weight_bytes(self, widths, *, dropped=()):  # 40 bytes per channel (the "weights" objective's capacity)
+        return 40 * sum({**self.sizes, **widths}.values()), len(self.sizes)
+
     def describe(self):
         return {"fake": True}
 
@@ -503,22 +506,23 @@ def test_greedy_gives_back_the_width_an_overshooting_step_left_unused():
     assert all(s["objective_cost"] > 0 for s in back)
 
 
-def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_replays(tmp_path):
-    from chita_edge.graph.residual import residual_blocks
-
+@pytest.mark.parametrize("objective", ["output", "weights"])
+def test_prune_to_budget_removes_blocks_below_the_width_floor_and_the_plan_replays(tmp_path, objective):
     prof = load_profile("phone-mid-sd670")
     m = tiny_resnet()
     data = synthetic_data()
     x1 = data.x_train[:1]
-    cs = channel_structure(m, x1)
-    ids = [b.id for b in residual_blocks(m, x1)]
+    cs, ids = _resnet_blocks()
     cm = FakeCostModel(cs.sizes, blocks={b: 12.0 for b in ids})
     floor = cm.latency(min_widths(cs.sizes, 4))
     limit = floor - 20.0  # two blocks at least
     budgets = with_budgets(prof, latency_ms=limit, memory_mb=1000, file_mb=1000)
-    cfg = BudgetConfig(method="chita", stages=2, verify=False, calib_samples=32, width_multiple=4)
+    cfg = BudgetConfig(method="chita", stages=2, verify=False, calib_samples=32, width_multiple=4,
+                       objective=objective)
     res = prune_to_budget(m, x1, data, prof, budgets, cfg, cost_model=cm)
     assert res.passed and len(res.dropped) >= 2
+    if objective == "weights":  # the fake's blocks hold no weights of their own: every one goes (free capacity-wise)
+        assert set(res.dropped) == set(ids)
     assert set(res.plan["drop"]) == set(res.dropped) and res.plan["version"] == 2
     assert res.to_dict()["dropped_blocks"] == res.dropped
     assert all(isinstance(res.model.get_submodule(b), nn.Identity) for b in res.dropped)
