@@ -37,7 +37,7 @@ METHODS = ("chita-layerwise", "chita-fisher", "l1-uniform", "norm-global")
 # rate is lower; measured in docs/finetune.md, "After a budget prune".
 FINETUNE = {"lr": 0.03, "head_ridge": 0.3, "warmup_epochs": 1.0}
 # with a dense teacher: the weight of the feature-map hints (FitNets) at the stages the pruned model shares with it
-# (docs/benchmarks.md, "Twelfth session": +1.3-1.5 points on ResNet20 at 0.45x after 20 epochs, two seeds)
+# (docs/benchmarks.md, "Twelfth session": +1.28 and +0.49 points on ResNet20 at 0.45x after 20 epochs, seeds 0, 1)
 FINETUNE_HINTS = 3.0
 
 
