@@ -53,7 +53,7 @@ def finetune_cmd(
                                                                           "pruned to a budget, else off).")] = None,
     hints: Annotated[float | None, typer.Option("--hints", help="With --distill: weight of the feature-map hints "
                                                                "(the teacher's stage outputs, FitNets) in the loss "
-                                                               "(0: off; default: 10 for a checkpoint pruned to a "
+                                                               "(0: off; default: 30 for a checkpoint pruned to a "
                                                                "budget, else off).")] = None,
     bn_batches: Annotated[int, typer.Option("--bn-batches", help="Batches for re-estimating BatchNorm "
                                                                  "statistics at the end (0: off).")] = 100,

@@ -83,7 +83,7 @@ class FinetuneSpec(_Strict):
     head_ridge: float | None = Field(default=None, ge=0, description="ridge re-fit of the output Linear first "
                                                                      "(0: off; default: 0.3 after a budget prune)")
     hints: float | None = Field(default=None, ge=0, description="with distill: weight of the feature-map hints "
-                                                               "(0: off; default: 10 after a budget prune)")
+                                                               "(0: off; default: 30 after a budget prune)")
 
     @model_validator(mode="after")
     def _warmup_within_epochs(self) -> FinetuneSpec:
