@@ -37,8 +37,8 @@ METHODS = ("chita-layerwise", "chita-fisher", "l1-uniform", "norm-global")
 # rate is lower; measured in docs/finetune.md, "After a budget prune".
 FINETUNE = {"lr": 0.03, "head_ridge": 0.3, "warmup_epochs": 1.0}
 # with a dense teacher: the weight of the feature-map hints (FitNets) at the stages the pruned model shares with it
-# (docs/benchmarks.md, "Twelfth session": ResNet20 at 0.45x after 20 epochs, seed 0: 84.76 % without, 86.04 % at
-# weight 3, 86.92 % at 10, 88.30 % at 30)
+# (docs/benchmarks.md, "Twelfth session": ResNet20 at 0.45x after 20 epochs, seeds 0 / 1: 84.76 / 85.74 % without,
+# 86.92 / 86.73 % at weight 10, 88.30 / 87.71 % at 30)
 FINETUNE_HINTS = 30.0
 
 
