@@ -140,7 +140,7 @@ def chita_row(objective: str, dense: nn.Module, data: Dataset, prof, dm: dict[st
     # (uncertain="pass", check --uncertain pass); by default prune lands the error band's upper edge
     cfg = BudgetConfig(method="chita-layerwise", bench_runs=args.runs, bench_max_repeats=args.max_repeats,
                        reuse_measurements=False, threads=args.threads, uncertain=args.uncertain, prefer=args.prefer,
-                       objective=objective)
+                       objective=objective, check_repeats=args.check_repeats)
     method = "chita-layerwise" if objective == "output" else f"chita-layerwise-{objective}"
     t0 = time.perf_counter()
     row = {**base, "budget_ms": limit, "method": method}
@@ -200,6 +200,9 @@ def main() -> None:
     ap.add_argument("--uncertain", choices=["pass", "fail"], default="pass",
                     help="chita-edge's rule (prune --uncertain): pass lands the point estimate in [0.9, 1] x the "
                          "budget, as Torch-Pruning's files are picked; fail, its error band's upper edge")
+    ap.add_argument("--check-repeats", type=int, default=1,
+                    help="chita-edge's rule (prune --check-repeats): a round passes where check --repeats K, the "
+                         "median of K benchmark processes, would pass too")
     ap.add_argument("--prefer", choices=["under", "nearest"], default="under",
                     help="chita-edge's rule when no width lands in [0.9, 1] x the budget (prune --prefer)")
     ap.add_argument("--objectives", nargs="+", choices=["output", "weights"], default=["output", "weights"],

@@ -34,11 +34,12 @@ torch.set_num_threads(1)
 PROF = "phone-mid-sd670"
 
 
-def _run(monkeypatch, factor, fraction, *, costs=None, interval=0.0, band=None, images=32, **cfg_kw):
+def _run(monkeypatch, factor, fraction, *, costs=None, interval=0.0, band=None, images=32, repeats=None, **cfg_kw):
     """Prune tiny_resnet to ``fraction`` x its dense (measured) latency on a device that measures ``factor`` x
     the cost model; ``interval``: the measurement's relative half-width; ``band``: the device estimate's error
     band (factors low, high), given with the dense measurement; ``images``: training images (32: none held out
-    beyond the calibration images)."""
+    beyond the calibration images); ``repeats``: the benchmark processes behind the interval (None: the interval is
+    what a check would see)."""
     prof = load_profile(PROF)
     m = tiny_resnet()
     data = synthetic_data(images)
@@ -53,7 +54,8 @@ def _run(monkeypatch, factor, fraction, *, costs=None, interval=0.0, band=None, 
         lat = factor * cm.latency(widths_of(model, cs.specs))
         calls.append(lat)
         return {"latency_ms": lat, "memory_mb": 1.0, "file_mb": 0.1, "file": str(path),
-                "latency_interval": [lat * (1 - interval), lat * (1 + interval)], "precise": True}
+                "latency_interval": [lat * (1 - interval), lat * (1 + interval)], "precise": True,
+                "repeats": repeats}
 
     monkeypatch.setattr(search, "measure_model", fake_measure)
     limit = fraction * factor * cm.latency({})
@@ -317,9 +319,10 @@ def test_cli_budget_prune_fine_tunes_with_the_dense_teacher(tmp_path, monkeypatc
     out = tmp_path / "p.pt"
     r = run_cli("prune", spec, "--weights", weights, "--data", data, "--out", out, "--profile", "phone-mid-sd670",
                 "--latency-ms", "0.6", "--memory-mb", "64", "--width-multiple", "4", "--search-stages", "1",
-                "--finetune-epochs", "1", "--distill", "--method", "l1-uniform", "--json")
+                "--finetune-epochs", "1", "--distill", "--method", "l1-uniform", "--check-repeats", "3", "--json")
     assert r.code == 0, r.stderr
     d = r.json()
+    assert d["check_repeats"] == 3
     ft = d["finetune"]
     assert ft["epochs"] == 1 and ft["distill"] and d["accuracy"] == ft["accuracy_after"]
     assert ft["accuracy_before"] is not None
@@ -349,6 +352,9 @@ def test_cli_prefer_takes_under_or_nearest(tmp_path):
     r = run_cli("prune", spec, "--weights", weights, "--data", data, "--out", tmp_path / "q.pt", "--profile",
                 "phone-mid-sd670", "--prefer", "over")
     assert r.code == 2 and "--prefer 'over'" in r.stderr and "under, nearest" in r.stderr
+    r = run_cli("prune", spec, "--weights", weights, "--data", data, "--out", tmp_path / "q.pt", "--profile",
+                "phone-mid-sd670", "--check-repeats", "0")
+    assert r.code == 2 and "--check-repeats 0: expected >= 1" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_pipeline_fine_tunes_after_a_budget_prune_stage_and_reports_both_accuracies(tmp_path, monkeypatch, cli):
@@ -372,13 +378,16 @@ def test_pipeline_fine_tunes_after_a_budget_prune_stage_and_reports_both_accurac
     monkeypatch.setattr(search, "measure_model", fake_measure)
     p = write(tmp_path, prune="{structure: channel, method: norm-global, search_stages: 1, width_multiple: 4}",
               finetune="{epochs: 1, lr: 0.05, batch_size: 64, bn_batches: 2, distill: true}",
-              checks="{runs: 5, warmup: 1, baseline: false, latency_ms: 0.6, uncertain: pass}")
+              checks="{runs: 5, warmup: 1, baseline: false, latency_ms: 0.6, uncertain: pass, repeats: 3}")
     r = cli("run", p, "--json")
     assert r.code == 0, r.stderr
     assert [x["stage"] for x in r.json()["stages"] if x["status"] == "ran"][:2] == ["tiny-board/prune",
                                                                                    "tiny-board/finetune"]
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())
     pr, ft = m["stages"]["tiny-board/prune"], m["stages"]["tiny-board/finetune"]
+    assert pr["settings"]["check_repeats"] == 3  # the search plans for the run's own checks, which take 3
+    checked = json.loads((tmp_path / "out" / "tiny-board/check-onnx/result.json").read_text())
+    assert checked["benchmark"]["repeats"]["processes"] == 3
     assert pr["settings"]["uncertain"] == "pass" and pr["result"]["params_after"] < pr["result"]["params_before"]
     assert seen[0][0] == 1.0 and any(v <= 0.6 for v, _ in seen[1:]), seen  # dense, then a round within budget
     before, after = pr["result"]["accuracy"], ft["result"]["accuracy"]
@@ -389,10 +398,30 @@ def test_pipeline_fine_tunes_after_a_budget_prune_stage_and_reports_both_accurac
     assert meta["finetune"]["config"]["head_ridge"] == FINETUNE["head_ridge"] and meta["finetune"]["head"]
 
 
-def test_a_round_passes_only_where_one_more_run_would_pass_too():
-    # check measures once: the median's interval (3 processes, +-3 %) widens to where a single run is expected
+def test_a_round_passes_only_where_the_check_to_come_would_pass_too():
+    # check measures once by default: the median's interval (3 processes, +-3 %) widens to where a single run is
+    # expected; check --repeats 3 judges the median of three processes, expected nearer (variance 0.4487 of one)
     m = {"latency_ms": 1.0, "latency_interval": [math.exp(-0.03), math.exp(0.03)], "repeats": 3}
-    lo, hi = measure.one_run_interval(m)
+    lo, hi = measure.check_interval(m)
     assert hi == pytest.approx(math.exp(0.03 * 2)) and lo == pytest.approx(math.exp(-0.06))
-    assert judge(1.0, 1.04, *measure.one_run_interval(m)) == "uncertain"  # the median's interval alone would pass
-    assert measure.one_run_interval({"latency_ms": 1.0, "latency_interval": [0.9, 1.1]}) == [0.9, 1.1]
+    assert judge(1.0, 1.04, *measure.check_interval(m)) == "uncertain"  # the median's interval alone would pass
+    assert measure.check_interval({"latency_ms": 1.0, "latency_interval": [0.9, 1.1]}) == [0.9, 1.1]
+    lo3, hi3 = measure.check_interval(m, 3)
+    assert hi3 == pytest.approx(math.exp(0.03 * math.sqrt(1 + 3 * 0.4487)))
+    assert measure.check_interval(m, 4) == [lo3, hi3]  # the upper middle of four: counted as the median of three
+    assert measure.check_interval(m, 99)[1] < hi3 < hi
+    with pytest.raises(BadInput, match="--check-repeats 0"):
+        BudgetConfig(check_repeats=0).validate()
+
+
+def test_the_search_plans_for_how_the_file_will_be_checked(monkeypatch):
+    # eight processes, the median known to +-4 %: one check process is expected within +-12.5 %, the median of
+    # five within +-7 %; a round passes only where that check would pass too, so planning for five lands nearer
+    one, _, limit = _run(monkeypatch, 1.0, 0.6, interval=0.04, repeats=8)
+    five, _, _ = _run(monkeypatch, 1.0, 0.6, interval=0.04, repeats=8, check_repeats=5)
+    for res, k in ((one, 1), (five, 5)):
+        assert res.passed and measure.check_interval(res.measured, k)[1] <= limit
+        assert all(d["verdict"] != "pass" or d["interval"][1] <= d["limit"] for d in res.decisions)
+    assert measure.check_interval(one.measured, 1)[1] > measure.check_interval(one.measured, 5)[1]
+    assert five.measured["latency_ms"] > one.measured["latency_ms"], (one.measured, five.measured)
+    assert measure.check_interval(five.measured, 1)[1] > limit  # a file that one check process could fail

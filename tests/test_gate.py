@@ -207,3 +207,34 @@ def test_acceptance_dense_resnet20_breaks_the_budget_compact_passes(tmp_path, ca
     r = run_cli("check", compact, "--profile", prof, "--runs", "30", "--latency-ms", limit, "--json")
     assert r.code == 0, r.stderr
     assert [c["name"] for c in r.json()["checks"]] == ["latency_ms.p50", "peak_memory_mb", "model_file_mb"]
+
+
+def test_check_repeats_judges_the_median_process(tmp_path, monkeypatch):
+    from chita_edge.devices import gate
+
+    prof = load_profile(str(board(tmp_path)))
+    seen = []
+
+    def fake_bench(path, profiles, cfg, *, data=None, progress=None):  # three processes of one file: 50, 30, 40 ms
+        v = [50.0, 30.0, 40.0][len(seen)]
+        seen.append(data)
+        est = {**RESULT["device_estimates"]["ci-board"], "latency_ms": {"p90": v},
+               "band": {"low": 0.9, "high": 1.1, "latency_ms": {"p90": [0.9 * v, 1.1 * v]}}}
+        return {**RESULT, "device_estimates": {"ci-board": est},
+                **({"accuracy": {"accuracy": 91.0, "test_examples": 10, "data": data}} if data else {})}
+
+    monkeypatch.setattr(gate, "benchmark", fake_bench)
+    monkeypatch.setattr(gate, "load_data", lambda d: None)
+    r = gate.run_check("m.onnx", prof, latency_ms=45, repeats=3, accuracy_min=90, data="digits", step_summary="")
+    assert r["passed"] and r["checks"][0]["value"] == 40.0  # the median process, not the first (50 ms: over)
+    assert r["benchmark"]["repeats"] == {"processes": 3, "percentile": "p90", "latency_ms": [50.0, 30.0, 40.0],
+                                         "judged": 2}
+    assert seen == ["digits", None, None] and r["checks"][-1]["value"] == 91.0  # accuracy evaluated once
+    seen.clear()
+    one = gate.run_check("m.onnx", prof, latency_ms=45, step_summary="")
+    assert not one["passed"] and one["checks"][0]["value"] == 50.0 and "repeats" not in one["benchmark"]
+    seen.clear()
+    two = gate.run_check("m.onnx", prof, latency_ms=45, repeats=2, step_summary="")  # the upper middle of two
+    assert two["checks"][0]["value"] == 50.0
+    r = run_cli("check", tmp_path / "m.onnx", "--profile", "phone-mid-sd670", "--repeats", "0")
+    assert r.code == 2 and "--repeats 0: expected 1..99" in r.stderr and "Traceback" not in r.stderr

@@ -102,6 +102,10 @@ class BudgetConfig:
     # [land_low, 1] and the verdicts apply to it, so that `check` passes; "pass" (check --uncertain pass) judges the
     # point estimate (a budget inside the band is accepted). Both judge with the measurement's interval.
     uncertain: str = "fail"
+    # how the file will be checked: ``check --repeats K`` judges the median of K benchmark processes. A round
+    # passes only where such a check of the same file would pass too (``budget.measure.check_interval``): one
+    # process (K = 1) of a sub-millisecond model moves by +-10-20 % on a shared host, the median of 3 by ~0.7 x that.
+    check_repeats: int = 1
     bn_batches: int = 16  # BatchNorm re-estimation batches when it is on
     refit: bool | None = None  # layer-wise re-fit after each stage; None: on for chita, off for the baselines
     bn_reestimate: bool | None = None  # None: on where there is no re-fit (it undoes a re-fit's calibration)
@@ -163,6 +167,9 @@ class BudgetConfig:
             raise BadInput("margin must be in (0, 1] and slack in [0, 1)")
         if self.bench_runs < 1 or self.bench_repeats < 1:
             raise BadInput("bench_runs and bench_repeats must be >= 1")
+        if self.check_repeats < 1:
+            raise BadInput(f"--check-repeats {self.check_repeats}: expected >= 1 (the benchmark processes whose "
+                           "median check --repeats judges)")
         if not 0 < self.relax_below <= 1 or self.relax_steps < 0 or self.max_tighten < 0:
             raise BadInput("relax_below must be in (0, 1], relax_steps and max_tighten >= 0")
 

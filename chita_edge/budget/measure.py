@@ -101,14 +101,28 @@ def _samples(hit: Mapping[str, Any] | None) -> tuple[list[float], list[float], l
     return lats, hosts, mems, dens
 
 
-def one_run_interval(m: Mapping[str, Any]) -> list[float] | None:
-    """Where one more benchmark process of the same file is expected (95 %): ``check`` measures once, so a round
-    passes only when such a single run would pass too. From the median's interval over ``repeats`` processes
-    (half-width h in log space) the prediction interval is h * sqrt(n + 1); without ``repeats``, the interval."""
+# The variance of the median of K normal samples over that of one (K = 1..7; beyond, pi / (2K)): what a
+# ``check --repeats K`` (the median of K benchmark processes) spreads by, in log space.
+_MEDIAN_VAR = (1.0, 0.5, 0.4487, 0.3430, 0.2868, 0.2367, 0.2104)  # the even ones are not used (see median_var)
+
+
+def median_var(k: int) -> float:
+    """Var(median of ``k`` normal samples) / Var(one sample); ``check`` judges the upper middle of an even ``k``,
+    counted here as the median of ``k - 1`` (wider)."""
+    k = max(1, k if k % 2 else k - 1)
+    return _MEDIAN_VAR[k - 1] if k <= len(_MEDIAN_VAR) else math.pi / (2 * k)
+
+
+def check_interval(m: Mapping[str, Any], check_repeats: int = 1) -> list[float] | None:
+    """Where the latency that ``check --repeats K`` (``check_repeats``: the median of K benchmark processes) will
+    see for the same file is expected (95 %), so that a round passes only where such a check would pass too.
+    From the median's interval over ``repeats`` processes (half-width h = t sd / sqrt(n) in log space), the
+    prediction interval of a median of K more is h * sqrt(1 + n * v(K)) with v(K) = ``median_var``: for K = 1 (one
+    run, ``check``'s default) h * sqrt(n + 1); without ``repeats``, the interval."""
     iv, n, v = m.get("latency_interval"), m.get("repeats"), m.get("latency_ms")
     if not iv or not n or n < 2 or not v or iv[1] <= v:
         return list(iv) if iv else None
-    w = math.log(float(iv[1]) / float(v)) * math.sqrt(n + 1)
+    w = math.log(float(iv[1]) / float(v)) * math.sqrt(1 + n * median_var(check_repeats))
     return [float(v) * math.exp(-w), float(v) * math.exp(w)]
 
 

@@ -64,7 +64,7 @@ from chita_edge.budget.config import (
 )
 from chita_edge.budget.costmodel import CostModel
 from chita_edge.budget.landing import Kept, Landing, Round
-from chita_edge.budget.measure import measure_model, one_run_interval
+from chita_edge.budget.measure import check_interval, measure_model
 from chita_edge.budget.methods import (
     SearchState,
     StageEnv,
@@ -285,7 +285,7 @@ class _Search(Landing):
                           "predicted": pred, "missed": sorted(missed), "dropped": sorted(st.dropped),
                           "measured_over_budget": {k: m[k] / self.limits[k] for k in limits},
                           "upper_edge_over_budget": {k: m[k] * self.gate_edge(k) / self.limits[k] for k in limits}})
-        iv = one_run_interval(m)
+        iv = check_interval(m, self.cfg.check_repeats)
         upper = {k: float(iv[1]) if k == "latency_ms" and iv else float(m[k]) for k in limits}
         out.update(measured=m, missed=missed, ratio=max(m[k] / limits[k] for k in limits), upper=upper,
                    key=self.config_key())
@@ -313,9 +313,9 @@ class _Search(Landing):
 
     def settled(self, m: Mapping[str, Any]) -> bool:
         """Whether measurement ``m`` so far already settles the verdict and the landing (``decide``): its interval
-        (``one_run_interval``) straddles neither the limit nor the window's lower edge, so more benchmark repeats
+        (``check_interval``) straddles neither the limit nor the window's lower edge, so more benchmark repeats
         cannot tip either."""
-        iv = one_run_interval(m)
+        iv = check_interval(m, self.cfg.check_repeats)
         if "latency_ms" not in self.eff or not iv:
             return True
         lo, hi = iv
@@ -336,7 +336,7 @@ class _Search(Landing):
         verdicts = {}
         for k in limits:
             lim = limits[k] * (1 + cfg.slack)
-            iv = one_run_interval(m) if k == "latency_ms" else None
+            iv = check_interval(m, self.cfg.check_repeats) if k == "latency_ms" else None
             lo, hi = (float(iv[0]), float(iv[1])) if iv else (float(m[k]), float(m[k]))
             verdicts[k] = judge(m[k], lim, lo, hi)
             raw = pred[k] / c[k] if c[k] else pred[k]

@@ -124,6 +124,10 @@ def check_cmd(
                                                                "the estimate's error band, or a device latency "
                                                                "timed only on this host): fail (exit 1, JUnit "
                                                                "failure) or pass (exit 0, JUnit skipped, flagged).")] = "fail",
+    repeats: Annotated[int, typer.Option("--repeats", help="Benchmark processes; the one with the median latency "
+                                                           "is judged (a sub-millisecond model's single process "
+                                                           "moves by +-10-20 % on a shared host; give prune "
+                                                           "--check-repeats the same number).")] = 1,
     runtime: RUNTIME = None,
     threads: THREADS = None,
     warmup: WARMUP = 10,
@@ -146,7 +150,7 @@ def check_cmd(
     cfg = _cfg(runtime, threads, warmup, runs, xnnpack, remote, remote_python, ssh_option)
     job = jobs.CheckJob(file=file, profile=prof, bench=cfg, latency_ms=latency_ms, percentile=percentile,
                         memory_mb=memory_mb, file_mb=file_mb, accuracy_min=accuracy_min, data=data, junit=junit,
-                        uncertain=uncertain)
+                        uncertain=uncertain, repeats=repeats)
     with ui.progress() as cb:
         rep = jobs.run_check(job, progress=cb).to_dict()
     if report:

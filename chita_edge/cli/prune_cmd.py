@@ -62,6 +62,7 @@ def prune_cmd(
     distill: Annotated[bool, typer.Option("--distill", help="With --finetune-epochs: distil from the dense model (the teacher).")] = False,
     prefer: Annotated[str, typer.Option("--prefer", help="With --profile, when no width lands in [0.90, 1.00] x the budget: under (the nearest that meets it) or nearest (the nearest either side, even over it).")] = "under",
     uncertain: Annotated[str, typer.Option("--uncertain", help="With --profile, as check's --uncertain: fail (default) lands the upper edge of the device estimate's error band in [0.90, 1.00] x the budget, so that check passes; pass lands the point estimate there and accepts a budget inside the band.")] = "fail",
+    check_repeats: Annotated[int, typer.Option("--check-repeats", help="With --profile: how the file will be checked (check --repeats K, the median of K benchmark processes); a round meets the latency budget only where such a check would pass too. 1 (default): a single process, whose noise keeps a sub-millisecond model ~15 % under the budget on a shared host; 3 lands nearer.")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="--gradual or block mode: continue from the state saved beside --out.")] = False,
     device: Annotated[str, typer.Option("--device", help="Where gradients, solves and the re-fit run: cpu, cuda, or auto (cuda when PyTorch sees a GPU); unstructured pruning.")] = "cpu",
     workers: Annotated[int | None, typer.Option("--workers", help="Start N processes with torchrun (torch.distributed): gradient rows and block solves are split over them and gathered; the same result as one process, written by rank 0.")] = None,
@@ -89,6 +90,7 @@ def prune_cmd(
                if v is not None}
     job = jobs.PruneJob(model=model, data=data, out=out, weights=weights, profile=profile, budgets=budgets,
                         export=export, gradual=gcfg, resume=resume, prefer=prefer, uncertain=uncertain,
+                        check_repeats=check_repeats,
                         distill=distill,
                         finetune=None if finetune_epochs is None else finetune_config(finetune_epochs, lr=lr,
                                                                                       seed=seed or 0),

@@ -142,6 +142,7 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
             "params_before": sum(p.numel() for p in lm.module.parameters()),
             "params_after": sum(p.numel() for p in res.model.parameters()),
             "out": str(out), "export": exported, "slack": cfg.slack, "uncertain": cfg.uncertain,
+            "check_repeats": cfg.check_repeats,
             "settings": settings, **d}
 
 

@@ -96,6 +96,7 @@ class PruneJob:
     finetune_after: bool = False  # budget mode: a fine-tuning stage follows (objective "auto" prices by weights)
     prefer: str = "under"  # budget mode, when no width lands in [0.9, 1] x the budget: under or nearest
     uncertain: str = "fail"  # budget mode, as check's: fail judges the band's upper edge, pass the point estimate
+    check_repeats: int = 1  # budget mode: a round passes where check --repeats K (the median of K) would pass too
     memory_gb: float | None = None  # block mode's cap on peak memory, chita-fisher's on G (None: from the free RAM)
 
 
@@ -224,7 +225,8 @@ def run_prune(job: PruneJob, progress: Progress | None = None,
         b = job.budgets
         r = prune_budget_checkpoint(job.model, job.weights, job.data, profile=job.profile, out=job.out,
                                     cfg=dataclasses.replace(budget_config(s), prefer=job.prefer,
-                                                            uncertain=job.uncertain, memory_gb=job.memory_gb
+                                                            uncertain=job.uncertain, memory_gb=job.memory_gb,
+                                                            check_repeats=job.check_repeats
                                                             ).for_finetuning(job.finetune is not None
                                                                              or job.finetune_after),
                                     latency_ms=b.get("latency_ms"),
@@ -335,6 +337,7 @@ class CheckJob:
     estimate_on: tuple[Profile, ...] | None = None  # None: the gated profile
     step_summary: str | None = None  # None: $GITHUB_STEP_SUMMARY when set; "": none
     uncertain: str = "fail"  # how an uncertain verdict counts: fail (default) or pass (chita_edge.devices.gate)
+    repeats: int = 1  # benchmark processes; the median one is judged (chita_edge.devices.gate.median_run)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -355,7 +358,7 @@ def run_check(job: CheckJob, progress: Progress | None = None) -> CheckResult:
     r = gate_check(str(job.file), prof, latency_ms=job.latency_ms, percentile=job.percentile,
                    memory_mb=job.memory_mb, file_mb=job.file_mb, accuracy_min=job.accuracy_min, data=job.data,
                    cfg=job.bench, junit=job.junit, estimate_on=job.estimate_on, step_summary=job.step_summary,
-                   progress=progress, uncertain=job.uncertain)
+                   progress=progress, uncertain=job.uncertain, repeats=job.repeats)
     return CheckResult(file=str(job.file), profile=prof.id, passed=bool(r["passed"]), checks=r["checks"], details=r)
 
 

@@ -62,11 +62,12 @@ def _prune_stage(spec: PipelineSpec, profile: str, runner: StageRunner, progress
                    if v is not None}
         settings["budget_overrides"] = budgets
         settings["uncertain"] = spec.checks.uncertain  # the search judges the latency as the run's checks do
+        settings["check_repeats"] = spec.checks.repeats
 
     def run(d: Path) -> dict[str, Any]:
         job = jobs.PruneJob(model=spec.model, weights=spec.weights, data=spec.data, out=d / "pruned.pt",
                        settings=resolved, profile=prof, budgets=budgets, uncertain=spec.checks.uncertain,
-                       finetune_after=spec.finetune is not None)
+                       check_repeats=spec.checks.repeats, finetune_after=spec.finetune is not None)
         r = jobs.run_prune(job, progress=progress).to_dict()
         keys = {"channel": ("method", "accuracy", "dense_accuracy", "params_before", "params_after", "passed"),
                 "block": ("sparsity", "accuracy", "dense_accuracy")}.get(pr.structure,
@@ -148,7 +149,8 @@ def _bench_stage(name: str, path: Path, gate_profile: Any | None, profiles: list
             job = jobs.CheckJob(file=path, profile=gate_profile, bench=cfg, latency_ms=ck.latency_ms,
                            percentile=ck.percentile, memory_mb=ck.memory_mb, file_mb=ck.file_mb,
                            accuracy_min=ck.accuracy_min, data=spec.data, junit=d / "junit.xml",
-                           estimate_on=tuple(est), step_summary="", uncertain=ck.uncertain)
+                           estimate_on=tuple(est), step_summary="", uncertain=ck.uncertain,
+                           repeats=ck.repeats)
             r = jobs.run_check(job, progress=progress)
             doc = {"file": str(path), "benchmark": r.details["benchmark"], "profile": r.profile, "passed": r.passed,
                    "budgets": r.details["budgets"], "checks": r.checks}

@@ -119,6 +119,8 @@ class CheckSpec(_Strict):
         description="formats whose files get device estimates (the LiteRT host calibration takes minutes on a fresh "
                     "machine); files of other formats are gated on this host's measurement, said so")
     uncertain: Literal["fail", "pass"] = Field(default="fail", description="how an uncertain verdict (budget inside the estimate's error band, or a device latency timed only on this host) counts")
+    repeats: int = Field(default=1, ge=1, le=99, description="benchmark processes per check; the one with the median "
+                                                             "latency is judged, and the prune stage plans for it")
     baseline: bool = Field(default=True, description="also export and benchmark the dense model (the report's "
                                                      "reference point)")
 
