@@ -236,5 +236,8 @@ def test_check_repeats_judges_the_median_process(tmp_path, monkeypatch):
     seen.clear()
     two = gate.run_check("m.onnx", prof, latency_ms=45, repeats=2, step_summary="")  # the upper middle of two
     assert two["checks"][0]["value"] == 50.0
+    seen.clear()
+    r = run_cli("check", tmp_path / "m.onnx", "--profile", board(tmp_path), "--latency-ms", "45", "--repeats", "3")
+    assert r.code == 0 and "the median of 3 processes judged (50, 30, 40 ms)" in r.stdout + r.stderr, r.stderr
     r = run_cli("check", tmp_path / "m.onnx", "--profile", "phone-mid-sd670", "--repeats", "0")
     assert r.code == 2 and "--repeats 0: expected 1..99" in r.stderr and "Traceback" not in r.stderr

@@ -158,6 +158,10 @@ def check_cmd(
     if json_out:
         ui.print_json(rep)
     else:
+        reps = rep["benchmark"].get("repeats")
+        if reps:
+            ui.info(f"latency {reps['percentile']}: the median of {reps['processes']} processes judged ("
+                    + ", ".join(f"{v:.4g}" for v in reps["latency_ms"]) + " ms)")
         for c in rep["checks"]:
             v = c.get("verdict") or ("pass" if c["passed"] else "fail")
             ui.info({"pass": "ok    ", "fail": "FAIL  "}.get(v, "UNSURE ") + c["message"])
