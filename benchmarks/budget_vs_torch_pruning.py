@@ -1,5 +1,11 @@
 """Issue 20: chita-edge's budget pruning beside Torch-Pruning 1.6 on ResNet20 (CIFAR-10 subset), same run.
 
+``--model SPEC --weights W`` runs another CIFAR-10 model the same way (a MODEL spec as ``chita-edge prune`` takes,
+and a state dict or checkpoint), e.g. MobileNetV1 with 10 classes (``benchmarks/cifar_models.py``):
+
+    python benchmarks/budget_vs_torch_pruning.py --model benchmarks/cifar_models.py:mobilenetv1_cifar10 \
+        --weights mobilenetv1_cifar_e18_b128.pt --fractions 0.5     # the weights: benchmarks/scale.py trains them
+
 For each profile (default: phone-flagship-sd8g2, width multiple 8, and sbc-rpi4, width multiple 4) the dense
 model's device p90 estimate is measured (benchmark processes repeated until the p90 is known to +-3 %), and
 budgets are set at 0.7 / 0.5 / 0.3 x of it. Then, with every file measured the same way (``measure_model``):
@@ -161,7 +167,7 @@ def chita_row(objective: str, dense: nn.Module, data: Dataset, prof, dm: dict[st
             tag = "" if objective == "output" else f"{objective}-"
             row["checkpoint"] = str(save / f"chita-{tag}{base['profile']}-{base['fraction']:g}.pt")
             save_checkpoint(row["checkpoint"], chosen.state_dict(),
-                            {"model": "zoo:resnet20", "plan": res.plan, "widths": res.widths})
+                            {"model": args.model, "plan": res.plan, "widths": res.widths})
     except GateFailed as e:
         row.update(error=str(e), met=False)
         chosen = None
@@ -187,6 +193,9 @@ def tune(model: nn.Module, teacher: nn.Module | None, data: Dataset, args) -> fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="zoo:resnet20", help="MODEL spec (zoo:NAME or path/to/file.py:factory), "
+                    "a 10-class CIFAR-10 model at 32x32")
+    ap.add_argument("--weights", help="its trained weights (default: ../shared's ResNet20 checkpoint)")
     ap.add_argument("--profiles", nargs="+", default=["phone-flagship-sd8g2", "sbc-rpi4"])
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.7, 0.5, 0.3])
     ap.add_argument("--runs", type=int, default=100)
@@ -219,10 +228,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    ckpt, npz = SHARED / "checkpoints/resnet20_cifar10.pt", SHARED / "data/cifar10.npz"
+    ckpt = Path(args.weights) if args.weights else SHARED / "checkpoints/resnet20_cifar10.pt"
+    npz = SHARED / "data/cifar10.npz"
     if not ckpt.is_file() or not npz.is_file():
         sys.exit(f"needs {ckpt} and {npz} (../shared)")
-    dense = load_model("zoo:resnet20", ckpt).module.eval()
+    dense = load_model(args.model, ckpt).module.eval()
     data = load_data(f"npz:{npz}")
     x1 = data.x_train[:1]
     dense_acc = accuracy(dense, data.x_test, data.y_test)
@@ -325,7 +335,7 @@ def finetune_saved(d: Path, dense: nn.Module, teacher: nn.Module | None, data: D
                 and r is not max(tps, key=lambda t: t["accuracy"]):
             continue
         if r["method"].startswith("chita-layerwise") and r.get("checkpoint"):
-            m = load_model("zoo:resnet20", r["checkpoint"]).module.eval()
+            m = load_model(args.model, r["checkpoint"]).module.eval()
         elif r["method"].startswith("tp-") and r.get("ratio") is not None:
             _, imp, scope = r["method"].split("-")
             m = tp_prune(dense, data, imp, scope == "global", r["ratio"], r["width_multiple"])
@@ -363,7 +373,7 @@ def print_table(rows: list[dict[str, Any]], args, seconds: float) -> None:
             "params",
             "acc. one-shot %",
             ft, "acc. - chita (one-shot)"]
-    print(f"\n## ResNet20, CIFAR-10 subset: chita-edge vs Torch-Pruning 1.6 (device p90 estimates, dense measured "
+    print(f"\n## {args.model}, CIFAR-10 subset: chita-edge vs Torch-Pruning 1.6 (device p90 estimates, dense measured "
           f"in the same run; {seconds:.0f} s, load {'/'.join(f'{v:.1f}' for v in os.getloadavg())})\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
