@@ -158,7 +158,7 @@ def check_cmd(
     if json_out:
         ui.print_json(rep)
     else:
-        reps = rep["benchmark"].get("repeats")
+        reps = (rep.get("benchmark") or {}).get("repeats")
         if reps:
             ui.info(f"latency {reps['percentile']}: the median of {reps['processes']} processes judged ("
                     + ", ".join(f"{v:.4g}" for v in reps["latency_ms"]) + " ms)")
