@@ -78,7 +78,8 @@ class BudgetConfig:
     # of the model's outputs (probe curves, block costs) -- the most accurate model as pruned. "weights": the
     # weights it removes -- the most capacity for a fine-tuning after it (a removed block of few weights before a
     # narrowed wide layer); the held-out choice and the widths-only candidates judge one-shot accuracy, so they
-    # are off. "auto": weights when the budget path fine-tunes afterwards (``for_finetuning``), else output.
+    # are off. "auto": weights when the budget path fine-tunes afterwards and the model has residual blocks
+    # (``for_finetuning``), else output.
     objective: str = "auto"
     relax_below: float = 0.9  # after a tightening round lands below this fraction of a budget: relax (bisection)
     relax_steps: int = 2  # bisection steps between the last missing and the tightened correction
@@ -122,11 +123,15 @@ class BudgetConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
 
-    def for_finetuning(self, finetune: bool) -> BudgetConfig:
-        """``objective`` "auto" resolved: "weights" when a fine-tuning follows the search, else "output"."""
+    def for_finetuning(self, finetune: bool, blocks: bool = True) -> BudgetConfig:
+        """``objective`` "auto" resolved: "weights" when a fine-tuning follows the search and the model has residual
+        blocks it may remove (``blocks``), else "output". Measured after 20 epochs with distillation at 0.5x
+        (docs/benchmarks.md, thirteenth session): weights won by 1.8-4.2 points on ResNet20, whose blocks go at full
+        widths, and lost by 9-14 on MobileNetV1, where it can only narrow the layers of most weights."""
         if self.objective != "auto":
             return self
-        return replace(self, objective="weights" if finetune and self.method == "chita-layerwise" else "output")
+        weights = finetune and blocks and self.method == "chita-layerwise"
+        return replace(self, objective="weights" if weights else "output")
 
     @property
     def one_shot(self) -> bool:

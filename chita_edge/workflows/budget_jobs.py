@@ -27,6 +27,7 @@ from chita_edge.core.io import atomic_path, sha256_file
 from chita_edge.devices.gate import pruned_verdicts
 from chita_edge.devices.profiles import Profile, load_profile, with_budgets
 from chita_edge.exporters import ExportConfig, export_model
+from chita_edge.graph.residual import residual_blocks
 from chita_edge.models.loading import check_fits, load_model
 from chita_edge.pruning.blocks import BlockConfig, prune_blocks
 from chita_edge.training.finetune import FinetuneConfig
@@ -41,14 +42,14 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
                             memory_mb: float | None = None, file_mb: float | None = None,
                             export: str | os.PathLike | None = None, progress: Progress | None = None,
                             settings: dict[str, Any] | None = None, finetune: FinetuneConfig | None = None,
-                            distill: bool = False) -> dict[str, Any]:
+                            distill: bool = False, finetune_after: bool = False) -> dict[str, Any]:
     """What ``chita-edge prune --profile P`` does; returns the JSON-able report (``passed`` says whether every
     budget was met when measured). Raises ``GateFailed`` before pruning when the budget is unreachable.
     ``settings``: the resolved settings with their sources, recorded in the checkpoint and the result.
     ``finetune``: then fine-tune the pruned model (the finetune job, ``finetune_checkpoint``; ``distill``: the
     dense model as teacher) and write that to ``out`` (and ``export``); the report gives the accuracy before and
-    after (``finetune``). The architecture does not change, so the latency measured before it still holds."""
-    cfg = cfg.for_finetuning(finetune is not None)  # "auto": price steps by weights when fine-tuning follows
+    after (``finetune``). The architecture does not change, so the latency measured before it still holds.
+    ``finetune_after``: a fine-tuning stage follows elsewhere (a pipeline's), for ``objective="auto"``."""
     cfg.validate()
     if finetune is not None:
         finetune.validate()
@@ -70,6 +71,10 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
         example = torch.rand(1, *lm.input_shape, generator=torch.Generator().manual_seed(cfg.seed))
     else:
         raise BadInput(f"model '{model_spec}': its input shape is unknown; give --data")
+    # "auto": price the steps by the weights they remove where fine-tuning follows and the model has residual blocks
+    # the search may remove, else by the outputs' divergence (``BudgetConfig.for_finetuning``)
+    cfg = cfg.for_finetuning(finetune is not None or finetune_after,
+                             blocks=cfg.objective == "auto" and cfg.depth and bool(residual_blocks(lm.module, example)))
     structure = cfg.structure
     if structure == "auto":
         structure = "channel"

@@ -226,9 +226,8 @@ def run_prune(job: PruneJob, progress: Progress | None = None,
         r = prune_budget_checkpoint(job.model, job.weights, job.data, profile=job.profile, out=job.out,
                                     cfg=dataclasses.replace(budget_config(s), prefer=job.prefer,
                                                             uncertain=job.uncertain, memory_gb=job.memory_gb,
-                                                            check_repeats=job.check_repeats
-                                                            ).for_finetuning(job.finetune is not None
-                                                                             or job.finetune_after),
+                                                            check_repeats=job.check_repeats),
+                                    finetune_after=job.finetune_after,
                                     latency_ms=b.get("latency_ms"),
                                     percentile=b.get("percentile"), memory_mb=b.get("memory_mb"),
                                     file_mb=b.get("file_mb"), export=job.export, progress=progress,
