@@ -73,8 +73,10 @@ def prune_budget_checkpoint(model_spec: str, weights: str | os.PathLike | None, 
         raise BadInput(f"model '{model_spec}': its input shape is unknown; give --data")
     # "auto": price the steps by the weights they remove where fine-tuning follows and the model has residual blocks
     # the search may remove, else by the outputs' divergence (``BudgetConfig.for_finetuning``)
-    cfg = cfg.for_finetuning(finetune is not None or finetune_after,
-                             blocks=cfg.objective == "auto" and cfg.depth and bool(residual_blocks(lm.module, example)))
+    # (the graph is traced only where that decides it)
+    follows = finetune is not None or finetune_after
+    cfg = cfg.for_finetuning(follows, blocks=follows and cfg.objective == "auto" and cfg.depth
+                             and bool(residual_blocks(lm.module, example)))
     structure = cfg.structure
     if structure == "auto":
         structure = "channel"
